@@ -1,0 +1,121 @@
+"""A tiny SD 1.5-inpainting-architecture pipeline with seeded random weights.
+
+Same blocks as the real checkpoint (9-channel UNet with cross-attention down/up blocks,
+4-level AutoencoderKL, CLIP text encoder, the real CLIP tokenizer, PNDM as SD 1.5 ships it),
+only narrower, so it builds and runs in seconds on a CPU. Saved in diffusers format, it
+loads with `StableDiffusionInpaintPipeline.from_pretrained(folder)` offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdserve_export.clip_tokenizer import VOCAB_SIZE, clip_tokenizer
+
+DEFAULT_FOLDER = Path("build/demo-pipeline")
+TEXT_HIDDEN = 64
+
+
+def tiny_unet(in_channels: int = 9) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=TEXT_HIDDEN,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=128,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_text_encoder() -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def sd15_scheduler() -> PNDMScheduler:
+    """PNDM configured as the SD 1.5 inpainting checkpoint ships it."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def build_demo_pipeline(seed: int = 0, in_channels: int = 9) -> StableDiffusionInpaintPipeline:
+    """The tiny pipeline with weights drawn from `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    unet, vae, text_encoder = tiny_unet(in_channels), tiny_vae(), tiny_text_encoder()
+    return StableDiffusionInpaintPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=clip_tokenizer(),
+        unet=unet.eval(),
+        scheduler=sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_demo_pipeline(folder: Path = DEFAULT_FOLDER, seed: int = 0, in_channels: int = 9) -> Path:
+    """Write the tiny pipeline in diffusers format (safetensors) to `folder`."""
+    build_demo_pipeline(seed, in_channels).save_pretrained(folder)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_FOLDER, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--unet-in-channels", type=int, choices=(4, 9), default=9,
+        help="9: inpainting UNet (default); 4: text-to-image UNet",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    folder = save_demo_pipeline(args.out, args.seed, args.unet_in_channels)
+    print(f"demo pipeline (random weights) written to {folder}")
+
+
+if __name__ == "__main__":
+    main()

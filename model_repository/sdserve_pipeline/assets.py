@@ -1,0 +1,63 @@
+"""What the pipeline needs from a checkpoint besides the exported networks.
+
+Written by the export next to the pipeline model (`<repo>/inpaint/1/assets/`):
+the tokenizer files, the scheduler config and `pipeline.json` (the few VAE/UNet config
+values the loop depends on). Loaded the same way inside Triton and in-process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import CLIPTokenizer
+
+PIPELINE_JSON = "pipeline.json"
+SCHEDULER_JSON = "scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+ASSETS_DIR = "assets"  # inside the pipeline model's version folder
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """Config values of the checkpoint that decide the loop's arithmetic.
+
+    Args:
+        vae_scaling_factor: `vae.config.scaling_factor` (0.18215 for SD 1.5).
+        vae_scale_factor: pixels per latent (2 ** (len(vae.block_out_channels) - 1)).
+        latent_channels: `vae.config.latent_channels`.
+        unet_in_channels: 9 for inpainting checkpoints, 4 for text-to-image ones.
+        default_size: `unet.config.sample_size * vae_scale_factor` (512 for SD 1.5).
+        text_max_length: tokenizer `model_max_length` (77).
+    """
+
+    vae_scaling_factor: float
+    vae_scale_factor: int
+    latent_channels: int
+    unet_in_channels: int
+    default_size: int
+    text_max_length: int
+
+
+@dataclass(frozen=True)
+class PipelineAssets:
+    facts: CheckpointFacts
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PipelineAssets:
+        folder = Path(folder)
+        facts = CheckpointFacts(**json.loads((folder / PIPELINE_JSON).read_text()))
+        tokenizer = CLIPTokenizer.from_pretrained(folder / TOKENIZER_DIR)
+        scheduler_config = json.loads((folder / SCHEDULER_JSON).read_text())
+        return cls(facts=facts, tokenizer=tokenizer, scheduler_config=scheduler_config)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PIPELINE_JSON).write_text(json.dumps(asdict(self.facts), indent=2) + "\n")
+        (folder / SCHEDULER_JSON).write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
+        self.tokenizer.save_pretrained(folder / TOKENIZER_DIR)

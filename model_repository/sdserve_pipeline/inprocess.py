@@ -1,0 +1,42 @@
+"""Run a built model repository in-process: the pipeline model's code on ORT sessions.
+
+Same parameters, same assets and same loop as inside tritonserver, minus Triton; used by
+the parity tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sdserve_pipeline.assets import ASSETS_DIR
+from sdserve_pipeline.components import ComponentSpec
+from sdserve_pipeline.onnx_runtime import OrtRunner, create_session
+from sdserve_pipeline.service import PipelineService
+
+VERSION = "1"
+
+
+
+def read_parameters(model_dir: Path) -> dict[str, str]:
+    """Parameters of the `config.pbtxt` in a Triton model folder."""
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def load_service(repository: str | Path, pipeline: str = "inpaint") -> PipelineService:
+    """The pipeline model `pipeline` of a built repository, on in-process ORT sessions."""
+    repository = Path(repository)
+
+    def make_runner(spec: ComponentSpec, model_name: str) -> OrtRunner:
+        model_dir = repository / model_name
+        params = read_parameters(model_dir)
+        session = create_session(model_dir / VERSION / params["onnx_file"])
+        return OrtRunner(spec, session)
+
+    pipeline_dir = repository / pipeline
+    return PipelineService.from_parameters(
+        read_parameters(pipeline_dir), pipeline_dir / VERSION / ASSETS_DIR, make_runner
+    )

@@ -1,0 +1,184 @@
+"""The generation loop, on four components given as callables.
+
+It follows `StableDiffusionInpaintPipeline.__call__` step by step (same random draws in the
+same order, same scheduler calls, same arithmetic), so that with the same weights, seed,
+scheduler and steps the images match diffusers'. The same code runs inside Triton (BLS
+callables) and in-process (ONNX Runtime sessions).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+from sdserve_pipeline.assets import PipelineAssets
+from sdserve_pipeline.images import (
+    Processors,
+    composite,
+    feather_alpha,
+    pad_to,
+    padded_size,
+    postprocess,
+    preprocess_image,
+    preprocess_mask,
+)
+from sdserve_pipeline.request import GenerationParams
+from sdserve_pipeline.schedulers import make_scheduler
+
+# A component: positional tensors in its ComponentSpec's input order → outputs in its order.
+Runner = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class Cancelled(Exception):
+    """The request was cancelled between two steps."""
+
+
+@dataclass(frozen=True)
+class Components:
+    text_encoder: Runner
+    unet: Runner
+    vae_encoder: Runner
+    vae_decoder: Runner
+
+
+class InpaintLoop:
+    """Inpainting / text-to-image generation on exported components.
+
+    Args:
+        components: the four networks as callables.
+        assets: tokenizer, scheduler config and checkpoint facts.
+        feather_radius: width in pixels of the blend ramp inside the mask when the input's
+            pixels are pasted back (`preserve_unmasked`).
+    """
+
+    def __init__(self, components: Components, assets: PipelineAssets, feather_radius: int = 4):
+        self.components = components
+        self.assets = assets
+        self.facts = assets.facts
+        self.processors = Processors.for_vae_scale(assets.facts.vae_scale_factor)
+        self.feather_radius = feather_radius
+
+    def __call__(
+        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+    ) -> np.ndarray:
+        """Generate `params.num_images` images: (N, H, W, 3) uint8 at the request's size."""
+        is_cancelled = is_cancelled or (lambda: False)
+        facts, n = self.facts, params.num_images
+        cfg = params.guidance_scale > 1.0
+        generators = [torch.Generator().manual_seed(s) for s in params.seeds]
+        height, width = padded_size(params.height, params.width, facts.vae_scale_factor)
+        latent_shape = (1, facts.latent_channels, height // facts.vae_scale_factor,
+                        width // facts.vae_scale_factor)  # fmt: skip
+
+        # 1. Encode input prompt: [uncond x N, cond x N] (one text-encoder call)
+        prompt_embeds = self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
+
+        # 2. Set timesteps, truncated by strength
+        scheduler = make_scheduler(params.scheduler, self.assets.scheduler_config)
+        scheduler.set_timesteps(params.steps)
+        timesteps = truncated_timesteps(scheduler, params.steps, params.strength)
+        latent_timestep = timesteps[:1].repeat(n)
+
+        # 3. Preprocess image and mask (text-to-image: full mask, nothing kept)
+        init_image, mask_condition = self.prepare_image_and_mask(params, height, width)
+        masked_image = init_image * (mask_condition < 0.5)  # (1, 3, H, W)
+
+        # 4. Prepare latents: image latents (strength < 1) are drawn before the noise
+        image_latents = None
+        if params.strength < 1.0:
+            image_latents = self.encode_image(init_image, generators)  # (N, 4, h, w)
+        noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
+        if image_latents is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
+
+        # 5. Prepare mask latents: masked-image latents are drawn after the noise
+        mask = F.interpolate(mask_condition, size=latent_shape[2:]).repeat(n, 1, 1, 1)
+        masked_image_latents = self.encode_image(masked_image, generators)  # (N, 4, h, w)
+        if cfg:
+            mask = torch.cat([mask] * 2)  # (2N, 1, h, w)
+            masked_image_latents = torch.cat([masked_image_latents] * 2)  # (2N, 4, h, w)
+
+        # 6. Denoising loop
+        step_kwargs = extra_step_kwargs(scheduler, generators)
+        for t in timesteps:
+            if is_cancelled():
+                raise Cancelled()
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if facts.unet_in_channels == 9:
+                model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
+            timestep = t.to(torch.float32).repeat(model_input.shape[0])  # (2N,)
+            (noise_pred,) = self.components.unet(model_input, timestep, prompt_embeds)
+            if cfg:
+                noise_uncond, noise_text = noise_pred.chunk(2)
+                noise_pred = noise_uncond + params.guidance_scale * (noise_text - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+        # 7. Decode, crop to the request's size, paste the kept pixels back
+        (decoded,) = self.components.vae_decoder(latents / facts.vae_scaling_factor)
+        images = postprocess(self.processors, decoded)[:, : params.height, : params.width]
+        if params.image is not None and params.mask is not None and params.preserve_unmasked:
+            alpha = feather_alpha(params.mask, self.feather_radius)
+            images = composite(params.image, images, alpha)
+        return images
+
+    def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> torch.Tensor:
+        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""
+        texts = [negative, prompt] if cfg else [prompt]
+        tokens = self.assets.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.assets.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        (embeds,) = self.components.text_encoder(tokens.input_ids.to(torch.int64))
+        return embeds.repeat_interleave(n, dim=0)
+
+    def prepare_image_and_mask(
+        self, params: GenerationParams, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, H, W) image in [-1, 1] and (1, 1, H, W) binary mask at the padded size."""
+        if params.image is None or params.mask is None:
+            return torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
+        image = preprocess_image(self.processors, pad_to(params.image, height, width))
+        mask = preprocess_mask(self.processors, pad_to(params.mask, height, width))
+        return image, mask
+
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Sample scaled latents of one image once per generator, as diffusers' VAE encode."""
+        mean, logvar = self.components.vae_encoder(image)
+        posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+        latents = torch.cat([posterior.sample(generator=g) for g in generators])
+        return self.facts.vae_scaling_factor * latents
+
+
+def truncated_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps left after skipping the first (1 - strength) of them, as diffusers."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    timesteps = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps
+
+
+def extra_step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    """`eta` and `generator` for schedulers whose `step` takes them, as diffusers passes them."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators[0] if len(generators) == 1 else generators
+    return kwargs

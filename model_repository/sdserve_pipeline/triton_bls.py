@@ -1,0 +1,51 @@
+"""Component runners over Triton BLS, for the pipeline model running inside tritonserver.
+
+`pb_utils` (triton_python_backend_utils) exists only inside the backend stub, so it is
+passed in; tests use a fake.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from sdserve_pipeline.components import ComponentSpec
+
+
+class ComponentError(RuntimeError):
+    """A BLS call to a component model failed."""
+
+
+class BlsRunner:
+    """A component as a callable (torch tensors in spec order) backed by a BLS request."""
+
+    def __init__(self, spec: ComponentSpec, model_name: str, pb_utils: ModuleType) -> None:
+        self.spec = spec
+        self.model_name = model_name
+        self.pb_utils = pb_utils
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pb = self.pb_utils
+        tensors = [
+            pb.Tensor(t.name, np.ascontiguousarray(x.detach().cpu().numpy()))
+            for t, x in zip(self.spec.inputs, inputs, strict=True)
+        ]
+        request = pb.InferenceRequest(
+            model_name=self.model_name,
+            inputs=tensors,
+            requested_output_names=self.spec.output_names,
+        )
+        response = check_response(request.exec(), self.model_name)
+        return tuple(
+            torch.from_numpy(np.array(pb.get_output_tensor_by_name(response, name).as_numpy()))
+            for name in self.spec.output_names
+        )
+
+
+def check_response(response, model_name: str):  # noqa: ANN001, ANN201 (pb_utils types)
+    """The one check of every BLS response: raise ComponentError naming the model."""
+    if response.has_error():
+        raise ComponentError(f"{model_name}: {response.error().message()}")
+    return response
