@@ -1,0 +1,37 @@
+"""Test inputs and the diffusers reference they are compared with."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def make_case(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A random RGB image and a rectangular mask (255 = regenerate) over its middle."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 5 : 3 * width // 5] = 255
+    return image, mask
+
+
+def diffusers_inpaint(pipe, image, mask, prompt="a red bicycle", seed=42, steps=10, **kwargs):
+    """diffusers' own result as (H, W, 3) uint8 (its PIL output)."""
+    height, width = mask.shape
+    result = pipe(
+        prompt,
+        image=Image.fromarray(image),
+        mask_image=Image.fromarray(mask),
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+    return np.asarray(result.images[0])
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())

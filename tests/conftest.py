@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny demo pipeline, its exported repository, diffusers references."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "e2e: starts a real tritonserver on 127.0.0.1")
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (TensorRT, CUDA EP)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdserve_export.demo_pipeline import save_demo_pipeline
+
+    return save_demo_pipeline(tmp_path_factory.mktemp("demo") / "demo-pipeline")
+
+
+@pytest.fixture(scope="session")
+def export_reports(demo_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from sdserve_export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("repo") / "model_repository"
+    reports = build_repository(demo_pipeline_dir, out, log=lambda _msg: None)
+    return out, reports
+
+
+@pytest.fixture(scope="session")
+def repository(export_reports) -> Path:
+    return export_reports[0]
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(demo_pipeline_dir: Path):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(demo_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def service(repository: Path):
+    from sdserve_pipeline.inprocess import load_service
+
+    return load_service(repository)

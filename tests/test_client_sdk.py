@@ -1,0 +1,647 @@
+"""Unit tests of the client SDK and CLI (no server, no network: a fake tritonclient is injected)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sdserve_client import (
+    GenerationRequest,
+    GenerationResult,
+    InpaintClient,
+    InvalidRequestError,
+    SdserveError,
+    add_batch_dim,
+    cli,
+    encode_request,
+    to_mask_array,
+    to_rgb_array,
+)
+from sdserve_client import request as req
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+    triton_to_np_dtype,
+)
+
+# name -> (numpy dtype, Triton datatype, shape without batch dim) for a 6x4 (W x H) image.
+CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
+    "prompt": (np.object_, "BYTES", (1,)),
+    "negative_prompt": (np.object_, "BYTES", (1,)),
+    "image": (np.uint8, "UINT8", (4, 6, 3)),
+    "mask": (np.uint8, "UINT8", (4, 6)),
+    "outpaint": (np.int32, "INT32", (4,)),
+    "height": (np.int32, "INT32", (1,)),
+    "width": (np.int32, "INT32", (1,)),
+    "steps": (np.int32, "INT32", (1,)),
+    "guidance_scale": (np.float32, "FP32", (1,)),
+    "strength": (np.float32, "FP32", (1,)),
+    "seed": (np.int64, "INT64", (1,)),
+    "scheduler": (np.object_, "BYTES", (1,)),
+    "num_images": (np.int32, "INT32", (1,)),
+    "preserve_unmasked": (np.bool_, "BOOL", (1,)),
+}
+
+
+def rgb(height: int = 4, width: int = 6, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def full_request() -> GenerationRequest:
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[1:3, 2:5] = True
+    return GenerationRequest(
+        "a red fox",
+        negative_prompt="blurry",
+        image=rgb(),
+        mask=mask,
+        outpaint=(1, 2, 3, 4),
+        height=64,
+        width=48,
+        steps=20,
+        guidance_scale=7.5,
+        strength=0.8,
+        seed=1234,
+        scheduler="ddim",
+        num_images=2,
+        preserve_unmasked=False,
+    )
+
+
+class FakeResult:
+    def __init__(self, outputs: dict[str, np.ndarray]) -> None:
+        self.outputs = outputs
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return self.outputs.get(name)
+
+
+class FakeTriton:
+    """Stands in for `tritonclient.grpc.InferenceServerClient`; behaves like the pipeline."""
+
+    def __init__(self, max_batch_size: int = 0, fail: dict[str, Exception] | None = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.fail = fail or {}
+        self.calls: list[tuple[str, Any]] = []
+        self.sent: dict[str, Any] = {}
+        self.outputs: dict[str, np.ndarray] | None = None  # overrides the computed outputs
+        self.closed = False
+
+    def _record(self, method: str, **kwargs: Any) -> None:
+        self.calls.append((method, kwargs))
+        if method in self.fail:
+            raise self.fail[method]
+
+    def get_model_config(self, model_name: str, **kwargs: Any) -> dict[str, Any]:
+        self._record("get_model_config", model_name=model_name, **kwargs)
+        config: dict[str, Any] = {"name": model_name, "backend": "python"}
+        if self.max_batch_size:  # MessageToJson drops fields left at 0
+            config["max_batch_size"] = self.max_batch_size
+        return {"config": config}
+
+    def get_model_repository_index(self, **kwargs: Any) -> dict[str, Any]:
+        self._record("get_model_repository_index", **kwargs)
+        return {
+            "models": [
+                {"name": "inpaint", "version": "1", "state": "READY"},
+                {"name": "text_encoder", "version": "1", "state": "READY"},
+                {"name": "text_encoder", "version": "2", "state": "READY"},
+                {"name": "broken", "version": "1", "state": "UNAVAILABLE"},
+                {"name": "unloaded"},
+            ]
+        }
+
+    def is_server_ready(self, **kwargs: Any) -> bool:
+        self._record("is_server_ready", **kwargs)
+        return True
+
+    def is_model_ready(self, model_name: str, **kwargs: Any) -> bool:
+        self._record("is_model_ready", model_name=model_name, **kwargs)
+        return model_name == "inpaint"
+
+    def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> FakeResult:
+        self._record("infer", model_name=model_name, **kwargs)
+        self.sent = {i.name(): i for i in inputs}
+        if self.outputs is not None:
+            return FakeResult(self.outputs)
+        arrays = {name: decode(i) for name, i in self.sent.items()}
+        if self.max_batch_size:
+            arrays = {name: array[0] for name, array in arrays.items()}
+        images, seeds = self._generate(arrays)
+        if self.max_batch_size:
+            images, seeds = images[np.newaxis], seeds[np.newaxis]
+        return FakeResult({"images": images, "seeds": seeds})
+
+    def _generate(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        count = int(arrays.get("num_images", [1])[0])
+        if "image" in arrays:
+            height, width = arrays["image"].shape[:2]
+            left, top, right, bottom = arrays.get("outpaint", [0, 0, 0, 0])
+            height, width = height + top + bottom, width + left + right
+        else:
+            height, width = int(arrays.get("height", [8])[0]), int(arrays.get("width", [8])[0])
+        seed = int(arrays.get("seed", [42])[0])
+        images = np.full((count, height, width, 3), 7, dtype=np.uint8)
+        return images, np.arange(seed, seed + count, dtype=np.int64)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def decode(infer_input: Any) -> np.ndarray:
+    """The array an InferInput carries (reads tritonclient's serialized content)."""
+    content = infer_input._get_content()
+    if infer_input.datatype() == "BYTES":
+        array = deserialize_bytes_tensor(content)
+    else:
+        array = np.frombuffer(content, dtype=triton_to_np_dtype(infer_input.datatype()))
+    return array.reshape(infer_input.shape())
+
+
+def method_names(fake: FakeTriton) -> list[str]:
+    return [method for method, _ in fake.calls]
+
+
+# Request encoding ---------------------------------------------------------------------------
+
+
+def test_tensor_names_match_the_contract() -> None:
+    assert set(req.INPUT_NAMES) == set(CONTRACT)
+    assert req.OUTPUT_NAMES == ("images", "seeds")
+    assert set(req.INPUT_NAMES) == {
+        f.name for f in GenerationRequest.__dataclass_fields__.values() if f.name != "_"
+    }
+
+
+def test_encode_full_request_dtypes_shapes_and_values() -> None:
+    tensors = encode_request(full_request())
+    assert set(tensors) == set(CONTRACT)
+    for name, (dtype, _, shape) in CONTRACT.items():
+        assert tensors[name].dtype == dtype, name
+        assert tensors[name].shape == shape, name
+    assert tensors["prompt"][0] == b"a red fox"
+    assert tensors["scheduler"][0] == b"ddim"
+    assert tensors["outpaint"].tolist() == [1, 2, 3, 4]
+    assert tensors["seed"][0] == 1234
+    assert tensors["preserve_unmasked"].tolist() == [False]
+    assert set(np.unique(tensors["mask"]).tolist()) == {0, 255}
+    assert tensors["guidance_scale"][0] == np.float32(7.5)
+
+
+def test_encode_omits_options_left_none() -> None:
+    tensors = encode_request(GenerationRequest("just text"))
+    assert list(tensors) == ["prompt"]
+    tensors = encode_request(GenerationRequest("x", seed=0, preserve_unmasked=True, strength=0))
+    assert set(tensors) == {"prompt", "seed", "preserve_unmasked", "strength"}
+
+
+def test_prompt_is_utf8() -> None:
+    tensors = encode_request(GenerationRequest("crème brûlée 🍮"))
+    assert tensors["prompt"][0].decode("utf-8") == "crème brûlée 🍮"
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_batch_dimension(batched: bool) -> None:
+    plain = encode_request(full_request())
+    tensors = encode_request(full_request(), batched=batched)
+    for name, array in tensors.items():
+        expected = (1, *plain[name].shape) if batched else plain[name].shape
+        assert array.shape == expected, name
+        assert array.dtype == plain[name].dtype
+        np.testing.assert_array_equal(array.reshape(plain[name].shape), plain[name])
+    assert add_batch_dim({"x": np.zeros(3)})["x"].shape == (1, 3)
+
+
+def test_request_is_frozen_and_keyword_only() -> None:
+    request = GenerationRequest("x", steps=3)
+    with pytest.raises(AttributeError):
+        request.steps = 4  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        GenerationRequest("x", "negative")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("options", "quoted"),
+    [
+        ({"prompt": 5}, "int: 5"),
+        ({"prompt": None}, "NoneType: None"),
+        ({"negative_prompt": b"bytes"}, "b'bytes'"),
+        ({"scheduler": "  "}, "'  '"),
+        ({"steps": 0}, "got 0"),
+        ({"steps": 2.5}, "float: 2.5"),
+        ({"steps": True}, "bool: True"),
+        ({"height": -8}, "got -8"),
+        ({"num_images": "2"}, "str: '2'"),
+        ({"seed": 2**63}, str(2**63)),
+        ({"guidance_scale": float("nan")}, "nan"),
+        ({"guidance_scale": "7"}, "str: '7'"),
+        ({"strength": 1.5}, "1.5"),
+        ({"preserve_unmasked": "false"}, "str: 'false'"),
+        ({"preserve_unmasked": 0}, "int: 0"),
+        ({"outpaint": (1, 2, 3), "image": rgb()}, "(1, 2, 3)"),
+        ({"outpaint": (-1, 0, 0, 0), "image": rgb()}, "(-1, 0, 0, 0)"),
+        ({"outpaint": "1234", "image": rgb()}, "'1234'"),
+        ({"outpaint": (8, 0, 0, 0)}, "(8, 0, 0, 0)"),
+        ({"mask": np.zeros((4, 6), np.uint8)}, "without an image"),
+    ],
+)
+def test_invalid_requests_are_rejected_with_the_value_quoted(
+    options: dict[str, Any], quoted: str
+) -> None:
+    fields = {"prompt": "ok", **options}
+    with pytest.raises(InvalidRequestError) as info:
+        encode_request(GenerationRequest(**fields))
+    assert quoted in str(info.value)
+    assert isinstance(info.value, SdserveError)
+    assert isinstance(info.value, ValueError)
+
+
+def test_long_values_are_shortened_in_messages() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        encode_request(GenerationRequest(np.zeros((512, 512, 3))))  # type: ignore[arg-type]
+    assert len(str(info.value)) < 300
+
+
+def test_mask_size_must_match_image_size() -> None:
+    request = GenerationRequest("x", image=rgb(4, 6), mask=np.zeros((4, 5), np.uint8))
+    with pytest.raises(InvalidRequestError, match="mask size 5x4 does not match image size 6x4"):
+        encode_request(request)
+
+
+# Image and mask conversion ------------------------------------------------------------------
+
+MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "I", "F", "CMYK", "YCbCr", "I;16"]
+sizes = st.tuples(st.integers(1, 24), st.integers(1, 24))
+seeds = st.integers(0, 2**32 - 1)
+
+
+def pil_image(size: tuple[int, int], seed: int, mode: str) -> Image.Image:
+    height, width = size
+    rgba = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    return Image.fromarray(rgba).convert(mode)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=sizes, seed=seeds, mode=st.sampled_from(MODES))
+def test_pil_image_of_any_mode_becomes_rgb(size: tuple[int, int], seed: int, mode: str) -> None:
+    image = pil_image(size, seed, mode)
+    array = to_rgb_array(image)
+    assert array.shape == (*size, 3)
+    assert array.dtype == np.uint8
+    assert array.flags.c_contiguous
+    np.testing.assert_array_equal(array, np.asarray(image.convert("RGB")))
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=sizes, seed=seeds)
+def test_rgb_array_passes_through(size: tuple[int, int], seed: int) -> None:
+    array = rgb(*size, seed=seed)
+    np.testing.assert_array_equal(to_rgb_array(array), array)
+    flipped = array[:, ::-1]  # not C-contiguous
+    converted = to_rgb_array(flipped)
+    assert converted.flags.c_contiguous
+    np.testing.assert_array_equal(converted, flipped)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=sizes, seed=seeds, mode=st.sampled_from(MODES))
+def test_pil_mask_of_any_mode_becomes_l(size: tuple[int, int], seed: int, mode: str) -> None:
+    image = pil_image(size, seed, mode)
+    mask = to_mask_array(image)
+    assert mask.shape == size
+    assert mask.dtype == np.uint8
+    np.testing.assert_array_equal(mask, np.asarray(image.convert("L")))
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=sizes, seed=seeds)
+def test_array_masks(size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    flags = rng.random(size) < 0.5
+    np.testing.assert_array_equal(to_mask_array(flags), np.where(flags, 255, 0))
+    gray = rng.integers(0, 256, size, dtype=np.uint8)
+    np.testing.assert_array_equal(to_mask_array(gray), gray)
+    np.testing.assert_array_equal(to_mask_array(gray[..., np.newaxis]), gray)
+    color = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(color).convert("L"))
+    np.testing.assert_array_equal(to_mask_array(color), expected)
+    binary = np.repeat(np.where(flags, 255, 0).astype(np.uint8)[..., np.newaxis], 3, axis=2)
+    np.testing.assert_array_equal(to_mask_array(binary), np.where(flags, 255, 0))
+    np.testing.assert_array_equal(to_mask_array(Image.fromarray(flags)), np.where(flags, 255, 0))
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((4, 6, 3), np.float32), "dtype uint8, got float32"),
+        (np.zeros((4, 6, 4), np.uint8), "(4, 6, 4)"),
+        (np.zeros((4, 6), np.uint8), "(4, 6)"),
+        (np.zeros((0, 6, 3), np.uint8), "empty"),
+        ([[[0, 0, 0]]], "got list"),
+        (Image.new("La", (3, 2)), "mode 'La'"),
+    ],
+)
+def test_bad_images(image: Any, message: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        to_rgb_array(image)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (np.zeros((4, 6), np.float64), "uint8 or bool, got float64"),
+        (np.zeros((4, 6, 2), np.uint8), "(4, 6, 2)"),
+        (np.zeros((4,), np.uint8), "(4,)"),
+        (np.zeros((4, 0), np.uint8), "empty"),
+        ("mask.png", "got str"),
+        (Image.new("La", (3, 2)), "mode 'La'"),
+    ],
+)
+def test_bad_masks(mask: Any, message: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        to_mask_array(mask)
+    assert message in str(info.value)
+
+
+def test_modes_without_a_direct_conversion_go_through_rgb() -> None:
+    lab = Image.new("LAB", (3, 2), (100, 128, 128))
+    expected = np.asarray(lab.convert("RGB").convert("L"))
+    np.testing.assert_array_equal(to_mask_array(lab), expected)
+
+
+# InpaintClient with an injected fake tritonclient -------------------------------------------
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 4])
+def test_inpaint_sends_the_contract_and_hides_the_batch_dim(max_batch_size: int) -> None:
+    fake = FakeTriton(max_batch_size)
+    client = InpaintClient(model="inpaint", client=fake)
+    result = client.inpaint(rgb(), Image.new("L", (6, 4), 255), "a cat", steps=5, seed=9)
+    batch = (1,) if max_batch_size else ()
+    assert set(fake.sent) == {"prompt", "image", "mask", "steps", "seed"}
+    for name, infer_input in fake.sent.items():
+        _, datatype, shape = CONTRACT[name]
+        assert infer_input.datatype() == datatype, name
+        assert tuple(infer_input.shape()) == batch + shape, name
+    assert isinstance(result, GenerationResult)
+    assert result.arrays.shape == (1, 4, 6, 3)
+    assert [image.size for image in result.images] == [(6, 4)]
+    assert all(image.mode == "RGB" for image in result.images)
+    assert result.seeds == [9]
+    assert isinstance(result.seeds[0], int)
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 8])
+def test_values_round_trip_through_tritonclient(max_batch_size: int) -> None:
+    fake = FakeTriton(max_batch_size)
+    InpaintClient(client=fake).generate(full_request())
+    expected = encode_request(full_request(), batched=max_batch_size > 0)
+    assert set(fake.sent) == set(expected)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(decode(fake.sent[name]), array)
+
+
+def test_model_config_is_fetched_once() -> None:
+    fake = FakeTriton()
+    client = InpaintClient(model="sd15", client=fake)
+    client.text_to_image("a", height=16, width=24)
+    result = client.text_to_image("b", num_images=3, seed=100)
+    assert method_names(fake) == ["get_model_config", "infer", "infer"]
+    assert fake.calls[0][1]["model_name"] == "sd15"
+    assert fake.calls[1][1]["model_name"] == "sd15"
+    assert result.seeds == [100, 101, 102]
+    assert result.arrays.shape == (3, 8, 8, 3)
+
+
+def test_text_to_image_and_outpaint() -> None:
+    fake = FakeTriton()
+    client = InpaintClient(client=fake)
+    result = client.text_to_image("a", height=16, width=24)
+    assert set(fake.sent) == {"prompt", "height", "width"}
+    assert result.images[0].size == (24, 16)
+    result = client.outpaint(rgb(4, 6), "b", left=2, bottom=3)
+    assert decode(fake.sent["outpaint"]).tolist() == [2, 0, 0, 3]
+    assert result.images[0].size == (8, 7)
+    with pytest.raises(InvalidRequestError, match="left, top, right or bottom"):
+        client.outpaint(rgb(), "c")
+
+
+def test_invalid_request_fails_before_any_call() -> None:
+    fake = FakeTriton()
+    client = InpaintClient(client=fake)
+    with pytest.raises(InvalidRequestError, match="mask size"):
+        client.inpaint(rgb(4, 6), np.zeros((6, 4), np.uint8), "x")
+    assert fake.calls == []
+
+
+def test_timeouts_are_passed_as_client_timeout() -> None:
+    fake = FakeTriton()
+    client = InpaintClient(timeout=30.0, client=fake)
+    client.text_to_image("a")
+    client.text_to_image("a", timeout=2.5)
+    client.list_models(timeout=1.0)
+    timeouts = [kwargs["client_timeout"] for _, kwargs in fake.calls]
+    assert timeouts == [30.0, 30.0, 2.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("infer", lambda c: c.inpaint(rgb(), np.zeros((4, 6), bool), "x")),
+        ("get_model_config", lambda c: c.text_to_image("x")),
+        ("get_model_repository_index", lambda c: c.list_models()),
+    ],
+)
+def test_triton_errors_become_sdserve_errors(method: str, call: Any) -> None:
+    error = InferenceServerException(
+        "mask must be 2-D, got shape [4, 6, 3]", status="StatusCode.INVALID_ARGUMENT"
+    )
+    client = InpaintClient(client=FakeTriton(fail={method: error}))
+    with pytest.raises(SdserveError) as info:
+        call(client)
+    assert not isinstance(info.value, InferenceServerException)
+    assert info.value.message == "mask must be 2-D, got shape [4, 6, 3]"
+    assert info.value.status == "StatusCode.INVALID_ARGUMENT"
+    assert str(info.value) == "[StatusCode.INVALID_ARGUMENT] mask must be 2-D, got shape [4, 6, 3]"
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+def test_error_without_status() -> None:
+    client = InpaintClient(client=FakeTriton(fail={"infer": InferenceServerException("boom")}))
+    with pytest.raises(SdserveError) as info:
+        client.text_to_image("x")
+    assert info.value.status is None
+    assert str(info.value) == "boom"
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ({"images": np.zeros((1, 4, 4, 3), np.uint8)}, "no 'seeds' output"),
+        ({"seeds": np.zeros(1, np.int64)}, "no 'images' output"),
+        (
+            {"images": np.zeros((4, 4, 3), np.uint8), "seeds": np.zeros(1, np.int64)},
+            "(4, 4, 3)",
+        ),
+        (
+            {"images": np.zeros((2, 4, 4, 3), np.uint8), "seeds": np.zeros(1, np.int64)},
+            "got 2 images",
+        ),
+    ],
+)
+def test_malformed_responses(outputs: dict[str, np.ndarray], message: str) -> None:
+    fake = FakeTriton()
+    fake.outputs = outputs
+    with pytest.raises(SdserveError) as info:
+        InpaintClient(client=fake).text_to_image("x")
+    assert message in str(info.value)
+
+
+def test_batched_response_must_have_batch_size_one() -> None:
+    with pytest.raises(SdserveError, match="batch size 1"):
+        GenerationResult.from_outputs(
+            np.zeros((2, 1, 4, 4, 3), np.uint8), np.zeros((2, 1), np.int64), batched=True
+        )
+
+
+def test_list_models_and_readiness() -> None:
+    fake = FakeTriton()
+    assert InpaintClient(client=fake).list_models() == ["inpaint", "text_encoder"]
+    assert InpaintClient(client=fake).is_ready()
+    assert not InpaintClient(model="missing", client=fake).is_ready()
+    down = FakeTriton(fail={"is_server_ready": InferenceServerException("unavailable")})
+    assert not InpaintClient(client=down).is_ready()
+
+
+def test_context_manager_closes() -> None:
+    fake = FakeTriton()
+    with InpaintClient(client=fake) as client:
+        assert "inpaint" in repr(client)
+    assert fake.closed
+
+
+def test_real_tritonclient_is_built_lazily_without_a_server() -> None:
+    client = InpaintClient("127.0.0.1:1", timeout=0.5)  # nothing listens; gRPC connects lazily
+    assert not client.is_ready()
+    with pytest.raises(SdserveError):
+        client.list_models()
+    client.close()
+
+
+# CLI ----------------------------------------------------------------------------------------
+
+
+class Factory:
+    def __init__(self, fake: FakeTriton) -> None:
+        self.fake = fake
+        self.kwargs: dict[str, Any] = {}
+
+    def __call__(self, **kwargs: Any) -> InpaintClient:
+        self.kwargs = kwargs
+        return InpaintClient(**kwargs, client=self.fake)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(rgb(4, 6)).save(image)
+    Image.new("1", (6, 4), 1).save(mask)
+    return image, mask
+
+
+def test_cli_inpaint_writes_one_png_per_image(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, mask = files
+    out = tmp_path / "results" / "out.png"
+    factory = Factory(FakeTriton(max_batch_size=1))
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "a dog"]
+    argv += ["--negative-prompt", "cat", "--steps", "12", "--guidance-scale", "5.5"]
+    argv += ["--seed", "7", "--num-images", "3", "--no-preserve-unmasked", "--out", str(out)]
+    argv += ["--url", "10.0.0.1:9001", "--model", "sd", "--timeout", "60"]
+    assert cli.main(argv, client_factory=factory) == 0
+    assert factory.kwargs == {"url": "10.0.0.1:9001", "model": "sd", "timeout": 60.0}
+    paths = [out, out.with_name("out-1.png"), out.with_name("out-2.png")]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}\tseed={seed}" for path, seed in zip(paths, [7, 8, 9], strict=True)
+    ]
+    for path in paths:
+        with Image.open(path) as written:
+            assert (written.format, written.size, written.mode) == ("PNG", (6, 4), "RGB")
+    sent = {name: decode(i)[0] for name, i in factory.fake.sent.items()}  # strip batch dim
+    assert sent["negative_prompt"][0] == b"cat"
+    assert sent["steps"][0] == 12
+    assert sent["guidance_scale"][0] == np.float32(5.5)
+    assert sent["preserve_unmasked"][0] == np.False_
+    assert set(np.unique(sent["mask"]).tolist()) == {255}
+    assert "strength" not in sent
+    assert "scheduler" not in sent
+
+
+def test_cli_inpaint_defaults(files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    image, mask = files
+    monkeypatch.chdir(image.parent)
+    factory = Factory(FakeTriton())
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    assert cli.main(argv, client_factory=factory) == 0
+    assert factory.kwargs == {"url": "127.0.0.1:8001", "model": "inpaint", "timeout": None}
+    assert set(factory.fake.sent) == {"prompt", "image", "mask"}
+    assert (image.parent / "out.png").is_file()
+
+
+def test_cli_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--url", "h:1"], client_factory=Factory(FakeTriton())) == 0
+    assert capsys.readouterr().out == "inpaint\ntext_encoder\n"
+
+
+def test_cli_server_error_exits_1_without_traceback(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, mask = files
+    error = InferenceServerException("steps must be >= 1, got 0", "StatusCode.INVALID_ARGUMENT")
+    factory = Factory(FakeTriton(fail={"infer": error}))
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "sdserve-client: error: [StatusCode.INVALID_ARGUMENT] steps must be >= 1, got 0\n"
+    )
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--mask", "missing.png"], ["--mask", "{image}", "--strength", "2"]],
+)
+def test_cli_client_side_errors_exit_1(
+    files: tuple[Path, Path], extra: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, _ = files
+    extra = [arg.format(image=image) for arg in extra]
+    argv = ["inpaint", "--image", str(image), "--prompt", "p", *extra]
+    assert cli.main(argv, client_factory=Factory(FakeTriton())) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sdserve-client: error: ")
+    assert "Traceback" not in err
+
+
+def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["inpaint", "--image", "a.png", "--mask", "b.png"])
+    assert info.value.code == 2
+    assert "--prompt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_output_paths() -> None:
+    assert cli.output_paths(Path("d/out.png"), 1) == [Path("d/out.png")]
+    assert cli.output_paths(Path("x.png"), 3) == [Path("x.png"), Path("x-1.png"), Path("x-2.png")]

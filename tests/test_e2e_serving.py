@@ -1,0 +1,136 @@
+"""End to end: the exported repository served by a real tritonserver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from cases import diffusers_inpaint, make_case, max_abs
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from sdserve_client import InpaintClient, SdserveError
+from sdserve_export.triton_configs import parse_pbtxt
+from sdserve_pipeline.triton_server import TritonServer
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    build = tmp_path_factory.mktemp("triton")
+    with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:
+        srv.wait_ready(timeout_s=300)
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    with InpaintClient(server.grpc_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def case(diffusers_pipe):
+    image, mask = make_case(64, 96, seed=3)
+    return image, mask, diffusers_inpaint(diffusers_pipe, image, mask, seed=7)
+
+
+def test_every_served_config_parses_and_all_models_are_ready(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    names = sorted(m.name for m in client.get_model_repository_index().models)
+    assert names == ["inpaint", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    for name in names:
+        assert client.is_model_ready(name)
+        served = client.get_model_config(name).config
+        on_disk = parse_pbtxt((server.model_repository / name / "config.pbtxt").read_text())
+        assert [t.name for t in served.input] == [t.name for t in on_disk.input]
+
+
+def test_sdk_inpaint_matches_diffusers_and_seed_reproduces(sdk, case):
+    image, mask, reference = case
+    result = sdk.inpaint(image, mask, "a red bicycle", steps=10, seed=7, preserve_unmasked=False)
+    assert result.seeds == [7]
+    assert result.arrays.shape == (1, 64, 96, 3)
+    assert max_abs(result.arrays[0], reference) <= 2
+    again = sdk.inpaint(image, mask, "a red bicycle", steps=10, seed=result.seeds[0],
+                        preserve_unmasked=False)  # fmt: skip
+    np.testing.assert_array_equal(again.arrays, result.arrays)
+
+
+def test_unseeded_request_returns_a_seed_that_reproduces_it(sdk, case):
+    image, mask, _ = case
+    first = sdk.inpaint(image, mask, "a red bicycle", steps=4)
+    again = sdk.inpaint(image, mask, "a red bicycle", steps=4, seed=first.seeds[0])
+    np.testing.assert_array_equal(again.arrays, first.arrays)
+
+
+def _raw_inputs(tensors: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, array in tensors.items():
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
+
+
+def test_raw_tritonclient_request_matches_diffusers(server, case):
+    image, mask, reference = case
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    result = client.infer("inpaint", _raw_inputs({
+        "prompt": np.array([b"a red bicycle"], dtype=np.object_),
+        "image": image,
+        "mask": mask,
+        "steps": np.array([10], np.int32),
+        "seed": np.array([7], np.int64),
+        "preserve_unmasked": np.array([False]),
+    }))  # fmt: skip
+    assert result.as_numpy("seeds").tolist() == [7]
+    assert max_abs(result.as_numpy("images")[0], reference) <= 2
+
+
+def test_preserve_unmasked_returns_input_pixels_outside_the_mask(sdk, case):
+    image, mask, _ = case
+    out = sdk.inpaint(image, mask, "a red bicycle", steps=4, seed=7).arrays[0]
+    keep = mask < 128
+    np.testing.assert_array_equal(out[keep], image[keep])
+
+
+BAD_REQUESTS = {
+    "missing prompt": ({"steps": np.array([4], np.int32)}, "prompt"),
+    "mask size": (
+        {"prompt": np.array([b"x"], np.object_), "image": np.zeros((64, 64, 3), np.uint8),
+         "mask": np.zeros((64, 56), np.uint8)},
+        "mask",
+    ),  # fmt: skip
+    "steps dtype": (
+        {"prompt": np.array([b"x"], np.object_), "steps": np.array([4.0], np.float32)},
+        "steps",
+    ),
+    "steps range": (
+        {"prompt": np.array([b"x"], np.object_), "steps": np.array([0], np.int32)},
+        "steps",
+    ),
+    "not yet supported": (
+        {"prompt": np.array([b"x"], np.object_), "outpaint": np.array([8, 0, 0, 0], np.int32)},
+        "outpaint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case_name", list(BAD_REQUESTS))
+def test_malformed_request_is_invalid_arg_and_server_keeps_serving(server, sdk, case, case_name):
+    tensors, named = BAD_REQUESTS[case_name]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("inpaint", _raw_inputs(tensors))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    assert named in err.value.message()
+    image, mask, reference = case
+    good = sdk.inpaint(image, mask, "a red bicycle", steps=10, seed=7, preserve_unmasked=False)
+    assert max_abs(good.arrays[0], reference) <= 2
+
+
+def test_sdk_raises_its_one_error_type_with_the_server_message(sdk):
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(SdserveError, match="steps"):
+        sdk.inpaint(image, np.zeros((64, 64), np.uint8), "x", steps=100000)
