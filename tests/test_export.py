@@ -78,3 +78,11 @@ def test_configs_parse_and_name_the_onnx_tensors(repository: Path):
     assert [t.name for t in pipeline.input] == [t.name for t in INPUTS]
     assert [t.name for t in pipeline.output] == [t.name for t in OUTPUTS]
     assert [t.name for t in pipeline.input if not t.optional] == ["prompt"]
+
+
+def test_client_and_server_agree_on_the_wire_contract():
+    """The SDK (no server imports allowed) keeps its own names; they must equal the server's."""
+    from sdserve_client.request import INPUT_NAMES, OUTPUT_NAMES
+
+    assert INPUT_NAMES == tuple(t.name for t in INPUTS)
+    assert OUTPUT_NAMES == tuple(t.name for t in OUTPUTS)

@@ -71,7 +71,7 @@ def tiny_text_encoder() -> CLIPTextModel:
 
 def sd15_scheduler() -> PNDMScheduler:
     """PNDM configured as the SD 1.5 inpainting checkpoint ships it."""
-    return PNDMScheduler(
+    scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -80,6 +80,10 @@ def sd15_scheduler() -> PNDMScheduler:
         skip_prk_steps=True,
         steps_offset=1,
     )
+    # Not a PNDM argument, but in SD 1.5's scheduler_config.json: schedulers built from this
+    # config (DDIM, DDPM, ...) must not clip x0 to [-1, 1], as with the real checkpoint.
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 def temper_cross_attention(unet: UNet2DConditionModel, scale: float = 0.1) -> None:
