@@ -53,3 +53,34 @@ def service(repository: Path):
     from sdserve_pipeline.inprocess import load_service
 
     return load_service(repository)
+
+
+@pytest.fixture(scope="session")
+def base_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo pipeline as a standard 4-channel text-to-image checkpoint."""
+    from sdserve_export.demo_pipeline import save_demo_pipeline
+
+    return save_demo_pipeline(tmp_path_factory.mktemp("demo4") / "base-pipeline", in_channels=4)
+
+
+@pytest.fixture(scope="session")
+def combined_repository(repository: Path, base_pipeline_dir: Path, tmp_path_factory) -> Path:
+    """One repository serving `inpaint` (9-channel) and `sd15_base` (4-channel) side by side."""
+    import shutil
+
+    from sdserve_export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("combined") / "model_repository"
+    shutil.copytree(repository, out)
+    build_repository(
+        base_pipeline_dir, out, pipeline_name="sd15_base", component_prefix="base_",
+        log=lambda _msg: None,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_service(combined_repository: Path):
+    from sdserve_pipeline.inprocess import load_service
+
+    return load_service(combined_repository, "sd15_base")

@@ -65,8 +65,10 @@ def test_unseeded_request_returns_a_seed_that_reproduces_it(sdk, case):
 
 
 def _raw_inputs(tensors: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """Wire items → InferInputs with the batching pipeline model's leading dim of 1."""
     inputs = []
-    for name, array in tensors.items():
+    for name, item in tensors.items():
+        array = item[np.newaxis]
         item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         item.set_data_from_numpy(array)
         inputs.append(item)
@@ -84,8 +86,8 @@ def test_raw_tritonclient_request_matches_diffusers(server, case):
         "seed": np.array([7], np.int64),
         "preserve_unmasked": np.array([False]),
     }))  # fmt: skip
-    assert result.as_numpy("seeds").tolist() == [7]
-    assert max_abs(result.as_numpy("images")[0], reference) <= 2
+    assert result.as_numpy("seeds").tolist() == [[7]]
+    assert max_abs(result.as_numpy("images")[0, 0], reference) <= 2
 
 
 def test_preserve_unmasked_returns_input_pixels_outside_the_mask(sdk, case):
@@ -110,7 +112,7 @@ BAD_REQUESTS = {
         {"prompt": np.array([b"x"], np.object_), "steps": np.array([0], np.int32)},
         "steps",
     ),
-    "not yet supported": (
+    "outpaint without image": (
         {"prompt": np.array([b"x"], np.object_), "outpaint": np.array([8, 0, 0, 0], np.int32)},
         "outpaint",
     ),
@@ -134,3 +136,73 @@ def test_sdk_raises_its_one_error_type_with_the_server_message(sdk):
     image = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(SdserveError, match="steps"):
         sdk.inpaint(image, np.zeros((64, 64), np.uint8), "x", steps=100000)
+
+
+# Issue 3 controls, served: one repository with the 9-channel and the 4-channel checkpoint.
+
+
+@pytest.fixture(scope="module")
+def combined_server(combined_repository, tmp_path_factory):
+    build = tmp_path_factory.mktemp("triton-combined")
+    with TritonServer(
+        combined_repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build
+    ) as srv:
+        srv.wait_ready(timeout_s=300)
+        yield srv
+
+
+def test_clients_discover_models_and_schedulers(combined_server):
+    from sdserve_pipeline.schedulers import SCHEDULER_NAMES
+
+    with InpaintClient(combined_server.grpc_url) as client:
+        assert {"inpaint", "sd15_base"} <= set(client.list_models())
+    raw = grpcclient.InferenceServerClient(combined_server.grpc_url)
+    config = raw.get_model_config("inpaint").config
+    assert config.parameters["schedulers"].string_value.split(",") == list(SCHEDULER_NAMES)
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_karras", "unipc"])
+def test_served_schedulers_match_in_process(combined_server, service, scheduler):
+    image, mask = make_case(64, 64, seed=12)
+    with InpaintClient(combined_server.grpc_url) as client:
+        served = client.inpaint(image, mask, "a red bicycle", steps=6, seed=5,
+                                scheduler=scheduler, preserve_unmasked=False)  # fmt: skip
+    local = service.generate({
+        "prompt": np.array([b"a red bicycle"], object), "image": image, "mask": mask,
+        "steps": np.array([6], np.int32), "seed": np.array([5], np.int64),
+        "scheduler": np.array([scheduler.encode()], object),
+        "preserve_unmasked": np.array([False]),
+    })  # fmt: skip
+    assert max_abs(served.arrays[0], local["images"][0]) <= 1
+
+
+def test_served_num_images_two_each_reproducible(combined_server):
+    image, mask = make_case(64, 64, seed=13)
+    with InpaintClient(combined_server.grpc_url) as client:
+        both = client.inpaint(image, mask, "a red bicycle", steps=4, seed=30, num_images=2)
+        assert both.seeds == [30, 31] and both.arrays.shape == (2, 64, 64, 3)
+        second = client.inpaint(image, mask, "a red bicycle", steps=4, seed=31)
+    assert max_abs(both.arrays[1], second.arrays[0]) <= 1
+
+
+def test_served_text_to_image_on_both_checkpoints_and_odd_size(
+    combined_server, base_service, service
+):
+    with InpaintClient(combined_server.grpc_url, model="sd15_base") as base:
+        t2i = base.text_to_image("a red bicycle", height=64, width=96, steps=4, seed=2)
+    local = base_service.generate({
+        "prompt": np.array([b"a red bicycle"], object), "height": np.array([64], np.int32),
+        "width": np.array([96], np.int32), "steps": np.array([4], np.int32),
+        "seed": np.array([2], np.int64),
+    })  # fmt: skip
+    assert max_abs(t2i.arrays[0], local["images"][0]) <= 1
+    image, mask = make_case(75, 130, seed=14)
+    with InpaintClient(combined_server.grpc_url) as client:
+        odd = client.inpaint(image, mask, "a red bicycle", steps=3, seed=1)
+        assert odd.arrays.shape == (1, 75, 130, 3)
+        np.testing.assert_array_equal(odd.arrays[0][mask < 128], image[mask < 128])
+        t2i_odd = client.text_to_image("x", height=75, width=130, steps=3, seed=1)
+        assert t2i_odd.arrays.shape == (1, 75, 130, 3)
+    with InpaintClient(combined_server.grpc_url, model="sd15_base") as base:
+        blended = base.inpaint(image, mask, "a red bicycle", steps=3, seed=1)
+        assert blended.arrays.shape == (1, 75, 130, 3)

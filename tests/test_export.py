@@ -37,7 +37,8 @@ def test_every_component_matches_pytorch(export_reports):
 
 def test_vae_encoder_returns_mean_and_logvar_not_a_sample(repository: Path, diffusers_pipe):
     from sdserve_pipeline.components import VAE_ENCODER
-    from sdserve_pipeline.onnx_runtime import OrtRunner, create_session
+    from sdserve_pipeline.onnx_runtime import create_session
+    from sdserve_pipeline.ort_runner import OrtRunner
 
     runner = OrtRunner(VAE_ENCODER, create_session(repository / "vae_encoder/1/model.onnx"))
     image = torch.rand(1, 3, 32, 32) * 2 - 1

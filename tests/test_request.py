@@ -80,7 +80,10 @@ BAD = [
     ("scheduler", {"scheduler": text("warp_drive")}),
     ("num_images", {"num_images": i32(5)}),
     ("height", {"height": i32(64)}),
-    ("outpaint", {"outpaint": np.array([8, 0, 0, 0], np.int32)}),
+    ("outpaint", {"outpaint": np.array([-8, 0, 0, 0], np.int32)}),
+    ("outpaint", {"outpaint": np.array([0, 0, 0, 0], np.int32)}),
+    ("outpaint", {"outpaint": np.array([9999, 0, 0, 0], np.int32)}),
+    ("outpaint", {"outpaint": np.array([8, 0, 0], np.int32)}),
     ("bogus", {"bogus": i32(1)}),
 ]
 
@@ -104,3 +107,14 @@ def test_text_to_image_rejects_strength_below_one_and_lone_mask():
         parse({"prompt": text("x"), "strength": f32(0.5)})
     with pytest.raises(RequestError, match="mask: given without an image"):
         parse({"prompt": text("x"), "mask": np.zeros((8, 8), np.uint8)})
+
+
+def test_outpaint_request_sizes_the_canvas_and_needs_an_image():
+    inputs = good(outpaint=np.array([8, 4, 16, 0], np.int32))
+    del inputs["mask"]  # optional when outpainting
+    p = parse(inputs)
+    assert (p.height, p.width, p.outpaint) == (44, 72, (8, 4, 16, 0))
+    with pytest.raises(RequestError, match="outpaint: needs an input image"):
+        parse({"prompt": text("x"), "outpaint": np.array([8, 0, 0, 0], np.int32)})
+    with pytest.raises(RequestError, match="canvas"):
+        parse(good(outpaint=np.array([1000, 1000, 1000, 1000], np.int32)))

@@ -1,11 +1,22 @@
 """sdserve_client: thin gRPC SDK and CLI of the sdserve Stable Diffusion pipeline on Triton."""
 
+from .canvas import (
+    Canvas,
+    Extension,
+    Window,
+    band_mask,
+    build_canvas,
+    plan_bands,
+    seam_alpha,
+)
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike, to_mask_array, to_rgb_array
 from .request import GenerationRequest, add_batch_dim, encode_request
 from .sdk import GenerationResult, InpaintClient
 
 __all__ = [
+    "Canvas",
+    "Extension",
     "GenerationRequest",
     "GenerationResult",
     "ImageLike",
@@ -13,8 +24,13 @@ __all__ = [
     "InvalidRequestError",
     "MaskLike",
     "SdserveError",
+    "Window",
     "add_batch_dim",
+    "band_mask",
+    "build_canvas",
     "encode_request",
+    "plan_bands",
+    "seam_alpha",
     "to_mask_array",
     "to_rgb_array",
 ]

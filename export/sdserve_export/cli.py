@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo-pipeline", help="write the tiny random-weight demo pipeline")
     demo.add_argument("--out", type=Path, default=DEFAULT_FOLDER)
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    demo.add_argument(
+        "--unet-in-channels", type=int, choices=(4, 9), default=9,
+        help="9: inpainting checkpoint (default); 4: standard text-to-image checkpoint",
+    )  # fmt: skip
 
     repo = sub.add_parser("repository", help="export a pipeline to a Triton model repository")
     repo.add_argument(
@@ -30,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     repo.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     repo.add_argument("--name", default="inpaint", help="pipeline model name")
+    repo.add_argument(
+        "--component-prefix", default="",
+        help="prefix of the component model names, to serve several checkpoints side by side",
+    )  # fmt: skip
     repo.add_argument(
         "--providers", default="CPUExecutionProvider",
         help="comma-separated ONNX Runtime execution providers, in order of preference",
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "demo-pipeline":
-        folder = save_demo_pipeline(args.out, args.seed)
+        folder = save_demo_pipeline(args.out, args.seed, args.unet_in_channels)
         print(f"demo pipeline (tiny, RANDOM weights) written to {folder}")
         return 0
     try:
@@ -49,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             args.source,
             args.out,
             pipeline_name=args.name,
+            component_prefix=args.component_prefix,
             providers=tuple(args.providers.split(",")),
             allow_pickle=args.allow_pickle,
         )

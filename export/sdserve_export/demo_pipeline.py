@@ -8,11 +8,15 @@ loads with `StableDiffusionInpaintPipeline.from_pretrained(folder)` offline.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -101,12 +105,21 @@ def temper_cross_attention(unet: UNet2DConditionModel, scale: float = 0.1) -> No
                 module.bias.mul_(scale)
 
 
-def build_demo_pipeline(seed: int = 0, in_channels: int = 9) -> StableDiffusionInpaintPipeline:
-    """The tiny pipeline with weights drawn from `torch.manual_seed(seed)`."""
+def build_demo_pipeline(
+    seed: int = 0, in_channels: int = 9
+) -> StableDiffusionInpaintPipeline | StableDiffusionPipeline:
+    """The tiny pipeline with weights drawn from `torch.manual_seed(seed)`.
+
+    Args:
+        seed: seed of the random weights.
+        in_channels: 9 for an inpainting checkpoint, 4 for a standard text-to-image one
+            (saved as a `StableDiffusionPipeline`).
+    """
     torch.manual_seed(seed)
     unet, vae, text_encoder = tiny_unet(in_channels), tiny_vae(), tiny_text_encoder()
     temper_cross_attention(unet)
-    return StableDiffusionInpaintPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
+    return pipeline_class(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=clip_tokenizer(),
@@ -122,20 +135,3 @@ def save_demo_pipeline(folder: Path = DEFAULT_FOLDER, seed: int = 0, in_channels
     """Write the tiny pipeline in diffusers format (safetensors) to `folder`."""
     build_demo_pipeline(seed, in_channels).save_pretrained(folder)
     return folder
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_FOLDER, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument(
-        "--unet-in-channels", type=int, choices=(4, 9), default=9,
-        help="9: inpainting UNet (default); 4: text-to-image UNet",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    folder = save_demo_pipeline(args.out, args.seed, args.unet_in_channels)
-    print(f"demo pipeline (random weights) written to {folder}")
-
-
-if __name__ == "__main__":
-    main()

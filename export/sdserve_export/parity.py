@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from sdserve_export.onnx_export import CHECK_SIZES, ExportTarget
-from sdserve_pipeline.onnx_runtime import OrtRunner, create_session
+from sdserve_pipeline.onnx_runtime import create_session
+from sdserve_pipeline.ort_runner import OrtRunner
 
 
 class ParityError(RuntimeError):

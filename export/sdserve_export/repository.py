@@ -26,6 +26,7 @@ from sdserve_export.parity import ParityReport, check_parity, require_parity
 from sdserve_export.triton_configs import ONNX_FILE, component_config, pipeline_config, to_pbtxt
 from sdserve_pipeline.assets import ASSETS_DIR, CheckpointFacts, PipelineAssets
 from sdserve_pipeline.components import SD15_COMPONENTS
+from sdserve_pipeline.outpaint import OutpaintSettings
 from sdserve_pipeline.request import Limits
 
 DEFAULT_REPOSITORY = Path("build/model_repository")
@@ -74,10 +75,10 @@ def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipel
         default_size=unet.config.sample_size * vae_scale,
         text_max_length=tokenizer.model_max_length,
     )
-    if facts.unet_in_channels != 9:
+    if facts.unet_in_channels not in (4, 9):
         raise ValueError(
-            f"unet has {facts.unet_in_channels} input channels; this export serves "
-            "9-channel inpainting checkpoints"
+            f"unet has {facts.unet_in_channels} input channels; sdserve serves 9-channel "
+            "inpainting and 4-channel text-to-image checkpoints"
         )
     assets = PipelineAssets(facts=facts, tokenizer=tokenizer, scheduler_config=scheduler_config)
     return LoadedPipeline(text_encoder.eval(), unet.eval(), vae.eval(), assets)
@@ -87,6 +88,7 @@ def build_repository(
     source: str | Path,
     out: Path = DEFAULT_REPOSITORY,
     pipeline_name: str = "inpaint",
+    component_prefix: str = "",
     providers: tuple[str, ...] = ("CPUExecutionProvider",),
     limits: Limits = Limits(),
     allow_pickle: bool = False,
@@ -94,32 +96,50 @@ def build_repository(
 ) -> list[ParityReport]:
     """Export every component with a parity check, then write configs and the pipeline model.
 
+    Args:
+        source: diffusers pipeline folder or hub id.
+        out: repository folder; models of other pipelines already there are kept, so
+            several pipelines can be served side by side.
+        pipeline_name: Triton name of the pipeline model.
+        component_prefix: prefix of the component model names (`<prefix>unet`, ...), to
+            keep a second checkpoint's components apart from the first's.
+        providers: ONNX Runtime execution providers in order of preference.
+        limits: request limits written into the pipeline config.
+        allow_pickle: also load pickle weights (see `load_pipeline`).
+        log: progress sink.
+
     Raises:
         ParityError: an exported component drifted past its tolerance (nothing is left
-            half-written: the repository is assembled in a temporary folder first).
+            half-written: the models are assembled in a temporary folder first).
     """
     log(f"[load] {source}")
     pipe = load_pipeline(source, allow_pickle)
     staging = out.with_name(out.name + ".partial")
+    names = {spec.name: component_prefix + spec.name for spec in SD15_COMPONENTS}
     shutil.rmtree(staging, ignore_errors=True)
     targets = sd15_targets(pipe.text_encoder, pipe.unet, pipe.vae)
     reports = []
     for i, target in enumerate(targets, 1):
-        name = target.spec.name
+        name = names[target.spec.name]
         started = time.perf_counter()
         log(f"[{i}/{len(targets)}] export {name} ...")
         onnx_file = export_onnx(target, staging / name / VERSION / ONNX_FILE)
         report = require_parity(check_parity(target, onnx_file))
         log(f"[{i}/{len(targets)}] {report} ({time.perf_counter() - started:.1f} s)")
         reports.append(report)
-        _write_config(staging / name, to_pbtxt(component_config(target.spec, pipe.sizes(), providers)))
+        config = component_config(target.spec, pipe.sizes(), providers, model_name=name)
+        _write_config(staging / name, to_pbtxt(config))
         _copy_model_py("onnx_runner", staging / name / VERSION)
-    roles = {spec.name: spec.name for spec in SD15_COMPONENTS}
-    _write_config(staging / pipeline_name, to_pbtxt(pipeline_config(pipeline_name, roles, limits)))
+    outpaint = OutpaintSettings(native=pipe.assets.facts.default_size)
+    config = pipeline_config(pipeline_name, names, limits, outpaint=outpaint)
+    _write_config(staging / pipeline_name, to_pbtxt(config))
     _copy_model_py("pipeline", staging / pipeline_name / VERSION)
     pipe.assets.save(staging / pipeline_name / VERSION / ASSETS_DIR)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model_dir in sorted(staging.iterdir()):
+        shutil.rmtree(out / model_dir.name, ignore_errors=True)
+        model_dir.rename(out / model_dir.name)
+    staging.rmdir()
     log(f"[done] Triton model repository written to {out}")
     return reports
 

@@ -7,16 +7,34 @@ config parses by construction; tests parse them back all the same.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_pipeline import contract
 from sdserve_pipeline.components import ComponentSpec
+from sdserve_pipeline.outpaint import OutpaintSettings
 from sdserve_pipeline.request import Limits
+from sdserve_pipeline.schedulers import SCHEDULER_NAMES
 
 ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """How much work the pipeline model queues before rejecting, and for how long.
+
+    Args:
+        max_queue_size: requests waiting beyond this are rejected at once (UNAVAILABLE).
+        timeout_s: a request still queued after this long is rejected (0: no timeout).
+            Clients may ask for a shorter one (`timeout` on the request).
+        max_batch_size: requests handed to one `execute` call (cross-request batching).
+    """
+
+    max_queue_size: int = 16
+    timeout_s: int = 120
+    max_batch_size: int = 8
 
 
 def component_config(
@@ -24,9 +42,10 @@ def component_config(
     sizes: Mapping[str, int],
     providers: Sequence[str] = ("CPUExecutionProvider",),
     instances: int = 1,
+    model_name: str | None = None,
 ) -> mc.ModelConfig:
     """Config of one ONNX Runtime runner model (Python backend), named as its spec."""
-    config = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=0)
+    config = mc.ModelConfig(name=model_name or spec.name, backend="python", max_batch_size=0)
     for t in spec.inputs:
         config.input.add(name=t.name, data_type=_dtype(t.dtype), dims=t.resolve(dict(sizes)))
     for t in spec.outputs:
@@ -45,6 +64,8 @@ def pipeline_config(
     limits: Limits = Limits(),
     feather_radius: int = 4,
     instances: int = 1,
+    queue: QueuePolicy = QueuePolicy(),
+    outpaint: OutpaintSettings = OutpaintSettings(),
 ) -> mc.ModelConfig:
     """Config of the pipeline model: the wire contract plus limits and component model names.
 
@@ -54,8 +75,18 @@ def pipeline_config(
         limits: request limits, enforced before any allocation.
         feather_radius: blend ramp width, pixels, for `preserve_unmasked`.
         instances: pipeline model instances (concurrent requests in flight).
+        outpaint: band size (the checkpoint's native size), seam overlap, context, pre-fill.
+        queue: bounds of the request queue (Triton's queue lives in its dynamic batcher,
+            hence `max_batch_size` > 0: every wire tensor gains a leading batch dim of 1,
+            which the SDK adds and strips).
     """
-    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=queue.max_batch_size)
+    config.dynamic_batching.max_queue_delay_microseconds = 0
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = queue.max_queue_size
+    policy.default_timeout_microseconds = queue.timeout_s * 1_000_000
+    policy.allow_timeout_override = True
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
     for t in contract.INPUTS:
         config.input.add(
             name=t.name,
@@ -69,6 +100,8 @@ def pipeline_config(
     params = {f"{role}_model": model for role, model in component_models.items()}
     params |= {f"limit_{k}": v for k, v in asdict(limits).items()}
     params["feather_radius"] = feather_radius
+    params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}
+    params["schedulers"] = ",".join(SCHEDULER_NAMES)  # discoverable via get_model_config
     _set_parameters(config, params)
     return config
 

@@ -13,7 +13,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.components import ComponentSpec
-from sdserve_pipeline.onnx_runtime import OrtRunner, create_session
+from sdserve_pipeline.onnx_runtime import create_session
+from sdserve_pipeline.ort_runner import OrtRunner
 from sdserve_pipeline.service import PipelineService
 
 VERSION = "1"

@@ -49,6 +49,37 @@ class Components:
     vae_decoder: Runner
 
 
+@dataclass
+class LatentState:
+    """Latents entering the loop, plus what the UNet input or the blend step needs.
+
+    Args:
+        latents: (N, 4, h, w) initial latents.
+        unet_extra: (N, 5, h, w) mask and masked-image latents (9-channel UNet).
+        blend_latents: (N, 4, h, w) clean image latents re-noised and blended in outside
+            the mask after each step (4-channel UNet inpainting, as diffusers does).
+        noise: (N, 4, h, w) the initial noise, reused to re-noise `blend_latents`.
+        mask: (N, 1, h, w) latent-resolution mask, 1 = regenerate.
+    """
+
+    latents: torch.Tensor
+    unet_extra: torch.Tensor | None = None
+    blend_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def blend(
+        self, scheduler: Any, latents: torch.Tensor, next_t: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`(1 - mask) * noised_init + mask * latents`, the init noised to the next timestep."""
+        init, mask = self.blend_latents, self.mask
+        if init is None or mask is None:
+            raise RuntimeError("blend() needs blend_latents and mask")
+        if next_t is not None:
+            init = scheduler.add_noise(init, self.noise, torch.tensor([next_t]))
+        return (1 - mask) * init + mask * latents
+
+
 class InpaintLoop:
     """Inpainting / text-to-image generation on exported components.
 
@@ -71,12 +102,9 @@ class InpaintLoop:
     ) -> np.ndarray:
         """Generate `params.num_images` images: (N, H, W, 3) uint8 at the request's size."""
         is_cancelled = is_cancelled or (lambda: False)
-        facts, n = self.facts, params.num_images
-        cfg = params.guidance_scale > 1.0
+        n, cfg = params.num_images, params.guidance_scale > 1.0
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
-        height, width = padded_size(params.height, params.width, facts.vae_scale_factor)
-        latent_shape = (1, facts.latent_channels, height // facts.vae_scale_factor,
-                        width // facts.vae_scale_factor)  # fmt: skip
+        height, width = padded_size(params.height, params.width, self.facts.vae_scale_factor)
 
         # 1. Encode input prompt: [uncond x N, cond x N] (one text-encoder call)
         prompt_embeds = self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
@@ -85,52 +113,82 @@ class InpaintLoop:
         scheduler = make_scheduler(params.scheduler, self.assets.scheduler_config)
         scheduler.set_timesteps(params.steps)
         timesteps = truncated_timesteps(scheduler, params.steps, params.strength)
-        latent_timestep = timesteps[:1].repeat(n)
 
-        # 3. Preprocess image and mask (text-to-image: full mask, nothing kept)
-        init_image, mask_condition = self.prepare_image_and_mask(params, height, width)
-        masked_image = init_image * (mask_condition < 0.5)  # (1, 3, H, W)
+        # 3. Prepare latents and the inpainting conditioning, drawing as diffusers does
+        state = self.prepare_latents(params, scheduler, timesteps, generators, height, width)
+        if cfg and state.unet_extra is not None:
+            state.unet_extra = torch.cat([state.unet_extra] * 2)  # (2N, 5, h, w)
 
-        # 4. Prepare latents: image latents (strength < 1) are drawn before the noise
-        image_latents = None
-        if params.strength < 1.0:
-            image_latents = self.encode_image(init_image, generators)  # (N, 4, h, w)
-        noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
-        if image_latents is None:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
-
-        # 5. Prepare mask latents: masked-image latents are drawn after the noise
-        mask = F.interpolate(mask_condition, size=latent_shape[2:]).repeat(n, 1, 1, 1)
-        masked_image_latents = self.encode_image(masked_image, generators)  # (N, 4, h, w)
-        if cfg:
-            mask = torch.cat([mask] * 2)  # (2N, 1, h, w)
-            masked_image_latents = torch.cat([masked_image_latents] * 2)  # (2N, 4, h, w)
-
-        # 6. Denoising loop
+        # 4. Denoising loop
+        latents = state.latents
         step_kwargs = extra_step_kwargs(scheduler, generators)
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             if is_cancelled():
                 raise Cancelled()
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            if facts.unet_in_channels == 9:
-                model_input = torch.cat([model_input, mask, masked_image_latents], dim=1)
+            if state.unet_extra is not None:  # 9-channel UNet: [latents, mask, masked latents]
+                model_input = torch.cat([model_input, state.unet_extra], dim=1)
             timestep = t.to(torch.float32).repeat(model_input.shape[0])  # (2N,)
             (noise_pred,) = self.components.unet(model_input, timestep, prompt_embeds)
             if cfg:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + params.guidance_scale * (noise_text - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if state.blend_latents is not None:  # 4-channel UNet inpainting
+                next_t = timesteps[i + 1] if i < len(timesteps) - 1 else None
+                latents = state.blend(scheduler, latents, next_t)
 
-        # 7. Decode, crop to the request's size, paste the kept pixels back
-        (decoded,) = self.components.vae_decoder(latents / facts.vae_scaling_factor)
+        # 5. Decode, crop to the request's size, paste the kept pixels back
+        (decoded,) = self.components.vae_decoder(latents / self.facts.vae_scaling_factor)
         images = postprocess(self.processors, decoded)[:, : params.height, : params.width]
         if params.image is not None and params.mask is not None and params.preserve_unmasked:
             alpha = feather_alpha(params.mask, self.feather_radius)
             images = composite(params.image, images, alpha)
         return images
+
+    def prepare_latents(
+        self,
+        params: GenerationParams,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        generators: list[torch.Generator],
+        height: int,
+        width: int,
+    ) -> LatentState:
+        """Initial latents and conditioning, with every random draw in diffusers' order.
+
+        Inpainting pipeline order: image latents (strength < 1, or a 4-channel UNet), then
+        the noise, then the masked-image latents. A 4-channel text-to-image request follows
+        `StableDiffusionPipeline`: the noise only.
+        """
+        facts, n = self.facts, params.num_images
+        latent_shape = (1, facts.latent_channels, height // facts.vae_scale_factor,
+                        width // facts.vae_scale_factor)  # fmt: skip
+        nine_channels = facts.unet_in_channels == 9
+        inpainting = params.image is not None
+        if not nine_channels and not inpainting:
+            noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
+            return LatentState(latents=noise * scheduler.init_noise_sigma)
+
+        # Preprocess image and mask (text-to-image: full mask, nothing kept)
+        init_image, mask_condition = self.prepare_image_and_mask(params, height, width)
+        masked_image = init_image * (mask_condition < 0.5)  # (1, 3, H, W)
+        image_latents = None
+        if params.strength < 1.0 or not nine_channels:
+            image_latents = self.encode_image(init_image, generators)  # (N, 4, h, w)
+        noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
+        if params.strength < 1.0:
+            latent_timestep = timesteps[:1].repeat(n)
+            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
+        else:
+            latents = noise * scheduler.init_noise_sigma
+        mask = F.interpolate(mask_condition, size=latent_shape[2:]).repeat(n, 1, 1, 1)
+        masked_image_latents = self.encode_image(masked_image, generators)  # (N, 4, h, w)
+        if nine_channels:
+            extra = torch.cat([mask, masked_image_latents], dim=1)  # (N, 5, h, w)
+            return LatentState(latents=latents, unet_extra=extra)
+        return LatentState(latents=latents, noise=noise, blend_latents=image_latents, mask=mask)
 
     def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> torch.Tensor:
         """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""

@@ -1,15 +1,14 @@
-"""ONNX Runtime sessions and component runners, shared by Triton's runner model and tests."""
+"""ONNX Runtime sessions, shared by Triton's runner model and in-process runs.
+
+Imports no torch: the runner models' backend stubs load only ONNX Runtime and numpy.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
-import torch
-
-from sdserve_pipeline.components import ComponentSpec
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -30,19 +29,3 @@ def create_session(
     available = set(ort.get_available_providers())
     chosen = [p for p in providers if p in available] or list(DEFAULT_PROVIDERS)
     return ort.InferenceSession(str(onnx_file), sess_options=options, providers=chosen)
-
-
-class OrtRunner:
-    """A component as a callable: torch tensors in spec order → torch tensors in spec order."""
-
-    def __init__(self, spec: ComponentSpec, session: ort.InferenceSession) -> None:
-        self.spec = spec
-        self.session = session
-
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = {
-            t.name: np.ascontiguousarray(x.detach().cpu().numpy())
-            for t, x in zip(self.spec.inputs, inputs, strict=True)
-        }
-        outputs = self.session.run(self.spec.output_names, feeds)
-        return tuple(torch.from_numpy(o) for o in outputs)

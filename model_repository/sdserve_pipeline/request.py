@@ -20,7 +20,7 @@ from sdserve_pipeline.schedulers import SCHEDULER_NAMES
 MAX_SEED = 2**63 - 1
 
 # Inputs of the contract that this pipeline does not implement yet: rejected, never ignored.
-NOT_YET_SUPPORTED = frozenset({"outpaint"})
+NOT_YET_SUPPORTED: frozenset[str] = frozenset()
 
 
 class RequestError(ValueError):
@@ -40,6 +40,8 @@ class Limits:
     max_images: int = 8
     max_prompt_bytes: int = 4096
     max_guidance_scale: float = 50.0
+    max_outpaint: int = 2048
+    max_canvas_pixels: int = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class GenerationParams:
         scheduler: scheduler name, or None for the checkpoint's own.
         num_images: images per request (1).
         preserve_unmasked: paste input pixels back outside the mask (True).
+        outpaint: pixels added (left, top, right, bottom), or None.
     """
 
     prompt: str
@@ -75,6 +78,7 @@ class GenerationParams:
     scheduler: str | None = None
     num_images: int = 1
     preserve_unmasked: bool = True
+    outpaint: tuple[int, int, int, int] | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -97,8 +101,11 @@ def parse_request(
         raise RequestError("prompt", "is required")
     prompt = _text(inputs, "prompt", limits)
     negative = _text(inputs, "negative_prompt", limits) if "negative_prompt" in inputs else ""
-    image, mask = _image_and_mask(inputs, limits)
+    outpaint = _outpaint(inputs, limits)
+    image, mask = _image_and_mask(inputs, limits, mask_required=outpaint is None)
     height, width = _size(inputs, image, limits, default_size)
+    if outpaint is not None:
+        height, width = _canvas_size(height, width, outpaint, limits)
     steps = _int(inputs, "steps", 50, 1, limits.max_steps)
     num_images = _int(inputs, "num_images", 1, 1, limits.max_images)
     guidance = _float(inputs, "guidance_scale", 7.5, 0.0, limits.max_guidance_scale)
@@ -114,6 +121,7 @@ def parse_request(
         prompt=prompt, negative_prompt=negative, image=image, mask=mask,
         height=height, width=width, steps=steps, guidance_scale=guidance, strength=strength,
         seed=seed, scheduler=scheduler, num_images=num_images, preserve_unmasked=preserve,
+        outpaint=outpaint,
     )  # fmt: skip
 
 
@@ -186,8 +194,37 @@ def _scheduler(inputs: dict[str, np.ndarray], limits: Limits) -> str | None:
     return name
 
 
+def _outpaint(inputs: dict[str, np.ndarray], limits: Limits) -> tuple[int, int, int, int] | None:
+    if "outpaint" not in inputs:
+        return None
+    if "image" not in inputs:
+        raise RequestError("outpaint", "needs an input image to extend")
+    values = tuple(int(v) for v in inputs["outpaint"])
+    if any(not 0 <= v <= limits.max_outpaint for v in values) or not any(values):
+        raise RequestError(
+            "outpaint",
+            f"{list(values)} given; [left, top, right, bottom] each in [0, {limits.max_outpaint}]"
+            ", at least one > 0",
+        )
+    return values  # type: ignore[return-value]
+
+
+def _canvas_size(
+    height: int, width: int, outpaint: tuple[int, int, int, int], limits: Limits
+) -> tuple[int, int]:
+    left, top, right, bottom = outpaint
+    canvas_h, canvas_w = height + top + bottom, width + left + right
+    if canvas_h * canvas_w > limits.max_canvas_pixels:
+        raise RequestError(
+            "outpaint",
+            f"canvas {canvas_h}x{canvas_w} = {canvas_h * canvas_w} pixels exceeds "
+            f"{limits.max_canvas_pixels}",
+        )
+    return canvas_h, canvas_w
+
+
 def _image_and_mask(
-    inputs: dict[str, np.ndarray], limits: Limits
+    inputs: dict[str, np.ndarray], limits: Limits, mask_required: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     image, mask = inputs.get("image"), inputs.get("mask")
     if image is None:
@@ -199,7 +236,9 @@ def _image_and_mask(
         raise RequestError("image", f"shape {list(image.shape)} given, [H, W, 3] RGB expected")
     _check_pixels("image", height, width, limits)
     if mask is None:
-        raise RequestError("mask", "is required with an image")
+        if mask_required:
+            raise RequestError("mask", "is required with an image (unless outpainting)")
+        return image, None
     if mask.shape != (height, width):
         raise RequestError("mask", f"size {list(mask.shape)} differs from image size {[height, width]}")
     return image, mask

@@ -15,7 +15,8 @@ import numpy as np
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import SD15_COMPONENTS, ComponentSpec
 from sdserve_pipeline.loop import Components, InpaintLoop, Runner
-from sdserve_pipeline.request import Limits, parse_request
+from sdserve_pipeline.outpaint import OutpaintSettings, outpaint
+from sdserve_pipeline.request import Limits, RequestError, parse_request
 
 # Makes a runner for a component: (its spec, the Triton model name serving it) → callable.
 RunnerFactory = Callable[[ComponentSpec, str], Runner]
@@ -29,9 +30,12 @@ class PipelineService:
         limits: request limits.
     """
 
-    def __init__(self, loop: InpaintLoop, limits: Limits) -> None:
+    def __init__(
+        self, loop: InpaintLoop, limits: Limits, outpaint: OutpaintSettings | None = None
+    ) -> None:
         self.loop = loop
         self.limits = limits
+        self.outpaint = outpaint or OutpaintSettings(native=loop.facts.default_size)
 
     @classmethod
     def from_parameters(
@@ -47,7 +51,13 @@ class PipelineService:
             PipelineAssets.load(assets_dir),
             feather_radius=int(params.get("feather_radius", 4)),
         )
-        return cls(loop, limits_from_parameters(params))
+        outpaint_settings = OutpaintSettings(
+            native=int(params.get("outpaint_native", loop.facts.default_size)),
+            overlap=int(params.get("outpaint_overlap", OutpaintSettings.overlap)),
+            context=int(params.get("outpaint_context", OutpaintSettings.context)),
+            fill=params.get("outpaint_fill", OutpaintSettings.fill),
+        )
+        return cls(loop, limits_from_parameters(params), outpaint_settings)
 
     def generate(
         self, inputs: Mapping[str, np.ndarray], is_cancelled: Callable[[], bool] | None = None
@@ -59,7 +69,10 @@ class PipelineService:
             Cancelled: the request was cancelled mid-loop.
         """
         params = parse_request(dict(inputs), self.limits, self.loop.facts.default_size)
-        images = self.loop(params, is_cancelled)
+        if params.outpaint is not None:
+            images = outpaint(self.loop, params, self.outpaint, is_cancelled)
+        else:
+            images = self.loop(params, is_cancelled)
         return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
 
 
@@ -72,6 +85,25 @@ def limits_from_parameters(params: Mapping[str, str]) -> Limits:
     return Limits(**values)
 
 
-def config_parameters(model_config: Mapping) -> dict[str, str]:
-    """`parameters` of a Triton model config (as JSON) → plain {key: string value}."""
-    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+def unbatch(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tensors of a batching pipeline model (a leading dim of 1 per request) → wire items.
+
+    Raises:
+        RequestError: a request carries more than one item (one prompt per request; several
+            images come from `num_images`).
+    """
+    items = {}
+    for name, array in inputs.items():
+        if array.ndim == 0 or array.shape[0] != 1:
+            raise RequestError(
+                name,
+                f"batch dimension {list(array.shape[:1])} given, [1] expected: one prompt per "
+                "request (use num_images for several images)",
+            )
+        items[name] = array[0]
+    return items
+
+
+def batch(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Wire outputs → tensors of a batching pipeline model (leading dim of 1)."""
+    return {name: array[np.newaxis] for name, array in outputs.items()}

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -256,6 +257,10 @@ def build_command(
         f"--metrics-port={ports.metrics}",
         f"--exit-timeout-secs={exit_timeout_s}",
         f"--log-verbose={log_verbose}",
+        # Explicit control (all models loaded at start) lets `TritonServer.drain` unload the
+        # pipeline models gracefully before SIGTERM.
+        "--model-control-mode=explicit",
+        "--load-model=*",
     ]
     if cache_dir is not None:
         command.append(f"--cache-directory={cache_dir}")
@@ -587,6 +592,7 @@ class TritonServer:
         if process is None:
             return None
         if process.poll() is None:
+            self.drain(self.exit_timeout_s)
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(self.exit_timeout_s + self.stop_margin_s)
@@ -595,6 +601,49 @@ class TritonServer:
                 process.wait()
         self._reap_group(process.pid)
         return process.returncode
+
+    def drain(self, timeout_s: float) -> list[str]:
+        """Unloads the models that queue requests (the pipelines) and waits for them to finish.
+
+        Triton's own SIGTERM handling refuses every new request at once, including the BLS
+        calls that in-flight pipeline requests still have to make, so those would fail.
+        Unloading a model instead refuses new requests to it while its queued and running
+        ones complete, and their BLS calls still reach the components, which stay loaded.
+
+        Args:
+            timeout_s: how long to wait for the pipelines to finish their work.
+
+        Returns:
+            The names of the models drained (none if the server is not answering).
+        """
+        import tritonclient.grpc as grpcclient  # heavy import, only needed here
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            client = grpcclient.InferenceServerClient(self.grpc_url)
+            names = [
+                m.name
+                for m in client.get_model_repository_index().models
+                if m.state == "READY"
+                and client.get_model_config(m.name).config.HasField("dynamic_batching")
+            ]
+            unloads = [
+                threading.Thread(target=client.unload_model, args=(name,), daemon=True)
+                for name in names
+            ]
+            for thread in unloads:
+                thread.start()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self._still_loaded(client, names):
+                time.sleep(0.1)
+        except InferenceServerException:
+            return []
+        return names
+
+    @staticmethod
+    def _still_loaded(client: Any, names: list[str]) -> bool:
+        states = {m.name: m.state for m in client.get_model_repository_index().models}
+        return any(states.get(name) in ("READY", "UNLOADING") for name in names)
 
     def _reap_group(self, pgid: int, timeout_s: float = 5.0) -> None:
         """Kills what is left of process group `pgid` and waits until it is gone."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from sdserve_pipeline.onnx_runtime import create_session
-from sdserve_pipeline.service import config_parameters
+from sdserve_pipeline.triton_params import config_parameters
 
 
 class TritonPythonModel:

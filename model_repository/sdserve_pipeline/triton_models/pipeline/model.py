@@ -11,7 +11,8 @@ import triton_python_backend_utils as pb_utils
 
 from sdserve_pipeline.loop import Cancelled
 from sdserve_pipeline.request import RequestError
-from sdserve_pipeline.service import PipelineService, config_parameters
+from sdserve_pipeline.service import PipelineService, batch, unbatch
+from sdserve_pipeline.triton_params import config_parameters
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
 
 from sdserve_pipeline.assets import ASSETS_DIR
@@ -27,6 +28,7 @@ class TritonPythonModel:
             lambda spec, model_name: BlsRunner(spec, model_name, pb_utils),
         )
         self.output_names = [t["name"] for t in config["output"]]
+        self.batched = config.get("max_batch_size", 0) > 0
 
     def execute(self, requests):
         return [self._generate(request) for request in requests]
@@ -34,7 +36,11 @@ class TritonPythonModel:
     def _generate(self, request):
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
         try:
+            if self.batched:
+                inputs = unbatch(inputs)
             outputs = self.service.generate(inputs, is_cancelled=request.is_cancelled)
+            if self.batched:
+                outputs = batch(outputs)
         except RequestError as err:
             return _error(str(err), pb_utils.TritonError.INVALID_ARG)
         except Cancelled:

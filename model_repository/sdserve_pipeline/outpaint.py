@@ -1,0 +1,78 @@
+"""Outpainting: the canvas, one inpainting run per band, the seamless composite.
+
+The canvas geometry (placement, pre-fill, overlap band, band plan, seam weights) lives in
+`sdserve_client.canvas`, shared with the SDK so clients can inspect exactly what the server
+builds. Here each band is an ordinary inpainting request on a window of the canvas, so a
+canvas that fits the model's native size is one run that equals diffusers' inpainting of
+that canvas and mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from sdserve_client.canvas import Extension, build_canvas, band_mask, plan_bands, seam_alpha
+from sdserve_pipeline.images import composite
+from sdserve_pipeline.loop import InpaintLoop
+from sdserve_pipeline.request import GenerationParams
+
+
+@dataclass(frozen=True)
+class OutpaintSettings:
+    """Args:
+    native: largest band side in pixels (the model's working size: 512 for SD 1.5).
+    overlap: depth in pixels of the band regenerated inside the original, for a seamless edge.
+    context: known pixels each band includes to condition on what is already there.
+    fill: how the new area is pre-filled from the border (`edge` or `blur`).
+    """
+
+    native: int = 512
+    overlap: int = 16
+    context: int = 128
+    fill: str = "edge"
+
+
+def outpaint(
+    loop: InpaintLoop,
+    params: GenerationParams,
+    settings: OutpaintSettings,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Extend `params.image` by `params.outpaint`: (N, H', W', 3) uint8."""
+    if params.image is None or params.outpaint is None:
+        raise ValueError("outpaint needs an image and an extension")
+    canvas = build_canvas(
+        params.image,
+        Extension(*params.outpaint),
+        overlap=settings.overlap,
+        fill=settings.fill,
+        user_mask=params.mask,
+    )
+    height, width = canvas.mask.shape
+    context = min(settings.context, settings.native // 4)  # a band is mostly new pixels
+    windows = plan_bands(height, width, canvas.known, settings.native, context)
+    images = []
+    for seed in params.seeds:
+        one = replace(params, seed=seed, num_images=1, preserve_unmasked=False, outpaint=None)
+        state, known = canvas.image.copy(), canvas.known.copy()
+        for window in windows:
+            mask = band_mask(known, window)
+            band = replace(
+                one, image=state[window.slices], mask=mask, height=window.height,
+                width=window.width,
+            )  # fmt: skip
+            generated = loop(band, is_cancelled)[0]  # (h, w, 3)
+            if len(windows) == 1:  # the whole canvas in one run: diffusers' own output
+                state[window.slices] = generated
+            else:  # keep what earlier bands made; take this band's new pixels only
+                regenerated = mask >= 128
+                state[window.slices][regenerated] = generated[regenerated]
+            known[window.slices] = True
+        images.append(state)
+    out = np.stack(images)  # (N, H', W', 3)
+    if params.preserve_unmasked:
+        out = composite(canvas.image, out, seam_alpha(canvas))
+    return out

@@ -1,0 +1,203 @@
+"""Under cancellation, overload, shutdown and sustained load the server keeps serving."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from cases import make_case, max_abs
+from google.protobuf import text_format
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sdserve_client import InpaintClient, SdserveError
+from sdserve_pipeline.triton_server import TritonServer, process_group_members
+
+pytestmark = pytest.mark.e2e
+PROMPT = "a red bicycle"
+
+
+def _with_queue(repository: Path, out: Path, max_queue_size: int) -> Path:
+    """A copy of `repository` whose pipeline model queues at most `max_queue_size` requests."""
+    shutil.copytree(repository, out)
+    config_file = out / "inpaint" / "config.pbtxt"
+    config = text_format.Parse(config_file.read_text(), mc.ModelConfig())
+    config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
+    config_file.write_text(text_format.MessageToString(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repository, tmp_path_factory):
+    repo = _with_queue(repository, tmp_path_factory.mktemp("q") / "repo", max_queue_size=2)
+    build = tmp_path_factory.mktemp("triton-robust")
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:
+        srv.wait_ready(timeout_s=300)
+        yield srv
+
+
+def _request(steps: int, seed: int) -> list[grpcclient.InferInput]:
+    image, mask = make_case(64, 64, seed=1)
+    tensors = {
+        "prompt": np.array([PROMPT.encode()], np.object_), "image": image, "mask": mask,
+        "steps": np.array([steps], np.int32), "seed": np.array([seed], np.int64),
+    }  # fmt: skip
+    inputs = []
+    for name, item in tensors.items():
+        array = item[np.newaxis]  # the pipeline model's batch dim
+        infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
+def _unet_executions(client: grpcclient.InferenceServerClient) -> int:
+    stats = client.get_inference_statistics("unet").model_stats
+    return sum(s.execution_count for s in stats)
+
+
+def test_cancelled_request_stops_within_a_step_and_next_is_served(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    before = _unet_executions(client)
+    done = threading.Event()
+    outcome: list[object] = []
+
+    def callback(result, error):
+        outcome.append(error if error is not None else result)
+        done.set()
+
+    call = client.async_infer("inpaint", _request(steps=150, seed=1), callback)
+    deadline = time.monotonic() + 60
+    while _unet_executions(client) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _unet_executions(client) > before, "the request never reached the UNet"
+    call.cancel()
+    at_cancel = _unet_executions(client)
+    assert done.wait(30)
+    time.sleep(1.0)  # any step still running would show up by now
+    steps_after = _unet_executions(client) - at_cancel
+    assert steps_after <= 1, f"{steps_after} UNet steps ran after the cancel"
+    assert isinstance(outcome[0], InferenceServerException)
+    assert "CANCELLED" in str(outcome[0].status()) or "cancel" in str(outcome[0]).lower()
+    started = time.monotonic()
+    with InpaintClient(server.grpc_url) as sdk:
+        image, mask = make_case(64, 64, seed=1)
+        assert sdk.inpaint(image, mask, PROMPT, steps=2, seed=3).arrays.shape == (1, 64, 64, 3)
+    assert time.monotonic() - started < 30
+
+
+def test_overload_is_rejected_quickly_and_accepted_requests_complete(server):
+    n = 8
+
+    def one(i: int):
+        started = time.monotonic()
+        try:
+            with InpaintClient(server.grpc_url) as sdk:
+                image, mask = make_case(64, 64, seed=1)
+                result = sdk.inpaint(image, mask, PROMPT, steps=20, seed=100 + i)
+            return ("ok", result.seeds[0], result.arrays[0], time.monotonic() - started)
+        except SdserveError as err:
+            return ("rejected", str(err), None, time.monotonic() - started)
+
+    with ThreadPoolExecutor(n) as pool:
+        outcomes = list(pool.map(one, range(n)))
+    accepted = [o for o in outcomes if o[0] == "ok"]
+    rejected = [o for o in outcomes if o[0] == "rejected"]
+    assert rejected, "a queue of 2 must turn some of 8 concurrent requests away"
+    for _, message, _, elapsed in rejected:
+        assert "queue" in message.lower(), message
+        assert elapsed < 5.0, f"rejection took {elapsed:.1f} s"
+    with InpaintClient(server.grpc_url) as sdk:  # each accepted image is the one its seed makes
+        image, mask = make_case(64, 64, seed=1)
+        for _, seed, array, _ in accepted[:2]:
+            alone = sdk.inpaint(image, mask, PROMPT, steps=20, seed=seed).arrays[0]
+            assert max_abs(alone, array) == 0
+
+
+def _server_rss_kib(server: TritonServer) -> int:
+    total = 0
+    for pid in process_group_members(server.pid):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.slow
+def test_soak_500_requests_at_concurrency_8(server):
+    total, concurrency = 500, 8
+    image, mask = make_case(64, 64, seed=2)
+    results: dict[int, np.ndarray] = {}
+    failures: list[str] = []
+    rss: dict[int, int] = {}
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def worker() -> None:
+        with InpaintClient(server.grpc_url) as sdk:
+            for i in counter:
+                try:
+                    out = sdk.inpaint(image, mask, PROMPT, steps=2, seed=1000 + i).arrays[0]
+                except SdserveError as err:
+                    if "queue" in str(err).lower():  # back off and retry: the queue is tiny
+                        time.sleep(0.05)
+                        out = sdk.inpaint(image, mask, PROMPT, steps=2, seed=1000 + i).arrays[0]
+                    else:
+                        with lock:
+                            failures.append(f"{i}: {err}")
+                        continue
+                with lock:
+                    if i % 50 == 0:
+                        results[i] = out
+                    if i in (100, total - 1):
+                        rss[i] = _server_rss_kib(server)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not failures, failures[:5]
+    growth = rss[total - 1] / rss[100] - 1
+    print(f"soak: {total} requests, 0 failures, server RSS {rss[100]} → {rss[total - 1]} KiB "
+          f"({growth:+.1%})")  # fmt: skip
+    assert growth <= 0.10
+    with InpaintClient(server.grpc_url) as sdk:
+        for i in (0, 250, 450):
+            again = sdk.inpaint(image, mask, PROMPT, steps=2, seed=1000 + i).arrays[0]
+            np.testing.assert_array_equal(again, results[i])
+
+
+def test_sigterm_finishes_in_flight_requests_refuses_new_and_leaves_no_stub(
+    repository, tmp_path_factory
+):
+    build = tmp_path_factory.mktemp("triton-shutdown")
+    srv = TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build,
+                       exit_timeout_s=60)  # fmt: skip
+    srv.start()
+    srv.wait_ready(timeout_s=300)
+    pgid = srv.pid
+    image, mask = make_case(64, 64, seed=1)
+
+    def one(seed: int):
+        with InpaintClient(srv.grpc_url) as sdk:
+            return sdk.inpaint(image, mask, PROMPT, steps=15, seed=seed).seeds
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(one, s) for s in range(4)]
+        time.sleep(1.0)  # all four are in flight (one executing, three queued)
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+        time.sleep(0.5)
+        with pytest.raises(SdserveError):
+            with InpaintClient(srv.grpc_url) as sdk:
+                sdk.inpaint(image, mask, PROMPT, steps=2, seed=9, timeout=10)
+        assert [f.result(timeout=120) for f in futures] == [[0], [1], [2], [3]]
+        stopper.join(timeout=120)
+    assert not process_group_members(pgid)
