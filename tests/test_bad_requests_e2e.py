@@ -84,6 +84,7 @@ def raw_inputs(tensors: dict[str, np.ndarray | Claimed]) -> list[grpcclient.Infe
 PROMPT = {"prompt": text("a red bicycle")}
 INPAINT = {**PROMPT, "image": rgb(64, 64), "mask": gray(64, 64)}
 TOO_BIG = (1100, 1000)  # 1.1 M pixels > max_pixels (1024 * 1024), only 3.3 MB on the wire
+# 100000 x 100000 x 3 = 30 GB cannot be sent: that row declares the shape over 3 bytes of data.
 
 STEPS_RANGE = f"[1, {LIMITS.max_steps}]"
 IMAGES_RANGE = f"[1, {LIMITS.max_images}]"
@@ -127,6 +128,8 @@ BAD_REQUESTS = [
     bad("image-0x0", "image", {**PROMPT, "image": rgb(0, 0), "mask": gray(0, 0)}, "empty"),
     bad("image-0x64", "image", {**PROMPT, "image": rgb(0, 64), "mask": gray(0, 64)}, "empty"),
     bad("image-over-max-pixels", "image", {**PROMPT, "image": rgb(*TOO_BIG), "mask": gray(*TOO_BIG)},
+        PIXELS),
+    bad("image-11x100000", "image", {**PROMPT, "image": rgb(11, 100_000), "mask": gray(11, 100_000)},
         PIXELS),
     bad("image-100000x100000-claimed", "image",
         {**INPAINT, "image": Claimed(rgb(1, 1), (100_000, 100_000, 3))}),

@@ -206,3 +206,30 @@ def test_served_text_to_image_on_both_checkpoints_and_odd_size(
     with InpaintClient(combined_server.grpc_url, model="sd15_base") as base:
         blended = base.inpaint(image, mask, "a red bicycle", steps=3, seed=1)
         assert blended.arrays.shape == (1, 75, 130, 3)
+
+
+def test_served_outpaint_keeps_the_original_outside_the_seam(sdk, service):
+    image, _ = make_case(48, 64, seed=21)
+    result = sdk.outpaint(image, "a red bicycle", left=16, right=24, bottom=8, steps=4, seed=3)
+    assert result.arrays.shape == (1, 56, 104, 3)
+    overlap = service.outpaint.overlap
+    kept = result.arrays[0, : 48 - overlap, 16 + overlap : 16 + 64 - overlap]
+    np.testing.assert_array_equal(kept, image[: 48 - overlap, overlap : 64 - overlap])
+
+
+def test_cli_outpaint_writes_result_and_the_canvas_it_sent(server, tmp_path):
+    from PIL import Image
+
+    from sdserve_client.cli import main
+
+    image, _ = make_case(32, 32, seed=22)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    code = main([
+        "outpaint", "--url", server.grpc_url, "--image", str(tmp_path / "in.png"),
+        "--prompt", "x", "--right", "16", "--steps", "2", "--seed", "1",
+        "--out", str(tmp_path / "out.png"), "--save-canvas", str(tmp_path / "canvas.png"),
+    ])  # fmt: skip
+    assert code == 0
+    assert Image.open(tmp_path / "out.png").size == (48, 32)
+    assert Image.open(tmp_path / "canvas.png").size == (48, 32)
+    assert Image.open(tmp_path / "canvas-mask.png").size == (48, 32)

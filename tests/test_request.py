@@ -4,7 +4,9 @@ import pytest
 from sdserve_pipeline.request import MAX_SEED, Limits, RequestError, parse_request
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES
 
-LIMITS = Limits(max_pixels=256 * 256, max_steps=100, max_images=4, max_prompt_bytes=64)
+LIMITS = Limits(
+    max_pixels=256 * 256, max_steps=100, max_images=4, max_prompt_bytes=64, max_canvas_pixels=512**2
+)
 
 
 def text(s: str | bytes) -> np.ndarray:

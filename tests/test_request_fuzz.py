@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from sdserve_pipeline.contract import INPUTS
@@ -57,12 +57,32 @@ def byte_string_arrays(shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
     return arrays(np.dtype("S8"), shape, elements=items)
 
 
+def noise_arrays(dtype, shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
+    """Larger numeric tensors from seeded random bytes: fast, and any bit pattern (NaN, inf)."""
+
+    np_dtype = np.dtype(dtype)
+
+    def make(seed: int) -> np.ndarray:
+        raw = np.random.default_rng(seed).bytes(math.prod(shape) * np_dtype.itemsize)
+        if np_dtype.kind == "b":
+            return np.frombuffer(raw, np.uint8).astype(bool).reshape(shape)
+        return np.frombuffer(raw, np_dtype).reshape(shape).copy()
+
+    return st.integers(0, 2**32 - 1).map(make)
+
+
 def tensor_of(dtype, shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
     if dtype is np.object_:
         return object_arrays(shape)
     if dtype == "S":
         return byte_string_arrays(shape)
+    if math.prod(shape) > 16:  # images and masks: their values never matter to the decoder
+        return noise_arrays(dtype, shape)
     return arrays(dtype, shape)  # elements include NaN, ±inf, extremes and negative values
+
+
+def one_in(n: int) -> st.SearchStrategy[bool]:
+    return st.integers(1, n).map(lambda v: v == 1)
 
 
 # --- shapes ---------------------------------------------------------------------------------
@@ -73,7 +93,7 @@ sides = st.integers(0, 6) | st.integers(40, 60)  # empty, tiny, around the pixel
 @st.composite
 def shapes_for(draw, name: str, image_size: tuple[int, int]) -> tuple[int, ...]:
     """Mostly the contract's shape (image and mask share a size); sometimes any small shape."""
-    if draw(st.integers(0, 4)) == 0:
+    if draw(one_in(8)):
         return tuple(draw(st.lists(st.integers(0, 5), max_size=4)))
     height, width = image_size if draw(st.booleans()) else (draw(sides), draw(sides))
     return {"image": (height, width, 3), "mask": (height, width), "outpaint": (4,)}.get(name, (1,))
@@ -84,14 +104,14 @@ def wire_tensor(draw, name: str, image_size: tuple[int, int]) -> np.ndarray:
     """A tensor for input `name`: mostly of its contract dtype, sometimes of another."""
     shape = draw(shapes_for(name, image_size))
     expected = SPEC_DTYPES.get(name)
-    wrong = expected is None or draw(st.integers(0, 3)) == 0
+    wrong = expected is None or draw(one_in(8))
     dtype = draw(st.sampled_from([*NUMERIC_DTYPES, np.object_, "S"])) if wrong else expected
     if dtype is not np.object_ and dtype != "S" and math.prod(shape) == 1 and draw(st.booleans()):
-        return draw(small_scalars(name, dtype, shape))
+        return draw(small_scalars(dtype, shape))
     return draw(tensor_of(dtype, shape))
 
 
-def small_scalars(name: str, dtype, shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
+def small_scalars(dtype, shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
     """Values near the limits, so that some requests get through to `GenerationParams`."""
     np_dtype = np.dtype(dtype)
     if np_dtype.kind == "b":
@@ -106,9 +126,11 @@ def small_scalars(name: str, dtype, shape: tuple[int, ...]) -> st.SearchStrategy
 
 @st.composite
 def requests(draw) -> dict[str, np.ndarray]:
-    names = draw(st.lists(st.sampled_from([*SPEC_DTYPES, *UNKNOWN_NAMES]), unique=True))
-    if draw(st.integers(0, 4)):  # a prompt most of the time, so later checks are reached
+    names = draw(st.lists(st.sampled_from(list(SPEC_DTYPES)), unique=True))
+    if not draw(one_in(6)):  # a prompt most of the time, so later checks are reached
         names = ["prompt", *[n for n in names if n != "prompt"]]
+    if draw(one_in(8)):
+        names.append(draw(st.sampled_from(UNKNOWN_NAMES)))
     image_size = (draw(sides), draw(sides))
     return {name: draw(wire_tensor(name, image_size)) for name in names}
 
@@ -151,14 +173,15 @@ def test_parse_request_returns_params_or_names_an_input(inputs):
     try:
         params = parse_request(dict(inputs), LIMITS, default_size=DEFAULT_SIZE)
     except RequestError as err:
+        event(f"RequestError naming {err.name}")  # the outcome mix: --hypothesis-show-statistics
         assert err.name in allowed_error_names(inputs), (err.name, str(err), sorted(inputs))
         assert str(err).startswith(f"{err.name}: ")
     else:
+        event("GenerationParams")
         assert isinstance(params, GenerationParams)
         assert_within_limits(params)
 
 
-@pytest.mark.xfail(strict=True, reason="`str` item with a lone surrogate: UnicodeEncodeError")
 @pytest.mark.parametrize("name", ["prompt", "negative_prompt", "scheduler"])
 def test_str_item_that_is_not_encodable_is_a_request_error(name):
     inputs = {"prompt": np.array(["ok"], np.object_), name: np.array(["\ud800"], np.object_)}

@@ -76,6 +76,8 @@ def test_build_command_is_an_argument_list_with_every_flag() -> None:
         "--metrics-port=3",
         "--exit-timeout-secs=7",
         "--log-verbose=1",
+        "--model-control-mode=explicit",
+        "--load-model=*",
     ]
 
 

@@ -12,7 +12,7 @@ from .canvas import (
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike, to_mask_array, to_rgb_array
 from .request import GenerationRequest, add_batch_dim, encode_request
-from .sdk import GenerationResult, InpaintClient
+from .sdk import GenerationResult, InpaintClient, PendingGeneration
 
 __all__ = [
     "Canvas",
@@ -21,6 +21,7 @@ __all__ = [
     "GenerationResult",
     "ImageLike",
     "InpaintClient",
+    "PendingGeneration",
     "InvalidRequestError",
     "MaskLike",
     "SdserveError",

@@ -6,46 +6,65 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
+from .canvas import Extension, build_canvas
 from .errors import SdserveError
-from .sdk import InpaintClient
+from .images import to_mask_array, to_rgb_array
+from .sdk import GenerationResult, InpaintClient
 
 PROG = "sdserve-client"
 ClientFactory = Callable[..., InpaintClient]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Builds the parser of the `inpaint` and `models` commands."""
+    """Builds the parser of the `inpaint`, `outpaint`, `txt2img` and `models` commands."""
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
     connection.add_argument("--timeout", type=float, help="limit in seconds per call")
 
-    parser = argparse.ArgumentParser(prog=PROG, description="Client of the sdserve pipeline.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("models", parents=[connection], help="list the ready models")
-
-    inpaint = commands.add_parser("inpaint", parents=[connection], help="inpaint an image")
-    inpaint.add_argument("--model", default="inpaint", help="pipeline model name")
-    inpaint.add_argument("--image", required=True, type=Path, help="input image file")
-    inpaint.add_argument("--mask", required=True, type=Path, help="mask file (white=regenerate)")
-    inpaint.add_argument("--prompt", required=True)
-    inpaint.add_argument("--negative-prompt")
-    inpaint.add_argument("--steps", type=int)
-    inpaint.add_argument("--guidance-scale", type=float)
-    inpaint.add_argument("--strength", type=float)
-    inpaint.add_argument("--seed", type=int)
-    inpaint.add_argument("--scheduler", help="e.g. pndm, ddim, euler_a, dpmpp_2m")
-    inpaint.add_argument("--num-images", type=int)
-    inpaint.add_argument(
+    generation = argparse.ArgumentParser(add_help=False, parents=[connection])
+    generation.add_argument("--model", default="inpaint", help="pipeline model name")
+    generation.add_argument("--prompt", required=True)
+    generation.add_argument("--negative-prompt")
+    generation.add_argument("--steps", type=int)
+    generation.add_argument("--guidance-scale", type=float)
+    generation.add_argument("--strength", type=float)
+    generation.add_argument("--seed", type=int)
+    generation.add_argument("--scheduler", help="e.g. pndm, ddim, euler_a, dpmpp_2m")
+    generation.add_argument("--num-images", type=int)
+    generation.add_argument(
         "--no-preserve-unmasked",
         dest="preserve_unmasked",
         action="store_const",
         const=False,
         help="do not paste the input's pixels back outside the mask",
     )
-    inpaint.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG path")
+    generation.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG path")
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Client of the sdserve pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("models", parents=[connection], help="list the ready models")
+
+    inpaint = commands.add_parser("inpaint", parents=[generation], help="inpaint an image")
+    inpaint.add_argument("--image", required=True, type=Path, help="input image file")
+    inpaint.add_argument("--mask", required=True, type=Path, help="mask file (white=regenerate)")
+
+    outpaint = commands.add_parser("outpaint", parents=[generation], help="extend an image")
+    outpaint.add_argument("--image", required=True, type=Path, help="input image file")
+    outpaint.add_argument("--mask", type=Path, help="optional mask on the original")
+    for side in ("left", "top", "right", "bottom"):
+        outpaint.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add {side}")
+    outpaint.add_argument(
+        "--save-canvas", type=Path,
+        help="also write the canvas and mask the server builds (PATH and PATH-mask.png)",
+    )  # fmt: skip
+
+    txt2img = commands.add_parser("txt2img", parents=[generation], help="text to image")
+    txt2img.add_argument("--height", type=int)
+    txt2img.add_argument("--width", type=int)
     return parser
 
 
@@ -61,7 +80,7 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Inpa
     try:
         if args.command == "models":
             return _models(args, client_factory)
-        return _inpaint(args, client_factory)
+        return _generate(args, client_factory)
     except (SdserveError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -81,8 +100,7 @@ def _models(args: argparse.Namespace, client_factory: ClientFactory) -> int:
     return 0
 
 
-def _inpaint(args: argparse.Namespace, client_factory: ClientFactory) -> int:
-    image, mask = _load(args.image), _load(args.mask)
+def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
     options = {
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
@@ -94,7 +112,12 @@ def _inpaint(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "preserve_unmasked": args.preserve_unmasked,
     }
     with client_factory(url=args.url, model=args.model, timeout=args.timeout) as client:
-        result = client.inpaint(image, mask, args.prompt, **options)
+        if args.command == "inpaint":
+            result = client.inpaint(_load(args.image), _load(args.mask), args.prompt, **options)
+        elif args.command == "outpaint":
+            result = _outpaint(client, args, options)
+        else:
+            result = client.text_to_image(args.prompt, args.height, args.width, **options)
     for path, picture, seed in zip(
         output_paths(args.out, len(result.images)), result.images, result.seeds, strict=True
     ):
@@ -102,6 +125,27 @@ def _inpaint(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         picture.save(path, format="PNG")
         print(f"{path}\tseed={seed}")
     return 0
+
+
+def _outpaint(
+    client: InpaintClient, args: argparse.Namespace, options: dict[str, Any]
+) -> GenerationResult:
+    image = _load(args.image)
+    sides = {side: getattr(args, side) for side in ("left", "top", "right", "bottom")}
+    mask = _load(args.mask) if args.mask else None
+    if args.save_canvas:
+        canvas = build_canvas(
+            to_rgb_array(image),
+            Extension(**sides),
+            user_mask=None if mask is None else to_mask_array(mask),
+        )
+        Image.fromarray(canvas.image).save(args.save_canvas, format="PNG")
+        mask_path = args.save_canvas.with_name(f"{args.save_canvas.stem}-mask.png")
+        Image.fromarray(canvas.mask).save(mask_path, format="PNG")
+        print(f"canvas: {args.save_canvas}, mask: {mask_path}")
+    if mask is not None:
+        options = {**options, "mask": mask}
+    return client.outpaint(image, args.prompt, **sides, **options)
 
 
 def _load(path: Path) -> Image.Image:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
@@ -39,6 +41,9 @@ class TritonClient(Protocol):
     """The part of `tritonclient.grpc.InferenceServerClient` the SDK uses (inject a fake)."""
 
     def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> Any: ...
+    def async_infer(
+        self, model_name: str, inputs: list[Any], callback: Any, **kwargs: Any
+    ) -> Any: ...
     def get_model_config(self, model_name: str, **kwargs: Any) -> Any: ...
     def get_model_repository_index(self, **kwargs: Any) -> Any: ...
     def is_server_ready(self, **kwargs: Any) -> Any: ...
@@ -193,18 +198,59 @@ class InpaintClient:
             request (`GenerationRequest`): the request; checked before anything is sent.
             timeout (`float`, *optional*): limit in seconds for this call.
         """
+        inputs, outputs, batched = self._prepare(request, timeout)
+        result = _call(
+            self._client.infer,
+            self.model,
+            inputs,
+            outputs=outputs,
+            client_timeout=self._timeout(timeout),
+        )
+        return _result(result, batched)
+
+    def submit(
+        self, request: GenerationRequest, *, timeout: float | None = None
+    ) -> PendingGeneration:
+        """Sends one request without waiting; the handle can be awaited or cancelled.
+
+        Cancelling stops the server's denoising loop at its next step.
+
+        Args:
+            request (`GenerationRequest`): the request; checked before anything is sent.
+            timeout (`float`, *optional*): deadline in seconds for this call.
+        """
+        inputs, outputs, batched = self._prepare(request, timeout)
+        future: Future[GenerationResult] = Future()
+
+        def done(result: Any, error: InferenceServerException | None) -> None:
+            if error is not None:
+                future.set_exception(SdserveError.from_triton(error))
+                return
+            try:
+                future.set_result(_result(result, batched))
+            except SdserveError as exc:
+                future.set_exception(exc)
+
+        context = _call(
+            self._client.async_infer,
+            self.model,
+            inputs,
+            done,
+            outputs=outputs,
+            client_timeout=self._timeout(timeout),
+        )
+        return PendingGeneration(future, context)
+
+    def _prepare(
+        self, request: GenerationRequest, timeout: float | None
+    ) -> tuple[list[Any], list[Any], bool]:
         tensors = encode_request(request)
         batched = self._is_batched(timeout)
         if batched:
             tensors = add_batch_dim(tensors)
         inputs = [_call(_infer_input, name, array) for name, array in tensors.items()]
         outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
-        client_timeout = self._timeout(timeout)
-        result = _call(
-            self._client.infer, self.model, inputs, outputs=outputs, client_timeout=client_timeout
-        )
-        images, seeds = result.as_numpy(OUTPUT_IMAGES), result.as_numpy(OUTPUT_SEEDS)
-        return GenerationResult.from_outputs(images, seeds, batched)
+        return inputs, outputs, batched
 
     def list_models(self, *, timeout: float | None = None) -> list[str]:
         """Returns the names of the ready models in the server's repository index."""
@@ -259,6 +305,33 @@ class InpaintClient:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+
+class PendingGeneration:
+    """A request in flight (from `InpaintClient.submit`)."""
+
+    def __init__(self, future: Future[GenerationResult], context: Any) -> None:
+        self._future = future
+        self._context = context
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Waits for the images; raises `SdserveError` (also when cancelled)."""
+        try:
+            return self._future.result(timeout)
+        except FutureTimeout:
+            raise SdserveError(f"no result within {timeout} s") from None
+
+    def cancel(self) -> None:
+        """Cancels the request; the server stops at its next denoising step."""
+        self._context.cancel()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+def _result(result: Any, batched: bool) -> GenerationResult:
+    images, seeds = result.as_numpy(OUTPUT_IMAGES), result.as_numpy(OUTPUT_SEEDS)
+    return GenerationResult.from_outputs(images, seeds, batched)
 
 
 def _infer_input(name: str, array: Array) -> Any:

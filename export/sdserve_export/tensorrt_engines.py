@@ -35,9 +35,10 @@ import numpy as np
 from sdserve_pipeline.components import ComponentSpec, TensorSpec
 
 try:  # TensorRT exists on GPU machines only; everything above `build_engine` works without it
-    import tensorrt as trt
+    import tensorrt as _tensorrt
 except ImportError:  # pragma: no cover - depends on the machine
-    trt = None
+    _tensorrt = None
+trt: Any = _tensorrt
 
 # Symbolic dims set by the size bucket; every other non-batch dim is fixed by the checkpoint.
 PIXEL_DIMS = {"height": "height", "width": "width"}
@@ -820,11 +821,18 @@ class EngineRunner:
 
 
 def _torch_dtype(torch: Any, trt_module: Any, dtype: Any) -> Any:
-    table = {
-        trt_module.float32: torch.float32,
-        trt_module.float16: torch.float16,
-        trt_module.int32: torch.int32,
-        trt_module.int64: torch.int64,
-        trt_module.bool: torch.bool,
+    names = {
+        "FLOAT": "float32",
+        "HALF": "float16",
+        "INT32": "int32",
+        "INT64": "int64",
+        "BOOL": "bool",
     }
+    table = {
+        getattr(trt_module.DataType, trt_name): getattr(torch, torch_name)
+        for trt_name, torch_name in names.items()
+        if hasattr(trt_module.DataType, trt_name)
+    }
+    if dtype not in table:
+        raise EngineBuildError(f"engine tensor type {dtype} has no torch equivalent here")
     return table[dtype]

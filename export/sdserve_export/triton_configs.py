@@ -30,11 +30,14 @@ class QueuePolicy:
         timeout_s: a request still queued after this long is rejected (0: no timeout).
             Clients may ask for a shorter one (`timeout` on the request).
         max_batch_size: requests handed to one `execute` call (cross-request batching).
+        max_queue_delay_us: how long the first queued request waits for companions to be
+            denoised with (a few ms, against seconds of denoising).
     """
 
     max_queue_size: int = 16
     timeout_s: int = 120
     max_batch_size: int = 8
+    max_queue_delay_us: int = 5000
 
 
 def component_config(
@@ -81,7 +84,7 @@ def pipeline_config(
             which the SDK adds and strips).
     """
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=queue.max_batch_size)
-    config.dynamic_batching.max_queue_delay_microseconds = 0
+    config.dynamic_batching.max_queue_delay_microseconds = queue.max_queue_delay_us
     policy = config.dynamic_batching.default_queue_policy
     policy.max_queue_size = queue.max_queue_size
     policy.default_timeout_microseconds = queue.timeout_s * 1_000_000

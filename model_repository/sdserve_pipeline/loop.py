@@ -80,6 +80,52 @@ class LatentState:
         return (1 - mask) * init + mask * latents
 
 
+@dataclass
+class Job:
+    """One request between `InpaintLoop.start` and `finish`: its own scheduler and state."""
+
+    params: GenerationParams
+    cfg: bool
+    scheduler: Any
+    timesteps: torch.Tensor
+    state: LatentState
+    prompt_embeds: torch.Tensor
+    step_kwargs: dict[str, Any]
+    is_cancelled: Callable[[], bool]
+    index: int = 0
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.state.latents
+
+    @property
+    def finished(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        """Guidance, scheduler step and (4-channel UNet) blend for this job's noise prediction."""
+        t, params = self.timesteps[self.index], self.params
+        if self.cfg:
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + params.guidance_scale * (noise_text - noise_uncond)
+        latents = self.scheduler.step(
+            noise_pred, t, self.latents, **self.step_kwargs, return_dict=False
+        )[0]
+        if self.state.blend_latents is not None:  # 4-channel UNet inpainting
+            last = self.index == len(self.timesteps) - 1
+            next_t = None if last else self.timesteps[self.index + 1]
+            latents = self.state.blend(self.scheduler, latents, next_t)
+        self.state.latents = latents
+        self.index += 1
+
+
+def _by_latent_shape(jobs: dict[int, Job]) -> dict[tuple[int, ...], list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, job in jobs.items():
+        groups.setdefault(tuple(job.latents.shape[1:]), []).append(i)
+    return groups
+
+
 class InpaintLoop:
     """Inpainting / text-to-image generation on exported components.
 
@@ -101,7 +147,17 @@ class InpaintLoop:
         self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
     ) -> np.ndarray:
         """Generate `params.num_images` images: (N, H, W, 3) uint8 at the request's size."""
-        is_cancelled = is_cancelled or (lambda: False)
+        job = self.start(params, is_cancelled)
+        while not job.finished:
+            if job.is_cancelled():
+                raise Cancelled()
+            self.step([job])
+        return self.finish(job)
+
+    def start(
+        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+    ) -> Job:
+        """Everything before the denoising loop: prompt, timesteps, latents, conditioning."""
         n, cfg = params.num_images, params.guidance_scale > 1.0
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
         height, width = padded_size(params.height, params.width, self.facts.vae_scale_factor)
@@ -118,34 +174,68 @@ class InpaintLoop:
         state = self.prepare_latents(params, scheduler, timesteps, generators, height, width)
         if cfg and state.unet_extra is not None:
             state.unet_extra = torch.cat([state.unet_extra] * 2)  # (2N, 5, h, w)
+        return Job(
+            params=params, cfg=cfg, scheduler=scheduler, timesteps=timesteps, state=state,
+            prompt_embeds=prompt_embeds, step_kwargs=extra_step_kwargs(scheduler, generators),
+            is_cancelled=is_cancelled or (lambda: False),
+        )  # fmt: skip
 
-        # 4. Denoising loop
-        latents = state.latents
-        step_kwargs = extra_step_kwargs(scheduler, generators)
-        for i, t in enumerate(timesteps):
-            if is_cancelled():
-                raise Cancelled()
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            if state.unet_extra is not None:  # 9-channel UNet: [latents, mask, masked latents]
-                model_input = torch.cat([model_input, state.unet_extra], dim=1)
-            timestep = t.to(torch.float32).repeat(model_input.shape[0])  # (2N,)
-            (noise_pred,) = self.components.unet(model_input, timestep, prompt_embeds)
-            if cfg:
-                noise_uncond, noise_text = noise_pred.chunk(2)
-                noise_pred = noise_uncond + params.guidance_scale * (noise_text - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if state.blend_latents is not None:  # 4-channel UNet inpainting
-                next_t = timesteps[i + 1] if i < len(timesteps) - 1 else None
-                latents = state.blend(scheduler, latents, next_t)
+    def step(self, jobs: list[Job]) -> None:
+        """One denoising step of every job, with ONE UNet call for all of them.
 
-        # 5. Decode, crop to the request's size, paste the kept pixels back
-        (decoded,) = self.components.vae_decoder(latents / self.facts.vae_scaling_factor)
+        Jobs must share a latent size; each keeps its own scheduler, timestep, guidance
+        scale and generators, so its result is the one it gets alone.
+        """
+        # 4. Denoising loop, one step: [latents, mask, masked latents] per job, batched
+        inputs, timesteps = [], []
+        for job in jobs:
+            t = job.timesteps[job.index]
+            model_input = torch.cat([job.latents] * 2) if job.cfg else job.latents
+            model_input = job.scheduler.scale_model_input(model_input, t)
+            if job.state.unet_extra is not None:  # 9-channel UNet
+                model_input = torch.cat([model_input, job.state.unet_extra], dim=1)
+            inputs.append(model_input)
+            timesteps.append(t.to(torch.float32).repeat(model_input.shape[0]))  # (2N,)
+        embeds = torch.cat([job.prompt_embeds for job in jobs])
+        (noise_preds,) = self.components.unet(torch.cat(inputs), torch.cat(timesteps), embeds)
+        for job, noise_pred in zip(jobs, noise_preds.split([x.shape[0] for x in inputs])):
+            job.advance(noise_pred)
+
+    def finish(self, job: Job) -> np.ndarray:
+        """Decode, crop to the request's size, paste the kept pixels back."""
+        # 5. Decode and postprocess
+        params = job.params
+        (decoded,) = self.components.vae_decoder(job.latents / self.facts.vae_scaling_factor)
         images = postprocess(self.processors, decoded)[:, : params.height, : params.width]
         if params.image is not None and params.mask is not None and params.preserve_unmasked:
             alpha = feather_alpha(params.mask, self.feather_radius)
             images = composite(params.image, images, alpha)
         return images
+
+    def run_many(
+        self, requests: list[tuple[GenerationParams, Callable[[], bool] | None]]
+    ) -> list[np.ndarray | Exception]:
+        """Several requests denoised together: one UNet call per step per latent size.
+
+        Returns each request's images, or the exception that ended it (`Cancelled`, or an
+        error of its own), in request order; one request's failure does not stop the rest.
+        """
+        results: list[np.ndarray | Exception | None] = [None] * len(requests)
+        jobs: dict[int, Job] = {}
+        for i, (params, is_cancelled) in enumerate(requests):
+            try:
+                jobs[i] = self.start(params, is_cancelled)
+            except Exception as err:  # noqa: BLE001 (reported per request)
+                results[i] = err
+        while jobs:
+            for i in [i for i, job in jobs.items() if job.is_cancelled()]:
+                results[i] = Cancelled()
+                del jobs[i]
+            for group in _by_latent_shape(jobs).values():
+                self.step([jobs[i] for i in group])
+            for i in [i for i, job in jobs.items() if job.finished]:
+                results[i] = self.finish(jobs.pop(i))
+        return [r if r is not None else RuntimeError("request produced nothing") for r in results]
 
     def prepare_latents(
         self,

@@ -106,7 +106,7 @@ def parse_request(
     height, width = _size(inputs, image, limits, default_size)
     if outpaint is not None:
         height, width = _canvas_size(height, width, outpaint, limits)
-    steps = _int(inputs, "steps", 50, 1, limits.max_steps)
+    steps = _int(inputs, "steps", min(50, limits.max_steps), 1, limits.max_steps)
     num_images = _int(inputs, "num_images", 1, 1, limits.max_images)
     guidance = _float(inputs, "guidance_scale", 7.5, 0.0, limits.max_guidance_scale)
     strength = _float(inputs, "strength", 1.0, 0.0, 1.0, low_open=True)
@@ -148,7 +148,10 @@ def _scalar(inputs: dict[str, np.ndarray], name: str, default: Any) -> Any:
 def _text(inputs: dict[str, np.ndarray], name: str, limits: Limits) -> str:
     raw = inputs[name][0]
     if not isinstance(raw, bytes):
-        raw = str(raw).encode()
+        try:
+            raw = str(raw).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(name, f"is not valid Unicode ({err.reason})") from None
     if len(raw) > limits.max_prompt_bytes:
         raise RequestError(name, f"{len(raw)} bytes given, at most {limits.max_prompt_bytes}")
     try:

@@ -16,7 +16,7 @@ from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import SD15_COMPONENTS, ComponentSpec
 from sdserve_pipeline.loop import Components, InpaintLoop, Runner
 from sdserve_pipeline.outpaint import OutpaintSettings, outpaint
-from sdserve_pipeline.request import Limits, RequestError, parse_request
+from sdserve_pipeline.request import GenerationParams, Limits, RequestError, parse_request
 
 # Makes a runner for a component: (its spec, the Triton model name serving it) → callable.
 RunnerFactory = Callable[[ComponentSpec, str], Runner]
@@ -74,6 +74,36 @@ class PipelineService:
         else:
             images = self.loop(params, is_cancelled)
         return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
+
+
+    def generate_many(
+        self, requests: list[tuple[Mapping[str, np.ndarray], Callable[[], bool] | None]]
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Several wire requests at once; each gets its outputs or its own exception.
+
+        Compatible requests (same latent size) are denoised together, one UNet call per
+        step; outpainting requests run band by band on their own.
+        """
+        results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
+        batch_items: list[tuple[int, GenerationParams, Callable[[], bool] | None]] = []
+        for i, (inputs, is_cancelled) in enumerate(requests):
+            try:
+                params = parse_request(dict(inputs), self.limits, self.loop.facts.default_size)
+                if params.outpaint is not None:
+                    images = outpaint(self.loop, params, self.outpaint, is_cancelled)
+                    results[i] = _outputs(images, params)
+                else:
+                    batch_items.append((i, params, is_cancelled))
+            except Exception as err:  # noqa: BLE001 (reported per request)
+                results[i] = err
+        outcomes = self.loop.run_many([(p, c) for _, p, c in batch_items])
+        for (i, params, _), outcome in zip(batch_items, outcomes, strict=True):
+            results[i] = outcome if isinstance(outcome, Exception) else _outputs(outcome, params)
+        return [r if r is not None else RuntimeError("no result") for r in results]
+
+
+def _outputs(images: np.ndarray, params: GenerationParams) -> dict[str, np.ndarray]:
+    return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
 
 
 def limits_from_parameters(params: Mapping[str, str]) -> Limits:

@@ -4,18 +4,16 @@ A thin adapter: validation, the loop and the composite live in `sdserve_pipeline
 """
 
 import json
-import traceback
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.loop import Cancelled
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService, batch, unbatch
 from sdserve_pipeline.triton_params import config_parameters
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
-
-from sdserve_pipeline.assets import ASSETS_DIR
 
 
 class TritonPythonModel:
@@ -31,25 +29,32 @@ class TritonPythonModel:
         self.batched = config.get("max_batch_size", 0) > 0
 
     def execute(self, requests):
-        return [self._generate(request) for request in requests]
+        """All requests handed over together are denoised together (one UNet call per step
+        for those of the same latent size); each is answered on its own."""
+        responses = [None] * len(requests)
+        work = []
+        for i, request in enumerate(requests):
+            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+            try:
+                work.append((i, unbatch(inputs) if self.batched else inputs, request))
+            except RequestError as err:
+                responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
+        outcomes = self.service.generate_many([(inputs, r.is_cancelled) for _, inputs, r in work])
+        for (i, _, _), outcome in zip(work, outcomes):
+            responses[i] = self._response(outcome)
+        return responses
 
-    def _generate(self, request):
-        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-        try:
-            if self.batched:
-                inputs = unbatch(inputs)
-            outputs = self.service.generate(inputs, is_cancelled=request.is_cancelled)
-            if self.batched:
-                outputs = batch(outputs)
-        except RequestError as err:
-            return _error(str(err), pb_utils.TritonError.INVALID_ARG)
-        except Cancelled:
+    def _response(self, outcome):
+        if isinstance(outcome, RequestError):
+            return _error(str(outcome), pb_utils.TritonError.INVALID_ARG)
+        if isinstance(outcome, Cancelled):
             return _error("request cancelled", pb_utils.TritonError.CANCELLED)
-        except ComponentError as err:
-            return _error(str(err), pb_utils.TritonError.INTERNAL)
-        except Exception as err:  # keep serving; report what broke
-            pb_utils.Logger.log_error(traceback.format_exc())
-            return _error(f"{type(err).__name__}: {err}", pb_utils.TritonError.INTERNAL)
+        if isinstance(outcome, ComponentError):
+            return _error(str(outcome), pb_utils.TritonError.INTERNAL)
+        if isinstance(outcome, Exception):  # keep serving; report what broke
+            pb_utils.Logger.log_error(f"{type(outcome).__name__}: {outcome}")
+            return _error(f"{type(outcome).__name__}: {outcome}", pb_utils.TritonError.INTERNAL)
+        outputs = batch(outcome) if self.batched else outcome
         return pb_utils.InferenceResponse(
             [pb_utils.Tensor(name, outputs[name]) for name in self.output_names]
         )

@@ -1,0 +1,973 @@
+"""The GPU production path, checked on the CPU wherever a CPU can check it.
+
+Engine profiles and plan names (`sdserve_export.tensorrt_engines`), the GPU repository
+variants (`sdserve_export.gpu_repository`), the Docker image, its entrypoint, the compose
+file and the Kubernetes manifests (`docker/`). Tests marked `gpu` build real TensorRT
+engines from the demo repository and compare them with ONNX Runtime; they skip cleanly
+without TensorRT or a CUDA device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from google.protobuf import text_format
+from sdserve_export import gpu_repository as gr
+from sdserve_export import tensorrt_engines as te
+from sdserve_pipeline.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from tritonclient.grpc import model_config_pb2 as mc
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+K8S = DOCKER / "k8s"
+SD15_SIZES = {
+    "sequence_length": 77,
+    "hidden_size": 768,
+    "unet_in_channels": 9,
+    "latent_channels": 4,
+    "image_channels": 3,
+}
+TRITON_PORTS = {8000, 8001, 8002}
+# NGC Triton release → TensorRT major.minor of its backend (release notes).
+TRITON_TENSORRT = {"24.10": "10.5"}
+KEY = te.EngineKey(
+    component="unet",
+    trt_version="10.5.0",
+    compute_capability=(9, 0),
+    precision="fp16",
+    batch=(2, 2, 8),
+    profiles=("512x512", "768x768"),
+    onnx_digest="0123456789ab",
+)
+
+
+# ------------------------------------------------------------------------------ profiles
+
+
+def test_unet_profiles_are_static_buckets_with_cfg_batches() -> None:
+    buckets = [te.SizeBucket(512, 512), te.SizeBucket(1152, 896)]
+    profiles = te.derive_profiles(UNET, SD15_SIZES, buckets, vae_scale_factor=8)
+
+    assert [p.name for p in profiles] == ["512x512", "1152x896"]
+    square, wide = profiles
+    assert square.shapes["sample"] == te.ShapeRange((2, 9, 64, 64), (2, 9, 64, 64), (8, 9, 64, 64))
+    assert wide.shapes["sample"].max == (8, 9, 112, 144)  # (B, C, H/8, W/8)
+    assert square.shapes["timestep"] == te.ShapeRange((2,), (2,), (8,))
+    assert square.shapes["encoder_hidden_states"].min == (2, 77, 768)
+    for profile in profiles:
+        assert list(profile.shapes) == UNET.input_names
+        for shape in profile.shapes.values():
+            assert shape.min[1:] == shape.opt[1:] == shape.max[1:]  # only the batch varies
+            assert all(b % 2 == 0 for b in (shape.min[0], shape.opt[0], shape.max[0]))
+
+
+def test_unet_batch_range_comes_from_spec_in_units_of_two() -> None:
+    assert te.batch_range(UNET).as_tuple() == UNET.trt_batch
+    assert te.batch_range(UNET).unit == 2
+    with pytest.raises(ValueError, match="units of 2"):
+        te.batch_range(UNET, (1, 2, 8))
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        te.BatchRange(4, 2, 8)
+
+
+def test_vae_profiles_use_pixel_and_latent_sizes() -> None:
+    bucket = [te.SizeBucket(832, 1216)]
+    (encoder,) = te.derive_profiles(VAE_ENCODER, SD15_SIZES, bucket, vae_scale_factor=8)
+    (decoder,) = te.derive_profiles(VAE_DECODER, SD15_SIZES, bucket, vae_scale_factor=8)
+
+    assert encoder.shapes["image"].opt == (1, 3, 1216, 832)  # (B, 3, H, W)
+    assert decoder.shapes["latent_sample"].opt == (1, 4, 152, 104)  # (B, 4, H/8, W/8)
+    assert decoder.shapes["latent_sample"].max == (4, 4, 152, 104)
+
+
+def test_text_encoder_has_one_static_profile_with_fixed_sequence() -> None:
+    (profile,) = te.derive_profiles(TEXT_ENCODER, SD15_SIZES, te.DEFAULT_BUCKETS)
+    assert profile.name == te.STATIC_PROFILE
+    assert profile.shapes == {"input_ids": te.ShapeRange((1, 77), (1, 77), (4, 77))}
+
+
+def test_default_buckets_are_sd_and_sdxl_sizes_on_the_latent_grid() -> None:
+    names = {b.name for b in te.DEFAULT_BUCKETS}
+    assert {"512x512", "768x768", "1024x1024", "1152x896", "896x1152"} <= names
+    assert {"1216x832", "832x1216", "1344x768", "768x1344"} <= names
+    for bucket in te.DEFAULT_BUCKETS:  # latents divisible by 8: three UNet downsamplings
+        assert all(side % 8 == 0 for side in bucket.latent(8))
+
+
+def test_size_bucket_parsing_and_latent_checks() -> None:
+    assert te.SizeBucket.parse("1152x896") == te.SizeBucket(width=1152, height=896)
+    assert te.parse_buckets("768x768, 512x512,512x512") == (
+        te.SizeBucket(512, 512),
+        te.SizeBucket(768, 768),
+    )
+    assert te.SizeBucket(1344, 768).latent(8) == (96, 168)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        te.SizeBucket.parse("512")
+    with pytest.raises(ValueError, match="multiple of the VAE scale factor"):
+        te.SizeBucket(500, 512).latent(8)
+
+
+def test_sizes_from_config_reads_fixed_dims_and_rejects_drift() -> None:
+    dims = {"input_ids": [-1, 77], "last_hidden_state": [-1, 77, 768]}
+    assert te.sizes_from_config(TEXT_ENCODER, dims) == {"sequence_length": 77, "hidden_size": 768}
+    with pytest.raises(ValueError, match="both 77 and 64"):
+        te.sizes_from_config(TEXT_ENCODER, {**dims, "last_hidden_state": [-1, 64, 768]})
+    with pytest.raises(ValueError, match="not in"):
+        te.sizes_from_config(TEXT_ENCODER, {"input_ids": [-1, 77]})
+
+
+def test_sdxl_vae_is_kept_fp32_by_default() -> None:
+    assert te.default_fp32_components(0.13025) == {"vae_encoder", "vae_decoder"}
+    assert te.default_fp32_components(0.18215) == frozenset()
+
+
+def test_sample_inputs_follow_the_spec() -> None:
+    (profile,) = te.derive_profiles(UNET, SD15_SIZES, [te.SizeBucket(512, 512)])
+    inputs = te.sample_inputs(UNET, profile.opt_shapes())
+    assert inputs["sample"].shape == (2, 9, 64, 64) and inputs["sample"].dtype == np.float32
+    assert ((inputs["timestep"] >= 0) & (inputs["timestep"] < 1000)).all()
+    ids = te.sample_inputs(TEXT_ENCODER, {"input_ids": (2, 77)})["input_ids"]
+    assert ids.dtype == np.int64 and ids.max() < te.CLIP_VOCAB_SIZE
+
+
+def test_compare_outputs_flags_nan_and_shape_mismatch() -> None:
+    want = {"x": np.ones((2, 3), np.float32)}
+    assert te.compare_outputs({"x": np.ones((2, 3), np.float32) * 1.5}, want) == (0.5, 1.0)
+    assert te.compare_outputs({"x": np.full((2, 3), np.nan, np.float32)}, want)[0] == float("inf")
+    assert te.compare_outputs({"x": np.ones((3, 2), np.float32)}, want)[0] == float("inf")
+    parity = te.EngineParity("unet", "512x512", float("inf"), 1.0, 1.0)
+    assert not parity.ok
+
+
+# ---------------------------------------------------------------------------- plan naming
+
+
+def test_plan_name_round_trip() -> None:
+    assert KEY.filename == "unet.trt10.5.0.sm90.fp16.b2-8.512x512_768x768.onnx-0123456789ab.plan"
+    assert te.EngineKey.parse(KEY.filename) == KEY
+    other = te.EngineKey(
+        "base_vae_decoder", "10.13.0", (12, 0), "fp32", (1, 2, 4), ("static",), "f" * 12
+    )
+    assert ".sm120." in other.filename and ".b1-2-4." in other.filename
+    assert te.EngineKey.parse(other.filename) == other
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "unet.plan",
+        "unet.trt10.5.sm90.fp16.b2-8.512x512.onnx-0123456789ab.plan",
+        "unet.trt10.5.0.sm90.int8.b2-8.512x512.onnx-0123456789ab.plan",
+        "unet.trt10.5.0.sm90.fp16.b2.512x512.onnx-0123456789ab.plan",
+        "unet.trt10.5.0.sm90.fp16.b2-8.512x512.plan",
+    ],
+)
+def test_plan_name_parser_rejects_other_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        te.EngineKey.parse(name)
+
+
+def test_find_engine_accepts_exact_matches_only(tmp_path: Path) -> None:
+    variants = [
+        te.EngineKey(**{**KEY.__dict__, "trt_version": "10.6.0"}),
+        te.EngineKey(**{**KEY.__dict__, "compute_capability": (8, 0)}),
+        te.EngineKey(**{**KEY.__dict__, "precision": "fp32"}),
+        te.EngineKey(**{**KEY.__dict__, "batch": (2, 2, 16)}),
+        te.EngineKey(**{**KEY.__dict__, "profiles": ("512x512",)}),
+        te.EngineKey(**{**KEY.__dict__, "onnx_digest": "ba9876543210"}),
+    ]
+    for key in variants:
+        (tmp_path / key.filename).write_bytes(b"plan")
+    (tmp_path / "unet.plan").write_bytes(b"plan")
+    assert te.find_engine(tmp_path, KEY) is None
+    assert set(te.stale_engines(tmp_path, KEY)) == {tmp_path / k.filename for k in variants}
+
+    (tmp_path / KEY.filename).write_bytes(b"")  # an interrupted copy is not an engine
+    assert te.find_engine(tmp_path, KEY) is None
+    (tmp_path / KEY.filename).write_bytes(b"plan")
+    assert te.find_engine(tmp_path, KEY) == tmp_path / KEY.filename
+
+
+def test_versions_and_capabilities_are_normalised() -> None:
+    assert te.normalize_trt_version("10.5.0.18") == "10.5.0"
+    assert te.normalize_trt_version("10.5.0.post1") == "10.5.0"
+    assert te.parse_compute_capability("9.0\n") == (9, 0)
+    assert te.timing_cache_path(Path("e"), "10.5.0", (8, 9)).name == "timing.trt10.5.0.sm89.cache"
+
+
+def test_onnx_digest_covers_external_data(tmp_path: Path) -> None:
+    weight = onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4096])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4096])],
+        [weight],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save_model(
+        onnx.helper.make_model(graph),
+        path,
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    before = te.onnx_digest(path)
+    assert re.fullmatch(r"[0-9a-f]{12}", before) and te.onnx_digest(path) == before
+    data = bytearray((tmp_path / "model.onnx.data").read_bytes())
+    data[0] ^= 1
+    (tmp_path / "model.onnx.data").write_bytes(bytes(data))
+    assert te.onnx_digest(path) != before
+
+
+class FakeTensorRT:
+    """Stand-in for the `tensorrt` module: records what `build_engine` asks of the API."""
+
+    __version__ = "10.5.0.18"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity: int) -> None:
+            self.severity = severity
+
+    class BuilderFlag:
+        FP16 = "FP16"
+        PREFER_PRECISION_CONSTRAINTS = "PREFER_PRECISION_CONSTRAINTS"
+
+    class LayerType:
+        NORMALIZATION = "NORMALIZATION"
+        CONVOLUTION = "CONVOLUTION"
+
+    class MemoryPoolType:
+        WORKSPACE = "WORKSPACE"
+
+    float32 = "float32"
+
+    def __init__(self, input_names: list[str]) -> None:
+        self.input_names = input_names
+        self.calls: list[tuple] = []
+        fake = self
+
+        class Layer:
+            def __init__(self, kind: str) -> None:
+                self.type, self.precision = kind, None
+
+        class Input:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+        class Network:
+            num_inputs = len(input_names)
+            num_layers = 2
+
+            def __init__(self) -> None:
+                self.layers = [Layer("CONVOLUTION"), Layer("NORMALIZATION")]
+
+            def get_input(self, i: int) -> Input:
+                return Input(input_names[i])
+
+            def get_layer(self, i: int) -> Layer:
+                return self.layers[i]
+
+        class Profile:
+            def set_shape(self, *args: object) -> None:
+                fake.calls.append(("set_shape", *args))
+
+        class Cache:
+            def serialize(self) -> bytes:
+                return b"timing"
+
+        class Config:
+            def set_flag(self, flag: str) -> None:
+                fake.calls.append(("set_flag", flag))
+
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                fake.calls.append(("pool", pool, size))
+
+            def add_optimization_profile(self, profile: Profile) -> None:
+                fake.calls.append(("add_profile",))
+
+            def create_timing_cache(self, data: bytes) -> Cache:
+                fake.calls.append(("timing_cache_in", data))
+                return Cache()
+
+            def set_timing_cache(self, cache: Cache, ignore_mismatch: bool) -> None:
+                pass
+
+            def get_timing_cache(self) -> Cache:
+                return Cache()
+
+        class Builder:
+            def __init__(self, logger: object) -> None:
+                self.network = Network()
+
+            def create_network(self, flags: int) -> Network:
+                fake.calls.append(("create_network", flags))
+                return self.network
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Network, config: Config) -> bytes:
+                fake.network = network
+                return b"serialized plan"
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network: Network, logger: object) -> None:
+                pass
+
+            def parse_from_file(self, path: str) -> bool:
+                fake.calls.append(("parse", path))
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+def test_build_engine_drives_the_tensorrt_api(tmp_path: Path, monkeypatch) -> None:
+    fake = FakeTensorRT(UNET.input_names)
+    monkeypatch.setattr(te, "trt", fake)
+    profiles = te.derive_profiles(
+        UNET, SD15_SIZES, [te.SizeBucket(512, 512), te.SizeBucket(768, 768)]
+    )
+    options = te.BuildOptions(timing_cache=tmp_path / "timing.cache", workspace_bytes=1 << 30)
+    plan = te.build_engine(
+        tmp_path / "model.onnx", profiles, tmp_path / KEY.filename, options, log=print
+    )
+
+    assert plan.read_bytes() == b"serialized plan"
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing"
+    assert ("create_network", 0) in fake.calls  # explicit batch, TensorRT 10
+    assert {("set_flag", "FP16"), ("set_flag", "PREFER_PRECISION_CONSTRAINTS")} <= set(fake.calls)
+    assert ("pool", "WORKSPACE", 1 << 30) in fake.calls
+    shapes = [c[1:] for c in fake.calls if c[0] == "set_shape"]
+    assert shapes[0] == ("sample", (2, 9, 64, 64), (2, 9, 64, 64), (8, 9, 64, 64))
+    assert len(shapes) == 2 * len(UNET.input_names)
+    assert fake.calls.count(("add_profile",)) == 2
+    assert [layer.precision for layer in fake.network.layers] == [None, "float32"]
+    assert te.tensorrt_version() == "10.5.0"
+
+    with pytest.raises(te.EngineBuildError, match="network has"):
+        te.build_engine(
+            tmp_path / "m.onnx", te.derive_profiles(VAE_DECODER, SD15_SIZES), tmp_path / "x.plan"
+        )
+
+
+def test_tensorrt_is_optional_here() -> None:
+    if te.trt is None:
+        with pytest.raises(te.TensorRTUnavailable):
+            te.require_tensorrt()
+
+
+# --------------------------------------------------------------------- repository variants
+
+
+def _dummy_plans(repository: Path, tmp_path: Path) -> dict[str, gr.EnginePlan]:
+    plans = {}
+    for target in gr.engine_targets(gr.read_repository(repository)):
+        path = tmp_path / f"{target.component.name}.plan"
+        path.write_bytes(b"not a real plan")
+        plans[target.component.name] = gr.EnginePlan(path, tuple(p.name for p in target.profiles))
+    return plans
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def _onnx_io(path: Path) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def dims(values):
+        return {
+            v.name: [
+                d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim
+            ]
+            for v in values
+        }
+
+    return dims(graph.input), dims(graph.output)
+
+
+def _assert_same_tensors(config: dict[str, list[int]], model: dict[str, list[int]]) -> None:
+    """Same names and ranks; a dim fixed in the ONNX file has that value in the config too
+    (a dynamic ONNX dim accepts a fixed config dim, as Triton's backends do)."""
+    assert config.keys() == model.keys()
+    for name, dims in config.items():
+        assert len(dims) == len(model[name]), name
+        assert all(m in (-1, c) for c, m in zip(dims, model[name], strict=True)), (name, dims)
+
+
+def test_read_repository_finds_pipeline_and_components(repository: Path) -> None:
+    source = gr.read_repository(repository)
+    assert [p.name for p in source.pipelines] == ["inpaint"]
+    assert dict(source.pipelines[0].components) == {
+        "text_encoder": "text_encoder",
+        "unet": "unet",
+        "vae_encoder": "vae_encoder",
+        "vae_decoder": "vae_decoder",
+    }
+    assert {c.name: c.spec.name for c in source.components} == {
+        name: name for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+    }
+    unet = next(c for c in source.components if c.name == "unet")
+    assert unet.sizes["unet_in_channels"] == 9 and unet.sizes["sequence_length"] == 77
+
+
+def test_prefixed_component_names_keep_their_roles(repository: Path, tmp_path: Path) -> None:
+    source = tmp_path / "repo"
+    shutil.copytree(repository, source)
+    (source / "unet").rename(source / "base_unet")
+    unet = _parse(source / "base_unet" / "config.pbtxt")
+    unet.name = "base_unet"
+    (source / "base_unet" / "config.pbtxt").write_text(text_format.MessageToString(unet))
+    pipeline = _parse(source / "inpaint" / "config.pbtxt")
+    pipeline.parameters["unet_model"].string_value = "base_unet"
+    (source / "inpaint" / "config.pbtxt").write_text(text_format.MessageToString(pipeline))
+
+    targets = {t.component.name: t for t in gr.engine_targets(gr.read_repository(source))}
+    assert targets["base_unet"].component.spec is UNET
+    key = targets["base_unet"].key("10.5.0", (9, 0), "0" * 12)
+    assert key.filename.startswith("base_unet.trt10.5.0.sm90.fp16.b2-8.")
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(source, out, gr.ONNXRUNTIME, log=lambda _msg: None)
+    assert _parse(out / "base_unet" / "config.pbtxt").name == "base_unet"
+
+
+@pytest.mark.parametrize("platform", gr.PLATFORMS)
+def test_gpu_variant_configs_parse_and_match_the_onnx_files(
+    repository: Path, tmp_path: Path, platform: str
+) -> None:
+    plans = _dummy_plans(repository, tmp_path) if platform == gr.TENSORRT else None
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(repository, out, platform, plans, log=lambda _msg: None)
+
+    for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
+        config = _parse(out / name / "config.pbtxt")
+        assert config.name == name and config.platform == platform and not config.backend
+        assert config.default_model_filename == gr.MODEL_FILES[platform]
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+        model_file = out / name / "1" / gr.MODEL_FILES[platform]
+        assert model_file.is_file() and not (out / name / "1" / "model.py").exists()
+        onnx_inputs, onnx_outputs = _onnx_io(repository / name / "1" / "model.onnx")
+        _assert_same_tensors({t.name: list(t.dims) for t in config.input}, onnx_inputs)
+        _assert_same_tensors({t.name: list(t.dims) for t in config.output}, onnx_outputs)
+
+
+def test_gpu_variant_keeps_the_pipeline_model_unchanged(repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(repository, out, gr.ONNXRUNTIME, log=lambda _msg: None)
+    source, copy = repository / "inpaint", out / "inpaint"
+    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
+    for relative in files:
+        assert (copy / relative).read_bytes() == (source / relative).read_bytes()
+    config = _parse(copy / "config.pbtxt")
+    assert config.backend == "python"
+    assert config.parameters["unet_model"].string_value == "unet"
+
+
+def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) -> None:
+    plans = _dummy_plans(repository, tmp_path)
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(repository, out, gr.TENSORRT, plans, link=False, log=lambda _m: None)
+
+    (unet_group,) = _parse(out / "unet" / "config.pbtxt").instance_group
+    assert list(unet_group.profile) == [str(i) for i in range(len(plans["unet"].profiles))]
+    assert len(unet_group.profile) == len(te.DEFAULT_BUCKETS) + 1  # + the demo's own 128²
+    (text_group,) = _parse(out / "text_encoder" / "config.pbtxt").instance_group
+    assert list(text_group.profile) == []  # one profile: Triton's default
+    plan_file = out / "unet" / "1" / "model.plan"
+    assert not plan_file.is_symlink() and plan_file.read_bytes() == b"not a real plan"
+
+
+def test_onnx_variant_links_model_and_external_data(repository: Path, tmp_path: Path) -> None:
+    source = tmp_path / "repo"
+    shutil.copytree(repository, source)
+    (source / "unet" / "1" / "model.onnx.data").write_bytes(b"weights")
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(source, out, gr.ONNXRUNTIME, log=lambda _msg: None)
+    for name in ("model.onnx", "model.onnx.data"):
+        link = out / "unet" / "1" / name
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+        assert link.resolve() == (source / "unet" / "1" / name).resolve()
+
+
+def test_tensorrt_variant_needs_a_plan_per_component(repository: Path, tmp_path: Path) -> None:
+    with pytest.raises(gr.RepositoryError, match="no TensorRT plan"):
+        gr.write_gpu_repository(repository, tmp_path / "gpu", gr.TENSORRT, {}, log=lambda _m: None)
+
+
+def test_cli_writes_the_onnxruntime_variant(repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    argv = ["--repository", str(repository), "--platform", "onnxruntime_onnx", "--out", str(out)]
+    assert gr.main(argv) == 0
+    assert _parse(out / "unet" / "config.pbtxt").platform == "onnxruntime_onnx"
+    if te.trt is None:
+        argv = ["--repository", str(repository), "--platform", "tensorrt_plan", "--out", str(out)]
+        assert gr.main(argv) == 1  # clear error, no traceback
+
+
+def test_engine_targets_for_the_demo_repository(repository: Path) -> None:
+    source = gr.read_repository(repository)
+    targets = {t.component.name: t for t in gr.engine_targets(source, [te.SizeBucket(512, 512)])}
+    unet = targets["unet"]
+    assert [p.name for p in unet.profiles] == ["128x128", "512x512"]  # + the demo's own size
+    assert unet.profiles[0].shapes["sample"].opt == (2, 9, 16, 16)
+    assert unet.batch.as_tuple() == UNET.trt_batch
+    assert {t.precision for t in targets.values()} == {"fp16"}
+    assert [p.name for p in targets["text_encoder"].profiles] == ["static"]
+    fp32 = gr.engine_targets(source, fp32_components={"vae_decoder"})
+    assert {t.component.name: t.precision for t in fp32}["vae_decoder"] == "fp32"
+
+
+def test_batch_coverage_reports_requests_engines_would_reject(repository: Path) -> None:
+    source = gr.read_repository(repository)
+    max_images = int(source.pipelines[0].parameters["limit_max_images"])
+    requests = max(source.pipelines[0].max_batch_size, 1)  # denoised together
+    wide = {
+        "unet": (2, 2, 2 * max_images * requests),
+        "vae_decoder": (1, 1, max_images),
+        "text_encoder": (1, 2, 2),
+    }
+    problems = gr.batch_coverage_problems(source, gr.engine_targets(source, batch_overrides=wide))
+    assert len(problems) == 1 and "unet" in problems[0]  # guidance <= 1 sends odd batches
+    assert "batch 1.." in problems[0]
+
+
+def test_ensure_engines_builds_missing_plans_once(
+    repository: Path, tmp_path: Path, monkeypatch
+) -> None:
+    built, checked = [], []
+
+    def fake_build(onnx_file, profiles, out, options, log):
+        built.append((out.name, options.precision))
+        out.write_bytes(b"plan")
+        return out
+
+    def fake_parity(plan, onnx_file, spec, profiles, **kwargs):
+        checked.append(kwargs["component"])
+        return [te.EngineParity(kwargs["component"], profiles[0].name, 0.0, 1.0, 1e-3)]
+
+    monkeypatch.setattr(gr, "tensorrt_version", lambda: "10.5.0")
+    monkeypatch.setattr(gr, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(gr, "build_engine", fake_build)
+    monkeypatch.setattr(gr, "check_engine_parity", fake_parity)
+    source = gr.read_repository(repository)
+    settings = gr.EngineSettings(tmp_path / "engines", buckets=(te.SizeBucket(512, 512),))
+
+    plans = gr.ensure_engines(source, settings, log=lambda _m: None)
+    assert (
+        sorted(checked) == sorted(plans) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    )
+    assert plans["unet"].profiles == ("128x128", "512x512")
+    assert te.EngineKey.parse(plans["unet"].path.name).compute_capability == (9, 0)
+    assert gr.ensure_engines(source, settings, log=lambda _m: None) == plans
+    assert len(built) == 4  # the second call found every plan by name
+
+    no_build = gr.EngineSettings(tmp_path / "empty", build_missing=False)
+    with pytest.raises(gr.RepositoryError, match="no engine"):
+        gr.ensure_engines(source, no_build, log=lambda _m: None)
+
+
+def test_a_plan_failing_parity_is_deleted(repository: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(gr, "tensorrt_version", lambda: "10.5.0")
+    monkeypatch.setattr(gr, "gpu_compute_capability", lambda: (8, 9))
+    monkeypatch.setattr(gr, "build_engine", lambda o, p, out, *a: out.write_bytes(b"x") and out)
+    monkeypatch.setattr(
+        gr,
+        "check_engine_parity",
+        lambda *a, **k: [te.EngineParity(k["component"], "static", float("nan"), 1.0, 1e-3)],
+    )
+    settings = gr.EngineSettings(tmp_path / "engines")
+    with pytest.raises(gr.RepositoryError, match="parity failed"):
+        gr.ensure_engines(gr.read_repository(repository), settings, log=lambda _m: None)
+    assert list((tmp_path / "engines").glob("*.plan")) == []
+
+
+def test_tensorrt_runtime_version_check(tmp_path: Path) -> None:
+    (tmp_path / "libnvinfer.so.10").write_bytes(b"")
+    (tmp_path / "libnvinfer.so.10.5.0").write_bytes(b"")
+    assert gr.triton_tensorrt_version([tmp_path / "missing", tmp_path]) == "10.5.0"
+    assert gr.triton_tensorrt_version([tmp_path / "missing"]) is None
+    assert gr.check_tensorrt_match("10.5.0", "10.5.0") is None
+    assert gr.check_tensorrt_match("10.5.0", None) is None
+    assert "tensorrt==10.5.0" in gr.check_tensorrt_match("10.6.0", "10.5.0")
+
+
+def test_exported_onnx_loads_in_the_image_backends(repository: Path) -> None:
+    """Triton 24.10: ONNX Runtime 1.19 reads IR <= 10; TensorRT 10.5 parses opset <= 20."""
+    for path in sorted(repository.glob("*/1/model.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        assert model.ir_version <= 10, path
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 20
+
+
+# -------------------------------------------------------------------------------- docker/
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: continuations joined, comments dropped."""
+    instructions, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        pending += line[:-1] + " " if line.endswith("\\") else line
+        if not line.endswith("\\"):
+            keyword, _, arguments = pending.strip().partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+            pending = ""
+    return instructions
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    return dockerfile_instructions(DOCKER / "Dockerfile")
+
+
+def _args(instruction: str) -> list[str]:
+    return [arguments for keyword, arguments in _dockerfile() if keyword == instruction]
+
+
+def _env() -> dict[str, str]:
+    env = {}
+    for arguments in _args("ENV"):
+        for item in shlex.split(arguments):
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def test_dockerfile_is_from_a_pinned_triton_image() -> None:
+    (base,) = _args("FROM")
+    match = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", base)
+    assert match, base
+    assert match.group(1) == "24.10"  # server 2.51, as the local nvidia-pytriton wheel
+    (trt_arg,) = [a for a in _args("ARG") if a.startswith("TENSORRT_VERSION=")]
+    assert trt_arg.split("=")[1].startswith(TRITON_TENSORRT[match.group(1)] + ".")
+
+
+def test_dockerfile_exposes_triton_ports_and_runs_the_entrypoint() -> None:
+    (exposed,) = _args("EXPOSE")
+    assert {int(p) for p in exposed.split()} == TRITON_PORTS
+    (entrypoint,) = _args("ENTRYPOINT")
+    command = json.loads(entrypoint)
+    copies = [shlex.split(a) for a in _args("COPY")]
+    targets = {words[-1] for words in copies}
+    assert command[-1] in targets
+    assert [a for a in _args("VOLUME")] == [json.dumps([_env()["SDSERVE_BUILD_DIR"]])]
+
+
+def test_dockerfile_copies_paths_that_exist() -> None:
+    ignored = {
+        line.strip().removeprefix("**/")
+        for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for words in (shlex.split(a) for a in _args("COPY")):
+        for source in (w for w in words[:-1] if not w.startswith("--")):
+            assert (ROOT / source).exists(), source
+            assert Path(source).parts[0] not in ignored, source
+
+
+def test_dockerfile_installs_only_the_pipeline_dependencies() -> None:
+    runs = " ".join(_args("RUN"))
+    assert "pip install -r requirements.txt" in runs
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs and "^torch==" in runs
+    assert "tensorrt-cu12==${TENSORRT_VERSION}" in runs
+    assert "pip install --no-deps ./model_repository ./client ./export" in runs
+    assert "download.pytorch.org/whl/cu" in " ".join(_args("ARG"))
+
+
+def test_python_backend_stub_the_image_uses_ships_in_the_pinned_wheel() -> None:
+    import importlib.metadata
+
+    import pytriton
+
+    pin = next(
+        line for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.startswith("nvidia-pytriton==")
+    )  # fmt: skip
+    assert importlib.metadata.version("nvidia-pytriton") == pin.split("==")[1]
+    stub = Path(pytriton.__file__).parent / "tritonserver/python_backend_stubs/3.11"
+    assert (stub / "triton_python_backend_stub").is_file()
+    assert "python_backend_stubs/3.11/triton_python_backend_stub" in " ".join(_args("RUN"))
+
+
+def test_entrypoint_is_valid_bash_without_eval() -> None:
+    script = (DOCKER / "entrypoint.sh").read_text()
+    subprocess.run(["bash", "-n", str(DOCKER / "entrypoint.sh")], check=True)
+    assert not re.search(r"\beval\b", script) and "bash -c" not in script
+    assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+printf '%s\\n' "python $*" >>"$CALLS"
+if [[ "$2" == sdserve_export && "$3" == repository ]]; then
+    mkdir -p "$7/$9" && touch "$7/$9/config.pbtxt"
+fi
+"""
+FAKE_TRITON = """#!/usr/bin/env bash
+printf '%s\\n' "tritonserver $*" >>"$CALLS"
+"""
+
+
+def _run_entrypoint(tmp_path: Path, **env: str) -> list[list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("python3", FAKE_PYTHON), ("tritonserver", FAKE_TRITON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    environment = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CALLS": str(calls),
+        "SDSERVE_BUILD_DIR": str(tmp_path / "build"),
+        **env,
+    }
+    command = ["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"]
+    subprocess.run(command, env=environment, check=True, capture_output=True, text=True)
+    return [line.split() for line in calls.read_text().splitlines()]
+
+
+def test_entrypoint_exports_once_then_execs_tritonserver(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    first = _run_entrypoint(tmp_path)
+    assert [c[:4] for c in first[:3]] == [
+        ["python", "-m", "sdserve_export", "demo-pipeline"],
+        ["python", "-m", "sdserve_export", "repository"],
+        ["python", "-m", "sdserve_export.gpu_repository", "--repository"],
+    ]
+    assert first[1][4:] == [
+        "--source", f"{build}/demo-pipeline", "--out", f"{build}/model_repository",
+        "--name", "inpaint",
+    ]  # fmt: skip
+    triton = first[3]
+    assert triton[0] == "tritonserver" and triton[-1] == "--log-verbose=1"
+    assert f"--model-repository={build}/model_repository_gpu" in triton
+    assert {
+        f"--{kind}-port={port}"
+        for kind, port in zip(("http", "grpc", "metrics"), (8000, 8001, 8002))
+    } <= set(triton)
+
+    args = gr.parse_args(first[2][3:])  # the entrypoint's flags are the CLI's
+    assert args.platform == "tensorrt_plan" and args.out == build / "model_repository_gpu"
+    assert args.engines == build / "engines"
+
+    second = _run_entrypoint(
+        tmp_path, SDSERVE_PLATFORM="onnxruntime_onnx", SDSERVE_BUCKETS="512x512"
+    )
+    assert [c[2] for c in second[:-1]] == ["sdserve_export.gpu_repository"]  # no re-export
+    assert gr.parse_args(second[0][3:]).buckets == (te.SizeBucket(512, 512),)
+
+    third = _run_entrypoint(tmp_path, SDSERVE_SOURCE="/models/other")
+    assert third[0][3:6] == ["repository", "--source", "/models/other"]  # source changed
+
+
+def test_entrypoint_commands_parse_in_the_export_cli(tmp_path: Path, monkeypatch) -> None:
+    from sdserve_export import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "save_demo_pipeline", lambda *a: seen.append(("demo", a)) or a[0])
+    monkeypatch.setattr(cli, "build_repository", lambda *a, **k: seen.append(("repo", a, k)))
+    for command in _run_entrypoint(tmp_path)[:2]:
+        assert cli.main(command[3:]) == 0
+    assert [s[0] for s in seen] == ["demo", "repo"]
+    assert seen[1][2]["pipeline_name"] == "inpaint"
+
+
+# --------------------------------------------------------------------- compose and k8s
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def _container_port(mapping: str) -> int:
+    return int(mapping.rsplit(":", 1)[1])
+
+
+def test_compose_builds_the_image_with_a_gpu_ports_and_volume() -> None:
+    service = _compose()["services"]["sdserve"]
+    context = (DOCKER / service["build"]["context"]).resolve()
+    assert context == ROOT and (context / service["build"]["dockerfile"]).is_file()
+    assert {_container_port(p) for p in service["ports"]} == TRITON_PORTS
+    assert all(p.startswith("${SDSERVE_BIND:-127.0.0.1}:") for p in service["ports"])
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
+    build_dir = _env()["SDSERVE_BUILD_DIR"]
+    assert service["environment"]["SDSERVE_BUILD_DIR"] == build_dir
+    volume, target = service["volumes"][0].split(":")[:2]
+    assert target == build_dir and volume in _compose()["volumes"]
+    assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    assert service["shm_size"]
+
+
+def _k8s() -> dict[str, dict]:
+    documents = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and "metadata" in document:  # the Kustomization has none
+                documents[f"{document['kind']}/{document['metadata']['name']}"] = document
+    return documents
+
+
+def test_k8s_manifests_parse_and_are_all_applied() -> None:
+    documents = _k8s()
+    assert {
+        "Deployment/sdserve",
+        "Service/sdserve",
+        "HorizontalPodAutoscaler/sdserve",
+        "PersistentVolumeClaim/sdserve-build",
+        "PersistentVolumeClaim/sdserve-models",
+    } <= set(documents)
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert all((K8S / resource).is_file() for resource in kustomization["resources"])
+
+
+def _container(documents: dict[str, dict]) -> dict:
+    (container,) = documents["Deployment/sdserve"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_k8s_deployment_requests_a_gpu_and_probes_triton_health() -> None:
+    container = _container(_k8s())
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8000}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 8000}
+    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert {p["containerPort"] for p in container["ports"]} == TRITON_PORTS
+
+
+def test_k8s_deployment_mounts_what_the_entrypoint_uses() -> None:
+    documents = _k8s()
+    pod = documents["Deployment/sdserve"]["spec"]["template"]["spec"]
+    container = _container(documents)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts[env["SDSERVE_BUILD_DIR"]]]["persistentVolumeClaim"]["claimName"] in {
+        name.split("/")[1] for name in documents if name.startswith("PersistentVolumeClaim/")
+    }
+    repository_mount = next(m for m in mounts if env["SDSERVE_GPU_REPOSITORY"].startswith(m + "/"))
+    assert "emptyDir" in volumes[mounts[repository_mount]]  # per pod, never shared
+    assert any(env["SDSERVE_SOURCE"].startswith(m + "/") for m in mounts)
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    annotations = documents["Deployment/sdserve"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "8002"
+
+
+def test_k8s_service_exposes_grpc_http_and_metrics() -> None:
+    documents = _k8s()
+    service = documents["Service/sdserve"]["spec"]
+    ports = {p["name"]: p for p in service["ports"]}
+    assert {n: p["port"] for n, p in ports.items()} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    container_ports = {p["name"]: p["containerPort"] for p in _container(documents)["ports"]}
+    assert all(container_ports[p["targetPort"]] == p["port"] for p in ports.values())
+    labels = documents["Deployment/sdserve"]["spec"]["template"]["metadata"]["labels"]
+    assert service["selector"].items() <= labels.items()
+
+
+def test_k8s_hpa_scales_the_deployment_on_the_adapter_queue_metric() -> None:
+    hpa = _k8s()["HorizontalPodAutoscaler/sdserve"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "sdserve",
+    }
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    adapter = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert "nv_inference_queue_duration_us" in rule["seriesQuery"]
+    assert 'model="inpaint"' in rule["metricsQuery"]
+
+
+def test_docker_readme_documents_deployment_and_gpu_targets() -> None:
+    readme = (DOCKER / "README.md").read_text()
+    for needle in (
+        "docker build",
+        "docker compose",
+        "kubectl apply -k docker/k8s",
+        "prometheus-adapter",
+    ):
+        assert needle in readme
+    for needle in ("0.45 s", "H100", "A100", "0.57", "github.com/microsoft/onnxruntime"):
+        assert needle in readme
+
+
+# --------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def gpu() -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_demo_engines_match_onnxruntime(
+    gpu, repository: Path, tmp_path: Path, precision: str
+) -> None:
+    source = gr.read_repository(repository)
+    buckets = [te.SizeBucket(192, 128)]
+    fp32 = {"text_encoder", "unet", "vae_encoder", "vae_decoder"} if precision == "fp32" else set()
+    for target in gr.engine_targets(source, buckets, fp32_components=fp32):
+        component = target.component
+        options = te.BuildOptions(fp16=precision == "fp16", timing_cache=tmp_path / "timing.cache")
+        plan = te.build_engine(
+            component.onnx_file, target.profiles, tmp_path / f"{component.name}.plan", options
+        )
+        rtol = 5e-3 if precision == "fp32" else 5e-2  # fp32 engines use TF32 kernels
+        for result in te.check_engine_parity(
+            plan, component.onnx_file, component.spec, target.profiles, rtol=rtol
+        ):
+            print(f"[{precision}] {result}")
+            assert result.ok, str(result)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_tensorrt_repository_builds_once_and_reuses_engines(
+    gpu, repository: Path, tmp_path: Path
+) -> None:
+    source = gr.read_repository(repository)
+    settings = gr.EngineSettings(
+        engine_dir=tmp_path / "engines", buckets=(te.SizeBucket(128, 128),)
+    )
+    plans = gr.ensure_engines(source, settings, log=print)
+    stamps = {name: plan.path.stat().st_mtime_ns for name, plan in plans.items()}
+    again = gr.ensure_engines(source, settings, log=print)
+    assert {name: plan.path.stat().st_mtime_ns for name, plan in again.items()} == stamps
+    for plan in plans.values():
+        key = te.EngineKey.parse(plan.path.name)
+        assert key.trt_version == te.tensorrt_version()
+        assert key.compute_capability == te.gpu_compute_capability()
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(repository, out, gr.TENSORRT, plans, log=print)
+    assert _parse(out / "unet" / "config.pbtxt").platform == "tensorrt_plan"

@@ -1,0 +1,515 @@
+"""The web UI's logic without a browser or a server: callbacks, server info, backend, wiring."""
+
+from __future__ import annotations
+
+import builtins
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sdserve_client import InvalidRequestError, SdserveError
+from sdserve_client.webui import callbacks as cb
+from sdserve_client.webui import server_info as si
+from sdserve_client.webui.backend import Backend, ServerStatus
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+# --- fakes ------------------------------------------------------------------------------------
+
+
+class FakeGenerator:
+    """Records SDK calls and answers with gray images of the right size."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.error = error
+
+    def _answer(self, height: int, width: int, options: dict) -> SimpleNamespace:
+        if self.error is not None:
+            raise self.error
+        first = options.get("seed", 1000)
+        count = options.get("num_images", 1)
+        images = [Image.new("RGB", (width, height), (i * 40, 128, 128)) for i in range(count)]
+        return SimpleNamespace(images=images, seeds=[first + i for i in range(count)])
+
+    def inpaint(self, image, mask, prompt, **options):
+        self.calls.append(("inpaint", (image, mask, prompt), options))
+        return self._answer(*image.shape[:2], options)
+
+    def outpaint(self, image, prompt, left, top, right, bottom, **options):
+        self.calls.append(("outpaint", (image, prompt, left, top, right, bottom), options))
+        return self._answer(image.shape[0] + top + bottom, image.shape[1] + left + right, options)
+
+    def text_to_image(self, prompt, height, width, **options):
+        self.calls.append(("text_to_image", (prompt, height, width), options))
+        return self._answer(height, width, options)
+
+
+def pipeline_config(name: str = "inpaint", **params: str) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, backend="python")
+    config.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1])
+    config.input.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def component_config(name: str) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, backend="python")
+    config.input.add(name="sample", data_type=mc.TYPE_FP32, dims=[-1, 4, -1, -1])
+    return config
+
+
+class FakeTriton:
+    """The tritonclient.grpc calls of `server_info`, answering with real protobuf messages."""
+
+    def __init__(self, configs: list[mc.ModelConfig], ready: bool = True) -> None:
+        self.configs = {config.name: config for config in configs}
+        self.ready = ready
+        self.stats = service_pb2.ModelStatisticsResponse()
+
+    def get_model_config(self, model_name, **kwargs):
+        if model_name not in self.configs:
+            raise InferenceServerException(
+                f"Request for unknown model: '{model_name}' is not found",
+                status="StatusCode.NOT_FOUND",
+            )
+        return service_pb2.ModelConfigResponse(config=self.configs[model_name])
+
+    def get_model_repository_index(self, **kwargs):
+        index = service_pb2.RepositoryIndexResponse()
+        for name in self.configs:
+            index.models.add(name=name, version="1", state="READY")
+        index.models.add(name="broken", version="1", state="UNAVAILABLE")
+        return index
+
+    def get_inference_statistics(self, model_name="", **kwargs):
+        return self.stats
+
+    def is_server_ready(self, **kwargs):
+        if not self.ready:
+            raise InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE")
+        return True
+
+    def is_model_ready(self, model_name, **kwargs):
+        return model_name in self.configs
+
+
+def editor(image: np.ndarray, *layers: np.ndarray) -> dict:
+    return {"background": image, "layers": list(layers), "composite": image}
+
+
+def rgba(height: int, width: int, painted: tuple[slice, slice] | None = None) -> np.ndarray:
+    layer = np.zeros((height, width, 4), np.uint8)
+    if painted is not None:
+        layer[painted] = (255, 255, 255, 217)
+    return layer
+
+
+IMAGE = np.arange(48 * 64 * 4, dtype=np.uint32).reshape(48, 64, 4).astype(np.uint8)
+IMAGE[..., 3] = 255
+
+
+def test_settings_convert_slider_floats_and_leave_defaults_unsent():
+    settings = cb.make_settings(" a cat ", "", cb.DEFAULT_SCHEDULER, 4.0, 7.5, 0.8, "-1", 2.0, True)
+    assert settings == cb.Settings("a cat", steps=4, strength=0.8, num_images=2)
+    assert settings.options(with_image=False) == {
+        "steps": 4, "guidance_scale": 7.5, "num_images": 2,
+    }  # fmt: skip
+    image_options = cb.make_settings("x", "blurry", "euler_a", 3, 5, 0.5, "42", 1, False).options(
+        with_image=True
+    )
+    assert image_options == {
+        "steps": 3, "guidance_scale": 5.0, "num_images": 1, "negative_prompt": "blurry",
+        "scheduler": "euler_a", "seed": 42, "strength": 0.5, "preserve_unmasked": False,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), ("", None), ("-1", None), (-1, None), (-7.0, None), (0, 0), (42.0, 42),
+     ("12", 12), (" 42.0 ", 42), ("9223372036854775807", 2**63 - 1), (2**63 - 1, 2**63 - 1)],
+)  # fmt: skip
+def test_parse_seed(value, expected):
+    assert cb.parse_seed(value) == expected
+
+
+@pytest.mark.parametrize("value", [1.5, "abc", "1e400", float("nan"), float("inf"), True])
+def test_parse_seed_rejects_non_integers(value):
+    with pytest.raises(cb.UIError, match="seed must be a whole number"):
+        cb.parse_seed(value)
+
+
+def test_custom_scheduler_passes_through_for_the_server_to_judge():
+    assert cb.parse_scheduler("  warp_drive ") == "warp_drive"
+    assert cb.parse_scheduler(cb.DEFAULT_SCHEDULER) is None
+    assert cb.parse_scheduler("") is None
+
+
+@pytest.mark.parametrize(("name", "index"), [("steps", 3), ("number of images", 7)])
+def test_settings_reject_fractional_counts(name, index):
+    values = ["x", "", None, 4, 7.5, 1.0, "-1", 1, True]
+    values[index] = 2.5
+    with pytest.raises(cb.UIError, match=name):
+        cb.make_settings(*values)
+
+
+def test_mask_is_the_union_of_painted_layers():
+    first = rgba(48, 64, (slice(0, 10), slice(0, 10)))
+    second = rgba(48, 64, (slice(40, 48), slice(60, 64)))
+    mask = cb.mask_from_editor(editor(IMAGE, first, second))
+    assert mask.dtype == np.uint8 and mask.shape == (48, 64)
+    expected = np.zeros((48, 64), np.uint8)
+    expected[0:10, 0:10] = expected[40:48, 60:64] = 255
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_faint_paint_counts_and_blank_layers_give_no_mask():
+    faint = rgba(48, 64)
+    faint[5, 5, 3] = 1  # an anti-aliased brush edge
+    assert cb.mask_from_editor(editor(IMAGE, faint))[5, 5] == 255
+    assert cb.mask_from_editor(editor(IMAGE, rgba(48, 64))) is None
+    assert cb.mask_from_editor(editor(IMAGE)) is None
+    assert cb.mask_from_editor(None) is None
+    assert cb.mask_from_editor({"background": None, "layers": [], "composite": None}) is None
+
+
+def test_layer_of_another_size_is_scaled_to_the_image():
+    layer = rgba(24, 32, (slice(0, 12), slice(0, 32)))  # top half, at half resolution
+    mask = cb.mask_from_editor(editor(IMAGE, layer))
+    assert mask.shape == (48, 64)
+    assert (mask[:24] == 255).all() and (mask[24:] == 0).all()
+
+
+def test_inpaint_inputs_unite_painted_and_uploaded_masks():
+    uploaded = np.zeros((48, 64), np.uint8)
+    uploaded[20:30, 20:30] = 255
+    image, mask = cb.inpaint_inputs(
+        editor(IMAGE, rgba(48, 64, (slice(0, 5), slice(0, 5)))), uploaded
+    )
+    np.testing.assert_array_equal(image, IMAGE[..., :3])
+    assert mask[0:5, 0:5].min() == 255 and mask[20:30, 20:30].min() == 255
+    assert mask.sum() == 255 * (25 + 100)
+    _, only_upload = cb.inpaint_inputs(editor(IMAGE), uploaded)
+    np.testing.assert_array_equal(only_upload, uploaded)
+
+
+def test_uploaded_transparent_mask_uses_its_alpha():
+    sheet = rgba(48, 64, (slice(10, 20), slice(10, 20)))
+    _, mask = cb.inpaint_inputs(editor(IMAGE), sheet)
+    assert mask[10:20, 10:20].min() == 217 and mask.sum() == 217 * 100
+
+
+@pytest.mark.parametrize(
+    ("value", "mask", "message"),
+    [
+        (None, None, "Upload an image"),
+        (editor(IMAGE), None, "Paint over the area"),
+        (editor(IMAGE), np.zeros((48, 64), np.uint8), "Paint over the area"),
+        (editor(IMAGE), np.full((64, 64), 255, np.uint8), "mask is 64×64 but the image is 64×48"),
+    ],
+)
+def test_inpaint_inputs_explain_what_is_missing(value, mask, message):
+    with pytest.raises(cb.UIError, match=message):
+        cb.inpaint_inputs(value, mask)
+
+
+def test_run_inpaint_sends_image_mask_and_options_and_returns_seeded_gallery():
+    client = FakeGenerator()
+    settings = cb.Settings("a red bicycle", steps=3, seed=7, num_images=2)
+    layer = rgba(48, 64, (slice(8, 16), slice(8, 16)))
+    generation = cb.run_inpaint(client, settings, editor(IMAGE, layer))
+    ((mode, (image, mask, prompt), options),) = client.calls
+    assert (mode, prompt) == ("inpaint", "a red bicycle")
+    assert image.shape == (48, 64, 3) and mask.shape == (48, 64) and mask.max() == 255
+    assert options == {"steps": 3, "guidance_scale": 7.5, "num_images": 2, "seed": 7,
+                       "strength": 1.0, "preserve_unmasked": True}  # fmt: skip
+    assert generation.seeds == [7, 8]
+    assert [caption for _, caption in generation.gallery] == ["seed 7 · 64×48", "seed 8 · 64×48"]
+    assert all(image.shape == (48, 64, 3) for image, _ in generation.gallery)
+    assert generation.summary == "**inpaint**: 2 images of 64×48 · seeds `7`, `8`"
+
+
+def test_run_outpaint_and_text_to_image():
+    client = FakeGenerator()
+    settings = cb.Settings("sky", steps=2)
+    out = cb.run_outpaint(client, settings, IMAGE[..., :3], 16.0, 0, 8, 0)
+    assert client.calls[0][1][2:] == (16, 0, 8, 0)
+    assert out.images[0].shape == (48, 88, 3) and out.mode == "outpaint"
+    t2i = cb.run_text_to_image(client, settings, 64.0, 96.0)
+    assert client.calls[1][1] == ("sky", 64, 96)
+    assert "strength" not in client.calls[1][2]  # no image: strength would be rejected
+    assert t2i.images[0].shape == (64, 96, 3)
+    assert t2i.summary == "**text-to-image**: 1 image of 96×64 · seed `1000`"
+
+
+def test_outpaint_needs_an_image_and_a_side():
+    with pytest.raises(cb.UIError, match="Upload an image to extend"):
+        cb.run_outpaint(FakeGenerator(), cb.Settings("x"), None, 8, 0, 0, 0)
+    with pytest.raises(cb.UIError, match="at least one side"):
+        cb.run_outpaint(FakeGenerator(), cb.Settings("x"), IMAGE, 0, 0, 0, 0)
+    with pytest.raises(cb.UIError, match="left must be a whole number >= 0"):
+        cb.outpaint_sides(-8, 0, 0, 0)
+
+
+def test_server_errors_propagate_from_runs():
+    error = SdserveError("steps: 500 out of range [1, 150]", "StatusCode.INVALID_ARGUMENT")
+    with pytest.raises(SdserveError) as raised:
+        cb.run_text_to_image(FakeGenerator(error), cb.Settings("x"), 64, 64)
+    assert cb.error_message(raised.value) == (
+        "The server rejected the request: steps: 500 out of range [1, 150]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (SdserveError("scheduler: 'x' is unknown", "StatusCode.INVALID_ARGUMENT"),
+         "The server rejected the request: scheduler: 'x' is unknown"),
+        (SdserveError("failed to connect to all addresses", "StatusCode.UNAVAILABLE"),
+         "Cannot reach the Triton server at 127.0.0.1:8001: failed to connect to all addresses"),
+        (SdserveError("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED"),
+         "The server did not answer in time at 127.0.0.1:8001: Deadline Exceeded"),
+        (SdserveError("boom", "StatusCode.INTERNAL"), "Server error (INTERNAL): boom"),
+        (SdserveError("odd"), "Server error: odd"),
+        (InvalidRequestError("strength must be in [0, 1]"),
+         "Invalid setting: strength must be in [0, 1]"),
+        (cb.UIError("Upload an image first."), "Upload an image first."),
+        (RuntimeError("bad"), "Unexpected error: RuntimeError: bad"),
+    ],
+)  # fmt: skip
+def test_error_message_keeps_the_server_text(error, expected):
+    assert cb.error_message(error, "127.0.0.1:8001") == expected
+
+
+def test_outpaint_preview_tints_the_generated_area():
+    image = np.full((32, 40, 3), 200, np.uint8)
+    preview, caption = cb.outpaint_preview(image, 8, 0, 16, 4)
+    assert preview.shape == (36, 64, 3)
+    assert caption.startswith("40×32 → **64×36**")
+    assert tuple(preview[0, 0]) != (200, 200, 200)  # new area: tinted red
+    assert preview[0, 0, 0] > preview[0, 0, 1]
+    np.testing.assert_array_equal(preview[0, 8 + 20], (200, 200, 200))  # deep inside: kept
+    assert cb.outpaint_preview(None, 8, 0, 0, 0) == (None, "Upload an image to extend.")
+    _, unchanged = cb.outpaint_preview(image, 0, 0, 0, 0)
+    assert "set at least one side" in unchanged
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    height=st.integers(1, 24), width=st.integers(1, 24),
+    sides=st.tuples(*(st.integers(0, 16) for _ in range(4))),
+)  # fmt: skip
+def test_outpaint_canvas_has_the_enlarged_size_and_keeps_the_original(height, width, sides):
+    rng = np.random.default_rng(height * 100 + width)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    canvas, mask = cb.outpaint_canvas(image, sides)
+    left, top, right, bottom = sides
+    assert canvas.shape == (height + top + bottom, width + left + right, 3)
+    assert mask.shape == canvas.shape[:2]
+    np.testing.assert_array_equal(canvas[top : top + height, left : left + width], image)
+    new_area = np.ones(mask.shape, bool)
+    new_area[top : top + height, left : left + width] = False
+    assert (mask[new_area] == 255).all()
+
+
+def test_outpaint_canvas_without_the_canvas_module_masks_the_new_area(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_canvas(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "canvas" and level == 2 or name == "sdserve_client.canvas":
+            raise ImportError("no canvas module")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_canvas)
+    image = np.full((4, 4, 3), 9, np.uint8)
+    canvas, mask = cb.outpaint_canvas(image, (2, 0, 0, 1))
+    assert canvas.shape == (5, 6, 3) and (canvas == 9).all()
+    expected = np.full((5, 6), 255, np.uint8)
+    expected[0:4, 2:6] = 0
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_use_as_input_and_reuse_seed_pick_the_selected_result():
+    images = [np.zeros((8, 8, 3), np.uint8), np.ones((8, 8, 3), np.uint8)]
+    assert cb.pick_result(images, 1) is images[1]
+    assert cb.pick_result(images, None) is images[0]
+    assert cb.pick_result(images, 5) is images[0]
+    assert cb.reuse_seed([11, 12], 1) == "12" and cb.reuse_seed([11, 12], None) == "11"
+    assert cb.parse_seed(cb.reuse_seed([2**63 - 2], None)) == 2**63 - 2  # exact, no float
+    with pytest.raises(cb.UIError, match="Generate an image first"):
+        cb.pick_result([], None)
+    with pytest.raises(cb.UIError, match="No seed to reuse"):
+        cb.reuse_seed(None, None)
+    value = cb.editor_value(images[1])
+    assert value["background"] is images[1] and value["layers"] == []
+    assert cb.editor_value(None) is None
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 1), (8, 8, 3), (8, 8, 4)])
+def test_to_rgb_accepts_every_gradio_image_shape(shape):
+    assert cb.to_rgb(np.full(shape, 7, np.uint8)).shape == (8, 8, 3)
+    assert cb.to_rgb(Image.new("L", (8, 8))).shape == (8, 8, 3)
+
+
+# --- server info --------------------------------------------------------------------------------
+
+
+def test_schedulers_and_limits_come_from_the_config_parameters():
+    config = pipeline_config(
+        schedulers="pndm, euler_a,,dpmpp_2m_karras", limit_max_steps="60",
+        limit_max_images="4", limit_max_guidance_scale="20.0", limit_max_pixels="not a number",
+    )  # fmt: skip
+    info = si.model_info_from_config(config)
+    assert info == si.ModelInfo(
+        "inpaint", ("pndm", "euler_a", "dpmpp_2m_karras"), max_steps=60, max_images=4,
+        max_guidance_scale=20.0, max_pixels=1024 * 1024,
+    )  # fmt: skip
+    assert si.schedulers_of(pipeline_config()) == ()
+    triton = FakeTriton([config])
+    assert si.fetch_schedulers(triton, "inpaint") == ["pndm", "euler_a", "dpmpp_2m_karras"]
+
+
+def test_unknown_model_raises_the_sdk_error_with_the_server_text():
+    with pytest.raises(SdserveError, match="'sd99' is not found") as raised:
+        si.fetch_model_info(FakeTriton([]), "sd99")
+    assert raised.value.status == "StatusCode.NOT_FOUND"
+
+
+def test_pipeline_models_are_the_ready_models_taking_a_prompt():
+    triton = FakeTriton([pipeline_config("inpaint"), component_config("unet"),
+                         pipeline_config("sd15_base")])  # fmt: skip
+    assert si.pipeline_models(triton) == ["inpaint", "sd15_base"]
+
+
+def test_queue_state_from_statistics_and_metrics():
+    stats = service_pb2.ModelStatisticsResponse()
+    for version, (ok, failed, count, ns) in {
+        "1": (3, 1, 4, 8_000_000),
+        "2": (1, 0, 1, 2_000_000),
+    }.items():
+        entry = stats.model_stats.add(name="inpaint", version=version)
+        entry.inference_stats.success.count = ok
+        entry.inference_stats.fail.count = failed
+        entry.inference_stats.queue.count = count
+        entry.inference_stats.queue.ns = ns
+    stats.model_stats.add(name="unet", version="1").inference_stats.success.count = 99
+    state = si.queue_state_from_statistics("inpaint", stats, pending=2)
+    assert state == si.QueueState("inpaint", True, 4, 1, 2.0, 2)
+    metrics = """
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests
+nv_inference_pending_request_count{model="inpaint",version="1"} 3
+nv_inference_pending_request_count{model="inpaint",version="2"} 1
+nv_inference_pending_request_count{model="unet",version="1"} 7
+nv_inference_count{model="inpaint",version="1"} 12
+"""
+    assert si.pending_from_metrics(metrics, "inpaint") == 4
+    assert si.pending_from_metrics(metrics, "sd15_base") is None
+    assert si.fetch_pending("http://127.0.0.1:9/metrics", "inpaint", timeout=0.5) is None
+
+
+def test_unreachable_server_is_not_ready_rather_than_an_error():
+    state = si.fetch_queue_state(FakeTriton([pipeline_config()], ready=False), "inpaint")
+    assert state == si.QueueState("inpaint", ready=False)
+    assert si.fetch_queue_state(FakeTriton([pipeline_config()]), "gone").ready is False
+
+
+# --- backend ------------------------------------------------------------------------------------
+
+
+def test_backend_makes_one_client_per_model_and_counts_requests_in_flight():
+    made = []
+    backend = Backend("h:1", client_factory=lambda url, model: made.append(model) or model,
+                      info_client=FakeTriton([pipeline_config()]))  # fmt: skip
+    assert backend.client("inpaint") == backend.client("inpaint") == "inpaint"
+    backend.client("sd15_base")
+    assert made == ["inpaint", "sd15_base"]
+    with backend.track(), backend.track():
+        assert backend.in_flight == 2
+    assert backend.in_flight == 0
+    assert backend.models() == ["inpaint"]
+    assert backend.model_info("inpaint").name == "inpaint"
+    assert backend.status("inpaint").queue.ready
+
+
+def test_status_line_shows_readiness_load_and_queue():
+    ready = si.QueueState("inpaint", True, 5, 1, 12.4, pending=2)
+    line = ServerStatus("127.0.0.1:8001", ready, in_flight=1).markdown()
+    assert line.startswith("**Ready**: `inpaint` at `127.0.0.1:8001`")
+    assert "**Busy: 2 requests waiting in the server queue**" in line
+    assert "1 from this page running" in line and "5 done, 1 failed" in line
+    assert "mean queue wait 12 ms" in line
+    idle = ServerStatus("h:1", si.QueueState("inpaint", True, pending=0)).markdown()
+    assert "idle" in idle and "Busy" not in idle
+    down = ServerStatus("h:1", si.QueueState("inpaint", False)).markdown()
+    assert down.startswith("**Server not ready** at `h:1`")
+
+
+# --- wiring (needs gradio, not a server) --------------------------------------------------------
+
+
+@pytest.fixture
+def app_module():
+    pytest.importorskip("gradio", reason="the [ui] extra is not installed")
+    from sdserve_client.webui import app
+
+    return app
+
+
+def test_page_builds_without_a_server(app_module):
+    backend = Backend("127.0.0.1:9", info_client=FakeTriton([pipeline_config()], ready=False))
+    demo = app_module.build_app(app_module.AppConfig("127.0.0.1:9"), backend)
+    ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert {"inpaint-editor", "outpaint-preview", "t2i-generate", "scheduler", "model",
+            "seed", "seed-reuse", "results", "seeds", "use-as-input", "busy",
+            "server-status"} <= ids  # fmt: skip
+
+
+def test_handlers_turn_server_errors_into_readable_toasts(app_module):
+    import gradio as gr
+
+    error = SdserveError("scheduler: 'warp' is unknown; valid: pndm", "StatusCode.INVALID_ARGUMENT")
+    backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(error),
+                      info_client=FakeTriton([pipeline_config()]))  # fmt: skip
+    handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
+    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True)
+    with pytest.raises(gr.Error) as raised:
+        handlers.text_to_image(*common, 64, 64)
+    assert raised.value.message == (
+        "The server rejected the request: scheduler: 'warp' is unknown; valid: pndm"
+    )
+    assert backend.in_flight == 0
+    with pytest.raises(gr.Error, match="Paint over the area"):
+        handlers.inpaint(*common, editor(IMAGE), None)
+
+
+def test_handlers_return_gallery_summary_and_state(app_module):
+    backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(),
+                      info_client=FakeTriton([pipeline_config(schedulers="ddim,euler")]))  # fmt: skip
+    handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
+    gallery, _, images, seeds, selected = handlers.text_to_image(
+        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, 64, 72
+    )
+    assert [caption for _, caption in gallery] == ["seed 5 · 72×64", "seed 6 · 72×64"]
+    assert seeds == [5, 6] and selected is None and images[1].shape == (64, 72, 3)
+    assert handlers.reuse_seed(seeds, 1) == "6"
+    value, image = handlers.use_as_input(images, 1)
+    assert image is images[1] and value["background"] is images[1]
+    _, scheduler, steps, *_ = handlers.refresh("inpaint", "euler", 500, 1)
+    assert scheduler["choices"] == [cb.DEFAULT_SCHEDULER, "ddim", "euler"]
+    assert scheduler["value"] == "euler" and steps["maximum"] == 150 and steps["value"] == 150
+
+
+def test_command_line_defaults():
+    from sdserve_client.webui.__main__ import parse_args
+
+    args = parse_args([])
+    assert (args.server, args.host, args.port, args.model) == (
+        "127.0.0.1:8001", "127.0.0.1", 7860, "inpaint",
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        parse_args(["--concurrency", "0"])
