@@ -7,8 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCE ?= build/demo-pipeline
 REPOSITORY ?= build/model_repository
+UI_STAMP := $(VENV)/.installed-ui
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 7860
+GRPC_URL ?= 127.0.0.1:8001
+METRICS_URL ?= http://127.0.0.1:8002/metrics
 
-.PHONY: demo test serve repository demo-pipeline lint clean
+.PHONY: demo test serve repository demo-pipeline lint clean ui chromium
 
 $(STAMP): requirements.txt model_repository/pyproject.toml export/pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +21,19 @@ $(STAMP): requirements.txt model_repository/pyproject.toml export/pyproject.toml
 	$(PY) -m pip install --no-deps open-clip-torch==3.3.0  # only for its CLIP vocabulary file
 	$(PY) -m pip install --no-deps -e model_repository -e client -e export
 	touch $@
+
+# The web UI's dependencies beyond requirements.txt, pinned, without their resolver (gradio's
+# pillow cap and pandas 3's numpy 2 would fight the server's pins; see client/requirements-ui.txt).
+$(UI_STAMP): $(STAMP) client/requirements-ui.txt
+	$(PY) -m pip install --no-deps -r client/requirements-ui.txt
+	touch $@
+
+# Debian's chromium for the browser tests (never `playwright install`); needs root or sudo.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq chromium; \
+	} || { [ -z "$$CI" ] && echo "[chromium] not installed: the browser tests will skip"; }
 
 build/demo-pipeline/model_index.json: $(STAMP)
 	$(PY) -m sdserve_export demo-pipeline --out build/demo-pipeline
@@ -33,10 +51,22 @@ demo: repository
 serve: repository
 	$(PY) -m sdserve_pipeline.serve --repository $(REPOSITORY) --build-dir build
 
-test: $(STAMP)
+ui: repository $(UI_STAMP)
+	@if $(PY) -c "import sys, tritonclient.grpc as g; sys.exit(not g.InferenceServerClient('$(GRPC_URL)').is_server_live())" 2>/dev/null; then \
+		echo "[ui] using the Triton server already running at $(GRPC_URL)"; \
+	else \
+		$(PY) -m sdserve_pipeline.serve --repository $(REPOSITORY) --build-dir build & \
+		server=$$!; \
+		trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
+		trap 'exit 130' INT TERM; \
+	fi; \
+	$(PY) -m sdserve_client.webui --server $(GRPC_URL) --metrics-url $(METRICS_URL) \
+		--host $(UI_HOST) --port $(UI_PORT) --wait-ready 600
+
+test: $(STAMP) $(UI_STAMP) chromium
 	$(PY) -m pytest tests -q
 
-lint: $(STAMP)
+lint: $(STAMP) $(UI_STAMP)
 	$(PY) -m pip install -q ruff mypy
 	$(PY) -m ruff check model_repository export client tests benchmarks
 	$(PY) -m mypy client/sdserve_client export/sdserve_export

@@ -8,6 +8,7 @@ with the reason; with `CI` set it fails them. Screenshots go to build/test-artif
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import re
@@ -55,22 +56,26 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def sync_playwright():
     for module in ("gradio", "playwright"):
-        try:
-            __import__(module)
-        except ImportError:
-            _missing(f"{module} is not installed (pip install -r client/requirements-ui.txt)")
+        if importlib.util.find_spec(module) is None:
+            _missing(
+                f"{module} is not installed (pip install --no-deps -r client/requirements-ui.txt)"
+            )
     from playwright.sync_api import sync_playwright
 
     return sync_playwright
 
 
 @pytest.fixture(scope="module")
-def stack(sync_playwright, repository, tmp_path_factory):
+def chromium() -> str:
+    return _chromium()
+
+
+@pytest.fixture(scope="module")
+def stack(sync_playwright, chromium, repository, tmp_path_factory):
     """A tritonserver on the demo repository and the web UI in front of it (both on loopback).
 
     The UI starts while the server loads its models: it is a client and waits for nothing.
     """
-    chromium = _chromium()
     build = tmp_path_factory.mktemp("triton-webui")
     (ui_port,) = pick_free_ports("127.0.0.1", 1)
     with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:

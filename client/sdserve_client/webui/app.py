@@ -1,0 +1,508 @@
+"""The Gradio page: inpaint, outpaint and text-to-image tabs over the sdserve gRPC SDK.
+
+Only layout and wiring live here; the logic is in `callbacks.py` (pure functions) and
+`backend.py` (clients of one server). Element ids (`elem_id`) are stable: the browser test
+drives the page through them.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page server
+
+import gradio as gr
+
+from ..errors import SdserveError
+from . import callbacks as cb
+from .backend import Backend
+from .server_info import ModelInfo
+
+TITLE = "sdserve — Stable Diffusion on Triton"
+SIDE_MAX = 512
+SIZE_MIN, SIZE_MAX = 64, 1024
+CSS = """
+.sd-busy { display: flex; flex-direction: column; gap: 6px; font-size: 0.9rem; }
+.sd-bar { position: relative; height: 6px; overflow: hidden; border-radius: 3px;
+          background: var(--neutral-200); }
+.sd-bar::before { content: ""; position: absolute; inset: 0 auto 0 -40%; width: 40%;
+                  background: var(--color-accent); animation: sd-slide 1.2s ease-in-out infinite; }
+@keyframes sd-slide { from { left: -40%; } to { left: 100%; } }
+#server-status { min-height: 1.5em; }
+footer { display: none !important; }
+"""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """How the page reaches its server.
+
+    Args:
+        server_url (`str`, *optional*, defaults to `"127.0.0.1:8001"`): Triton's gRPC address.
+        model (`str`, *optional*, defaults to `"inpaint"`): the model selected at first.
+        timeout (`float`, *optional*): per-generation limit in seconds; `None` waits.
+        metrics_url (`str`, *optional*): Triton's metrics endpoint, for the pending count.
+        concurrency (`int`, *optional*, defaults to 2): generations this page server sends at
+            once; more wait in the page's own queue, which shows each user its position.
+        status_interval (`float`, *optional*, defaults to 5.0): seconds between status updates.
+    """
+
+    server_url: str = "127.0.0.1:8001"
+    model: str = "inpaint"
+    timeout: float | None = None
+    metrics_url: str | None = None
+    concurrency: int = 2
+    status_interval: float = 5.0
+
+
+def build_app(config: AppConfig, backend: Backend | None = None) -> gr.Blocks:
+    """Builds the page (not launched).
+
+    Args:
+        config (`AppConfig`): server address and options.
+        backend (`Backend`, *optional*): the server connection; made from `config` if absent.
+    """
+    backend = backend or Backend(config.server_url, config.timeout, config.metrics_url)
+    handlers = _Handlers(backend, config)
+    with gr.Blocks(title="sdserve", analytics_enabled=False) as demo:
+        gr.Markdown(f"## {TITLE}")
+        status = gr.Markdown(elem_id="server-status")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                prompts = _prompts()
+                with gr.Tabs(elem_id="modes"):
+                    inpaint = _inpaint_tab()
+                    outpaint = _outpaint_tab()
+                    t2i = _text_to_image_tab()
+                settings = _settings_panel(config)
+            with gr.Column(scale=2):
+                results = _results_panel()
+        common = [settings["model"], *prompts, *(settings[name] for name in _SETTING_NAMES)]
+        _wire_generation(handlers, config, common, inpaint, outpaint, t2i, results, status)
+        _wire_outpaint_preview(outpaint)
+        _wire_results(handlers, results, settings, inpaint, outpaint)
+        _wire_server(demo, handlers, config, settings, status)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str, port: int, **kwargs: Any) -> Any:
+    """Queues and launches the page on `host:port` (never shared publicly)."""
+    demo.queue(default_concurrency_limit=4)
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=False,
+        css=CSS,
+        theme=gr.themes.Default(primary_hue="orange"),
+        **kwargs,
+    )
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+Components = dict[str, Any]
+_SETTING_NAMES = ("scheduler", "steps", "guidance", "strength", "seed", "num_images", "preserve")
+
+
+def _prompts() -> tuple[gr.Textbox, gr.Textbox]:
+    prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red bicycle", elem_id="prompt")
+    negative = gr.Textbox(label="Negative prompt", placeholder="blurry", elem_id="negative-prompt")
+    return prompt, negative
+
+
+def _inpaint_tab() -> Components:
+    with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint"):
+        editor = gr.ImageEditor(
+            label="Image: paint over what to regenerate",
+            type="numpy",
+            image_mode="RGBA",
+            sources=["upload", "clipboard"],
+            brush=gr.Brush(colors=["rgba(255, 255, 255, 0.85)"], color_mode="fixed"),
+            eraser=gr.Eraser(),
+            layers=False,
+            transforms=(),
+            format="png",
+            canvas_size=(512, 512),
+            elem_id="inpaint-editor",
+        )
+        with gr.Accordion("Mask file (optional)", open=False, elem_id="inpaint-mask-accordion"):
+            mask = gr.Image(
+                label="Mask: white = regenerate (added to the painted mask)",
+                type="numpy",
+                image_mode="RGBA",
+                sources=["upload", "clipboard"],
+                format="png",
+                elem_id="inpaint-mask",
+            )
+        button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-generate")
+    return {"editor": editor, "mask": mask, "button": button}
+
+
+def _outpaint_tab() -> Components:
+    with gr.Tab("Outpaint", id="outpaint", elem_id="tab-outpaint"):
+        with gr.Row():
+            image = gr.Image(
+                label="Image to extend",
+                type="numpy",
+                image_mode="RGB",
+                sources=["upload", "clipboard"],
+                format="png",
+                height=280,
+                elem_id="outpaint-image",
+            )
+            preview = gr.Image(
+                label="Canvas preview (red = generated)",
+                type="numpy",
+                interactive=False,
+                format="png",
+                height=280,
+                elem_id="outpaint-preview",
+            )
+        caption = gr.Markdown(elem_id="outpaint-caption")
+        with gr.Row():
+            sides = [
+                gr.Slider(0, SIDE_MAX, value=value, step=8, label=name, elem_id=f"outpaint-{name}")
+                for name, value in (("left", 0), ("top", 0), ("right", 64), ("bottom", 0))
+            ]
+        button = gr.Button("Outpaint", variant="primary", elem_id="outpaint-generate")
+    return {
+        "image": image,
+        "preview": preview,
+        "caption": caption,
+        "sides": sides,
+        "button": button,
+    }
+
+
+def _text_to_image_tab() -> Components:
+    with gr.Tab("Text to image", id="text-to-image", elem_id="tab-t2i"):
+        with gr.Row():
+            height, width = (
+                gr.Slider(SIZE_MIN, SIZE_MAX, value=512, step=8, label=name, elem_id=f"t2i-{name}")
+                for name in ("height", "width")
+            )
+        button = gr.Button("Generate", variant="primary", elem_id="t2i-generate")
+    return {"height": height, "width": width, "button": button}
+
+
+def _settings_panel(config: AppConfig) -> Components:
+    with gr.Accordion("Settings", open=True):
+        with gr.Row():
+            model = gr.Dropdown(
+                choices=[config.model], value=config.model, label="Model", elem_id="model"
+            )
+            scheduler = gr.Dropdown(
+                choices=[cb.DEFAULT_SCHEDULER],
+                value=cb.DEFAULT_SCHEDULER,
+                allow_custom_value=True,
+                label="Scheduler",
+                elem_id="scheduler",
+            )
+            refresh = gr.Button("Refresh from server", size="sm", scale=0, elem_id="refresh")
+        with gr.Row():
+            steps = gr.Slider(1, 150, value=25, step=1, label="Steps", elem_id="steps")
+            guidance = gr.Slider(
+                0.0, 50.0, value=7.5, step=0.5, label="Guidance scale", elem_id="guidance"
+            )
+            strength = gr.Slider(
+                0.01,
+                1.0,
+                value=1.0,
+                step=0.01,
+                label="Strength",
+                info="image modes; 1 = ignore the masked pixels",
+                elem_id="strength",
+            )
+        with gr.Row():
+            seed = gr.Textbox(
+                value=cb.RANDOM_SEED, label="Seed (-1 = random)", max_lines=1, elem_id="seed"
+            )
+            random_seed = gr.Button("Random", size="sm", elem_id="seed-random")
+            reuse_seed = gr.Button("Reuse last", size="sm", elem_id="seed-reuse")
+            num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
+            preserve = gr.Checkbox(value=True, label="Keep unmasked pixels", elem_id="preserve")
+    return {
+        "model": model,
+        "scheduler": scheduler,
+        "refresh": refresh,
+        "steps": steps,
+        "guidance": guidance,
+        "strength": strength,
+        "seed": seed,
+        "random_seed": random_seed,
+        "reuse_seed": reuse_seed,
+        "num_images": num_images,
+        "preserve": preserve,
+    }
+
+
+def _results_panel() -> Components:
+    gallery = gr.Gallery(
+        label="Results",
+        columns=2,
+        height="auto",
+        object_fit="contain",
+        format="png",
+        interactive=False,
+        elem_id="results",
+    )
+    busy = gr.HTML("", elem_id="busy")
+    summary = gr.Markdown("Results and their seeds appear here.", elem_id="seeds")
+    use_as_input = gr.Button("Use as input (inpaint / outpaint)", elem_id="use-as-input")
+    return {
+        "gallery": gallery,
+        "busy": busy,
+        "summary": summary,
+        "use_as_input": use_as_input,
+        "images": gr.State([]),
+        "seeds": gr.State([]),
+        "selected": gr.State(None),
+    }
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def _wire_generation(
+    handlers: _Handlers,
+    config: AppConfig,
+    common: list[Any],
+    inpaint: Components,
+    outpaint: Components,
+    t2i: Components,
+    results: Components,
+    status: gr.Markdown,
+) -> None:
+    """Generate buttons: show the busy bar at once, run (queued), then hide it either way."""
+    outputs = [results[name] for name in ("gallery", "summary", "images", "seeds", "selected")]
+    model, busy = common[0], results["busy"]
+    for button, handler, inputs in (
+        (inpaint["button"], handlers.inpaint, [*common, inpaint["editor"], inpaint["mask"]]),
+        (outpaint["button"], handlers.outpaint, [*common, outpaint["image"], *outpaint["sides"]]),
+        (t2i["button"], handlers.text_to_image, [*common, t2i["height"], t2i["width"]]),
+    ):
+        run = button.click(handlers.busy, model, busy, queue=False, show_progress="hidden").then(
+            handler,
+            inputs,
+            outputs,
+            concurrency_limit=config.concurrency,
+            concurrency_id="generate",
+            show_progress="full",
+        )
+        # Not `.then`: Gradio 6.31's page skips `.then` listeners after an error.
+        run.success(handlers.finish, model, [busy, status], show_progress="hidden")
+        run.failure(handlers.finish, model, [busy, status], show_progress="hidden")
+
+
+def _wire_outpaint_preview(outpaint: Components) -> None:
+    inputs = [outpaint["image"], *outpaint["sides"]]
+    for trigger in inputs:
+        trigger.change(
+            cb.outpaint_preview,
+            inputs,
+            [outpaint["preview"], outpaint["caption"]],
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
+
+
+def _wire_results(
+    handlers: _Handlers,
+    results: Components,
+    settings: Components,
+    inpaint: Components,
+    outpaint: Components,
+) -> None:
+    picked = [results["images"], results["selected"]]
+    results["gallery"].select(_selected_index, None, results["selected"], show_progress="hidden")
+    results["use_as_input"].click(
+        handlers.use_as_input, picked, [inpaint["editor"], outpaint["image"]]
+    )
+    settings["random_seed"].click(
+        lambda: cb.RANDOM_SEED, None, settings["seed"], show_progress="hidden"
+    )
+    settings["reuse_seed"].click(
+        handlers.reuse_seed, [results["seeds"], results["selected"]], settings["seed"]
+    )
+
+
+def _wire_server(
+    demo: gr.Blocks,
+    handlers: _Handlers,
+    config: AppConfig,
+    settings: Components,
+    status: gr.Markdown,
+) -> None:
+    """Dropdowns and limits from the server at page load, on refresh and on a model change;
+    the status line every `config.status_interval` seconds."""
+    inputs = [settings[name] for name in ("model", "scheduler", "steps", "num_images")]
+    names = ("model", "scheduler", "steps", "guidance", "num_images")
+    outputs = [*(settings[name] for name in names), status]
+    demo.load(handlers.refresh, inputs, outputs)
+    settings["refresh"].click(handlers.refresh, inputs, outputs)
+    settings["model"].input(handlers.refresh, inputs, outputs)
+    timer = gr.Timer(config.status_interval)
+    timer.tick(handlers.status, settings["model"], status, show_progress="hidden")
+
+
+# --- handlers ---------------------------------------------------------------------------------
+
+
+class _Handlers:
+    """Gradio-facing callbacks: convert arguments, call `callbacks`, map errors to toasts."""
+
+    def __init__(self, backend: Backend, config: AppConfig) -> None:
+        self.backend = backend
+        self.config = config
+
+    def inpaint(
+        self,
+        model: str,
+        prompt: str,
+        negative: str,
+        scheduler: str,
+        steps: float,
+        guidance: float,
+        strength: float,
+        seed: str | None,
+        num_images: float,
+        preserve: bool,
+        editor: dict[str, Any] | None,
+        mask: Any,
+    ) -> tuple[Any, ...]:
+        settings = _settings(
+            prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
+        )
+        return self._run(model, lambda c: cb.run_inpaint(c, settings, editor, mask))
+
+    def outpaint(
+        self,
+        model: str,
+        prompt: str,
+        negative: str,
+        scheduler: str,
+        steps: float,
+        guidance: float,
+        strength: float,
+        seed: str | None,
+        num_images: float,
+        preserve: bool,
+        image: Any,
+        left: float,
+        top: float,
+        right: float,
+        bottom: float,
+    ) -> tuple[Any, ...]:
+        settings = _settings(
+            prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
+        )
+        return self._run(
+            model, lambda c: cb.run_outpaint(c, settings, image, left, top, right, bottom)
+        )
+
+    def text_to_image(
+        self,
+        model: str,
+        prompt: str,
+        negative: str,
+        scheduler: str,
+        steps: float,
+        guidance: float,
+        strength: float,
+        seed: str | None,
+        num_images: float,
+        preserve: bool,
+        height: float,
+        width: float,
+    ) -> tuple[Any, ...]:
+        settings = _settings(
+            prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
+        )
+        return self._run(model, lambda c: cb.run_text_to_image(c, settings, height, width))
+
+    def busy(self, model: str) -> str:
+        """The indeterminate bar shown while a generation runs (the server streams no steps)."""
+        where = html.escape(f"{model or self.config.model} on {self.backend.url}")
+        return (
+            '<div class="sd-busy"><div class="sd-bar"></div>'
+            f"<span>Generating with {where}… images appear when the server answers.</span></div>"
+        )
+
+    def finish(self, model: str) -> tuple[str, str]:
+        """Hides the busy bar and refreshes the status line."""
+        return "", self.status(model)
+
+    def use_as_input(self, images: list[Any], selected: int | None) -> tuple[Any, Any]:
+        image = _user_errors(cb.pick_result, images, selected)
+        return cb.editor_value(image), image
+
+    def reuse_seed(self, seeds: list[int], selected: int | None) -> str:
+        return str(_user_errors(cb.reuse_seed, seeds, selected))
+
+    def refresh(
+        self, model: str, scheduler: str, steps: float, num_images: float
+    ) -> tuple[Any, ...]:
+        """Fills the model and scheduler dropdowns and the slider limits from the server."""
+        model = model or self.config.model
+        try:
+            models = self.backend.models()
+            if models and model not in models:  # the selected model is gone: take the first
+                model = models[0]
+            info = self.backend.model_info(model)
+        except SdserveError as exc:
+            gr.Warning(html.escape(cb.error_message(exc, self.backend.url), quote=False))
+            unchanged = [gr.update() for _ in range(5)]
+            return (*unchanged, self.backend.status(model).markdown())
+        return (
+            gr.update(choices=models or [model], value=model),
+            _scheduler_update(info, scheduler),
+            gr.update(maximum=info.max_steps, value=min(int(steps or 1), info.max_steps)),
+            gr.update(maximum=info.max_guidance_scale),
+            gr.update(maximum=info.max_images, value=min(int(num_images or 1), info.max_images)),
+            self.backend.status(model).markdown(),
+        )
+
+    def status(self, model: str) -> str:
+        return self.backend.status(model or self.config.model).markdown()
+
+    def _run(self, model: str, run: Callable[[Any], cb.Generation]) -> tuple[Any, ...]:
+        try:
+            with self.backend.track():
+                generation = run(self.backend.client(model or self.config.model))
+        except (cb.UIError, SdserveError) as exc:
+            raise _toast(exc, self.backend.url) from None
+        return generation.gallery, generation.summary, generation.images, generation.seeds, None
+
+
+def _settings(*values: Any) -> cb.Settings:
+    settings: cb.Settings = _user_errors(cb.make_settings, *values)
+    return settings
+
+
+def _scheduler_update(info: ModelInfo, current: str | None) -> Any:
+    choices = [cb.DEFAULT_SCHEDULER, *info.schedulers]
+    return gr.update(choices=choices, value=current or cb.DEFAULT_SCHEDULER)
+
+
+def _selected_index(event: gr.SelectData) -> int | None:
+    index = event.index
+    return index if isinstance(index, int) else None
+
+
+def _user_errors(function: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return function(*args)
+    except cb.UIError as exc:
+        raise _toast(exc) from None
+
+
+def _toast(exc: Exception, url: str = "") -> gr.Error:
+    """A `gr.Error` that stays until closed, with the (HTML-escaped) readable message."""
+    message = html.escape(cb.error_message(exc, url), quote=False)
+    title = "Cannot generate" if isinstance(exc, cb.UIError) else "Server error"
+    return gr.Error(message, duration=None, title=title, print_exception=False)
