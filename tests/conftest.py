@@ -84,3 +84,50 @@ def base_service(combined_repository: Path):
     from sdserve_pipeline.inprocess import load_service
 
     return load_service(combined_repository, "sd15_base")
+
+
+# SDXL (issue 6): the tiny SDXL inpainting demo, served beside SD 1.5 from one repository.
+
+
+@pytest.fixture(scope="session")
+def demo_xl_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdserve_export.demo_pipeline import save_demo_xl_pipeline
+
+    return save_demo_xl_pipeline(tmp_path_factory.mktemp("demo-xl") / "demo-pipeline-xl")
+
+
+@pytest.fixture(scope="session")
+def xl_export(repository: Path, demo_xl_pipeline_dir: Path, tmp_path_factory):
+    """(repository with `inpaint` + `inpaint_xl` (components `xl_*`), the XL parity reports)."""
+    import shutil
+
+    from sdserve_export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("with-xl") / "model_repository"
+    shutil.copytree(repository, out)
+    reports = build_repository(
+        demo_xl_pipeline_dir, out, pipeline_name="inpaint_xl", component_prefix="xl_",
+        log=lambda _msg: None,
+    )  # fmt: skip
+    return out, reports
+
+
+@pytest.fixture(scope="session")
+def xl_repository(xl_export) -> Path:
+    return xl_export[0]
+
+
+@pytest.fixture(scope="session")
+def xl_service(xl_repository: Path):
+    from sdserve_pipeline.inprocess import load_service
+
+    return load_service(xl_repository, "inpaint_xl")
+
+
+@pytest.fixture(scope="session")
+def diffusers_xl_pipe(demo_xl_pipeline_dir: Path):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(demo_xl_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

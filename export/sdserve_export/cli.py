@@ -1,6 +1,6 @@
 """`sdserve-export`: build the demo pipeline, and export a pipeline to a Triton repository.
 
-    python -m sdserve_export demo-pipeline [--out build/demo-pipeline]
+    python -m sdserve_export demo-pipeline [--out build/demo-pipeline] [--sdxl]
     python -m sdserve_export repository --source build/demo-pipeline [--out build/model_repository]
 """
 
@@ -10,7 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdserve_export.demo_pipeline import DEFAULT_FOLDER, save_demo_pipeline
+from sdserve_export.demo_pipeline import (
+    DEFAULT_FOLDER,
+    DEFAULT_XL_FOLDER,
+    save_demo_pipeline,
+    save_demo_xl_pipeline,
+)
 from sdserve_export.parity import ParityError
 from sdserve_export.repository import DEFAULT_REPOSITORY, build_repository
 
@@ -20,17 +25,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo-pipeline", help="write the tiny random-weight demo pipeline")
-    demo.add_argument("--out", type=Path, default=DEFAULT_FOLDER)
+    demo.add_argument(
+        "--out", type=Path, default=None,
+        help=f"default: {DEFAULT_FOLDER} ({DEFAULT_XL_FOLDER} with --sdxl)",
+    )  # fmt: skip
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     demo.add_argument(
         "--unet-in-channels", type=int, choices=(4, 9), default=9,
         help="9: inpainting checkpoint (default); 4: standard text-to-image checkpoint",
     )  # fmt: skip
+    demo.add_argument(
+        "--sdxl", action="store_true",
+        help="the SDXL inpainting architecture (two text encoders); serve it with "
+        "`repository --name inpaint_xl --component-prefix xl_`",
+    )  # fmt: skip
 
     repo = sub.add_parser("repository", help="export a pipeline to a Triton model repository")
     repo.add_argument(
         "--source", default=str(DEFAULT_FOLDER),
-        help="diffusers inpainting pipeline folder (or hub id where a network exists)",
+        help="diffusers inpainting pipeline folder (or hub id where a network exists); "
+        "SD 1.5 or SDXL, told apart by its text_encoder_2",
     )  # fmt: skip
     repo.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY)
     repo.add_argument("--name", default="inpaint", help="pipeline model name")
@@ -49,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "demo-pipeline":
-        folder = save_demo_pipeline(args.out, args.seed, args.unet_in_channels)
+        if args.sdxl:
+            folder = save_demo_xl_pipeline(args.out or DEFAULT_XL_FOLDER, args.seed)
+        else:
+            folder = save_demo_pipeline(args.out or DEFAULT_FOLDER, args.seed, args.unet_in_channels)
         print(f"demo pipeline (tiny, RANDOM weights) written to {folder}")
         return 0
     try:

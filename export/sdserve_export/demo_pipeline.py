@@ -13,17 +13,23 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
+    UNet2DConditionModel,
 )
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdserve_export.clip_tokenizer import VOCAB_SIZE, clip_tokenizer
 
 DEFAULT_FOLDER = Path("build/demo-pipeline")
+DEFAULT_XL_FOLDER = Path("build/demo-pipeline-xl")
 TEXT_HIDDEN = 64
+XL_TEXT_HIDDEN = (32, 48)  # text_encoder, text_encoder_2 (SDXL: 768, 1280)
+XL_PROJECTION = 48  # text_encoder_2's projection_dim (SDXL: 1280)
+XL_TIME_EMBED = 8  # unet addition_time_embed_dim (SDXL: 256)
 
 
 def tiny_unet(in_channels: int = 9) -> UNet2DConditionModel:
@@ -41,7 +47,9 @@ def tiny_unet(in_channels: int = 9) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(
+    scaling_factor: float = 0.18215, force_upcast: bool = True, norm_num_groups: int = 32
+) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -50,27 +58,86 @@ def tiny_vae() -> AutoencoderKL:
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=norm_num_groups,
         sample_size=128,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def tiny_text_config(
+    hidden: int = TEXT_HIDDEN, layers: int = 2, projection_dim: int | None = None,
+    hidden_act: str = "quick_gelu", pad_token_id: int = 49407,
+) -> CLIPTextConfig:  # fmt: skip
+    return CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=projection_dim or hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
     )
 
 
 def tiny_text_encoder() -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        projection_dim=TEXT_HIDDEN,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+    return CLIPTextModel(tiny_text_config())
+
+
+def tiny_xl_text_encoders() -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """CLIP ViT-L-like and OpenCLIP bigG-like encoders (3 layers: SDXL reads the penultimate)."""
+    first = CLIPTextModel(tiny_text_config(XL_TEXT_HIDDEN[0], layers=3))
+    second = CLIPTextModelWithProjection(
+        tiny_text_config(XL_TEXT_HIDDEN[1], layers=3, projection_dim=XL_PROJECTION,
+                         hidden_act="gelu", pad_token_id=0)  # "!" pads, as SDXL's tokenizer_2
+    )  # fmt: skip
+    return first, second
+
+
+def tiny_xl_unet(in_channels: int = 9) -> UNet2DConditionModel:
+    """SDXL's UNet layout (no attention at the top level, 3 levels, text_time added embedding)."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 1, 2),
+        use_linear_projection=True,
+        cross_attention_dim=sum(XL_TEXT_HIDDEN),  # both penultimate states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_EMBED,
+        # pooled text_embeds + 6 time ids (original size, crop top-left, target size)
+        projection_class_embeddings_input_dim=XL_PROJECTION + 6 * XL_TIME_EMBED,
+        norm_num_groups=32,
     )
-    return CLIPTextModel(config)
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """Euler configured as SDXL 1.0 (inpainting 0.1) ships it."""
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type="epsilon",
+        use_karras_sigmas=False,
+    )
+    # In SDXL's scheduler_config.json too, read by schedulers built from it (DDIM, PNDM, ...).
+    scheduler.register_to_config(
+        clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0
+    )
+    return scheduler
 
 
 def sd15_scheduler() -> PNDMScheduler:
@@ -129,6 +196,36 @@ def build_demo_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_demo_xl_pipeline(seed: int = 0) -> StableDiffusionXLInpaintPipeline:
+    """The tiny SDXL-inpainting-architecture pipeline with weights from `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    # 4+ channels per GroupNorm group, as in the real VAE (128 / 32): with one channel per
+    # group, the constant masked image of text-to-image normalises to amplified rounding
+    # noise (variance 0), and ONNX Runtime vs PyTorch then differ by several levels.
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=True, norm_num_groups=8)
+    unet = tiny_xl_unet()
+    text_encoder, text_encoder_2 = tiny_xl_text_encoders()
+    temper_cross_attention(unet)
+    return StableDiffusionXLInpaintPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet.eval(),
+        scheduler=sdxl_scheduler(),
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def save_demo_xl_pipeline(folder: Path = DEFAULT_XL_FOLDER, seed: int = 0) -> Path:
+    """Write the tiny SDXL inpainting pipeline in diffusers format (safetensors) to `folder`."""
+    build_demo_xl_pipeline(seed).save_pretrained(folder)
+    return folder
 
 
 def save_demo_pipeline(folder: Path = DEFAULT_FOLDER, seed: int = 0, in_channels: int = 9) -> Path:

@@ -10,15 +10,17 @@ from pathlib import Path
 
 import onnx
 import torch
-from torch import nn
-
 from sdserve_pipeline.components import (
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    TEXT_ENCODER_XL,
     UNET,
+    UNET_XL,
     VAE_DECODER,
     VAE_ENCODER,
     ComponentSpec,
 )
+from torch import nn
 
 OPSET = 17
 TWO_GB = 2**31
@@ -34,6 +36,43 @@ class TextEncoderExport(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class PenultimateTextEncoderExport(nn.Module):
+    """input_ids → penultimate hidden states (+ projected pooled `text_embeds` for a
+    CLIPTextModelWithProjection): what SDXL's encode_prompt reads (`hidden_states[-2]`)."""
+
+    def __init__(self, text_encoder: nn.Module, pooled: bool) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
+class UNetXLExport(nn.Module):
+    """SDXL UNet: `added_cond_kwargs` (pooled text embeds, time ids) as plain inputs."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]
 
 
 class UNetExport(nn.Module):
@@ -88,8 +127,6 @@ CHECK_SIZES = (TRACE_SIZE, (1, 8, 16))
 
 def sd15_targets(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> list[ExportTarget]:
     """The four SD 1.5 components with example-input makers derived from their configs."""
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_channels = vae.config.latent_channels
     seq, hidden = text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size
     vocab = text_encoder.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -112,6 +149,51 @@ def sd15_targets(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> li
                 randn(b, seq, hidden),
             ),
         ),
+        *vae_targets(vae, gen),
+    ]
+
+
+def sdxl_targets(
+    text_encoder: nn.Module, text_encoder_2: nn.Module, unet: nn.Module, vae: nn.Module
+) -> list[ExportTarget]:
+    """The five SDXL components (the VAE ones as SD 1.5's, kept fp32)."""
+    seq = text_encoder.config.max_position_embeddings
+    vocab = text_encoder.config.vocab_size
+    cross_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    projection = text_encoder_2.config.projection_dim
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(b: int, h: int, w: int) -> tuple[torch.Tensor]:
+        return (torch.randint(0, vocab, (b, seq), generator=gen),)
+
+    def unet_inputs(b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
+        size = torch.tensor([h * 8.0, w * 8.0, 0.0, 0.0, h * 8.0, w * 8.0])  # pixels, crop, target
+        return (
+            torch.randn(b, unet.config.in_channels, h, w, generator=gen),
+            torch.full((b,), 981.0),
+            torch.randn(b, seq, cross_dim, generator=gen),
+            torch.randn(b, projection, generator=gen),
+            size.repeat(b, 1),
+        )
+
+    return [
+        ExportTarget(TEXT_ENCODER_XL, PenultimateTextEncoderExport(text_encoder, False), ids),
+        ExportTarget(TEXT_ENCODER_2, PenultimateTextEncoderExport(text_encoder_2, True), ids),
+        ExportTarget(UNET_XL, UNetXLExport(unet), unet_inputs),
+        *vae_targets(vae, gen),
+    ]
+
+
+def vae_targets(vae: nn.Module, gen: torch.Generator) -> list[ExportTarget]:
+    """VAE encoder (posterior mean, logvar) and decoder, always exported in fp32."""
+    vae = vae.to(torch.float32)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_channels = vae.config.latent_channels
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    return [
         ExportTarget(
             VAE_ENCODER,
             VaeEncoderExport(vae),

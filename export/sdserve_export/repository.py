@@ -6,10 +6,15 @@
       vae_encoder/   ...
       vae_decoder/   ...
       inpaint/       config.pbtxt  1/model.py  1/assets/       (pipeline, BLS)
+
+An SDXL checkpoint (a `text_encoder_2` folder) adds `text_encoder_2/`; built with a
+component prefix (`xl_`) and its own pipeline name (`inpaint_xl`) into the same folder, it
+is served beside SD 1.5.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -17,17 +22,26 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers import DDIMScheduler
-from transformers import CLIPTextModel, CLIPTokenizer
-
-from sdserve_export.onnx_export import export_onnx, sd15_targets
-from sdserve_export.parity import ParityReport, check_parity, require_parity
-from sdserve_export.triton_configs import ONNX_FILE, component_config, pipeline_config, to_pbtxt
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from sdserve_pipeline.assets import ASSETS_DIR, CheckpointFacts, PipelineAssets
-from sdserve_pipeline.components import SD15_COMPONENTS
+from sdserve_pipeline.components import components_for
 from sdserve_pipeline.outpaint import OutpaintSettings
 from sdserve_pipeline.request import Limits
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdserve_export.onnx_export import (
+    ExportTarget,
+    export_onnx,
+    sd15_targets,
+    sdxl_targets,
+)
+from sdserve_export.parity import ParityReport, check_parity, require_parity
+from sdserve_export.triton_configs import (
+    ONNX_FILE,
+    component_config,
+    pipeline_config,
+    to_pbtxt,
+)
 
 DEFAULT_REPOSITORY = Path("build/model_repository")
 VERSION = "1"
@@ -39,17 +53,33 @@ class LoadedPipeline:
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     assets: PipelineAssets
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL
 
     def sizes(self) -> dict[str, int]:
         """Values of the fixed symbolic dims of the component specs."""
         te, vae = self.text_encoder.config, self.vae.config
-        return {
+        sizes = {
             "sequence_length": te.max_position_embeddings,
             "hidden_size": te.hidden_size,
             "unet_in_channels": self.unet.config.in_channels,
             "latent_channels": vae.latent_channels,
             "image_channels": vae.in_channels,
         }
+        if self.text_encoder_2 is not None:
+            te2 = self.text_encoder_2.config
+            sizes |= {
+                "hidden_size_2": te2.hidden_size,
+                "projection_dim": te2.projection_dim,
+                "cross_attention_dim": te.hidden_size + te2.hidden_size,
+                "time_ids": 6,  # original size, crop top-left, target size
+            }
+        return sizes
+
+    def targets(self) -> list[ExportTarget]:
+        """What to export for this checkpoint's architecture."""
+        if self.text_encoder_2 is not None:
+            return sdxl_targets(self.text_encoder, self.text_encoder_2, self.unet, self.vae)
+        return sd15_targets(self.text_encoder, self.unet, self.vae)
 
 
 def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipeline:
@@ -67,6 +97,19 @@ def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipel
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))  # any class reads it
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    pipeline_config = _pipeline_config(source)
+    sdxl = "text_encoder_2" in pipeline_config
+    text_encoder_2, tokenizer_2 = None, None
+    if sdxl:
+        if pipeline_config.get("requires_aesthetics_score"):
+            raise ValueError(
+                "requires_aesthetics_score=True (refiner-style time ids) is not supported; "
+                "sdserve serves SDXL base/inpainting checkpoints"
+            )
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder="text_encoder_2", **kwargs
+        ).eval()
+        tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
     facts = CheckpointFacts(
         vae_scaling_factor=float(vae.config.scaling_factor),
         vae_scale_factor=vae_scale,
@@ -74,14 +117,29 @@ def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipel
         unet_in_channels=unet.config.in_channels,
         default_size=unet.config.sample_size * vae_scale,
         text_max_length=tokenizer.model_max_length,
+        architecture="sdxl" if sdxl else "sd15",
+        # diffusers' defaults: StableDiffusionXLInpaintPipeline strength 0.9999
+        default_strength=0.9999 if sdxl else 1.0,
+        force_zeros_for_empty_prompt=sdxl
+        and bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
     )
     if facts.unet_in_channels not in (4, 9):
         raise ValueError(
             f"unet has {facts.unet_in_channels} input channels; sdserve serves 9-channel "
             "inpainting and 4-channel text-to-image checkpoints"
         )
-    assets = PipelineAssets(facts=facts, tokenizer=tokenizer, scheduler_config=scheduler_config)
-    return LoadedPipeline(text_encoder.eval(), unet.eval(), vae.eval(), assets)
+    assets = PipelineAssets(facts, tokenizer, scheduler_config, tokenizer_2)
+    return LoadedPipeline(text_encoder.eval(), unet.eval(), vae.eval(), assets, text_encoder_2)
+
+
+def _pipeline_config(source: str | Path) -> dict:
+    """`model_index.json` of the pipeline (component classes, pipeline flags)."""
+    local = Path(source) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download  # a hub id, where a network exists
+
+    return json.loads(Path(hf_hub_download(str(source), "model_index.json")).read_text())
 
 
 def build_repository(
@@ -115,9 +173,10 @@ def build_repository(
     log(f"[load] {source}")
     pipe = load_pipeline(source, allow_pickle)
     staging = out.with_name(out.name + ".partial")
-    names = {spec.name: component_prefix + spec.name for spec in SD15_COMPONENTS}
+    specs = components_for(pipe.assets.facts.architecture)
+    names = {spec.name: component_prefix + spec.name for spec in specs}
     shutil.rmtree(staging, ignore_errors=True)
-    targets = sd15_targets(pipe.text_encoder, pipe.unet, pipe.vae)
+    targets = pipe.targets()
     reports = []
     for i, target in enumerate(targets, 1):
         name = names[target.spec.name]

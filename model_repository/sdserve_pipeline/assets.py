@@ -17,6 +17,7 @@ from transformers import CLIPTokenizer
 PIPELINE_JSON = "pipeline.json"
 SCHEDULER_JSON = "scheduler_config.json"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (pads with "!")
 ASSETS_DIR = "assets"  # inside the pipeline model's version folder
 
 
@@ -31,6 +32,12 @@ class CheckpointFacts:
         unet_in_channels: 9 for inpainting checkpoints, 4 for text-to-image ones.
         default_size: `unet.config.sample_size * vae_scale_factor` (512 for SD 1.5).
         text_max_length: tokenizer `model_max_length` (77).
+        architecture: `sd15` (one text encoder) or `sdxl` (two, pooled embeds, time ids);
+            picks the component set and the prompt encoding.
+        default_strength: strength of an image request that gives none (1.0; SDXL
+            inpainting: 0.9999, as diffusers' `StableDiffusionXLInpaintPipeline`).
+        force_zeros_for_empty_prompt: SDXL: zero the negative embeddings when there is no
+            negative prompt (the pipeline's `force_zeros_for_empty_prompt` config).
     """
 
     vae_scaling_factor: float
@@ -39,6 +46,9 @@ class CheckpointFacts:
     unet_in_channels: int
     default_size: int
     text_max_length: int
+    architecture: str = "sd15"
+    default_strength: float = 1.0
+    force_zeros_for_empty_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class PipelineAssets:
     facts: CheckpointFacts
     tokenizer: CLIPTokenizer
     scheduler_config: dict[str, Any]
+    tokenizer_2: CLIPTokenizer | None = None
 
     @classmethod
     def load(cls, folder: str | Path) -> PipelineAssets:
@@ -53,7 +64,10 @@ class PipelineAssets:
         facts = CheckpointFacts(**json.loads((folder / PIPELINE_JSON).read_text()))
         tokenizer = CLIPTokenizer.from_pretrained(folder / TOKENIZER_DIR)
         scheduler_config = json.loads((folder / SCHEDULER_JSON).read_text())
-        return cls(facts=facts, tokenizer=tokenizer, scheduler_config=scheduler_config)
+        tokenizer_2 = None
+        if (folder / TOKENIZER_2_DIR).is_dir():
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / TOKENIZER_2_DIR)
+        return cls(facts, tokenizer, scheduler_config, tokenizer_2)
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -61,3 +75,5 @@ class PipelineAssets:
         (folder / PIPELINE_JSON).write_text(json.dumps(asdict(self.facts), indent=2) + "\n")
         (folder / SCHEDULER_JSON).write_text(json.dumps(self.scheduler_config, indent=2) + "\n")
         self.tokenizer.save_pretrained(folder / TOKENIZER_DIR)
+        if self.tokenizer_2 is not None:
+            self.tokenizer_2.save_pretrained(folder / TOKENIZER_2_DIR)

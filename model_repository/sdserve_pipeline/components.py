@@ -113,3 +113,60 @@ VAE_DECODER = ComponentSpec(
 )
 
 SD15_COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
+
+# SDXL: two text encoders read at their penultimate layer, the second also giving the pooled
+# (projected) embedding; the UNet takes those plus the size/crop `time_ids`. The VAE
+# components are SD 1.5's and stay fp32 whatever precision the rest uses (SDXL's VAE
+# overflows in fp16).
+
+TEXT_ENCODER_XL = ComponentSpec(
+    name="text_encoder",
+    inputs=(TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),),
+    outputs=(
+        TensorSpec("penultimate_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size")),
+    ),
+)
+
+TEXT_ENCODER_2 = ComponentSpec(
+    name="text_encoder_2",
+    inputs=(TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),),
+    outputs=(
+        TensorSpec(
+            "penultimate_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size_2")
+        ),
+        TensorSpec("text_embeds", "FP32", ("batch", "projection_dim")),
+    ),
+)
+
+UNET_XL = ComponentSpec(
+    name="unet",
+    inputs=(
+        TensorSpec("sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")),
+        TensorSpec("timestep", "FP32", ("batch",)),
+        TensorSpec(
+            "encoder_hidden_states", "FP32", ("batch", "sequence_length", "cross_attention_dim")
+        ),
+        TensorSpec("text_embeds", "FP32", ("batch", "projection_dim")),
+        TensorSpec("time_ids", "FP32", ("batch", "time_ids")),
+    ),
+    outputs=UNET.outputs,
+    trt_batch=UNET.trt_batch,
+)
+
+SDXL_COMPONENTS: tuple[ComponentSpec, ...] = (
+    TEXT_ENCODER_XL, TEXT_ENCODER_2, UNET_XL, VAE_ENCODER, VAE_DECODER,
+)  # fmt: skip
+
+COMPONENTS_BY_ARCHITECTURE: dict[str, tuple[ComponentSpec, ...]] = {
+    "sd15": SD15_COMPONENTS,
+    "sdxl": SDXL_COMPONENTS,
+}
+
+
+def components_for(architecture: str) -> tuple[ComponentSpec, ...]:
+    """The exported components of an architecture (`CheckpointFacts.architecture`)."""
+    if architecture not in COMPONENTS_BY_ARCHITECTURE:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; known: {', '.join(COMPONENTS_BY_ARCHITECTURE)}"
+        )
+    return COMPONENTS_BY_ARCHITECTURE[architecture]

@@ -1,9 +1,12 @@
-"""The generation loop, on four components given as callables.
+"""The generation loop, on the exported components given as callables.
 
-It follows `StableDiffusionInpaintPipeline.__call__` step by step (same random draws in the
-same order, same scheduler calls, same arithmetic), so that with the same weights, seed,
-scheduler and steps the images match diffusers'. The same code runs inside Triton (BLS
-callables) and in-process (ONNX Runtime sessions).
+It follows `StableDiffusionInpaintPipeline.__call__` (SD 1.5) and
+`StableDiffusionXLInpaintPipeline.__call__` (SDXL: two text encoders, pooled embeddings and
+size/crop time ids as extra UNet inputs) step by step (same random draws in the same
+order, same scheduler calls, same arithmetic), so that with the same weights, seed,
+scheduler and steps the images match diffusers'. The architectures differ only in the
+prompt conditioning; latents, timesteps, the denoising loop and decoding are shared.
+The same code runs inside Triton (BLS callables) and in-process (ONNX Runtime sessions).
 """
 
 from __future__ import annotations
@@ -47,6 +50,21 @@ class Components:
     unet: Runner
     vae_encoder: Runner
     vae_decoder: Runner
+    text_encoder_2: Runner | None = None  # SDXL
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, [uncond x N, cond x N] (or cond x N without CFG).
+
+    Args:
+        prompt_embeds: (2N, L, D) `encoder_hidden_states`.
+        added: extra UNet inputs in spec order after `encoder_hidden_states`; SDXL:
+            `text_embeds` (2N, P) pooled embeddings and `time_ids` (2N, 6).
+    """
+
+    prompt_embeds: torch.Tensor
+    added: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
@@ -89,10 +107,14 @@ class Job:
     scheduler: Any
     timesteps: torch.Tensor
     state: LatentState
-    prompt_embeds: torch.Tensor
+    conditioning: Conditioning
     step_kwargs: dict[str, Any]
     is_cancelled: Callable[[], bool]
     index: int = 0
+
+    @property
+    def prompt_embeds(self) -> torch.Tensor:
+        return self.conditioning.prompt_embeds
 
     @property
     def latents(self) -> torch.Tensor:
@@ -162,8 +184,8 @@ class InpaintLoop:
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
         height, width = padded_size(params.height, params.width, self.facts.vae_scale_factor)
 
-        # 1. Encode input prompt: [uncond x N, cond x N] (one text-encoder call)
-        prompt_embeds = self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
+        # 1. Encode input prompt: [uncond x N, cond x N] (one call per text encoder)
+        conditioning = self.condition(params, n, cfg, height, width)
 
         # 2. Set timesteps, truncated by strength
         scheduler = make_scheduler(params.scheduler, self.assets.scheduler_config)
@@ -176,7 +198,7 @@ class InpaintLoop:
             state.unet_extra = torch.cat([state.unet_extra] * 2)  # (2N, 5, h, w)
         return Job(
             params=params, cfg=cfg, scheduler=scheduler, timesteps=timesteps, state=state,
-            prompt_embeds=prompt_embeds, step_kwargs=extra_step_kwargs(scheduler, generators),
+            conditioning=conditioning, step_kwargs=extra_step_kwargs(scheduler, generators),
             is_cancelled=is_cancelled or (lambda: False),
         )  # fmt: skip
 
@@ -197,7 +219,10 @@ class InpaintLoop:
             inputs.append(model_input)
             timesteps.append(t.to(torch.float32).repeat(model_input.shape[0]))  # (2N,)
         embeds = torch.cat([job.prompt_embeds for job in jobs])
-        (noise_preds,) = self.components.unet(torch.cat(inputs), torch.cat(timesteps), embeds)
+        added = [torch.cat(parts) for parts in zip(*(job.conditioning.added for job in jobs))]
+        (noise_preds,) = self.components.unet(
+            torch.cat(inputs), torch.cat(timesteps), embeds, *added
+        )
         for job, noise_pred in zip(jobs, noise_preds.split([x.shape[0] for x in inputs])):
             job.advance(noise_pred)
 
@@ -280,18 +305,51 @@ class InpaintLoop:
             return LatentState(latents=latents, unet_extra=extra)
         return LatentState(latents=latents, noise=noise, blend_latents=image_latents, mask=mask)
 
+    def condition(
+        self, params: GenerationParams, n: int, cfg: bool, height: int, width: int
+    ) -> Conditioning:
+        """The UNet's text (and, SDXL, size) conditioning for the architecture served."""
+        if self.facts.architecture == "sdxl":
+            return self.encode_prompt_xl(params.prompt, params.negative_prompt, n, cfg,
+                                         height, width)  # fmt: skip
+        return Conditioning(self.encode_prompt(params.prompt, params.negative_prompt, n, cfg))
+
     def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> torch.Tensor:
         """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""
         texts = [negative, prompt] if cfg else [prompt]
-        tokens = self.assets.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.assets.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        (embeds,) = self.components.text_encoder(tokens.input_ids.to(torch.int64))
+        (embeds,) = self.components.text_encoder(tokenize(self.assets.tokenizer, texts))
         return embeds.repeat_interleave(n, dim=0)
+
+    def encode_prompt_xl(
+        self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int
+    ) -> Conditioning:
+        """SDXL conditioning as `StableDiffusionXLInpaintPipeline.encode_prompt` and its
+        step 10 compute it.
+
+        Prompt embeds: both encoders' penultimate hidden states, concatenated on the feature
+        axis; pooled embeds: text_encoder_2's projected output. Without a negative prompt
+        and with `force_zeros_for_empty_prompt`, the negative embeds are zeros (diffusers'
+        default call); otherwise the negative prompt is encoded like the prompt. Time ids:
+        original size, crop top-left (0, 0), target size; both sizes are the padded
+        generation size, for the negative branch too.
+        """
+        tokenizer_2, text_encoder_2 = self.assets.tokenizer_2, self.components.text_encoder_2
+        if tokenizer_2 is None or text_encoder_2 is None:
+            raise RuntimeError("an sdxl pipeline needs tokenizer_2 and text_encoder_2")
+        zero_negative = cfg and not negative and self.facts.force_zeros_for_empty_prompt
+        texts = [negative, prompt] if cfg and not zero_negative else [prompt]
+        (hidden_1,) = self.components.text_encoder(tokenize(self.assets.tokenizer, texts))
+        hidden_2, pooled = text_encoder_2(tokenize(tokenizer_2, texts))
+        embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
+        if zero_negative:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
+        time_ids = time_ids.repeat(embeds.shape[0], 1)  # (B, 6); negative ids are the same
+        return Conditioning(
+            embeds.repeat_interleave(n, dim=0),
+            (pooled.repeat_interleave(n, dim=0), time_ids.repeat_interleave(n, dim=0)),
+        )
 
     def prepare_image_and_mask(
         self, params: GenerationParams, height: int, width: int
@@ -309,6 +367,18 @@ class InpaintLoop:
         posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
         latents = torch.cat([posterior.sample(generator=g) for g in generators])
         return self.facts.vae_scaling_factor * latents
+
+
+def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes."""
+    tokens = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return tokens.input_ids.to(torch.int64)
 
 
 def truncated_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:

@@ -86,14 +86,17 @@ class GenerationParams:
 
 
 def parse_request(
-    inputs: dict[str, np.ndarray], limits: Limits, default_size: int
-) -> GenerationParams:
+    inputs: dict[str, np.ndarray], limits: Limits, default_size: int,
+    default_strength: float = 1.0,
+) -> GenerationParams:  # fmt: skip
     """Check every input of a wire request and decode it.
 
     Args:
         inputs: wire input name → array, batch dimension already removed.
         limits: the model's limits.
         default_size: text-to-image side when height/width are absent.
+        default_strength: strength of a request with an image that gives none (text-to-image
+            always starts from pure noise: 1.0).
     """
     for name, array in inputs.items():
         _check_wire(name, array)
@@ -109,7 +112,8 @@ def parse_request(
     steps = _int(inputs, "steps", min(50, limits.max_steps), 1, limits.max_steps)
     num_images = _int(inputs, "num_images", 1, 1, limits.max_images)
     guidance = _float(inputs, "guidance_scale", 7.5, 0.0, limits.max_guidance_scale)
-    strength = _float(inputs, "strength", 1.0, 0.0, 1.0, low_open=True)
+    strength_default = default_strength if image is not None else 1.0
+    strength = _float(inputs, "strength", strength_default, 0.0, 1.0, low_open=True)
     if strength < 1.0 and image is None:
         raise RequestError("strength", f"{strength} < 1 needs an input image to start from")
     if int(steps * strength) < 1:

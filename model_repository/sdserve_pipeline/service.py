@@ -13,10 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from sdserve_pipeline.assets import PipelineAssets
-from sdserve_pipeline.components import SD15_COMPONENTS, ComponentSpec
+from sdserve_pipeline.components import ComponentSpec, components_for
 from sdserve_pipeline.loop import Components, InpaintLoop, Runner
 from sdserve_pipeline.outpaint import OutpaintSettings, outpaint
-from sdserve_pipeline.request import GenerationParams, Limits, RequestError, parse_request
+from sdserve_pipeline.request import (
+    GenerationParams,
+    Limits,
+    RequestError,
+    parse_request,
+)
 
 # Makes a runner for a component: (its spec, the Triton model name serving it) → callable.
 RunnerFactory = Callable[[ComponentSpec, str], Runner]
@@ -42,13 +47,14 @@ class PipelineService:
         cls, params: Mapping[str, str], assets_dir: str | Path, make_runner: RunnerFactory
     ) -> PipelineService:
         """Build from a pipeline config's parameters (see `triton_configs.pipeline_config`)."""
+        assets = PipelineAssets.load(assets_dir)
         runners = {
             spec.name: make_runner(spec, params.get(f"{spec.name}_model", spec.name))
-            for spec in SD15_COMPONENTS
+            for spec in components_for(assets.facts.architecture)
         }
         loop = InpaintLoop(
             Components(**runners),
-            PipelineAssets.load(assets_dir),
+            assets,
             feather_radius=int(params.get("feather_radius", 4)),
         )
         outpaint_settings = OutpaintSettings(
@@ -59,6 +65,10 @@ class PipelineService:
         )
         return cls(loop, limits_from_parameters(params), outpaint_settings)
 
+    def _parse(self, inputs: Mapping[str, np.ndarray]) -> GenerationParams:
+        facts = self.loop.facts
+        return parse_request(dict(inputs), self.limits, facts.default_size, facts.default_strength)
+
     def generate(
         self, inputs: Mapping[str, np.ndarray], is_cancelled: Callable[[], bool] | None = None
     ) -> dict[str, np.ndarray]:
@@ -68,7 +78,7 @@ class PipelineService:
             RequestError: a bad input, before any model call.
             Cancelled: the request was cancelled mid-loop.
         """
-        params = parse_request(dict(inputs), self.limits, self.loop.facts.default_size)
+        params = self._parse(inputs)
         if params.outpaint is not None:
             images = outpaint(self.loop, params, self.outpaint, is_cancelled)
         else:
@@ -88,7 +98,7 @@ class PipelineService:
         batch_items: list[tuple[int, GenerationParams, Callable[[], bool] | None]] = []
         for i, (inputs, is_cancelled) in enumerate(requests):
             try:
-                params = parse_request(dict(inputs), self.limits, self.loop.facts.default_size)
+                params = self._parse(inputs)
                 if params.outpaint is not None:
                     images = outpaint(self.loop, params, self.outpaint, is_cancelled)
                     results[i] = _outputs(images, params)
