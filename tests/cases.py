@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from PIL import Image
+
+from sdserve_pipeline.triton_server import TritonServer
 
 
 def make_case(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -35,3 +40,13 @@ def diffusers_inpaint(pipe, image, mask, prompt="a red bicycle", seed=42, steps=
 def max_abs(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@contextlib.contextmanager
+def served(repository, build_dir, **options) -> Iterator[TritonServer]:
+    """A real tritonserver on 127.0.0.1 (free ports) serving `repository`, ready, then stopped."""
+    with TritonServer(
+        repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build_dir, **options
+    ) as server:
+        server.wait_ready(timeout_s=300)
+        yield server

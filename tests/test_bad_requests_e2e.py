@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cases import diffusers_inpaint, make_case, max_abs
+from cases import diffusers_inpaint, make_case, max_abs, served
 from sdserve_pipeline.request import MAX_SEED, Limits
-from sdserve_pipeline.triton_server import TritonServer, process_group_members
+from sdserve_pipeline.triton_server import process_group_members
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 pytestmark = pytest.mark.e2e
@@ -236,8 +236,7 @@ def names_input(message: str, name: str) -> bool:
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
     build = tmp_path_factory.mktemp("triton-bad-requests")
-    with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:
-        srv.wait_ready(timeout_s=300)
+    with served(repository, build) as srv:
         yield srv
 
 

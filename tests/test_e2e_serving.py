@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cases import diffusers_inpaint, make_case, max_abs
+from cases import diffusers_inpaint, make_case, max_abs, served
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from sdserve_client import InpaintClient, SdserveError
 from sdserve_export.triton_configs import parse_pbtxt
-from sdserve_pipeline.triton_server import TritonServer
 
 pytestmark = pytest.mark.e2e
 
@@ -18,8 +17,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def server(repository, tmp_path_factory):
     build = tmp_path_factory.mktemp("triton")
-    with TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:
-        srv.wait_ready(timeout_s=300)
+    with served(repository, build) as srv:
         yield srv
 
 
@@ -144,10 +142,7 @@ def test_sdk_raises_its_one_error_type_with_the_server_message(sdk):
 @pytest.fixture(scope="module")
 def combined_server(combined_repository, tmp_path_factory):
     build = tmp_path_factory.mktemp("triton-combined")
-    with TritonServer(
-        combined_repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build
-    ) as srv:
-        srv.wait_ready(timeout_s=300)
+    with served(combined_repository, build) as srv:
         yield srv
 
 

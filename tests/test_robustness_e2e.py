@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cases import make_case, max_abs
+from cases import make_case, max_abs, served
 from google.protobuf import text_format
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tritonclient.grpc import model_config_pb2 as mc
@@ -37,8 +37,7 @@ def _with_queue(repository: Path, out: Path, max_queue_size: int) -> Path:
 def server(repository, tmp_path_factory):
     repo = _with_queue(repository, tmp_path_factory.mktemp("q") / "repo", max_queue_size=2)
     build = tmp_path_factory.mktemp("triton-robust")
-    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:
-        srv.wait_ready(timeout_s=300)
+    with served(repo, build) as srv:
         yield srv
 
 
@@ -46,10 +45,7 @@ def server(repository, tmp_path_factory):
 def roomy_server(repository, tmp_path_factory):
     """The repository as exported: a queue of 16, room for 8 concurrent clients."""
     build = tmp_path_factory.mktemp("triton-roomy")
-    with TritonServer(
-        repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build
-    ) as srv:
-        srv.wait_ready(timeout_s=300)
+    with served(repository, build) as srv:
         yield srv
 
 

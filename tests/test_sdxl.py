@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from cases import diffusers_inpaint, make_case, max_abs
+from cases import diffusers_inpaint, make_case, max_abs, served
 from sdserve_client.canvas import Extension, build_canvas
 from sdserve_export.triton_configs import parse_pbtxt
 from sdserve_pipeline.components import SDXL_COMPONENTS
@@ -155,11 +155,9 @@ def test_single_band_outpaint_equals_diffusers_on_our_canvas(xl_service, xl_pipe
 
 @pytest.fixture(scope="module")
 def xl_server(xl_repository, tmp_path_factory):
-    from sdserve_pipeline.triton_server import TritonServer
-
+    
     build = tmp_path_factory.mktemp("triton-xl")
-    with TritonServer(xl_repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=build) as srv:
-        srv.wait_ready(timeout_s=300)
+    with served(xl_repository, build) as srv:
         yield srv
 
 
