@@ -494,6 +494,8 @@ def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) 
     assert list(text_group.profile) == []  # one profile: Triton's default
     plan_file = out / "unet" / "1" / "model.plan"
     assert not plan_file.is_symlink() and plan_file.read_bytes() == b"not a real plan"
+    pipeline = _parse(out / "inpaint" / "config.pbtxt")  # batched UNet calls fit the engine
+    assert pipeline.parameters["max_unet_batch"].string_value == str(UNET.trt_batch[2])
 
 
 def test_onnx_variant_links_model_and_external_data(repository: Path, tmp_path: Path) -> None:

@@ -320,10 +320,23 @@ def write_gpu_repository(
         log(f"[gpu] {component.name}: {platform} ({MODEL_FILES[platform]})")
     for name in (*(p.name for p in source.pipelines), *source.others):
         shutil.copytree(source.root / name, staging / name, symlinks=True)
+    if platform == TENSORRT:  # cross-request batches must fit the UNet engine's profile
+        for pipeline in source.pipelines:
+            _limit_unet_batch(staging / pipeline.name / CONFIG_FILE, UNET_MAX_ROWS)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     log(f"[gpu] repository written to {out}")
     return source
+
+
+UNET_MAX_ROWS = next(s for s in SD15_COMPONENTS if s.name == "unet").trt_batch[2]
+
+
+def _limit_unet_batch(config_file: Path, max_rows: int) -> None:
+    """Set the pipeline's `max_unet_batch` so batched UNet calls stay within the engine."""
+    config = parse_pbtxt(config_file.read_text())
+    config.parameters["max_unet_batch"].string_value = str(max_rows)
+    config_file.write_text(to_pbtxt(config))
 
 
 def _write_component(

@@ -148,6 +148,26 @@ def _by_latent_shape(jobs: dict[int, Job]) -> dict[tuple[int, ...], list[int]]:
     return groups
 
 
+def _chunks(jobs: list[Job], max_rows: int) -> list[list[Job]]:
+    """Consecutive runs of jobs whose UNet rows add up to at most `max_rows` (0: one run).
+
+    A job larger than `max_rows` on its own still runs, alone.
+    """
+    if max_rows <= 0:
+        return [jobs]
+    chunks: list[list[Job]] = []
+    rows = 0
+    for job in jobs:
+        job_rows = job.params.num_images * (2 if job.cfg else 1)
+        if chunks and rows + job_rows <= max_rows:
+            chunks[-1].append(job)
+            rows += job_rows
+        else:
+            chunks.append([job])
+            rows = job_rows
+    return chunks
+
+
 class InpaintLoop:
     """Inpainting / text-to-image generation on exported components.
 
@@ -156,9 +176,18 @@ class InpaintLoop:
         assets: tokenizer, scheduler config and checkpoint facts.
         feather_radius: width in pixels of the blend ramp inside the mask when the input's
             pixels are pasted back (`preserve_unmasked`).
+        max_unet_rows: most rows of one batched UNet call across requests (0: no limit); set
+            it to a TensorRT engine's largest profile batch.
     """
 
-    def __init__(self, components: Components, assets: PipelineAssets, feather_radius: int = 4):
+    def __init__(
+        self,
+        components: Components,
+        assets: PipelineAssets,
+        feather_radius: int = 4,
+        max_unet_rows: int = 0,
+    ) -> None:
+        self.max_unet_rows = max_unet_rows
         self.components = components
         self.assets = assets
         self.facts = assets.facts
@@ -257,7 +286,8 @@ class InpaintLoop:
                 results[i] = Cancelled()
                 del jobs[i]
             for group in _by_latent_shape(jobs).values():
-                self.step([jobs[i] for i in group])
+                for chunk in _chunks([jobs[i] for i in group], self.max_unet_rows):
+                    self.step(chunk)
             for i in [i for i, job in jobs.items() if job.finished]:
                 results[i] = self.finish(jobs.pop(i))
         return [r if r is not None else RuntimeError("request produced nothing") for r in results]

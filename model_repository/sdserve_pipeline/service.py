@@ -56,6 +56,7 @@ class PipelineService:
             Components(**runners),
             assets,
             feather_radius=int(params.get("feather_radius", 4)),
+            max_unet_rows=int(params.get("max_unet_batch", 0)),
         )
         outpaint_settings = OutpaintSettings(
             native=int(params.get("outpaint_native", loop.facts.default_size)),
