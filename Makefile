@@ -69,7 +69,8 @@ test: $(STAMP) $(UI_STAMP) chromium
 lint: $(STAMP) $(UI_STAMP)
 	$(PY) -m pip install -q ruff mypy
 	$(PY) -m ruff check model_repository export client tests benchmarks
-	$(PY) -m mypy client/sdserve_client export/sdserve_export
+	$(PY) -m ruff format --check model_repository export client tests benchmarks
+	cd client && ../$(PY) -m mypy sdserve_client
 
 clean:
 	rm -rf build

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
 from sdserve_export.clip_tokenizer import VOCAB_SIZE, clip_tokenizer
 from sdserve_export.demo_pipeline import sd15_scheduler, temper_cross_attention
 from sdserve_export.repository import build_repository
-from transformers import CLIPTextConfig, CLIPTextModel
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_FOLDER = ROOT / "build" / "bench" / "full-sd15-inpaint"

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
 from sdserve_client import GenerationRequest, InpaintClient, encode_request
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 INPROCESS = "in-process"

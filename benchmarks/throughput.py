@@ -41,10 +41,6 @@ import numpy as np
 import torch
 import tritonclient.grpc.aio as grpc_aio
 from PIL import Image
-from sdserve_client import GenerationRequest, InpaintClient, encode_request
-from sdserve_pipeline.inprocess import load_service
-from sdserve_pipeline.service import PipelineService
-from sdserve_pipeline.triton_server import TritonServer
 from serving_overhead import (
     SETTLE_S,
     CpuMeter,
@@ -59,6 +55,11 @@ from serving_overhead import (
 )
 from tqdm import tqdm
 from tritonclient.utils import np_to_triton_dtype
+
+from sdserve_client import GenerationRequest, InpaintClient, encode_request
+from sdserve_pipeline.inprocess import load_service
+from sdserve_pipeline.service import PipelineService
+from sdserve_pipeline.triton_server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red bicycle"

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from cases import diffusers_inpaint, make_case, max_abs, served
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
 from sdserve_pipeline.request import MAX_SEED, Limits
 from sdserve_pipeline.triton_server import process_group_members
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 pytestmark = pytest.mark.e2e
 

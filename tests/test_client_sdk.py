@@ -10,6 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+    triton_to_np_dtype,
+)
+
 from sdserve_client import (
     GenerationRequest,
     GenerationResult,
@@ -23,11 +29,6 @@ from sdserve_client import (
     to_rgb_array,
 )
 from sdserve_client import request as req
-from tritonclient.utils import (
-    InferenceServerException,
-    deserialize_bytes_tensor,
-    triton_to_np_dtype,
-)
 
 # name -> (numpy dtype, Triton datatype, shape without batch dim) for a 6x4 (W x H) image.
 CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {

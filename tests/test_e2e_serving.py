@@ -98,8 +98,11 @@ def test_preserve_unmasked_returns_input_pixels_outside_the_mask(sdk, case):
 BAD_REQUESTS = {
     "missing prompt": ({"steps": np.array([4], np.int32)}, "prompt"),
     "mask size": (
-        {"prompt": np.array([b"x"], np.object_), "image": np.zeros((64, 64, 3), np.uint8),
-         "mask": np.zeros((64, 56), np.uint8)},
+        {
+            "prompt": np.array([b"x"], np.object_),
+            "image": np.zeros((64, 64, 3), np.uint8),
+            "mask": np.zeros((64, 56), np.uint8),
+        },
         "mask",
     ),  # fmt: skip
     "steps dtype": (

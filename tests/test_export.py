@@ -72,9 +72,13 @@ def test_parity_check_fails_on_drift(diffusers_pipe, repository: Path, tmp_path)
 def test_configs_parse_and_name_the_onnx_tensors(repository: Path):
     for spec in SD15_COMPONENTS:
         config = parse_pbtxt((repository / spec.name / "config.pbtxt").read_text())
-        graph = onnx.load(str(repository / spec.name / "1/model.onnx"), load_external_data=False).graph
+        graph = onnx.load(
+            str(repository / spec.name / "1/model.onnx"), load_external_data=False
+        ).graph
         assert [t.name for t in config.input] == spec.input_names == [i.name for i in graph.input]
-        assert [t.name for t in config.output] == spec.output_names == [o.name for o in graph.output]
+        assert (
+            [t.name for t in config.output] == spec.output_names == [o.name for o in graph.output]
+        )
     pipeline = parse_pbtxt((repository / "inpaint/config.pbtxt").read_text())
     assert [t.name for t in pipeline.input] == [t.name for t in INPUTS]
     assert [t.name for t in pipeline.output] == [t.name for t in OUTPUTS]
@@ -85,5 +89,5 @@ def test_client_and_server_agree_on_the_wire_contract():
     """The SDK (no server imports allowed) keeps its own names; they must equal the server's."""
     from sdserve_client.request import INPUT_NAMES, OUTPUT_NAMES
 
-    assert INPUT_NAMES == tuple(t.name for t in INPUTS)
-    assert OUTPUT_NAMES == tuple(t.name for t in OUTPUTS)
+    assert tuple(t.name for t in INPUTS) == INPUT_NAMES
+    assert tuple(t.name for t in OUTPUTS) == OUTPUT_NAMES

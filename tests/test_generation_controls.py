@@ -103,7 +103,9 @@ def test_text_to_image_equals_inpainting_with_a_full_mask(service, diffusers_pip
 @pytest.mark.parametrize(("height", "width"), [(61, 83), (8, 8), (100, 30)])
 def test_any_size_comes_back_at_its_own_size(service, height, width):
     image, mask = make_case(height, width, seed=1)
-    out = service.generate({**wire(image, mask, steps=2, seed=1), "preserve_unmasked": np.array([True])})
+    out = service.generate(
+        {**wire(image, mask, steps=2, seed=1), "preserve_unmasked": np.array([True])}
+    )
     assert out["images"].shape == (1, height, width, 3)
     keep = mask < 128
     np.testing.assert_array_equal(out["images"][0][keep], image[keep])

@@ -22,10 +22,11 @@ import onnx
 import pytest
 import yaml
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
 from sdserve_export import gpu_repository as gr
 from sdserve_export import tensorrt_engines as te
 from sdserve_pipeline.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
-from tritonclient.grpc import model_config_pb2 as mc
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -767,7 +768,7 @@ def test_entrypoint_exports_once_then_execs_tritonserver(tmp_path: Path) -> None
     assert f"--model-repository={build}/model_repository_gpu" in triton
     assert {
         f"--{kind}-port={port}"
-        for kind, port in zip(("http", "grpc", "metrics"), (8000, 8001, 8002))
+        for kind, port in zip(("http", "grpc", "metrics"), (8000, 8001, 8002), strict=True)
     } <= set(triton)
 
     args = gr.parse_args(first[2][3:])  # the entrypoint's flags are the CLI's

@@ -39,7 +39,9 @@ def test_random_seed_is_returned_and_reproduces(service):
     image, mask = make_case(64, 64)
     first = service.generate({k: v for k, v in wire(image, mask).items() if k != "seed"})
     (seed,) = first["seeds"].tolist()
-    np.testing.assert_array_equal(service.generate(wire(image, mask, seed=seed))["images"], first["images"])
+    np.testing.assert_array_equal(
+        service.generate(wire(image, mask, seed=seed))["images"], first["images"]
+    )
 
 
 def test_preserve_unmasked_keeps_input_pixels_exactly(service):

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from sdserve_client.canvas import (
     Canvas,
     Extension,
@@ -24,9 +25,7 @@ fills = st.sampled_from(["edge", "blur"])
 
 
 @st.composite
-def canvases(
-    draw: st.DrawFn, with_user_mask: bool | None = None
-) -> tuple[np.ndarray, Canvas]:
+def canvases(draw: st.DrawFn, with_user_mask: bool | None = None) -> tuple[np.ndarray, Canvas]:
     """(original image, canvas) over random sizes, extensions, overlaps, fills, user masks."""
     h, w = draw(sizes), draw(sizes)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -87,9 +86,7 @@ def test_mask_is_new_area_plus_overlap_band_plus_user_mask(case):
     _, canvas = case
     expected = np.ones(canvas.size, dtype=bool)  # the new area...
     band = expected_band_distance(canvas) < canvas.overlap
-    expected[canvas.original_slices] = band | user_region(
-        canvas
-    )  # ...and inside the original
+    expected[canvas.original_slices] = band | user_region(canvas)  # ...and inside the original
     assert set(np.unique(canvas.mask)) <= {0, 255}
     np.testing.assert_array_equal(canvas.mask == 255, expected)
     np.testing.assert_array_equal(canvas.known, ~expected)
@@ -127,9 +124,7 @@ def test_blur_fill_keeps_original_and_stays_within_the_border_colours(h, w, ext,
     np.testing.assert_array_equal(canvas.image[canvas.original_slices], image)
     new = canvas.image[canvas.new_area]  # (N, 3): a blur of border pixels
     if new.size:
-        assert np.all(new >= image.min(axis=(0, 1))) and np.all(
-            new <= image.max(axis=(0, 1))
-        )
+        assert np.all(new >= image.min(axis=(0, 1))) and np.all(new <= image.max(axis=(0, 1)))
 
 
 def test_blur_fill_of_a_constant_image_is_constant():
@@ -144,13 +139,8 @@ def test_blur_fill_smooths_the_streaks_of_edge_fill():
     ext = Extension(0, 64, 0, 0)
     edge = build_canvas(image, ext, fill="edge").image[:64].astype(float)
     blur = build_canvas(image, ext, fill="blur").image[:64].astype(float)
-    assert (
-        np.abs(np.diff(blur, axis=1)).mean()
-        < 0.1 * np.abs(np.diff(edge, axis=1)).mean()
-    )
-    np.testing.assert_array_equal(
-        build_canvas(image, ext, fill="blur").image[64:], image
-    )
+    assert np.abs(np.diff(blur, axis=1)).mean() < 0.1 * np.abs(np.diff(edge, axis=1)).mean()
+    np.testing.assert_array_equal(build_canvas(image, ext, fill="blur").image[64:], image)
 
 
 def test_canvas_example():
@@ -187,9 +177,7 @@ def test_seam_alpha_is_one_outside_zero_beyond_band_and_ramps_inside(case, data)
     width = data.draw(st.integers(0, canvas.overlap))
     alpha = seam_alpha(canvas, width)
     assert alpha.shape == canvas.size and alpha.dtype == np.float32
-    assert np.all(
-        alpha[canvas.new_area] == 1.0
-    )  # whole new area, canvas border included
+    assert np.all(alpha[canvas.new_area] == 1.0)  # whole new area, canvas border included
     assert np.all(alpha[canvas.mask == 0] == 0.0)  # every kept pixel kept exactly
     assert np.all((alpha >= 0.0) & (alpha <= 1.0))
 
@@ -218,15 +206,11 @@ def test_seam_alpha_defaults_to_the_canvas_overlap_and_ramps_across_it():
     assert np.all(row[:3] == 1.0) and np.all(row[7:] == 0.0)
     assert np.all(np.diff(row[2:8]) < 0)  # strictly down across the band
     assert np.all(alpha == row)  # same in every row
-    np.testing.assert_array_equal(
-        seam_alpha(canvas, 0), canvas.new_area.astype(np.float32)
-    )
+    np.testing.assert_array_equal(seam_alpha(canvas, 0), canvas.new_area.astype(np.float32))
 
 
 def test_seam_alpha_wider_than_the_mask_band_raises():
-    canvas = build_canvas(
-        np.zeros((8, 8, 3), np.uint8), Extension(1, 0, 0, 0), overlap=4
-    )
+    canvas = build_canvas(np.zeros((8, 8, 3), np.uint8), Extension(1, 0, 0, 0), overlap=4)
     with pytest.raises(ValueError, match="overlap=5"):
         seam_alpha(canvas, 5)
     with pytest.raises(ValueError, match="-1"):
@@ -260,13 +244,11 @@ def check_plan(known: np.ndarray, native: int, context: int) -> list[Window]:
         ) == size  # native, or the whole side if smaller
         assert window.height % 8 == 0 or window.height == canvas_h
         assert window.width % 8 == 0 or window.width == canvas_w
-        assert 0 <= window.top and window.bottom <= canvas_h
-        assert 0 <= window.left and window.right <= canvas_w
+        assert window.top >= 0 and window.bottom <= canvas_h
+        assert window.left >= 0 and window.right <= canvas_w
     counts = run_plan(known, windows)
     assert all(unknown > 0 for _, unknown in counts), "no window without work"
-    assert all(known_before > 0 for known_before, _ in counts[1:]), (
-        "conditioned on known"
-    )
+    assert all(known_before > 0 for known_before, _ in counts[1:]), "conditioned on known"
     if known.all():
         assert windows == []
     elif size == known.shape:
@@ -300,9 +282,7 @@ def test_plan_bands_covers_any_known_mask(known, native, data):
 @given(st.integers(1, 64), st.integers(1, 64), st.integers(0, 64))
 def test_plan_bands_with_nothing_known_still_covers(canvas_h, canvas_w, context):
     native = 64 if context < 64 else 72
-    windows = plan_bands(
-        canvas_h, canvas_w, np.zeros((canvas_h, canvas_w), bool), native, context
-    )
+    windows = plan_bands(canvas_h, canvas_w, np.zeros((canvas_h, canvas_w), bool), native, context)
     assert windows == [Window(0, 0, canvas_h, canvas_w)]
 
 
@@ -359,9 +339,7 @@ def test_band_mask_marks_the_unknown_pixels_of_the_window():
 
 def test_extension_from_sequence_accepts_ints_and_numpy():
     assert Extension.from_sequence([1, 2, 3, 4]) == Extension(1, 2, 3, 4)
-    assert Extension.from_sequence(np.array([0, 8, 0, 9], np.int32)) == Extension(
-        0, 8, 0, 9
-    )
+    assert Extension.from_sequence(np.array([0, 8, 0, 9], np.int32)) == Extension(0, 8, 0, 9)
     assert Extension.from_sequence((5, 0, 0, 0)).as_tuple() == (5, 0, 0, 0)
 
 

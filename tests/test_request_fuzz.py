@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from sdserve_pipeline.contract import INPUTS
 from sdserve_pipeline.request import MAX_SEED, GenerationParams, Limits, RequestError, parse_request
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES
@@ -155,7 +156,7 @@ def assert_within_limits(params: GenerationParams) -> None:
     assert 1 <= params.num_images <= LIMITS.max_images
     assert 0.0 <= params.guidance_scale <= LIMITS.max_guidance_scale
     assert 0.0 < params.strength <= 1.0 and int(params.steps * params.strength) >= 1
-    assert 0 <= params.seeds[0] and params.seeds[-1] <= MAX_SEED
+    assert params.seeds[0] >= 0 and params.seeds[-1] <= MAX_SEED
     assert params.scheduler is None or params.scheduler in SCHEDULER_NAMES
     assert params.height >= 1 and params.width >= 1
     assert params.height * params.width <= LIMITS.max_canvas_pixels

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from cases import make_case, max_abs, served
 from google.protobuf import text_format
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from sdserve_client import InpaintClient, SdserveError
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
@@ -58,7 +58,9 @@ def _request(steps: int, seed: int) -> list[grpcclient.InferInput]:
     inputs = []
     for name, item in tensors.items():
         array = item[np.newaxis]  # the pipeline model's batch dim
-        infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        infer_input = grpcclient.InferInput(
+            name, list(array.shape), np_to_triton_dtype(array.dtype)
+        )
         infer_input.set_data_from_numpy(array)
         inputs.append(infer_input)
     return inputs
@@ -202,9 +204,8 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_and_leaves_no_stub(
         stopper = threading.Thread(target=srv.stop)
         stopper.start()
         time.sleep(0.5)
-        with pytest.raises(SdserveError):
-            with InpaintClient(srv.grpc_url) as sdk:
-                sdk.inpaint(image, mask, PROMPT, steps=2, seed=9, timeout=10)
+        with pytest.raises(SdserveError), InpaintClient(srv.grpc_url) as sdk:
+            sdk.inpaint(image, mask, PROMPT, steps=2, seed=9, timeout=10)
         assert [f.result(timeout=120) for f in futures] == [[0], [1], [2], [3]]
         stopper.join(timeout=120)
     assert not process_group_members(pgid)

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 from cases import diffusers_inpaint, make_case, max_abs, served
+from test_generation_controls import wire
+
 from sdserve_client.canvas import Extension, build_canvas
 from sdserve_export.triton_configs import parse_pbtxt
 from sdserve_pipeline.components import SDXL_COMPONENTS
 from sdserve_pipeline.request import parse_request
 from sdserve_pipeline.schedulers import SCHEDULERS
-from test_generation_controls import wire
 
 pytestmark = pytest.mark.slow
 PROMPT = "a red bicycle"
@@ -77,7 +78,9 @@ def test_schedulers_match_diffusers_at_a_non_square_size(xl_service, xl_pipe, na
 def test_default_strength_and_size_are_diffusers_sdxl_defaults(xl_service):
     facts, limits = xl_service.loop.facts, xl_service.limits
     image, mask = make_case(32, 32)
-    with_image = parse_request(wire(image, mask), limits, facts.default_size, facts.default_strength)
+    with_image = parse_request(
+        wire(image, mask), limits, facts.default_size, facts.default_strength
+    )
     assert with_image.strength == 0.9999
     text_only = parse_request(wire(), limits, facts.default_size, facts.default_strength)
     assert text_only.strength == 1.0
@@ -155,7 +158,7 @@ def test_single_band_outpaint_equals_diffusers_on_our_canvas(xl_service, xl_pipe
 
 @pytest.fixture(scope="module")
 def xl_server(xl_repository, tmp_path_factory):
-    
+
     build = tmp_path_factory.mktemp("triton-xl")
     with served(xl_repository, build) as srv:
         yield srv

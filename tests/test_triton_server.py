@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from sdserve_pipeline import serve
 from sdserve_pipeline.triton_server import (
     STUB_NAME,

@@ -10,13 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
 from sdserve_client import InvalidRequestError, SdserveError
 from sdserve_client.webui import callbacks as cb
 from sdserve_client.webui import server_info as si
 from sdserve_client.webui.backend import Backend, ServerStatus
-from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.grpc import service_pb2
-from tritonclient.utils import InferenceServerException
 
 # --- fakes ------------------------------------------------------------------------------------
 
@@ -488,8 +489,8 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
 
 
 def test_handlers_return_gallery_summary_and_state(app_module):
-    backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(),
-                      info_client=FakeTriton([pipeline_config(schedulers="ddim,euler")]))  # fmt: skip
+    info = FakeTriton([pipeline_config(schedulers="ddim,euler")])
+    backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(), info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     gallery, _, images, seeds, selected = handlers.text_to_image(
         "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, 64, 72

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from sdserve_pipeline.triton_server import TritonServer, pick_free_ports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -1,7 +1,7 @@
 """`sdserve-export`: build the demo pipeline, and export a pipeline to a Triton repository.
 
-    python -m sdserve_export demo-pipeline [--out build/demo-pipeline] [--sdxl]
-    python -m sdserve_export repository --source build/demo-pipeline [--out build/model_repository]
+python -m sdserve_export demo-pipeline [--out build/demo-pipeline] [--sdxl]
+python -m sdserve_export repository --source build/demo-pipeline [--out build/model_repository]
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.sdxl:
             folder = save_demo_xl_pipeline(args.out or DEFAULT_XL_FOLDER, args.seed)
         else:
-            folder = save_demo_pipeline(args.out or DEFAULT_FOLDER, args.seed, args.unet_in_channels)
+            folder = save_demo_pipeline(
+                args.out or DEFAULT_FOLDER, args.seed, args.unet_in_channels
+            )
         print(f"demo pipeline (tiny, RANDOM weights) written to {folder}")
         return 0
     try:

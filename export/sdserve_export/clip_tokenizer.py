@@ -41,7 +41,8 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", max_length: int = 77) -> CL
         pad_token: "<|endoftext|>" for SD 1.5's tokenizer, "!" for SDXL's second one.
         max_length: the text encoder's context length.
     """
-    lines = gzip.open(bpe_vocab_path()).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_vocab_path()) as file:
+        lines = file.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
     byte_tokens = list(bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges]

@@ -26,8 +26,17 @@ def demo_inputs(size: int = 256) -> tuple[Image.Image, Image.Image]:
     sky = (1 - y) * np.array([90, 150, 230]) + y * np.array([200, 225, 250])
     image = Image.fromarray(np.broadcast_to(sky, (size, size, 3)).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    draw.polygon([(0, size), (size // 3, size // 2), (2 * size // 3, size), ], fill=(70, 110, 60))
-    draw.polygon([(size // 3, size), (3 * size // 4, size // 2 + 20), (size, size)], fill=(50, 90, 50))
+    draw.polygon(
+        [
+            (0, size),
+            (size // 3, size // 2),
+            (2 * size // 3, size),
+        ],
+        fill=(70, 110, 60),
+    )
+    draw.polygon(
+        [(size // 3, size), (3 * size // 4, size // 2 + 20), (size, size)], fill=(50, 90, 50)
+    )
     draw.ellipse([size - 70, 20, size - 30, 60], fill=(250, 220, 90))
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).rectangle([size // 5, size // 8, size // 2, size // 2], fill=255)

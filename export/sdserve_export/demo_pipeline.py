@@ -199,7 +199,7 @@ def build_demo_pipeline(
 
 
 def build_demo_xl_pipeline(seed: int = 0) -> StableDiffusionXLInpaintPipeline:
-    """The tiny SDXL-inpainting-architecture pipeline with weights from `torch.manual_seed(seed)`."""
+    """The tiny SDXL-inpainting pipeline, weights drawn from `torch.manual_seed(seed)`."""
     torch.manual_seed(seed)
     # 4+ channels per GroupNorm group, as in the real VAE (128 / 32): with one channel per
     # group, the constant masked image of text-to-image normalises to amplified rounding

@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdserve_pipeline.components import SD15_COMPONENTS, ComponentSpec
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_export.tensorrt_engines import (
@@ -73,6 +72,7 @@ from sdserve_export.tensorrt_engines import (
     timing_cache_path,
 )
 from sdserve_export.triton_configs import ONNX_FILE, component_config, parse_pbtxt, to_pbtxt
+from sdserve_pipeline.components import SD15_COMPONENTS, ComponentSpec
 
 ONNXRUNTIME = "onnxruntime_onnx"
 TENSORRT = "tensorrt_plan"

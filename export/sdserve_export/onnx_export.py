@@ -10,6 +10,8 @@ from pathlib import Path
 
 import onnx
 import torch
+from torch import nn
+
 from sdserve_pipeline.components import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
@@ -20,7 +22,6 @@ from sdserve_pipeline.components import (
     VAE_ENCODER,
     ComponentSpec,
 )
-from torch import nn
 
 OPSET = 17
 TWO_GB = 2**31

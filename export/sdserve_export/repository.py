@@ -23,10 +23,6 @@ from importlib import resources
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from sdserve_pipeline.assets import ASSETS_DIR, CheckpointFacts, PipelineAssets
-from sdserve_pipeline.components import components_for
-from sdserve_pipeline.outpaint import OutpaintSettings
-from sdserve_pipeline.request import Limits
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdserve_export.onnx_export import (
@@ -42,6 +38,10 @@ from sdserve_export.triton_configs import (
     pipeline_config,
     to_pbtxt,
 )
+from sdserve_pipeline.assets import ASSETS_DIR, CheckpointFacts, PipelineAssets
+from sdserve_pipeline.components import components_for
+from sdserve_pipeline.outpaint import OutpaintSettings
+from sdserve_pipeline.request import Limits
 
 DEFAULT_REPOSITORY = Path("build/model_repository")
 VERSION = "1"
@@ -95,7 +95,9 @@ def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipel
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-    scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))  # any class reads it
+    scheduler_config = dict(
+        DDIMScheduler.load_config(source, subfolder="scheduler")
+    )  # any class reads it
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     pipeline_config = _pipeline_config(source)
     sdxl = "text_encoder_2" in pipeline_config
@@ -212,4 +214,3 @@ def _copy_model_py(kind: str, version_dir: Path) -> None:
     version_dir.mkdir(parents=True, exist_ok=True)
     source = resources.files("sdserve_pipeline") / "triton_models" / kind / "model.py"
     (version_dir / "model.py").write_text(source.read_text())
-

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from sdserve_pipeline.components import ComponentSpec, TensorSpec
 
 try:  # TensorRT exists on GPU machines only; everything above `build_engine` works without it

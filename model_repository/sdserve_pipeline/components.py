@@ -85,12 +85,16 @@ TEXT_ENCODER = ComponentSpec(
 UNET = ComponentSpec(
     name="unet",
     inputs=(
-        TensorSpec("sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")),
+        TensorSpec(
+            "sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")
+        ),
         TensorSpec("timestep", "FP32", ("batch",)),
         TensorSpec("encoder_hidden_states", "FP32", ("batch", "sequence_length", "hidden_size")),
     ),
     outputs=(
-        TensorSpec("noise_pred", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec(
+            "noise_pred", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")
+        ),
     ),
     trt_batch=(2, 2, 8),  # [uncond, cond] pairs
 )
@@ -99,15 +103,21 @@ VAE_ENCODER = ComponentSpec(
     name="vae_encoder",
     inputs=(TensorSpec("image", "FP32", ("batch", "image_channels", "height", "width")),),
     outputs=(
-        TensorSpec("latent_mean", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")),
-        TensorSpec("latent_logvar", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec(
+            "latent_mean", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")
+        ),
+        TensorSpec(
+            "latent_logvar", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")
+        ),
     ),
 )
 
 VAE_DECODER = ComponentSpec(
     name="vae_decoder",
     inputs=(
-        TensorSpec("latent_sample", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")),
+        TensorSpec(
+            "latent_sample", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")
+        ),
     ),
     outputs=(TensorSpec("image", "FP32", ("batch", "image_channels", "height", "width")),),
 )
@@ -141,7 +151,9 @@ TEXT_ENCODER_2 = ComponentSpec(
 UNET_XL = ComponentSpec(
     name="unet",
     inputs=(
-        TensorSpec("sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")),
+        TensorSpec(
+            "sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")
+        ),
         TensorSpec("timestep", "FP32", ("batch",)),
         TensorSpec(
             "encoder_hidden_states", "FP32", ("batch", "sequence_length", "cross_attention_dim")

@@ -20,7 +20,6 @@ from sdserve_pipeline.service import PipelineService
 VERSION = "1"
 
 
-
 def read_parameters(model_dir: Path) -> dict[str, str]:
     """Parameters of the `config.pbtxt` in a Triton model folder."""
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())

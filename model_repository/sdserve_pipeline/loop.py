@@ -248,11 +248,16 @@ class InpaintLoop:
             inputs.append(model_input)
             timesteps.append(t.to(torch.float32).repeat(model_input.shape[0]))  # (2N,)
         embeds = torch.cat([job.prompt_embeds for job in jobs])
-        added = [torch.cat(parts) for parts in zip(*(job.conditioning.added for job in jobs))]
+        added = [
+            torch.cat(parts)
+            for parts in zip(*(job.conditioning.added for job in jobs), strict=True)
+        ]
         (noise_preds,) = self.components.unet(
             torch.cat(inputs), torch.cat(timesteps), embeds, *added
         )
-        for job, noise_pred in zip(jobs, noise_preds.split([x.shape[0] for x in inputs])):
+        for job, noise_pred in zip(
+            jobs, noise_preds.split([x.shape[0] for x in inputs]), strict=True
+        ):
             job.advance(noise_pred)
 
     def finish(self, job: Job) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sdserve_client.canvas import Extension, build_canvas, band_mask, plan_bands, seam_alpha
+from sdserve_client.canvas import Extension, band_mask, build_canvas, plan_bands, seam_alpha
 from sdserve_pipeline.images import composite
 from sdserve_pipeline.loop import InpaintLoop
 from sdserve_pipeline.request import GenerationParams

@@ -247,7 +247,9 @@ def _image_and_mask(
             raise RequestError("mask", "is required with an image (unless outpainting)")
         return image, None
     if mask.shape != (height, width):
-        raise RequestError("mask", f"size {list(mask.shape)} differs from image size {[height, width]}")
+        raise RequestError(
+            "mask", f"size {list(mask.shape)} differs from image size {[height, width]}"
+        )
     return image, mask
 
 
@@ -257,7 +259,9 @@ def _size(
     if image is not None:
         for name in ("height", "width"):
             if name in inputs:
-                raise RequestError(name, "applies to text-to-image only; outputs keep the image size")
+                raise RequestError(
+                    name, "applies to text-to-image only; outputs keep the image size"
+                )
         return int(image.shape[0]), int(image.shape[1])
     height = _int(inputs, "height", default_size, 1, limits.max_pixels)
     width = _int(inputs, "width", default_size, 1, limits.max_pixels)

@@ -86,7 +86,6 @@ class PipelineService:
             images = self.loop(params, is_cancelled)
         return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
 
-
     def generate_many(
         self, requests: list[tuple[Mapping[str, np.ndarray], Callable[[], bool] | None]]
     ) -> list[dict[str, np.ndarray] | Exception]:

@@ -86,7 +86,7 @@ def build_app(config: AppConfig, backend: Backend | None = None) -> gr.Blocks:
         _wire_outpaint_preview(outpaint)
         _wire_results(handlers, results, settings, inpaint, outpaint)
         _wire_server(demo, handlers, config, settings, status)
-    return demo
+    return demo  # type: ignore[no-any-return]  # gradio context managers are untyped
 
 
 def launch(demo: gr.Blocks, host: str, port: int, **kwargs: Any) -> Any:

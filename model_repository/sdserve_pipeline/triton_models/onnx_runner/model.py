@@ -41,5 +41,5 @@ class TritonPythonModel:
                 error=pb_utils.TritonError(f"{type(err).__name__}: {err}")
             )
         return pb_utils.InferenceResponse(
-            [pb_utils.Tensor(n, o) for n, o in zip(self.output_names, outputs)]
+            [pb_utils.Tensor(n, o) for n, o in zip(self.output_names, outputs, strict=True)]
         )

@@ -12,8 +12,8 @@ from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.loop import Cancelled
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService, batch, unbatch
-from sdserve_pipeline.triton_params import config_parameters
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
+from sdserve_pipeline.triton_params import config_parameters
 
 
 class TritonPythonModel:
@@ -40,7 +40,7 @@ class TritonPythonModel:
             except RequestError as err:
                 responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
         outcomes = self.service.generate_many([(inputs, r.is_cancelled) for _, inputs, r in work])
-        for (i, _, _), outcome in zip(work, outcomes):
+        for (i, _, _), outcome in zip(work, outcomes, strict=True):
             responses[i] = self._response(outcome)
         return responses
 
