@@ -21,8 +21,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdserve_export.clip_tokenizer import VOCAB_SIZE, clip_tokenizer
-from sdserve_export.demo_pipeline import sd15_scheduler, temper_cross_attention
+from sdserve_export.clip_tokenizer import VOCAB_SIZE
+from sdserve_export.demo_pipeline import assemble_sd15
 from sdserve_export.repository import build_repository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,18 +87,7 @@ def build_full_size_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
         seed (`int`, *optional*, defaults to 0): seed of the random weights.
     """
     torch.manual_seed(seed)
-    unet, vae, text_encoder = sd15_unet(), sd15_vae(), sd15_text_encoder()
-    temper_cross_attention(unet)  # a trained model's proportions, as in the demo pipeline
-    return StableDiffusionInpaintPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=clip_tokenizer(),
-        unet=unet.eval(),
-        scheduler=sd15_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd15(sd15_unet(), sd15_vae(), sd15_text_encoder())
 
 
 def ensure_full_size(

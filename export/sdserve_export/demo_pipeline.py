@@ -183,8 +183,16 @@ def build_demo_pipeline(
             (saved as a `StableDiffusionPipeline`).
     """
     torch.manual_seed(seed)
-    unet, vae, text_encoder = tiny_unet(in_channels), tiny_vae(), tiny_text_encoder()
+    return assemble_sd15(tiny_unet(in_channels), tiny_vae(), tiny_text_encoder())
+
+
+def assemble_sd15(
+    unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel
+) -> StableDiffusionInpaintPipeline | StableDiffusionPipeline:
+    """An SD 1.5 pipeline from random-weight networks: the real CLIP tokenizer, SD 1.5's
+    scheduler, cross-attention tempered; an inpainting pipeline for a 9-channel UNet."""
     temper_cross_attention(unet)
+    in_channels = unet.config.in_channels
     pipeline_class = StableDiffusionInpaintPipeline if in_channels == 9 else StableDiffusionPipeline
     return pipeline_class(
         vae=vae.eval(),
