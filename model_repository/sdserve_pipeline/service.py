@@ -84,7 +84,7 @@ class PipelineService:
             images = outpaint(self.loop, params, self.outpaint, is_cancelled)
         else:
             images = self.loop(params, is_cancelled)
-        return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
+        return _outputs(images, params)
 
     def generate_many(
         self, requests: list[tuple[Mapping[str, np.ndarray], Callable[[], bool] | None]]
