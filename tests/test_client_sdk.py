@@ -54,6 +54,7 @@ def rgb(height: int = 4, width: int = 6, seed: int = 0) -> np.ndarray:
 
 
 def full_request() -> GenerationRequest:
+    """Every input the server accepts together with an image: all but `height` and `width`."""
     mask = np.zeros((4, 6), dtype=bool)
     mask[1:3, 2:5] = True
     return GenerationRequest(
@@ -62,8 +63,6 @@ def full_request() -> GenerationRequest:
         image=rgb(),
         mask=mask,
         outpaint=(1, 2, 3, 4),
-        height=64,
-        width=48,
         steps=20,
         guidance_scale=7.5,
         strength=0.8,
@@ -179,9 +178,16 @@ def test_tensor_names_match_the_contract() -> None:
     }
 
 
+def text_to_image_request() -> GenerationRequest:
+    """The inputs `full_request` lacks: `height` and `width` (text-to-image only)."""
+    return GenerationRequest("a red fox", height=64, width=48, seed=1234)
+
+
 def test_encode_full_request_dtypes_shapes_and_values() -> None:
     tensors = encode_request(full_request())
-    assert set(tensors) == set(CONTRACT)
+    sizes = encode_request(text_to_image_request())
+    assert set(tensors) | set(sizes) == set(CONTRACT)
+    tensors |= {name: sizes[name] for name in ("height", "width")}
     for name, (dtype, _, shape) in CONTRACT.items():
         assert tensors[name].dtype == dtype, name
         assert tensors[name].shape == shape, name
@@ -197,7 +203,7 @@ def test_encode_full_request_dtypes_shapes_and_values() -> None:
 def test_encode_omits_options_left_none() -> None:
     tensors = encode_request(GenerationRequest("just text"))
     assert list(tensors) == ["prompt"]
-    tensors = encode_request(GenerationRequest("x", seed=0, preserve_unmasked=True, strength=0))
+    tensors = encode_request(GenerationRequest("x", seed=0, preserve_unmasked=True, strength=1))
     assert set(tensors) == {"prompt", "seed", "preserve_unmasked", "strength"}
 
 
@@ -233,21 +239,26 @@ def test_request_is_frozen_and_keyword_only() -> None:
         ({"prompt": None}, "NoneType: None"),
         ({"negative_prompt": b"bytes"}, "b'bytes'"),
         ({"scheduler": "  "}, "'  '"),
-        ({"steps": 0}, "got 0"),
+        ({"steps": 0}, "steps: 0 out of range [1, "),
         ({"steps": 2.5}, "float: 2.5"),
         ({"steps": True}, "bool: True"),
-        ({"height": -8}, "got -8"),
+        ({"height": -8}, "height: -8 out of range [1, "),
         ({"num_images": "2"}, "str: '2'"),
         ({"seed": 2**63}, str(2**63)),
         ({"guidance_scale": float("nan")}, "nan"),
         ({"guidance_scale": "7"}, "str: '7'"),
         ({"strength": 1.5}, "1.5"),
+        ({"strength": 0}, "strength: 0.0 out of range (0.0, 1.0]"),
+        ({"strength": 0.5}, "strength: 0.5 < 1 needs an input image"),
+        ({"seed": -1}, "seed: -1 out of range [0, "),
+        ({"guidance_scale": -0.5}, "guidance_scale: -0.5 out of range [0.0, "),
+        ({"height": 8, "image": rgb(), "mask": np.zeros((4, 6), bool)}, "text-to-image only"),
         ({"preserve_unmasked": "false"}, "str: 'false'"),
         ({"preserve_unmasked": 0}, "int: 0"),
         ({"outpaint": (1, 2, 3), "image": rgb()}, "(1, 2, 3)"),
-        ({"outpaint": (-1, 0, 0, 0), "image": rgb()}, "(-1, 0, 0, 0)"),
+        ({"outpaint": (-1, 0, 0, 0), "image": rgb()}, "[-1, 0, 0, 0] given"),
         ({"outpaint": "1234", "image": rgb()}, "'1234'"),
-        ({"outpaint": (8, 0, 0, 0)}, "(8, 0, 0, 0)"),
+        ({"outpaint": (8, 0, 0, 0)}, "outpaint: needs an input image"),
         ({"mask": np.zeros((4, 6), np.uint8)}, "without an image"),
     ],
 )

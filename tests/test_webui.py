@@ -15,6 +15,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from sdserve_client import InvalidRequestError, SdserveError
+from sdserve_client.rules import Limits
 from sdserve_client.webui import callbacks as cb
 from sdserve_client.webui import server_info as si
 from sdserve_client.webui.backend import Backend, ServerStatus
@@ -366,10 +367,10 @@ def test_schedulers_and_limits_come_from_the_config_parameters():
         limit_max_images="4", limit_max_guidance_scale="20.0", limit_max_pixels="not a number",
     )  # fmt: skip
     info = si.model_info_from_config(config)
-    assert info == si.ModelInfo(
-        "inpaint", ("pndm", "euler_a", "dpmpp_2m_karras"), max_steps=60, max_images=4,
-        max_guidance_scale=20.0, max_pixels=1024 * 1024,
-    )  # fmt: skip
+    limits = Limits(max_steps=60, max_images=4, max_guidance_scale=20.0)  # bad max_pixels: default
+    assert info == si.ModelInfo("inpaint", ("pndm", "euler_a", "dpmpp_2m_karras"), limits)
+    assert (info.max_steps, info.max_images, info.max_guidance_scale) == (60, 4, 20.0)
+    assert info.max_pixels == Limits().max_pixels == 1024 * 1024
     assert si.schedulers_of(pipeline_config()) == ()
     triton = FakeTriton([config])
     assert si.fetch_schedulers(triton, "inpaint") == ["pndm", "euler_a", "dpmpp_2m_karras"]

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from . import rules
 from .errors import InvalidRequestError
 from .images import ImageLike, MaskLike, size_text, to_mask_array, to_rgb_array
+from .rules import Limits, RequestError
 
 # Tensor names of the pipeline model's wire contract (DESIGN.md), defined here only.
 PROMPT = "prompt"
@@ -50,9 +52,6 @@ INPUT_NAMES: tuple[str, ...] = (
     PRESERVE_UNMASKED,
 )
 OUTPUT_NAMES: tuple[str, ...] = (OUTPUT_IMAGES, OUTPUT_SEEDS)
-
-_INT32_MAX = 2**31 - 1
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 Array = npt.NDArray[Any]
 
@@ -106,25 +105,32 @@ class GenerationRequest:
     preserve_unmasked: bool | None = None
 
 
-def encode_request(request: GenerationRequest, batched: bool = False) -> dict[str, Array]:
+def encode_request(
+    request: GenerationRequest, batched: bool = False, *, limits: Limits | None = None
+) -> dict[str, Array]:
     """Validates a request and turns it into the pipeline model's input tensors.
 
     Args:
         request (`GenerationRequest`): the request to encode.
         batched (`bool`, *optional*, defaults to `False`):
             Prepend a batch dimension of 1 to every tensor (models with `max_batch_size > 0`).
+        limits (`Limits`, *optional*):
+            The model's limits when known (`rules.limits_from_parameters` of its config);
+            `None` checks only what holds for every model.
 
     Returns:
         `dict[str, np.ndarray]`: input name to array, with the contract's dtypes and shapes;
         options left `None` are absent.
     """
-    check_request(request)
+    check_request(request, limits)
     image = None if request.image is None else to_rgb_array(request.image)
     mask = None if request.mask is None else to_mask_array(request.mask)
     if mask is not None and image is not None and mask.shape != image.shape[:2]:
         raise InvalidRequestError(
             f"mask size {size_text(mask)} does not match image size {size_text(image)}"
         )
+    if image is not None:
+        _check_image_size(image, request.outpaint, limits)
     tensors: dict[str, Array | None] = {
         PROMPT: _text(request.prompt),
         NEGATIVE_PROMPT: _text(request.negative_prompt),
@@ -150,8 +156,35 @@ def add_batch_dim(tensors: dict[str, Array]) -> dict[str, Array]:
     return {name: array[np.newaxis] for name, array in tensors.items()}
 
 
-def check_request(request: GenerationRequest) -> None:
-    """Checks every option but the image and mask arrays; raises `InvalidRequestError`."""
+def check_request(request: GenerationRequest, limits: Limits | None = None) -> None:
+    """Checks every option but the image and mask arrays; raises `InvalidRequestError`.
+
+    Python types are checked here; values by the rule table the server checks wire requests
+    with (`sdserve_client.rules`), so both refuse a value alike, with the same message. Rules
+    the client cannot evaluate (the model's scheduler names, its default size) are left to
+    the server.
+
+    Args:
+        request (`GenerationRequest`): the request to check.
+        limits (`Limits`, *optional*):
+            The model's limits when known; `None` checks only what holds for every model.
+    """
+    _check_types(request)
+    with _sdk_errors():
+        _check_texts(request, limits)
+        _check_values(request, limits)
+
+
+@contextmanager
+def _sdk_errors() -> Iterator[None]:
+    """Re-raises a broken rule (`rules.RequestError`) as the SDK's `InvalidRequestError`."""
+    try:
+        yield
+    except RequestError as err:
+        raise InvalidRequestError(str(err)) from None
+
+
+def _check_types(request: GenerationRequest) -> None:
     if not isinstance(request.prompt, str):
         raise _bad_type("prompt", request.prompt, "a str")
     for name in ("negative_prompt", "scheduler"):
@@ -160,54 +193,100 @@ def check_request(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images"):
-        _check_int(name, getattr(request, name), 1, _INT32_MAX)
-    _check_int("seed", request.seed, _INT64_MIN, _INT64_MAX)
-    _check_float("guidance_scale", request.guidance_scale)
-    _check_float("strength", request.strength, 0.0, 1.0)
+    for name in ("height", "width", "steps", "num_images", "seed"):
+        value = getattr(request, name)
+        if value is not None and not _is_int(value):
+            raise _bad_type(name, value, "an int")
+    for name in ("guidance_scale", "strength"):
+        value = getattr(request, name)
+        if value is not None and not _is_real(value):
+            raise _bad_type(name, value, "a float")
     if request.preserve_unmasked is not None and not isinstance(
         request.preserve_unmasked, (bool, np.bool_)
     ):
         raise _bad_type("preserve_unmasked", request.preserve_unmasked, "a bool")
-    if request.mask is not None and request.image is None:
-        raise InvalidRequestError("mask was given without an image to inpaint")
     if request.outpaint is not None:
-        _check_outpaint(request)
+        _check_outpaint_type(request.outpaint)
 
 
-def _check_outpaint(request: GenerationRequest) -> None:
-    value = request.outpaint
+def _check_outpaint_type(value: Any) -> None:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise _bad_type("outpaint", value, "a sequence of 4 ints (left, top, right, bottom)")
-    if len(value) != 4 or not all(_is_int(v) and 0 <= v <= _INT32_MAX for v in value):
+    if len(value) != len(rules.SIDES) or not all(_is_int(v) for v in value):
         raise InvalidRequestError(
-            f"outpaint must be 4 non-negative ints (left, top, right, bottom), got {_quote(value)}"
+            f"outpaint must be 4 ints (left, top, right, bottom), got {_quote(value)}"
         )
-    if request.image is None:
-        raise InvalidRequestError(f"outpaint={_quote(value)} was given without an image to extend")
 
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if value is None:
-        return
-    if not _is_int(value):
-        raise _bad_type(name, value, "an int")
-    if not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be in [{low}, {high}], got {_quote(value)}")
+def _check_texts(request: GenerationRequest, limits: Limits | None) -> None:
+    for name in (PROMPT, NEGATIVE_PROMPT, SCHEDULER):
+        value = getattr(request, name)
+        if value is not None:
+            rules.check_text_bytes(name, len(_utf8(name, value)), limits)
 
 
-def _check_float(name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> None:
-    if value is None:
-        return
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise _bad_type(name, value, "a float")
-    if not math.isfinite(float(value)) or not low <= float(value) <= high:
-        bounds = f" in [{low}, {high}]" if math.isfinite(low) else ""
-        raise InvalidRequestError(f"{name} must be a finite number{bounds}, got {_quote(value)}")
+def _check_values(request: GenerationRequest, limits: Limits | None) -> None:
+    """The shared rules, in the order the server applies them."""
+    has_image = request.image is not None
+    if request.outpaint is not None:
+        rules.check_outpaint(request.outpaint, has_image, limits)
+    if request.mask is not None:
+        rules.check_mask_has_image(has_image)
+    _check_output_size(request, limits)
+    for name in (STEPS, NUM_IMAGES):
+        if getattr(request, name) is not None:
+            rules.check_range(name, getattr(request, name), limits)
+    for name in (GUIDANCE_SCALE, STRENGTH):
+        if getattr(request, name) is not None:
+            rules.check_range(name, _as_sent(getattr(request, name)), limits)
+    if request.strength is not None:
+        steps = request.steps
+        if steps is None and limits is not None:
+            steps = rules.default_steps(limits)
+        rules.check_strength(_as_sent(request.strength), steps, has_image)
+    if request.seed is not None:
+        num_images = rules.DEFAULT_NUM_IMAGES if request.num_images is None else request.num_images
+        rules.check_seed(request.seed, num_images)
+
+
+def _check_output_size(request: GenerationRequest, limits: Limits | None) -> None:
+    """`height` and `width`: text-to-image only, each in range, together within `max_pixels`."""
+    for name in (HEIGHT, WIDTH):
+        if getattr(request, name) is not None:
+            rules.check_size_needs_no_image(name, request.image is not None)
+            rules.check_range(name, getattr(request, name), limits)
+    if request.height is not None and request.width is not None:
+        rules.check_pixels(HEIGHT, request.height, request.width, limits)
+
+
+def _check_image_size(image: Array, outpaint: Sequence[int] | None, limits: Limits | None) -> None:
+    """The size rules of an input image (and its outpaint canvas), once its array is known."""
+    height, width = int(image.shape[0]), int(image.shape[1])
+    with _sdk_errors():
+        rules.check_pixels(IMAGE, height, width, limits)
+        if outpaint is not None:
+            rules.check_canvas(height, width, [int(v) for v in outpaint], limits)
+
+
+def _as_sent(value: float) -> float:
+    """An FP32 input as the server will read it: rounded to float32 (huge values become inf)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+def _utf8(name: str, value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(name, f"is not valid Unicode ({err.reason})") from None
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _bad_type(name: str, value: Any, expected: str) -> InvalidRequestError:

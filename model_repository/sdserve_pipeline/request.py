@@ -7,41 +7,44 @@ turns it into an INVALID_ARG response.
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from sdserve_client.rules import (
+    DEFAULT_NUM_IMAGES,
+    MAX_SEED,
+    Limits,
+    RequestError,
+    check_canvas,
+    check_mask_has_image,
+    check_outpaint,
+    check_pixels,
+    check_range,
+    check_seed,
+    check_size_needs_no_image,
+    check_strength,
+    check_text_bytes,
+    default_steps,
+)
 from sdserve_pipeline.contract import INPUTS_BY_NAME
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES
 
-MAX_SEED = 2**63 - 1
+# The rule table (ranges, default limits, error type) is shared with the SDK: see
+# `sdserve_client.rules`. Re-exported here, where the server's callers import them from.
+__all__ = [
+    "MAX_SEED",
+    "NOT_YET_SUPPORTED",
+    "GenerationParams",
+    "Limits",
+    "RequestError",
+    "parse_request",
+]
 
 # Inputs of the contract that this pipeline does not implement yet: rejected, never ignored.
 NOT_YET_SUPPORTED: frozenset[str] = frozenset()
-
-
-class RequestError(ValueError):
-    """A bad request input; `name` is the wire input it concerns."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.name = name
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-model limits, from the pipeline model's config parameters."""
-
-    max_pixels: int = 1024 * 1024
-    max_steps: int = 150
-    max_images: int = 8
-    max_prompt_bytes: int = 4096
-    max_guidance_scale: float = 50.0
-    max_outpaint: int = 2048
-    max_canvas_pixels: int = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,13 @@ def parse_request(
     image, mask = _image_and_mask(inputs, limits, mask_required=outpaint is None)
     height, width = _size(inputs, image, limits, default_size)
     if outpaint is not None:
-        height, width = _canvas_size(height, width, outpaint, limits)
-    steps = _int(inputs, "steps", min(50, limits.max_steps), 1, limits.max_steps)
-    num_images = _int(inputs, "num_images", 1, 1, limits.max_images)
-    guidance = _float(inputs, "guidance_scale", 7.5, 0.0, limits.max_guidance_scale)
+        height, width = check_canvas(height, width, outpaint, limits)
+    steps = int(_number(inputs, "steps", default_steps(limits), limits))
+    num_images = int(_number(inputs, "num_images", DEFAULT_NUM_IMAGES, limits))
+    guidance = float(_number(inputs, "guidance_scale", 7.5, limits))
     strength_default = default_strength if image is not None else 1.0
-    strength = _float(inputs, "strength", strength_default, 0.0, 1.0, low_open=True)
-    if strength < 1.0 and image is None:
-        raise RequestError("strength", f"{strength} < 1 needs an input image to start from")
-    if int(steps * strength) < 1:
-        raise RequestError("strength", f"{strength} leaves no denoising step out of {steps}")
+    strength = float(_number(inputs, "strength", strength_default, limits))
+    check_strength(strength, steps, has_image=image is not None)
     seed = _seed(inputs, num_images)
     scheduler = _scheduler(inputs, limits)
     preserve = bool(_scalar(inputs, "preserve_unmasked", True))
@@ -149,6 +149,13 @@ def _scalar(inputs: dict[str, np.ndarray], name: str, default: Any) -> Any:
     return inputs[name][0] if name in inputs else default
 
 
+def _number(
+    inputs: dict[str, np.ndarray], name: str, default: int | float, limits: Limits
+) -> int | float:
+    """A numeric scalar input (or its default), checked against the shared rule table."""
+    return check_range(name, _scalar(inputs, name, default), limits)
+
+
 def _text(inputs: dict[str, np.ndarray], name: str, limits: Limits) -> str:
     raw = inputs[name][0]
     if not isinstance(raw, bytes):
@@ -156,40 +163,17 @@ def _text(inputs: dict[str, np.ndarray], name: str, limits: Limits) -> str:
             raw = str(raw).encode("utf-8")
         except UnicodeEncodeError as err:
             raise RequestError(name, f"is not valid Unicode ({err.reason})") from None
-    if len(raw) > limits.max_prompt_bytes:
-        raise RequestError(name, f"{len(raw)} bytes given, at most {limits.max_prompt_bytes}")
+    check_text_bytes(name, len(raw), limits)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise RequestError(name, f"is not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
 
-def _int(inputs: dict[str, np.ndarray], name: str, default: int, low: int, high: int) -> int:
-    value = int(_scalar(inputs, name, default))
-    if not low <= value <= high:
-        raise RequestError(name, f"{value} out of range [{low}, {high}]")
-    return value
-
-
-def _float(
-    inputs: dict[str, np.ndarray], name: str, default: float, low: float, high: float,
-    low_open: bool = False,
-) -> float:  # fmt: skip
-    value = float(_scalar(inputs, name, default))
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or value > high:
-        bracket = "(" if low_open else "["
-        raise RequestError(name, f"{value} out of range {bracket}{low}, {high}]")
-    return value
-
-
 def _seed(inputs: dict[str, np.ndarray], num_images: int) -> int:
     if "seed" not in inputs:
         return secrets.randbelow(MAX_SEED - num_images + 1)
-    seed = int(inputs["seed"][0])
-    if not 0 <= seed <= MAX_SEED - num_images + 1:
-        raise RequestError("seed", f"{seed} out of range [0, {MAX_SEED - num_images + 1}]")
-    return seed
+    return check_seed(int(inputs["seed"][0]), num_images)
 
 
 def _scheduler(inputs: dict[str, np.ndarray], limits: Limits) -> str | None:
@@ -204,44 +188,21 @@ def _scheduler(inputs: dict[str, np.ndarray], limits: Limits) -> str | None:
 def _outpaint(inputs: dict[str, np.ndarray], limits: Limits) -> tuple[int, int, int, int] | None:
     if "outpaint" not in inputs:
         return None
-    if "image" not in inputs:
-        raise RequestError("outpaint", "needs an input image to extend")
-    values = tuple(int(v) for v in inputs["outpaint"])
-    if any(not 0 <= v <= limits.max_outpaint for v in values) or not any(values):
-        raise RequestError(
-            "outpaint",
-            f"{list(values)} given; [left, top, right, bottom] each in [0, {limits.max_outpaint}]"
-            ", at least one > 0",
-        )
-    return values  # type: ignore[return-value]
-
-
-def _canvas_size(
-    height: int, width: int, outpaint: tuple[int, int, int, int], limits: Limits
-) -> tuple[int, int]:
-    left, top, right, bottom = outpaint
-    canvas_h, canvas_w = height + top + bottom, width + left + right
-    if canvas_h * canvas_w > limits.max_canvas_pixels:
-        raise RequestError(
-            "outpaint",
-            f"canvas {canvas_h}x{canvas_w} = {canvas_h * canvas_w} pixels exceeds "
-            f"{limits.max_canvas_pixels}",
-        )
-    return canvas_h, canvas_w
+    return check_outpaint(inputs["outpaint"].tolist(), "image" in inputs, limits)
 
 
 def _image_and_mask(
     inputs: dict[str, np.ndarray], limits: Limits, mask_required: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     image, mask = inputs.get("image"), inputs.get("mask")
+    if mask is not None:
+        check_mask_has_image(has_image=image is not None)
     if image is None:
-        if mask is not None:
-            raise RequestError("mask", "given without an image")
         return None, None
     height, width, channels = image.shape
     if channels != 3:
         raise RequestError("image", f"shape {list(image.shape)} given, [H, W, 3] RGB expected")
-    _check_pixels("image", height, width, limits)
+    check_pixels("image", height, width, limits)
     if mask is None:
         if mask_required:
             raise RequestError("mask", "is required with an image (unless outpainting)")
@@ -256,23 +217,12 @@ def _image_and_mask(
 def _size(
     inputs: dict[str, np.ndarray], image: np.ndarray | None, limits: Limits, default_size: int
 ) -> tuple[int, int]:
+    for name in ("height", "width"):
+        if name in inputs:
+            check_size_needs_no_image(name, has_image=image is not None)
     if image is not None:
-        for name in ("height", "width"):
-            if name in inputs:
-                raise RequestError(
-                    name, "applies to text-to-image only; outputs keep the image size"
-                )
         return int(image.shape[0]), int(image.shape[1])
-    height = _int(inputs, "height", default_size, 1, limits.max_pixels)
-    width = _int(inputs, "width", default_size, 1, limits.max_pixels)
-    _check_pixels("height" if "height" in inputs else "width", height, width, limits)
+    height = int(_number(inputs, "height", default_size, limits))
+    width = int(_number(inputs, "width", default_size, limits))
+    check_pixels("height" if "height" in inputs else "width", height, width, limits)
     return height, width
-
-
-def _check_pixels(name: str, height: int, width: int, limits: Limits) -> None:
-    if height < 1 or width < 1:
-        raise RequestError(name, f"size {height}x{width} is empty")
-    if height * width > limits.max_pixels:
-        raise RequestError(
-            name, f"size {height}x{width} = {height * width} pixels exceeds {limits.max_pixels}"
-        )

@@ -7,7 +7,6 @@ and benchmarks run in-process (with ONNX Runtime runners), from the same paramet
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +65,12 @@ class PipelineService:
         )
         return cls(loop, limits_from_parameters(params), outpaint_settings)
 
-    def _parse(self, inputs: Mapping[str, np.ndarray]) -> GenerationParams:
+    def parse(self, inputs: Mapping[str, np.ndarray]) -> GenerationParams:
+        """Wire inputs → validated parameters.
+
+        Raises:
+            RequestError: a bad input, before any model call.
+        """
         facts = self.loop.facts
         return parse_request(dict(inputs), self.limits, facts.default_size, facts.default_strength)
 
@@ -79,12 +83,16 @@ class PipelineService:
             RequestError: a bad input, before any model call.
             Cancelled: the request was cancelled mid-loop.
         """
-        params = self._parse(inputs)
+        params = self.parse(inputs)
         if params.outpaint is not None:
-            images = outpaint(self.loop, params, self.outpaint, is_cancelled)
-        else:
-            images = self.loop(params, is_cancelled)
-        return _outputs(images, params)
+            return self.outpaint_request(params, is_cancelled)
+        return wire_outputs(self.loop(params, is_cancelled), params)
+
+    def outpaint_request(
+        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+    ) -> dict[str, np.ndarray]:
+        """An outpainting request, band after band: its wire outputs."""
+        return wire_outputs(outpaint(self.loop, params, self.outpaint, is_cancelled), params)
 
     def generate_many(
         self, requests: list[tuple[Mapping[str, np.ndarray], Callable[[], bool] | None]]
@@ -98,31 +106,38 @@ class PipelineService:
         batch_items: list[tuple[int, GenerationParams, Callable[[], bool] | None]] = []
         for i, (inputs, is_cancelled) in enumerate(requests):
             try:
-                params = self._parse(inputs)
+                params = self.parse(inputs)
                 if params.outpaint is not None:
-                    images = outpaint(self.loop, params, self.outpaint, is_cancelled)
-                    results[i] = _outputs(images, params)
+                    results[i] = self.outpaint_request(params, is_cancelled)
                 else:
                     batch_items.append((i, params, is_cancelled))
             except Exception as err:  # noqa: BLE001 (reported per request)
                 results[i] = err
         outcomes = self.loop.run_many([(p, c) for _, p, c in batch_items])
         for (i, params, _), outcome in zip(batch_items, outcomes, strict=True):
-            results[i] = outcome if isinstance(outcome, Exception) else _outputs(outcome, params)
+            results[i] = (
+                outcome if isinstance(outcome, Exception) else wire_outputs(outcome, params)
+            )
         return [r if r is not None else RuntimeError("no result") for r in results]
 
 
-def _outputs(images: np.ndarray, params: GenerationParams) -> dict[str, np.ndarray]:
+def wire_outputs(images: np.ndarray, params: GenerationParams) -> dict[str, np.ndarray]:
+    """Generated images → the wire outputs `images` (N, H, W, 3) uint8 and `seeds` (N,)."""
     return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
 
 
 def limits_from_parameters(params: Mapping[str, str]) -> Limits:
-    values = {}
-    for f in fields(Limits):
-        key = f"limit_{f.name}"
-        if key in params:
-            values[f.name] = float(params[key]) if f.type == "float" else int(params[key])
-    return Limits(**values)
+    """`Limits` from a pipeline config's `limit_*` parameters, by the parser shared with the SDK.
+
+    Args:
+        params: config parameters; a limit not set keeps its default.
+
+    Raises:
+        ValueError: a `limit_*` value is not a number (a load-time problem).
+    """
+    from sdserve_client.rules import limits_from_parameters as parse_limits
+
+    return parse_limits(params, strict=True)
 
 
 def unbatch(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

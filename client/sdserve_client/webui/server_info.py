@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
 from ..errors import SdserveError
 from ..request import PROMPT
+from ..rules import Limits, limits_from_parameters
 
 SCHEDULERS_PARAMETER = "schedulers"
 """Pipeline config parameter: comma-separated scheduler names the model accepts."""
@@ -42,23 +43,39 @@ class InfoClient(Protocol):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """One pipeline model as its config describes it (defaults: the server's own).
+    """One pipeline model as its config describes it.
 
     Args:
         name (`str`): Triton model name.
         schedulers (`tuple[str, ...]`): accepted scheduler names; empty when not advertised.
-        max_steps (`int`, *optional*, defaults to 150): `limit_max_steps`.
-        max_images (`int`, *optional*, defaults to 8): `limit_max_images`.
-        max_guidance_scale (`float`, *optional*, defaults to 50.0): `limit_max_guidance_scale`.
-        max_pixels (`int`, *optional*, defaults to 1048576): `limit_max_pixels`.
+        limits (`Limits`, *optional*):
+            Its request limits (`limit_*` parameters), read by the parser the server uses;
+            a limit the config does not set (or sets to a non-number) keeps the server default.
     """
 
     name: str
     schedulers: tuple[str, ...] = ()
-    max_steps: int = 150
-    max_images: int = 8
-    max_guidance_scale: float = 50.0
-    max_pixels: int = 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def max_steps(self) -> int:
+        """Most denoising steps per request."""
+        return self.limits.max_steps
+
+    @property
+    def max_images(self) -> int:
+        """Most images per request."""
+        return self.limits.max_images
+
+    @property
+    def max_guidance_scale(self) -> float:
+        """Largest classifier-free guidance scale."""
+        return self.limits.max_guidance_scale
+
+    @property
+    def max_pixels(self) -> int:
+        """Most pixels of an input image or a text-to-image output."""
+        return self.limits.max_pixels
 
 
 @dataclass(frozen=True)
@@ -95,18 +112,8 @@ def schedulers_of(config: Any) -> tuple[str, ...]:
 
 def model_info_from_config(config: Any) -> ModelInfo:
     """A `ModelInfo` from a pipeline `ModelConfig` protobuf; missing limits keep defaults."""
-    params = config_parameters(config)
-    defaults = ModelInfo(config.name)
-    return ModelInfo(
-        name=config.name,
-        schedulers=schedulers_of(config),
-        max_steps=_number(params, "limit_max_steps", defaults.max_steps, int),
-        max_images=_number(params, "limit_max_images", defaults.max_images, int),
-        max_guidance_scale=_number(
-            params, "limit_max_guidance_scale", defaults.max_guidance_scale, float
-        ),
-        max_pixels=_number(params, "limit_max_pixels", defaults.max_pixels, int),
-    )
+    limits = limits_from_parameters(config_parameters(config), strict=False)
+    return ModelInfo(name=config.name, schedulers=schedulers_of(config), limits=limits)
 
 
 def fetch_model_info(client: InfoClient, model: str, timeout: float | None = None) -> ModelInfo:
@@ -194,13 +201,6 @@ def fetch_pending(metrics_url: str, model: str, timeout: float | None = None) ->
     except (OSError, ValueError):
         return None
     return pending_from_metrics(text, model)
-
-
-def _number(params: dict[str, str], key: str, default: T, kind: Callable[[str], T]) -> T:
-    try:
-        return kind(params[key])
-    except (KeyError, ValueError):
-        return default
 
 
 def _call(method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
