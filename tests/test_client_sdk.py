@@ -84,8 +84,14 @@ class FakeResult:
 class FakeTriton:
     """Stands in for `tritonclient.grpc.InferenceServerClient`; behaves like the pipeline."""
 
-    def __init__(self, max_batch_size: int = 0, fail: dict[str, Exception] | None = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int = 0,
+        fail: dict[str, Exception] | None = None,
+        parameters: dict[str, str] | None = None,
+    ) -> None:
         self.max_batch_size = max_batch_size
+        self.parameters = parameters or {}
         self.fail = fail or {}
         self.calls: list[tuple[str, Any]] = []
         self.sent: dict[str, Any] = {}
@@ -102,6 +108,8 @@ class FakeTriton:
         config: dict[str, Any] = {"name": model_name, "backend": "python"}
         if self.max_batch_size:  # MessageToJson drops fields left at 0
             config["max_batch_size"] = self.max_batch_size
+        if self.parameters:
+            config["parameters"] = {k: {"string_value": v} for k, v in self.parameters.items()}
         return {"config": config}
 
     def get_model_repository_index(self, **kwargs: Any) -> dict[str, Any]:
@@ -657,3 +665,16 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_output_paths() -> None:
     assert cli.output_paths(Path("d/out.png"), 1) == [Path("d/out.png")]
     assert cli.output_paths(Path("x.png"), 3) == [Path("x.png"), Path("x-1.png"), Path("x-2.png")]
+
+
+def test_the_models_own_limits_are_checked_before_inference() -> None:
+    """The SDK reads the served model's `limit_*` parameters and applies the shared rules."""
+    fake = FakeTriton(1, parameters={"limit_max_steps": "10", "limit_max_images": "2"})
+    client = InpaintClient(model="inpaint", client=fake)
+    with pytest.raises(InvalidRequestError, match=r"steps: 20 out of range \[1, 10\]"):
+        client.inpaint(rgb(), Image.new("L", (6, 4), 255), "a cat", steps=20)
+    with pytest.raises(InvalidRequestError, match="num_images"):
+        client.inpaint(rgb(), Image.new("L", (6, 4), 255), "a cat", steps=5, num_images=3)
+    assert [method for method, _ in fake.calls] == ["get_model_config"]  # never inferred
+    client.inpaint(rgb(), Image.new("L", (6, 4), 255), "a cat", steps=10, num_images=2)
+    assert [method for method, _ in fake.calls][-1] == "infer"

@@ -26,8 +26,10 @@ from .request import (
     OUTPUT_SEEDS,
     GenerationRequest,
     add_batch_dim,
+    check_request,
     encode_request,
 )
+from .rules import Limits, limits_from_parameters
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -119,6 +121,7 @@ class InpaintClient:
             client if client is not None else _call(grpcclient.InferenceServerClient, url)
         )
         self._batched: bool | None = None
+        self._limits: Limits | None = None
 
     def inpaint(
         self,
@@ -244,8 +247,9 @@ class InpaintClient:
     def _prepare(
         self, request: GenerationRequest, timeout: float | None
     ) -> tuple[list[Any], list[Any], bool]:
-        tensors = encode_request(request)
+        tensors = encode_request(request)  # the rules every model shares, before any call
         batched = self._is_batched(timeout)
+        check_request(request, self._limits)  # and this model's own limits
         if batched:
             tensors = add_batch_dim(tensors)
         inputs = [_call(_infer_input, name, array) for name, array in tensors.items()]
@@ -291,7 +295,8 @@ class InpaintClient:
         return f"{type(self).__name__}(url={self.url!r}, model={self.model!r})"
 
     def _is_batched(self, timeout: float | None) -> bool:
-        """Whether the model's first dimension is a batch dimension (fetched once)."""
+        """Whether the model's first dimension is a batch dimension; its config, with its
+        `limit_*` parameters, is fetched once."""
         if self._batched is None:
             response = _call(
                 self._client.get_model_config,
@@ -301,6 +306,10 @@ class InpaintClient:
             )
             config = response.get("config", response)
             self._batched = int(config.get("max_batch_size", 0)) > 0
+            params = config.get("parameters", {})
+            self._limits = limits_from_parameters(
+                {k: v.get("string_value", "") for k, v in params.items()}, strict=False
+            )
         return self._batched
 
     def _timeout(self, timeout: float | None) -> float | None:
