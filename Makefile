@@ -13,7 +13,7 @@ UI_PORT ?= 7860
 GRPC_URL ?= 127.0.0.1:8001
 METRICS_URL ?= http://127.0.0.1:8002/metrics
 
-.PHONY: demo test serve repository demo-pipeline lint clean ui chromium
+.PHONY: demo test serve repository demo-pipeline lint clean ui chromium bench bench-full
 
 $(STAMP): requirements.txt model_repository/pyproject.toml export/pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,15 @@ ui: repository $(UI_STAMP)
 	fi; \
 	$(PY) -m sdserve_client.webui --server $(GRPC_URL) --metrics-url $(METRICS_URL) \
 		--host $(UI_HOST) --port $(UI_PORT) --wait-ready 600
+
+# Throughput/latency sweep on the demo pipeline (a few minutes); bench-full adds the full-size
+# SD 1.5-inpainting architecture (random weights, built once under build/bench). Results go to
+# benchmarks/results/ (json, md, png).
+bench: repository
+	$(PY) benchmarks/throughput.py --skip-full
+
+bench-full: repository
+	$(PY) benchmarks/throughput.py
 
 test: $(STAMP) $(UI_STAMP) chromium
 	$(PY) -m pytest tests -q

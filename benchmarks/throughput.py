@@ -343,10 +343,13 @@ def run_served(
             generate = served_path(client)
             generate(request)  # warm-up outside the statistics window
             before = asyncio.run(fetch_statistics(server.grpc_url))
+            window = time.perf_counter()
             samples, images = time_path(generate, request, setup.repeats, "served")
+            window = time.perf_counter() - window
             after = asyncio.run(fetch_statistics(server.grpc_url))
         extra = then(server) if then is not None else None
-    stages = stage_breakdown(before, after, requests=setup.repeats)
+    # the window holds time_path's warm-up too, and its settle pauses
+    stages = stage_breakdown(before, after, setup.repeats + 1, window, setup.steps)
     return {
         "samples_s": samples, "images": images, "server_ready_s": ready_s, "stages": stages,
         "then": extra,
@@ -427,45 +430,51 @@ _STAGE_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_ou
 
 
 def stage_breakdown(
-    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], requests: int
+    before: dict[str, dict[str, float]],
+    after: dict[str, dict[str, float]],
+    requests: int,
+    elapsed_s: float,
+    steps: int,
 ) -> dict[str, Any]:
-    """Where the pipeline model's time went between two statistics snapshots.
+    """Where the window's time went, per request, from two statistics snapshots.
 
-    Per pipeline *execution* (one batch of requests denoised together), the time each
-    component spent in Triton (queue + compute) is subtracted from the pipeline model's
-    compute time; the remainder is what the pipeline model does itself: request parsing,
-    pre/post-processing, scheduler steps, CFG, blending and the BLS round trips.
+    The pipeline model batches step by step (`sdserve_pipeline.batcher`): one UNet call
+    serves every request at that point of its run, so component time is amortised: each
+    component's busy time in the window (queue + compute) divided by the requests served.
+    What is left of `elapsed / requests` is the pipeline's own work (parsing, pre/post-
+    processing, scheduler steps, CFG, BLS round trips) plus any idle time.
 
     Args:
         before (`dict`): `fetch_statistics` at the start of the window.
         after (`dict`): `fetch_statistics` at its end.
-        requests (`int`): requests sent in the window (a consistency check).
+        requests (`int`): requests completed in the window.
+        elapsed_s (`float`): the window's wall time.
+        steps (`int`): denoising steps per request (for UNet calls per request-step).
 
     Returns:
-        ms per pipeline execution per stage, ms per component call, request/execution
-        counts and the pipeline model's own queue (dynamic-batcher) wait per request.
+        amortised ms per request per component and for the pipeline itself, UNet calls per
+        request-step (1.0: no batching; 1/c: c requests in every call), ms per component
+        call, and the pipeline model's queue wait and in-Triton time per request.
     """
     delta = {name: {k: after[name][k] - before[name].get(k, 0.0) for k in after[name]}
              for name in after}  # fmt: skip
-    pipe = delta[PIPELINE_MODEL]
-    executions = max(pipe["executions"], 1.0)
-    per_exec = {}
-    for name in COMPONENTS:
-        row = delta[name]
-        busy = row["queue"] + row["compute_input"] + row["compute_infer"] + row["compute_output"]
-        per_exec[name] = busy / executions / 1e6
-    pipeline_ms = pipe["compute_input"] + pipe["compute_infer"] + pipe["compute_output"]
-    pipeline_ms = pipeline_ms / executions / 1e6
+    pipe, served = delta[PIPELINE_MODEL], max(requests, 1)
+    busy = {
+        name: sum(
+            delta[name][k] for k in ("queue", "compute_input", "compute_infer", "compute_output")
+        )
+        / served
+        / 1e6  # fmt: skip
+        for name in COMPONENTS
+    }
+    window_ms = elapsed_s * 1e3 / served
     return {
         "requests": pipe["requests"],
         "requests_sent": requests,
-        "executions": pipe["executions"],
-        "pipeline_compute_ms_per_execution": pipeline_ms,
-        "component_ms_per_execution": per_exec,
-        "component_queue_ms_per_execution": {
-            name: delta[name]["queue"] / executions / 1e6 for name in COMPONENTS
-        },
-        "pipeline_own_ms_per_execution": pipeline_ms - sum(per_exec.values()),
+        "window_ms_per_request": window_ms,
+        "component_ms_per_request": busy,
+        "pipeline_own_ms_per_request": window_ms - sum(busy.values()),
+        "unet_calls_per_request_step": delta["unet"]["executions"] / (served * steps),
         "pipeline_queue_ms_per_request": pipe["queue"] / max(pipe["requests"], 1.0) / 1e6,
         "pipeline_request_ms": pipe["success"] / max(pipe["requests"], 1.0) / 1e6,
         "per_call_ms": {
@@ -519,7 +528,7 @@ async def closed_loop(
 
 
 async def sweep_level(
-    url: str, requests: list[GenerationRequest], concurrency: int, bar: tqdm
+    url: str, requests: list[GenerationRequest], concurrency: int, bar: tqdm, steps: int
 ) -> dict[str, Any]:
     """One concurrency level: warm-up round, then the timed window with statistics."""
     async with grpc_aio.InferenceServerClient(url) as client:
@@ -536,7 +545,7 @@ async def sweep_level(
         "images_per_s": images / elapsed,
         "latency_ms": dict(zip(("p50", "p95", "p99"), quantiles.tolist(), strict=True)),
         "latency_ms_mean": statistics.mean(latencies) * 1e3,
-        "stages": stage_breakdown(before, after, len(latencies)),
+        "stages": stage_breakdown(before, after, len(latencies), elapsed, steps),
     }
 
 
@@ -551,7 +560,9 @@ def run_sweep(server: TritonServer, args: argparse.Namespace, mix: list[MixEntry
     with tqdm(total=total, desc="sweep", unit="req", file=sys.stderr) as bar:
         for concurrency in args.concurrency:
             bar.set_postfix_str(f"concurrency {concurrency}")
-            levels.append(asyncio.run(sweep_level(server.grpc_url, requests, concurrency, bar)))
+            levels.append(
+                asyncio.run(sweep_level(server.grpc_url, requests, concurrency, bar, args.steps))
+            )
     return {"levels": levels, "machine_load": machine_load(before, Snapshot.take(cpu))}
 
 
@@ -600,40 +611,39 @@ def sweep_table(sweep: dict[str, Any], ceiling: dict[str, Any]) -> list[str]:
     lines = [
         (
             "| concurrency | images/s | × c=1 | % of ceiling | p50 (ms) | p95 (ms) | p99 (ms) "
-            "| p99/p50 | requests per execution |"
+            "| p99/p50 | UNet calls per request-step |"
         ),
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = sweep["levels"][0]["images_per_s"]
     for level in sweep["levels"]:
         lat, stages = level["latency_ms"], level["stages"]
-        per_exec = stages["requests"] / max(stages["executions"], 1)
         lines.append(
             f"| {level['concurrency']} | {level['images_per_s']:.2f} "
             f"| {level['images_per_s'] / base:.2f} "
             f"| {level['images_per_s'] / ceiling['images_per_s'] * 100:.0f}% "
             f"| {lat['p50']:.0f} | {lat['p95']:.0f} | {lat['p99']:.0f} "
-            f"| {lat['p99'] / lat['p50']:.2f} | {per_exec:.2f} |"
+            f"| {lat['p99'] / lat['p50']:.2f} | {stages['unet_calls_per_request_step']:.2f} |"
         )
     return lines
 
 
 def stage_table(sweep: dict[str, Any]) -> list[str]:
-    """Markdown: ms per pipeline execution spent in each component vs the pipeline itself."""
+    """Markdown: amortised ms per request in each component vs the pipeline itself."""
     header = " | ".join(f"{name} (ms)" for name in COMPONENTS)
     lines = [
         (
-            f"| concurrency | pipeline compute (ms) | {header} | pipeline's own: loop, "
-            "scheduler, CFG, BLS (ms) | batcher queue per request (ms) |"
+            f"| concurrency | wall per request (ms) | {header} | pipeline's own + idle: loop, "
+            "scheduler, CFG, BLS (ms) | queued before joining (ms) |"
         ),
         "|---:|---:|" + "---:|" * len(COMPONENTS) + "---:|---:|",
     ]
     for level in sweep["levels"]:
         s = level["stages"]
-        cells = " | ".join(f"{s['component_ms_per_execution'][n]:.1f}" for n in COMPONENTS)
+        cells = " | ".join(f"{s['component_ms_per_request'][n]:.1f}" for n in COMPONENTS)
         lines.append(
-            f"| {level['concurrency']} | {s['pipeline_compute_ms_per_execution']:.1f} | {cells} "
-            f"| {s['pipeline_own_ms_per_execution']:.1f} "
+            f"| {level['concurrency']} | {s['window_ms_per_request']:.1f} | {cells} "
+            f"| {s['pipeline_own_ms_per_request']:.1f} "
             f"| {s['pipeline_queue_ms_per_request']:.1f} |"
         )
     return lines
@@ -678,7 +688,10 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "",
         *sweep_table(payload["sweep"], ceiling),
         "",
-        "Per pipeline execution (one dynamic batch), from Triton's statistics:",
+        (
+            "Amortised per request (each component's busy time in the window ÷ requests; "
+            "batched calls are shared), from Triton's statistics:"
+        ),
         "",
         *stage_table(payload["sweep"]),
         "",

@@ -18,7 +18,9 @@
 #   SDSERVE_PIPELINE_NAME   Triton name of the pipeline model [inpaint]
 #   SDSERVE_PLATFORM        tensorrt_plan | onnxruntime_onnx [tensorrt_plan]
 #   SDSERVE_GPU_REPOSITORY  where the GPU variant goes [$SDSERVE_BUILD_DIR/model_repository_gpu]
-#   SDSERVE_BUCKETS         WIDTHxHEIGHT list the engines serve [512², 768², 1024², SDXL ratios]
+#   SDSERVE_BUCKETS         WIDTHxHEIGHT list the engines serve; requests are generated at
+#                           the smallest one containing them [per architecture: SD 1.5
+#                           512², 768², 768x512, 512x768; SDXL 1024² and its ratios]
 #   SDSERVE_FP32_COMPONENTS components built without fp16 [the SDXL VAE only]
 #   SDSERVE_INSTANCES       instances per GPU of each component [1]
 set -euo pipefail

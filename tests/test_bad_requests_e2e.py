@@ -292,7 +292,7 @@ ONE_STEP = {**PROMPT, "steps": i32(1)}
 
 # fmt: off
 BAD_BATCHES = [
-    pytest.param(ONE_STEP, {"prompt": 2, "steps": 2}, "prompt", id="batch-of-two"),
+    pytest.param(ONE_STEP, {"prompt": 2, "steps": 2}, None, id="batch-of-two"),  # max is 1
     pytest.param(ONE_STEP, {"prompt": 1, "steps": 2}, "prompt", id="batch-sizes-differ"),
     pytest.param(ONE_STEP, {"prompt": 1, "steps": 0}, "steps", id="batch-dim-missing"),
     pytest.param(ONE_STEP, {"prompt": 9, "steps": 9}, None, id="batch-over-max-batch-size"),

@@ -26,7 +26,16 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_export import gpu_repository as gr
 from sdserve_export import tensorrt_engines as te
-from sdserve_pipeline.components import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from sdserve_pipeline.components import (
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    TEXT_ENCODER_XL,
+    UNET,
+    UNET_XL,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
+from sdserve_pipeline.images import parse_size_buckets
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -38,6 +47,18 @@ SD15_SIZES = {
     "latent_channels": 4,
     "image_channels": 3,
 }
+SDXL_SIZES = {  # SDXL base / inpainting
+    "sequence_length": 77,
+    "hidden_size": 768,
+    "hidden_size_2": 1280,
+    "projection_dim": 1280,
+    "cross_attention_dim": 2048,
+    "time_ids": 6,
+    "unet_in_channels": 9,
+    "latent_channels": 4,
+    "image_channels": 3,
+}
+SQUARE_128 = te.SizeBucket(128, 128)  # the demo checkpoints' own size
 TRITON_PORTS = {8000, 8001, 8002}
 # NGC Triton release → TensorRT major.minor of its backend (release notes).
 TRITON_TENSORRT = {"24.10": "10.5"}
@@ -130,6 +151,7 @@ def test_sizes_from_config_reads_fixed_dims_and_rejects_drift() -> None:
 def test_sdxl_vae_is_kept_fp32_by_default() -> None:
     assert te.default_fp32_components(0.13025) == {"vae_encoder", "vae_decoder"}
     assert te.default_fp32_components(0.18215) == frozenset()
+    assert te.default_fp32_components(0.18215, "sdxl") == {"vae_encoder", "vae_decoder"}
 
 
 def test_sample_inputs_follow_the_spec() -> None:
@@ -490,13 +512,15 @@ def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) 
 
     (unet_group,) = _parse(out / "unet" / "config.pbtxt").instance_group
     assert list(unet_group.profile) == [str(i) for i in range(len(plans["unet"].profiles))]
-    assert len(unet_group.profile) == len(te.DEFAULT_BUCKETS) + 1  # + the demo's own 128²
+    assert len(unet_group.profile) == len(te.SD_BUCKETS) + 1  # + the demo's own 128²
     (text_group,) = _parse(out / "text_encoder" / "config.pbtxt").instance_group
     assert list(text_group.profile) == []  # one profile: Triton's default
     plan_file = out / "unet" / "1" / "model.plan"
     assert not plan_file.is_symlink() and plan_file.read_bytes() == b"not a real plan"
     pipeline = _parse(out / "inpaint" / "config.pbtxt")  # batched UNet calls fit the engine
     assert pipeline.parameters["max_unet_batch"].string_value == str(UNET.trt_batch[2])
+    buckets = parse_size_buckets(pipeline.parameters["size_buckets"].string_value)
+    assert buckets == tuple(sorted((b.height, b.width) for b in (*te.SD_BUCKETS, SQUARE_128)))
 
 
 def test_onnx_variant_links_model_and_external_data(repository: Path, tmp_path: Path) -> None:
@@ -542,15 +566,17 @@ def test_engine_targets_for_the_demo_repository(repository: Path) -> None:
 def test_batch_coverage_reports_requests_engines_would_reject(repository: Path) -> None:
     source = gr.read_repository(repository)
     max_images = int(source.pipelines[0].parameters["limit_max_images"])
-    requests = max(source.pipelines[0].max_batch_size, 1)  # denoised together
-    wide = {
-        "unet": (2, 2, 2 * max_images * requests),
+    wide = {  # cross-request UNet calls are split at max_unet_batch: one request must fit
+        "unet": (2, 2, 2 * max_images),
         "vae_decoder": (1, 1, max_images),
         "text_encoder": (1, 2, 2),
     }
     problems = gr.batch_coverage_problems(source, gr.engine_targets(source, batch_overrides=wide))
     assert len(problems) == 1 and "unet" in problems[0]  # guidance <= 1 sends odd batches
     assert "batch 1.." in problems[0]
+    narrow = {**wide, "unet": (2, 2, 2 * max_images - 2)}  # one request's 2N rows: too many
+    problems = gr.batch_coverage_problems(source, gr.engine_targets(source, batch_overrides=narrow))
+    assert len(problems) == 1 and f"1..{2 * max_images}" in problems[0]
 
 
 def test_ensure_engines_builds_missing_plans_once(
@@ -619,6 +645,162 @@ def test_exported_onnx_loads_in_the_image_backends(repository: Path) -> None:
         model = onnx.load(str(path), load_external_data=False)
         assert model.ir_version <= 10, path
         assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) <= 20
+
+
+# ------------------------------------------------------- SDXL profiles, size buckets served
+
+
+def test_buckets_are_per_architecture_on_the_latent_grid() -> None:
+    sdxl = {b.name for b in te.default_buckets("sdxl")}
+    assert sdxl == {
+        "1024x1024", "1152x896", "896x1152", "1216x832", "832x1216",
+        "1344x768", "768x1344", "1536x640", "640x1536",
+    }  # fmt: skip
+    assert {b.name for b in te.default_buckets("sd15")} == {
+        "512x512",
+        "768x768",
+        "768x512",
+        "512x768",
+    }
+    for bucket in te.default_buckets("sdxl"):  # about one megapixel, latents divisible by 8
+        assert 0.9e6 < bucket.width * bucket.height < 1.1e6
+        assert all(side % 8 == 0 for side in bucket.latent(8))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        te.default_buckets("sd3")
+
+
+def test_sdxl_unet_profiles_carry_pooled_embeds_and_time_ids() -> None:
+    profiles = te.derive_profiles(UNET_XL, SDXL_SIZES, te.SDXL_BUCKETS, vae_scale_factor=8)
+    assert [p.name for p in profiles] == [b.name for b in sorted(te.SDXL_BUCKETS)]
+    by_name = {p.name: p for p in profiles}
+    square = by_name["1024x1024"]
+    assert list(square.shapes) == UNET_XL.input_names
+    assert square.shapes["sample"] == te.ShapeRange(
+        (2, 9, 128, 128), (2, 9, 128, 128), (8, 9, 128, 128)
+    )
+    assert square.shapes["encoder_hidden_states"].opt == (2, 77, 2048)
+    assert square.shapes["text_embeds"] == te.ShapeRange((2, 1280), (2, 1280), (8, 1280))
+    assert square.shapes["time_ids"].max == (8, 6)
+    assert by_name["1536x640"].shapes["sample"].opt == (2, 9, 80, 192)  # (B, C, H/8, W/8)
+    assert by_name["640x1536"].shapes["sample"].opt == (2, 9, 192, 80)
+
+
+def test_sdxl_text_encoders_have_one_static_profile() -> None:
+    (first,) = te.derive_profiles(TEXT_ENCODER_XL, SDXL_SIZES, te.SDXL_BUCKETS)
+    (second,) = te.derive_profiles(TEXT_ENCODER_2, SDXL_SIZES, te.SDXL_BUCKETS)
+    for profile in (first, second):
+        assert profile.name == te.STATIC_PROFILE
+        assert profile.shapes == {"input_ids": te.ShapeRange((1, 77), (1, 77), (4, 77))}
+
+
+def test_repository_with_sd15_and_sdxl_pipelines_reads_both(xl_repository: Path) -> None:
+    source = gr.read_repository(xl_repository)
+    pipelines = {p.name: p for p in source.pipelines}
+    assert {n: p.architecture for n, p in pipelines.items()} == {
+        "inpaint": "sd15",
+        "inpaint_xl": "sdxl",
+    }
+    xl = pipelines["inpaint_xl"]
+    assert dict(xl.components) == {
+        role: f"xl_{role}"
+        for role in ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+    }
+    specs = {c.name: c.spec for c in source.components}
+    assert specs["xl_unet"] is UNET_XL and specs["unet"] is UNET
+    assert specs["xl_text_encoder"] is TEXT_ENCODER_XL and specs["text_encoder"] is TEXT_ENCODER
+    assert specs["xl_text_encoder_2"] is TEXT_ENCODER_2
+
+
+def test_sdxl_engine_targets_use_sdxl_buckets_and_fp32_vae(xl_repository: Path) -> None:
+    source = gr.read_repository(xl_repository)
+    targets = {t.component.name: t for t in gr.engine_targets(source)}
+    sd15 = sorted({*te.SD_BUCKETS, SQUARE_128})
+    sdxl = sorted({*te.SDXL_BUCKETS, SQUARE_128})
+    for role in ("unet", "vae_encoder", "vae_decoder"):
+        assert [p.name for p in targets[role].profiles] == [b.name for b in sd15]
+        assert [p.name for p in targets[f"xl_{role}"].profiles] == [b.name for b in sdxl]
+    assert [p.name for p in targets["xl_text_encoder_2"].profiles] == [te.STATIC_PROFILE]
+    assert {name: t.precision for name, t in targets.items() if t.precision == "fp32"} == {
+        "xl_vae_encoder": "fp32",
+        "xl_vae_decoder": "fp32",
+    }
+    xl_unet = targets["xl_unet"]
+    assert set(xl_unet.profiles[0].shapes) == {*UNET_XL.input_names}
+    key = xl_unet.key("10.5.0", (9, 0), "0" * 12)
+    assert key.filename.startswith("xl_unet.trt10.5.0.sm90.fp16.b2-8.")
+    assert te.EngineKey.parse(key.filename) == key
+    problems = gr.batch_coverage_problems(source, list(targets.values()))
+    assert any("xl_unet" in p for p in problems)  # as SD 1.5's: odd batches without CFG
+    assert not any("text_encoder_2" in p for p in problems)  # 1 or 2 rows, within (1, 4)
+
+    chosen = gr.engine_targets(
+        source, buckets=[te.SizeBucket(512, 512)], xl_buckets=[te.SizeBucket(1216, 832)]
+    )
+    names = {t.component.name: [p.name for p in t.profiles] for t in chosen}
+    assert names["unet"] == ["128x128", "512x512"]
+    assert names["xl_unet"] == ["128x128", "1216x832"]
+    only = {t.component.name: [p.name for p in t.profiles] for t in gr.engine_targets(
+        source, buckets=[te.SizeBucket(512, 512)]
+    )}  # fmt: skip
+    assert only["xl_unet"] == ["128x128", "512x512"]  # --buckets alone: every pipeline
+
+
+def test_tensorrt_variant_of_sd15_and_sdxl_writes_each_pipelines_buckets(
+    xl_repository: Path, tmp_path: Path
+) -> None:
+    plans = _dummy_plans(xl_repository, tmp_path)
+    out = tmp_path / "gpu"
+    gr.write_gpu_repository(xl_repository, out, gr.TENSORRT, plans, log=lambda _m: None)
+
+    for path in sorted(out.glob("*/config.pbtxt")):  # every config parses as a ModelConfig
+        config = _parse(path)
+        assert config.name == path.parent.name
+    for name in plans:
+        config = _parse(out / name / "config.pbtxt")
+        assert config.platform == "tensorrt_plan" and not config.backend
+        (group,) = config.instance_group
+        profiles = len(plans[name].profiles)
+        assert len(group.profile) == (profiles if profiles > 1 else 0)
+    expected = {
+        "inpaint": {*te.SD_BUCKETS, SQUARE_128},
+        "inpaint_xl": {*te.SDXL_BUCKETS, SQUARE_128},
+    }
+    for pipeline, buckets in expected.items():
+        config = _parse(out / pipeline / "config.pbtxt")
+        assert config.backend == "python"
+        written = config.parameters["size_buckets"].string_value
+        assert parse_size_buckets(written) == tuple(sorted((b.height, b.width) for b in buckets))
+        assert te.parse_buckets(written) == tuple(sorted(buckets))  # one format both sides
+        assert config.parameters["max_unet_batch"].string_value == str(UNET_XL.trt_batch[2])
+    assert _parse(out / "xl_text_encoder_2" / "config.pbtxt").input[0].name == "input_ids"
+
+
+def test_pipeline_buckets_come_from_the_plans(xl_repository: Path, tmp_path: Path) -> None:
+    source = gr.read_repository(xl_repository)
+    xl = next(p for p in source.pipelines if p.name == "inpaint_xl")
+    plans = _dummy_plans(xl_repository, tmp_path)
+    plans["xl_vae_decoder"] = gr.EnginePlan(
+        plans["xl_vae_decoder"].path, ("1024x1024", "1152x896"), (1, 1, 4)
+    )
+    plans["xl_unet"] = gr.EnginePlan(plans["xl_unet"].path, plans["xl_unet"].profiles, (2, 4, 16))
+    parameters = gr.tensorrt_pipeline_parameters(xl, plans)
+    assert parameters["max_unet_batch"] == "16"  # the plan's batch, not the spec's
+    assert parse_size_buckets(parameters["size_buckets"]) == ((896, 1152), (1024, 1024))
+
+    plans["xl_vae_encoder"] = gr.EnginePlan(plans["xl_vae_encoder"].path, ("640x1536",))
+    with pytest.raises(gr.RepositoryError, match="share no size bucket"):
+        gr.served_buckets(xl, plans)
+
+
+def test_cli_takes_sdxl_buckets() -> None:
+    args = gr.parse_args(
+        ["--repository", "r", "--platform", "tensorrt_plan", "--out", "o",
+         "--xl-buckets", "1024x1024,1536x640"]
+    )  # fmt: skip
+    assert args.buckets is None  # per architecture
+    assert args.xl_buckets == (te.SizeBucket(1024, 1024), te.SizeBucket(1536, 640))
+    settings = gr._engine_settings(args)
+    assert settings.buckets is None and settings.xl_buckets == args.xl_buckets
 
 
 # -------------------------------------------------------------------------------- docker/
@@ -974,3 +1156,5 @@ def test_tensorrt_repository_builds_once_and_reuses_engines(
     out = tmp_path / "gpu"
     gr.write_gpu_repository(repository, out, gr.TENSORRT, plans, log=print)
     assert _parse(out / "unet" / "config.pbtxt").platform == "tensorrt_plan"
+    pipeline = _parse(out / "inpaint" / "config.pbtxt")  # requests snap to the engines' size
+    assert pipeline.parameters["size_buckets"].string_value == "128x128"

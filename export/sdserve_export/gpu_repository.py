@@ -14,7 +14,17 @@ Runtime runner) and writes a copy in which each component runs on Triton's nativ
 The component configs come from the same generator as the CPU ones
 (`triton_configs.component_config` over the `ComponentSpec`s), so tensor names and dims
 cannot drift; only the platform, the model file name and the instance group change. The
-pipeline models are copied as they are: same config, same component names.
+pipeline models are copied with the same component names; in the `tensorrt_plan` variant
+their configs gain two parameters taken from the plans: `max_unet_batch` (the UNet
+engine's largest batch) and `size_buckets` (the sizes every spatial engine of that
+pipeline has a profile for; the pipeline generates each request at the smallest bucket
+containing it, so any request size is served).
+
+A repository may hold several pipelines, e.g. SD 1.5 `inpaint` and SDXL `inpaint_xl` (built
+with `--name inpaint_xl --component-prefix xl_`): each pipeline's components get the specs
+of its architecture (`pipeline.json`), the size buckets of its architecture
+(`tensorrt_engines.default_buckets`, or `--buckets` / `--xl-buckets`) and, for SDXL, fp32
+VAE engines.
 
 Usage:
     python -m sdserve_export.gpu_repository --repository build/model_repository \\
@@ -48,7 +58,6 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_export.tensorrt_engines import (
-    DEFAULT_BUCKETS,
     BatchRange,
     BuildOptions,
     EngineBuildError,
@@ -59,10 +68,12 @@ from sdserve_export.tensorrt_engines import (
     batch_range,
     build_engine,
     check_engine_parity,
+    default_buckets,
     default_fp32_components,
     derive_profiles,
     find_engine,
     gpu_compute_capability,
+    is_spatial,
     normalize_trt_version,
     onnx_digest,
     parse_buckets,
@@ -72,7 +83,13 @@ from sdserve_export.tensorrt_engines import (
     timing_cache_path,
 )
 from sdserve_export.triton_configs import ONNX_FILE, component_config, parse_pbtxt, to_pbtxt
-from sdserve_pipeline.components import SD15_COMPONENTS, ComponentSpec
+from sdserve_pipeline.components import (
+    COMPONENTS_BY_ARCHITECTURE,
+    SD15_COMPONENTS,
+    ComponentSpec,
+    components_for,
+)
+from sdserve_pipeline.images import format_size_buckets
 
 ONNXRUNTIME = "onnxruntime_onnx"
 TENSORRT = "tensorrt_plan"
@@ -82,7 +99,10 @@ CONFIG_FILE = "config.pbtxt"
 VERSION = "1"  # as written by `repository.build_repository`
 ASSETS_DIR = "assets"  # `sdserve_pipeline.assets.ASSETS_DIR`
 PIPELINE_JSON = "pipeline.json"  # `sdserve_pipeline.assets.PIPELINE_JSON`
-SPECS = {spec.name: spec for spec in SD15_COMPONENTS}
+# Component roles of every architecture (`text_encoder_2` is SDXL's); a pipeline model is
+# recognised by the roles all architectures share.
+ROLES = frozenset(s.name for specs in COMPONENTS_BY_ARCHITECTURE.values() for s in specs)
+SHARED_ROLES = tuple(s.name for s in SD15_COMPONENTS)
 # Parity of a new plan vs ONNX Runtime (fp32, CPU), relative to the largest reference value:
 # fp16 kernels, and TF32 kernels in "fp32" plans on Ampere and later.
 PARITY_RTOL = {"fp16": 5e-2, "fp32": 1e-2}
@@ -130,6 +150,7 @@ class PipelineModel:
         vae_scaling_factor: the VAE's latent scaling factor, from its assets.
         default_size: the checkpoint's native image size, from its assets.
         max_batch_size: requests per `execute` call (denoised together), from its config.
+        architecture: `sd15` or `sdxl`, from its assets; decides the component specs.
     """
 
     name: str
@@ -139,6 +160,11 @@ class PipelineModel:
     vae_scaling_factor: float
     default_size: int
     max_batch_size: int = 0
+    architecture: str = "sd15"
+
+    def spec(self, role: str) -> ComponentSpec:
+        """The declaration of one of its components, for its architecture."""
+        return next(s for s in components_for(self.architecture) if s.name == role)
 
 
 @dataclass(frozen=True)
@@ -180,14 +206,15 @@ def read_repository(root: Path) -> Repository:
         for role, model in pipeline.components.items():
             if model not in configs:
                 raise RepositoryError(f"{pipeline.name} calls {model!r}, which {root} lacks")
-            components.setdefault(model, _component_model(root, model, SPECS[role], configs[model]))
+            spec = pipeline.spec(role)
+            components.setdefault(model, _component_model(root, model, spec, configs[model]))
     used = {p.name for p in pipelines} | set(components)
     others = tuple(name for name in configs if name not in used)
     return Repository(root, pipelines, tuple(components.values()), others)
 
 
 def _is_pipeline(config: mc.ModelConfig) -> bool:
-    return all(f"{role}_model" in config.parameters for role in SPECS)
+    return all(f"{role}_model" in config.parameters for role in SHARED_ROLES)
 
 
 def _pipeline_model(root: Path, name: str, config: mc.ModelConfig) -> PipelineModel:
@@ -197,14 +224,23 @@ def _pipeline_model(root: Path, name: str, config: mc.ModelConfig) -> PipelineMo
         facts = json.loads(facts_file.read_text())
     except FileNotFoundError:
         raise RepositoryError(f"pipeline {name!r} has no {facts_file}") from None
+    architecture = str(facts.get("architecture", "sd15"))
+    try:
+        roles = [spec.name for spec in components_for(architecture)]
+    except ValueError as err:
+        raise RepositoryError(f"pipeline {name!r}: {err}") from None
+    missing = [f"{role}_model" for role in roles if f"{role}_model" not in params]
+    if missing:
+        raise RepositoryError(f"{architecture} pipeline {name!r} lacks parameters {missing}")
     return PipelineModel(
         name=name,
-        components={role: params[f"{role}_model"] for role in SPECS},
+        components={role: params[f"{role}_model"] for role in roles},
         parameters=params,
         vae_scale_factor=int(facts["vae_scale_factor"]),
         vae_scaling_factor=float(facts["vae_scaling_factor"]),
         default_size=int(facts["default_size"]),
         max_batch_size=config.max_batch_size,
+        architecture=architecture,
     )
 
 
@@ -266,11 +302,14 @@ class EnginePlan:
 
     Args:
         path: the plan file.
-        profiles: its profile names, in profile-index order.
+        profiles: its profile names, in profile-index order (`WIDTHxHEIGHT` size buckets,
+            or `static`).
+        batch: its (min, opt, max) batch; None: the spec's `trt_batch`.
     """
 
     path: Path
     profiles: tuple[str, ...]
+    batch: tuple[int, int, int] | None = None
 
 
 def write_gpu_repository(
@@ -320,22 +359,58 @@ def write_gpu_repository(
         log(f"[gpu] {component.name}: {platform} ({MODEL_FILES[platform]})")
     for name in (*(p.name for p in source.pipelines), *source.others):
         shutil.copytree(source.root / name, staging / name, symlinks=True)
-    if platform == TENSORRT:  # cross-request batches must fit the UNet engine's profile
+    if platform == TENSORRT:  # requests must fit the engines' profiles
         for pipeline in source.pipelines:
-            _limit_unet_batch(staging / pipeline.name / CONFIG_FILE, UNET_MAX_ROWS)
+            parameters = tensorrt_pipeline_parameters(pipeline, plans)
+            _set_parameters(staging / pipeline.name / CONFIG_FILE, parameters)
+            log(f"[gpu] {pipeline.name}: size_buckets {parameters['size_buckets']}")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     log(f"[gpu] repository written to {out}")
     return source
 
 
-UNET_MAX_ROWS = next(s for s in SD15_COMPONENTS if s.name == "unet").trt_batch[2]
+def tensorrt_pipeline_parameters(
+    pipeline: PipelineModel, plans: Mapping[str, EnginePlan]
+) -> dict[str, str]:
+    """Pipeline parameters that keep its calls within its engines' profiles.
+
+    `max_unet_batch`: cross-request UNet calls are split to the UNet engine's largest batch.
+    `size_buckets`: the sizes every spatial engine of the pipeline has a profile for (read
+    from the plans, so the pipeline snaps requests to exactly what the engines accept).
+    """
+    unet = plans[pipeline.components["unet"]]
+    max_rows = (unet.batch or pipeline.spec("unet").trt_batch)[2]
+    buckets = served_buckets(pipeline, plans)
+    return {
+        "max_unet_batch": str(max_rows),
+        "size_buckets": format_size_buckets((b.height, b.width) for b in buckets),
+    }
 
 
-def _limit_unet_batch(config_file: Path, max_rows: int) -> None:
-    """Set the pipeline's `max_unet_batch` so batched UNet calls stay within the engine."""
+def served_buckets(
+    pipeline: PipelineModel, plans: Mapping[str, EnginePlan]
+) -> tuple[SizeBucket, ...]:
+    """Size buckets that every spatial engine of the pipeline has a profile for.
+
+    Raises:
+        RepositoryError: the engines share no bucket.
+    """
+    shared: set[SizeBucket] | None = None
+    for role, model in pipeline.components.items():
+        if not is_spatial(pipeline.spec(role)):
+            continue
+        buckets = {SizeBucket.parse(name) for name in plans[model].profiles}
+        shared = buckets if shared is None else shared & buckets
+    if not shared:
+        raise RepositoryError(f"{pipeline.name}: its engines share no size bucket")
+    return tuple(sorted(shared))
+
+
+def _set_parameters(config_file: Path, parameters: Mapping[str, str]) -> None:
     config = parse_pbtxt(config_file.read_text())
-    config.parameters["max_unet_batch"].string_value = str(max_rows)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
     config_file.write_text(to_pbtxt(config))
 
 
@@ -403,29 +478,48 @@ class EngineTarget:
 
 
 def serving_buckets(
-    pipeline: PipelineModel, requested: Iterable[SizeBucket]
+    pipeline: PipelineModel,
+    requested: Iterable[SizeBucket] | None = None,
+    xl_requested: Iterable[SizeBucket] | None = None,
 ) -> tuple[SizeBucket, ...]:
-    """The requested buckets plus the checkpoint's own square size (e.g. 128² for the demo)."""
+    """The buckets a pipeline's engines serve, plus the checkpoint's own square size (e.g.
+    128² for the demo; the default outpainting band).
+
+    Args:
+        pipeline: the pipeline model.
+        requested: buckets for every pipeline; None: its architecture's `default_buckets`.
+        xl_requested: buckets for SDXL pipelines, overriding `requested` for them.
+    """
+    chosen = xl_requested if pipeline.architecture == "sdxl" else None
+    if chosen is None:
+        chosen = requested
+    if chosen is None:
+        chosen = default_buckets(pipeline.architecture)
     own = SizeBucket(pipeline.default_size, pipeline.default_size)
-    return tuple(sorted({*requested, own}))
+    return tuple(sorted({*chosen, own}))
 
 
 def engine_targets(
     repository: Repository,
-    buckets: Iterable[SizeBucket] = DEFAULT_BUCKETS,
+    buckets: Iterable[SizeBucket] | None = None,
     fp32_components: Iterable[str] | None = None,
     batch_overrides: Mapping[str, Sequence[int]] | None = None,
+    xl_buckets: Iterable[SizeBucket] | None = None,
 ) -> list[EngineTarget]:
     """The engine each component needs (pure: no TensorRT, no GPU).
 
     Args:
         repository: the built repository.
-        buckets: image sizes to serve; the checkpoint's own square size is always added.
+        buckets: image sizes to serve, for every pipeline; None: each pipeline's
+            architecture's `default_buckets`. The checkpoint's own square size is always
+            added.
         fp32_components: spec names (`vae_decoder`, ...) built without fp16; None picks the
             default per pipeline (the SDXL VAE stays fp32, see `default_fp32_components`).
         batch_overrides: spec name → (min, opt, max) replacing `spec.trt_batch`.
+        xl_buckets: image sizes for SDXL pipelines, overriding `buckets` for them.
     """
-    requested = tuple(buckets)
+    requested = None if buckets is None else tuple(buckets)
+    xl_requested = None if xl_buckets is None else tuple(xl_buckets)
     overrides = batch_overrides or {}
     targets = []
     for component in repository.components:
@@ -434,13 +528,13 @@ def engine_targets(
         fp32 = (
             set(fp32_components)
             if fp32_components is not None
-            else default_fp32_components(pipeline.vae_scaling_factor)
+            else default_fp32_components(pipeline.vae_scaling_factor, pipeline.architecture)
         )
         batch = batch_range(spec, overrides.get(spec.name))
         profiles = derive_profiles(
             spec,
             component.sizes,
-            serving_buckets(pipeline, requested),
+            serving_buckets(pipeline, requested, xl_requested),
             pipeline.vae_scale_factor,
             batch,
         )
@@ -453,30 +547,31 @@ def batch_coverage_problems(repository: Repository, targets: Sequence[EngineTarg
     """Requests the pipeline accepts but the engines' batch ranges would reject.
 
     The loop calls the text encoder with 1 or 2 rows, the VAE encoder with 1 and the VAE
-    decoder with N per request, N up to `limit_max_images`; the UNet once per step for all
-    requests of an `execute` call (up to the config's `max_batch_size`) that share a latent
-    size, with N (guidance <= 1) or 2N rows each.
+    decoder with N per request, N up to `limit_max_images`; the UNet once per step for the
+    running requests that share a latent size, N (guidance <= 1) or 2N rows each. Those
+    calls are split at the pipeline's `max_unet_batch` (the TensorRT variant sets it to the
+    UNet engine's max), so the engine must take one request's rows alone: up to 2N.
     """
     by_model = {t.component.name: t for t in targets}
     problems = []
     for pipeline in repository.pipelines:
         max_images = int(pipeline.parameters.get("limit_max_images", "1"))
-        requests = max(pipeline.max_batch_size, 1)
         needs = {
             "text_encoder": (1, 2),
+            "text_encoder_2": (1, 2),
             "vae_encoder": (1, 1),
-            "unet": (1, 2 * max_images * requests),
+            "unet": (1, 2 * max_images),
             "vae_decoder": (1, max_images),
         }
         for role, (low, high) in needs.items():
-            target = by_model.get(pipeline.components[role])
+            target = by_model.get(pipeline.components.get(role, ""))
             if target is None:
                 continue
             batch = target.batch
             if low < batch.min or high > batch.max:
                 problems.append(
                     f"{pipeline.name}: {target.component.name} is called with batch {low}..{high} "
-                    f"(limit_max_images={max_images}, max_batch_size={requests}) but its "
+                    f"(limit_max_images={max_images}) but its "
                     "engine accepts "
                     f"{batch.min}..{batch.max}"
                 )
@@ -489,7 +584,9 @@ class EngineSettings:
 
     Args:
         engine_dir: where plans and the timing cache live (keep it on a persistent volume).
-        buckets: image sizes to serve.
+        buckets: image sizes to serve, every pipeline; None: per architecture
+            (`default_buckets`).
+        xl_buckets: image sizes to serve for SDXL pipelines, overriding `buckets` for them.
         fp32_components: spec names built without fp16 (None: per-checkpoint default).
         batch_overrides: spec name → (min, opt, max) replacing `spec.trt_batch`.
         build_missing: build absent plans (else a missing plan is an error).
@@ -498,12 +595,13 @@ class EngineSettings:
     """
 
     engine_dir: Path
-    buckets: tuple[SizeBucket, ...] = DEFAULT_BUCKETS
+    buckets: tuple[SizeBucket, ...] | None = None
     fp32_components: frozenset[str] | None = None
     batch_overrides: Mapping[str, Sequence[int]] | None = None
     build_missing: bool = True
     parity: bool = True
     workspace_bytes: int | None = None
+    xl_buckets: tuple[SizeBucket, ...] | None = None
 
 
 def ensure_engines(
@@ -521,14 +619,18 @@ def ensure_engines(
     cache = timing_cache_path(settings.engine_dir, trt_version, capability)
     plans = {}
     targets = engine_targets(
-        repository, settings.buckets, settings.fp32_components, settings.batch_overrides
+        repository,
+        settings.buckets,
+        settings.fp32_components,
+        settings.batch_overrides,
+        settings.xl_buckets,
     )
     for problem in batch_coverage_problems(repository, targets):
         log(f"[trt] WARNING: {problem}")
     for target in targets:
         key = target.key(trt_version, capability, onnx_digest(target.component.onnx_file))
         path = find_engine(settings.engine_dir, key) or _build(target, key, settings, cache, log)
-        plans[target.component.name] = EnginePlan(path, key.profiles)
+        plans[target.component.name] = EnginePlan(path, key.profiles, key.batch)
     return plans
 
 
@@ -615,10 +717,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="TensorRT plan folder (default: <repository>/../engines)",
     )  # fmt: skip
     parser.add_argument(
-        "--buckets", type=parse_buckets, default=DEFAULT_BUCKETS,
-        help="comma-separated WIDTHxHEIGHT image sizes the engines serve "
-        "(default: 512², 768², 1024² and the SDXL aspect ratios; the checkpoint's own size "
-        "is always added)",
+        "--buckets", type=parse_buckets, default=None,
+        help="comma-separated WIDTHxHEIGHT image sizes the engines of every pipeline serve "
+        "(default per architecture: SD 1.5 512x512,768x768,768x512,512x768; SDXL 1024x1024 "
+        "and its aspect ratios; the checkpoint's own square size is always added). The "
+        "pipeline generates each request at the smallest size containing it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--xl-buckets", type=parse_buckets, default=None,
+        help="WIDTHxHEIGHT sizes for SDXL pipelines, overriding --buckets for them",
     )  # fmt: skip
     parser.add_argument(
         "--fp32-components", default=None,
@@ -640,12 +747,13 @@ def _engine_settings(args: argparse.Namespace) -> EngineSettings:
     fp32 = None
     if args.fp32_components is not None:
         fp32 = frozenset(n.strip() for n in args.fp32_components.split(",") if n.strip())
-        unknown = fp32 - SPECS.keys()
+        unknown = fp32 - ROLES
         if unknown:
-            raise RepositoryError(f"--fp32-components: {sorted(unknown)} not in {sorted(SPECS)}")
+            raise RepositoryError(f"--fp32-components: {sorted(unknown)} not in {sorted(ROLES)}")
     return EngineSettings(
         engine_dir=args.engines or args.repository.resolve().parent / "engines",
-        buckets=tuple(args.buckets),
+        buckets=args.buckets,
+        xl_buckets=args.xl_buckets,
         fp32_components=fp32,
         build_missing=not args.no_build,
         parity=not args.no_parity,

@@ -2,8 +2,11 @@
 
 Pure parts, importable and tested without TensorRT or a GPU:
 
-- `SizeBucket`s: the static image sizes an engine serves (512², 768², 1024² and the common
-  SDXL aspect ratios), converted to latent sizes with the VAE scale factor;
+- `SizeBucket`s: the static image sizes an engine serves, per architecture
+  (`default_buckets`: SD 1.5 512², 768², 768x512, 512x768; SDXL 1024² and its common
+  aspect ratios), converted to latent sizes with the VAE scale factor. The pipeline snaps
+  each request to the smallest bucket containing it (its `size_buckets` parameter, written
+  by `gpu_repository` from the same buckets), so any request size is served;
 - `derive_profiles`: one optimisation profile per bucket, derived from a `ComponentSpec`
   (batch ranges from `spec.trt_batch`, in units of 2 for the CFG-batched UNet; spatial dims
   min = opt = max per bucket; fixed dims such as the text sequence length from the
@@ -104,7 +107,12 @@ class SizeBucket:
         return self.height // vae_scale_factor, self.width // vae_scale_factor
 
 
-SD_BUCKETS = (SizeBucket(512, 512), SizeBucket(768, 768))
+SD_BUCKETS = (
+    SizeBucket(512, 512),
+    SizeBucket(768, 768),
+    SizeBucket(768, 512),
+    SizeBucket(512, 768),
+)
 SDXL_BUCKETS = (
     SizeBucket(1024, 1024),
     SizeBucket(1152, 896),
@@ -113,8 +121,23 @@ SDXL_BUCKETS = (
     SizeBucket(832, 1216),
     SizeBucket(1344, 768),
     SizeBucket(768, 1344),
+    SizeBucket(1536, 640),
+    SizeBucket(640, 1536),
 )
-DEFAULT_BUCKETS = SD_BUCKETS + SDXL_BUCKETS
+BUCKETS_BY_ARCHITECTURE: Mapping[str, tuple[SizeBucket, ...]] = {
+    "sd15": SD_BUCKETS,
+    "sdxl": SDXL_BUCKETS,
+}
+DEFAULT_BUCKETS = SD_BUCKETS + SDXL_BUCKETS  # every architecture's, e.g. for `derive_profiles`
+
+
+def default_buckets(architecture: str) -> tuple[SizeBucket, ...]:
+    """The sizes engines of an architecture (`CheckpointFacts.architecture`) serve by default."""
+    if architecture not in BUCKETS_BY_ARCHITECTURE:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; known: {', '.join(BUCKETS_BY_ARCHITECTURE)}"
+        )
+    return BUCKETS_BY_ARCHITECTURE[architecture]
 
 
 def parse_buckets(text: str) -> tuple[SizeBucket, ...]:
@@ -443,13 +466,19 @@ def _onnx_source_files(onnx_file: Path) -> list[Path]:
 # ------------------------------------------------------------------------- precision rules
 
 
-def default_fp32_components(vae_scaling_factor: float) -> frozenset[str]:
-    """Components kept fp32 by default: the VAE of SDXL checkpoints (it overflows in fp16).
+def default_fp32_components(
+    vae_scaling_factor: float, architecture: str = "sd15"
+) -> frozenset[str]:
+    """Components (spec names) kept fp32 by default: the VAE of SDXL checkpoints (it
+    overflows in fp16).
 
     Args:
-        vae_scaling_factor: `vae.config.scaling_factor`; SDXL's VAE has 0.13025.
+        vae_scaling_factor: `vae.config.scaling_factor`; SDXL's VAE has 0.13025 (an SD 1.5
+            pipeline carrying an SDXL VAE is caught by it too).
+        architecture: `CheckpointFacts.architecture`; `sdxl` keeps its VAE fp32.
     """
-    if abs(vae_scaling_factor - SDXL_VAE_SCALING_FACTOR) < 1e-6:
+    sdxl_vae = abs(vae_scaling_factor - SDXL_VAE_SCALING_FACTOR) < 1e-6
+    if sdxl_vae or architecture == "sdxl":
         return frozenset({"vae_encoder", "vae_decoder"})
     return frozenset()
 

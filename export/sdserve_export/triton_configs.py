@@ -29,15 +29,20 @@ class QueuePolicy:
         max_queue_size: requests waiting beyond this are rejected at once (UNAVAILABLE).
         timeout_s: a request still queued after this long is rejected (0: no timeout).
             Clients may ask for a shorter one (`timeout` on the request).
-        max_batch_size: requests handed to one `execute` call (cross-request batching).
-        max_queue_delay_us: how long the first queued request waits for companions to be
-            denoised with (a few ms, against seconds of denoising).
+        max_batch_size: requests handed to one `execute` call. 1: `execute` only hands
+            requests to the running batch, and one that waits for room there holds a single
+            request outside Triton's queue, so `max_queue_size` stays the real bound.
+        max_active: requests denoised together (continuous batching: a request joins the
+            running batch at the next step); beyond it requests wait in Triton's queue.
+        max_queue_delay_us: how long the first queued request waits for companions before
+            `execute` (0: requests join the running batch at the next step anyway).
     """
 
     max_queue_size: int = 16
     timeout_s: int = 120
-    max_batch_size: int = 8
-    max_queue_delay_us: int = 5000
+    max_batch_size: int = 1
+    max_active: int = 8
+    max_queue_delay_us: int = 0
 
 
 def component_config(
@@ -103,6 +108,7 @@ def pipeline_config(
     params = {f"{role}_model": model for role, model in component_models.items()}
     params |= {f"limit_{k}": v for k, v in asdict(limits).items()}
     params["feather_radius"] = feather_radius
+    params["max_active_requests"] = queue.max_active
     params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}
     params["schedulers"] = ",".join(SCHEDULER_NAMES)  # discoverable via get_model_config
     _set_parameters(config, params)

@@ -7,6 +7,8 @@ and outputs quantised exactly as diffusers does.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,97 @@ class Processors:
 def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """The smallest (height, width) >= the given one whose sides are multiples of `multiple`."""
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+# A size bucket as the pipeline uses it: (height, width) in pixels. On the wire (the
+# `size_buckets` config parameter) buckets are written `WIDTHxHEIGHT`, as TensorRT plan
+# names and `sdserve_export.tensorrt_engines.SizeBucket.name` write them.
+Bucket = tuple[int, int]
+
+
+class SizeBucketError(ValueError):
+    """A request larger than every size bucket the model serves."""
+
+
+def parse_size_buckets(text: str) -> tuple[Bucket, ...]:
+    """The `size_buckets` parameter → sorted unique (height, width) buckets.
+
+    Args:
+        text: comma-separated `WIDTHxHEIGHT` sizes, e.g. `"512x512,1152x896"`; empty (or
+            only blanks) means no buckets: requests are padded to the latent grid only.
+
+    Raises:
+        ValueError: an entry is not `WIDTHxHEIGHT` with positive sides.
+    """
+    buckets = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        width, sep, height = part.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) and int(height)):
+            raise ValueError(f"size bucket {part!r} is not WIDTHxHEIGHT, e.g. '1152x896'")
+        buckets.add((int(height), int(width)))
+    return tuple(sorted(buckets))
+
+
+def format_size_buckets(buckets: Iterable[Bucket]) -> str:
+    """(height, width) buckets → the `size_buckets` parameter (`WIDTHxHEIGHT,...`, sorted)."""
+    return ",".join(f"{width}x{height}" for height, width in sorted(set(buckets)))
+
+
+def check_size_buckets(buckets: Iterable[Bucket], multiple: int) -> tuple[Bucket, ...]:
+    """Sorted unique buckets, each side a positive multiple of `multiple` (the VAE scale).
+
+    Raises:
+        ValueError: a bucket off the latent grid (a load-time problem of the model config).
+    """
+    checked = tuple(sorted({(int(h), int(w)) for h, w in buckets}))
+    for height, width in checked:
+        if height < 1 or width < 1 or height % multiple or width % multiple:
+            raise ValueError(
+                f"size bucket {width}x{height} (WIDTHxHEIGHT) is not a positive multiple of "
+                f"the VAE scale factor {multiple}"
+            )
+    return checked
+
+
+def snap_to_bucket(
+    height: int, width: int, buckets: Sequence[Bucket], multiple: int
+) -> tuple[int, int]:
+    """The (height, width) a request is generated at.
+
+    Without buckets: the request padded to a multiple of `multiple` (`padded_size`). With
+    buckets: the smallest bucket containing the request (both sides >=); among those of
+    equal area, the one closest to the request's aspect ratio, then the lower one. The
+    request is padded to it with `pad_to` and the output cropped back.
+
+    Args:
+        height: request height in pixels.
+        width: request width in pixels.
+        buckets: (height, width) sizes the model serves (see `check_size_buckets`); empty
+            for any size.
+        multiple: the latent grid (VAE scale factor), used without buckets.
+
+    Raises:
+        SizeBucketError: the request is larger than every bucket.
+    """
+    if not buckets:
+        return padded_size(height, width, multiple)
+    fitting = [(h, w) for h, w in buckets if h >= height and w >= width]
+    if not fitting:
+        largest_h, largest_w = max(buckets, key=lambda b: (b[0] * b[1], b))
+        listed = format_size_buckets(buckets).replace(",", ", ")
+        raise SizeBucketError(
+            f"height {height}, width {width} fits no size bucket of this model; the largest "
+            f"is {largest_w}x{largest_h} (WIDTHxHEIGHT; buckets: {listed})"
+        )
+    aspect = math.log(height / width)
+    return min(fitting, key=lambda b: (b[0] * b[1], abs(math.log(b[0] / b[1]) - aspect), b))
+
+
+def largest_square_side(buckets: Iterable[Bucket]) -> int:
+    """Side of the largest square that fits in some bucket (0 without buckets)."""
+    return max((min(height, width) for height, width in buckets), default=0)
 
 
 def pad_to(array: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import create_session
 from sdserve_pipeline.ort_runner import OrtRunner
 from sdserve_pipeline.service import PipelineService
+from sdserve_pipeline.triton_params import flag
 
 VERSION = "1"
 
@@ -33,7 +34,11 @@ def load_service(repository: str | Path, pipeline: str = "inpaint") -> PipelineS
     def make_runner(spec: ComponentSpec, model_name: str) -> OrtRunner:
         model_dir = repository / model_name
         params = read_parameters(model_dir)
-        session = create_session(model_dir / VERSION / params["onnx_file"])
+        session = create_session(
+            model_dir / VERSION / params["onnx_file"],
+            intra_op_threads=int(params.get("intra_op_threads", "0")),
+            allow_spinning=flag(params, "allow_spinning", default=True),
+        )
         return OrtRunner(spec, session)
 
     pipeline_dir = repository / pipeline

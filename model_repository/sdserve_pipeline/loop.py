@@ -12,7 +12,7 @@ The same code runs inside Triton (BLS callables) and in-process (ONNX Runtime se
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +24,19 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.images import (
+    Bucket,
     Processors,
+    SizeBucketError,
+    check_size_buckets,
     composite,
     feather_alpha,
     pad_to,
-    padded_size,
     postprocess,
     preprocess_image,
     preprocess_mask,
+    snap_to_bucket,
 )
-from sdserve_pipeline.request import GenerationParams
+from sdserve_pipeline.request import GenerationParams, RequestError
 from sdserve_pipeline.schedulers import make_scheduler
 
 # A component: positional tensors in its ComponentSpec's input order → outputs in its order.
@@ -178,6 +181,10 @@ class InpaintLoop:
             pixels are pasted back (`preserve_unmasked`).
         max_unet_rows: most rows of one batched UNet call across requests (0: no limit); set
             it to a TensorRT engine's largest profile batch.
+        size_buckets: (height, width) sizes to generate at, each a multiple of the VAE scale
+            factor (the static shapes of TensorRT engines); a request is generated at the
+            smallest bucket containing it and cropped back. Empty (default): any size,
+            padded to the latent grid.
     """
 
     def __init__(
@@ -186,6 +193,7 @@ class InpaintLoop:
         assets: PipelineAssets,
         feather_radius: int = 4,
         max_unet_rows: int = 0,
+        size_buckets: Sequence[Bucket] = (),
     ) -> None:
         self.max_unet_rows = max_unet_rows
         self.components = components
@@ -193,6 +201,43 @@ class InpaintLoop:
         self.facts = assets.facts
         self.processors = Processors.for_vae_scale(assets.facts.vae_scale_factor)
         self.feather_radius = feather_radius
+        self.size_buckets = check_size_buckets(size_buckets, assets.facts.vae_scale_factor)
+
+    def generation_size(self, params: GenerationParams) -> tuple[int, int]:
+        """(height, width) the request is generated at: its size padded to the latent grid,
+        or snapped to the smallest size bucket containing it.
+
+        Raises:
+            RequestError: the request is larger than every size bucket (naming `image`, or
+                `height`/`width` for text-to-image).
+        """
+        try:
+            return snap_to_bucket(
+                params.height, params.width, self.size_buckets, self.facts.vae_scale_factor
+            )
+        except SizeBucketError as err:
+            raise RequestError(self._size_input(params), str(err)) from None
+
+    def check_size(self, params: GenerationParams) -> None:
+        """Reject at validation time a request no size bucket can serve.
+
+        Outpainting requests pass: their bands are planned to fit the buckets (see
+        `outpaint.band_side`), whatever the canvas size.
+
+        Raises:
+            RequestError: see `generation_size`.
+        """
+        if params.outpaint is None:
+            self.generation_size(params)
+
+    def _size_input(self, params: GenerationParams) -> str:
+        """The wire input a size error concerns: `image`; text-to-image: `width` when the
+        width alone exceeds every bucket, else `height`."""
+        if params.image is not None:
+            return "image"
+        if all(width < params.width for _, width in self.size_buckets):
+            return "width"
+        return "height"
 
     def __call__(
         self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
@@ -211,7 +256,7 @@ class InpaintLoop:
         """Everything before the denoising loop: prompt, timesteps, latents, conditioning."""
         n, cfg = params.num_images, params.guidance_scale > 1.0
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
-        height, width = padded_size(params.height, params.width, self.facts.vae_scale_factor)
+        height, width = self.generation_size(params)  # padded to the grid, or a size bucket
 
         # 1. Encode input prompt: [uncond x N, cond x N] (one call per text encoder)
         conditioning = self.condition(params, n, cfg, height, width)
@@ -290,12 +335,29 @@ class InpaintLoop:
             for i in [i for i, job in jobs.items() if job.is_cancelled()]:
                 results[i] = Cancelled()
                 del jobs[i]
-            for group in _by_latent_shape(jobs).values():
-                for chunk in _chunks([jobs[i] for i in group], self.max_unet_rows):
-                    self.step(chunk)
+            failed = self.step_all(list(jobs.values()))
+            for i in [i for i, job in jobs.items() if id(job) in failed]:
+                results[i] = failed[id(jobs.pop(i))]
             for i in [i for i, job in jobs.items() if job.finished]:
                 results[i] = self.finish(jobs.pop(i))
         return [r if r is not None else RuntimeError("request produced nothing") for r in results]
+
+    def step_all(self, jobs: list[Job]) -> dict[int, Exception]:
+        """One denoising step of every job: one UNet call per latent size, each call at most
+        `max_unet_rows` rows. Jobs may be at different steps of different schedules.
+
+        Returns:
+            `{id(job): error}` for the jobs whose UNet call failed (they did not advance);
+            the others advanced one step.
+        """
+        failed: dict[int, Exception] = {}
+        for group in _by_latent_shape(dict(enumerate(jobs))).values():
+            for chunk in _chunks([jobs[i] for i in group], self.max_unet_rows):
+                try:
+                    self.step(chunk)
+                except Exception as err:  # noqa: BLE001 (the chunk's requests fail, not all)
+                    failed.update((id(job), err) for job in chunk)
+        return failed
 
     def prepare_latents(
         self,

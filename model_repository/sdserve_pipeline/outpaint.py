@@ -5,17 +5,23 @@ The canvas geometry (placement, pre-fill, overlap band, band plan, seam weights)
 builds. Here each band is an ordinary inpainting request on a window of the canvas, so a
 canvas that fits the model's native size is one run that equals diffusers' inpainting of
 that canvas and mask.
+
+With size buckets (static TensorRT shapes), every band must fit a bucket: a band is at most
+`native` on each side, so `band_side` caps `native` at the largest square inside a bucket.
+The GPU repository always adds the checkpoint's own square size (the default `native`) to
+the buckets, so there the cap changes nothing; it matters only when `outpaint_native` is
+set above every bucket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from sdserve_client.canvas import Extension, band_mask, build_canvas, plan_bands, seam_alpha
-from sdserve_pipeline.images import composite
+from sdserve_pipeline.images import Bucket, composite, largest_square_side
 from sdserve_pipeline.loop import InpaintLoop
 from sdserve_pipeline.request import GenerationParams
 
@@ -35,6 +41,31 @@ class OutpaintSettings:
     fill: str = "edge"
 
 
+LATENT_GRID = 8  # `plan_bands` needs a band side that is a multiple of 8
+
+
+def band_side(native: int, buckets: Sequence[Bucket]) -> int:
+    """The largest band side: `native`, capped so that a square band fits a size bucket.
+
+    Every band is at most `band_side` pixels on each side, so each fits the bucket holding
+    the largest square; the loop then generates it at the smallest bucket containing it.
+
+    Args:
+        native: the configured band size (`OutpaintSettings.native`), a multiple of 8.
+        buckets: the loop's (height, width) size buckets; empty means no cap.
+
+    Raises:
+        ValueError: no bucket holds even an 8x8 square.
+    """
+    if not buckets:
+        return native
+    side = min(native, largest_square_side(buckets))
+    side -= side % LATENT_GRID
+    if side < LATENT_GRID:
+        raise ValueError(f"no size bucket in {list(buckets)} holds an outpainting band")
+    return side
+
+
 def outpaint(
     loop: InpaintLoop,
     params: GenerationParams,
@@ -52,8 +83,9 @@ def outpaint(
         user_mask=params.mask,
     )
     height, width = canvas.mask.shape
-    context = min(settings.context, settings.native // 4)  # a band is mostly new pixels
-    windows = plan_bands(height, width, canvas.known, settings.native, context)
+    native = band_side(settings.native, loop.size_buckets)  # every band fits a size bucket
+    context = min(settings.context, native // 4)  # a band is mostly new pixels
+    windows = plan_bands(height, width, canvas.known, native, context)
     images = []
     for seed in params.seeds:
         one = replace(params, seed=seed, num_images=1, preserve_unmasked=False, outpaint=None)

@@ -13,6 +13,7 @@ import numpy as np
 
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import ComponentSpec, components_for
+from sdserve_pipeline.images import parse_size_buckets
 from sdserve_pipeline.loop import Components, InpaintLoop, Runner
 from sdserve_pipeline.outpaint import OutpaintSettings, outpaint
 from sdserve_pipeline.request import (
@@ -56,6 +57,7 @@ class PipelineService:
             assets,
             feather_radius=int(params.get("feather_radius", 4)),
             max_unet_rows=int(params.get("max_unet_batch", 0)),
+            size_buckets=parse_size_buckets(params.get("size_buckets", "")),
         )
         outpaint_settings = OutpaintSettings(
             native=int(params.get("outpaint_native", loop.facts.default_size)),
@@ -72,7 +74,11 @@ class PipelineService:
             RequestError: a bad input, before any model call.
         """
         facts = self.loop.facts
-        return parse_request(dict(inputs), self.limits, facts.default_size, facts.default_strength)
+        params = parse_request(
+            dict(inputs), self.limits, facts.default_size, facts.default_strength
+        )
+        self.loop.check_size(params)  # larger than every size bucket: RequestError here
+        return params
 
     def generate(
         self, inputs: Mapping[str, np.ndarray], is_cancelled: Callable[[], bool] | None = None

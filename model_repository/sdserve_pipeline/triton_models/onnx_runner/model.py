@@ -10,7 +10,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from sdserve_pipeline.onnx_runtime import create_session
-from sdserve_pipeline.triton_params import config_parameters
+from sdserve_pipeline.triton_params import config_parameters, flag
 
 
 class TritonPythonModel:
@@ -22,6 +22,7 @@ class TritonPythonModel:
             folder / params["onnx_file"],
             params["execution_providers"].split(","),
             int(params.get("intra_op_threads", "0")),
+            flag(params, "allow_spinning", default=True),
         )
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]

@@ -1,0 +1,251 @@
+"""Continuous batching (`sdserve_pipeline.batcher`): requests join at the next step, leave
+when done, and get exactly the images they get alone."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from cases import make_case, max_abs
+from test_generation_controls import wire
+
+from sdserve_pipeline.batcher import ContinuousBatcher
+from sdserve_pipeline.loop import Cancelled, InpaintLoop
+from sdserve_pipeline.request import RequestError
+from sdserve_pipeline.service import PipelineService
+
+WAIT_S = 300  # generous: only a hang fails on it, never a slow machine
+
+
+class Outcomes:
+    """Collects each request's outcome and the order they were answered in."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, object] = {}
+        self.order: list[str] = []
+        self._done = threading.Condition()
+
+    def callback(self, name: str):
+        def done(outcome) -> None:
+            with self._done:
+                self.by_name[name] = outcome
+                self.order.append(name)
+                self._done.notify_all()
+
+        return done
+
+    def wait(self, count: int) -> None:
+        with self._done:
+            if not self._done.wait_for(lambda: len(self.order) >= count, timeout=WAIT_S):
+                raise TimeoutError(f"{len(self.order)} of {count} requests answered")
+
+
+def spied_service(service: PipelineService, on_unet=None):
+    """A copy of the demo service whose UNet calls are recorded (rows per call)."""
+    rows: list[int] = []
+    unet = service.loop.components.unet
+
+    def spy(*inputs):
+        rows.append(inputs[0].shape[0])
+        if on_unet is not None:
+            on_unet(len(rows))
+        return unet(*inputs)
+
+    loop = InpaintLoop(replace(service.loop.components, unet=spy), service.loop.assets)
+    return PipelineService(loop, service.limits, service.outpaint), rows
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(64, 64, seed=11)
+
+
+def test_a_request_joins_a_running_one_at_the_next_step(service, case):
+    image, mask = case
+    first = wire(image, mask, steps=6, seed=1, scheduler="euler")
+    second = wire(image, mask, steps=6, seed=2, scheduler="ddim", guidance_scale=5.0)
+    alone = [service.generate(r)["images"] for r in (first, second)]
+    outcomes = Outcomes()
+    holder: dict[str, ContinuousBatcher] = {}
+
+    def join_during_second_call(calls: int) -> None:
+        if calls == 2:  # the first request is mid-run: the second arrives now
+            holder["b"].submit(second, outcomes.callback("second"))
+
+    spied, rows = spied_service(service, join_during_second_call)
+    batcher = holder["b"] = ContinuousBatcher(spied)
+    try:
+        batcher.submit(first, outcomes.callback("first"))
+        outcomes.wait(2)
+    finally:
+        batcher.close()
+    # Alone for 2 steps, together for 4 (2 CFG rows each), then the second's last 2 alone.
+    assert rows == [2, 2, 4, 4, 4, 4, 2, 2]
+    assert outcomes.order == ["first", "second"]  # the first leaves as soon as it is done
+    for name, single in zip(("first", "second"), alone, strict=True):
+        assert max_abs(outcomes.by_name[name]["images"], single) == 0
+
+
+def test_mixed_sizes_schedulers_and_strengths_match_alone(service):
+    image, mask = make_case(64, 64, seed=3)
+    tall, tall_mask = make_case(96, 64, seed=4)
+    requests = {
+        "square": wire(image, mask, steps=4, seed=5, scheduler="euler_a"),
+        "tall": wire(tall, tall_mask, steps=5, seed=6, scheduler="dpmpp_2m"),
+        "strength": wire(image, mask, steps=6, seed=7, strength=0.5),
+        "no_cfg": wire(image, mask, steps=3, seed=8, guidance_scale=1.0, num_images=2),
+        "txt2img": wire(steps=4, seed=9, height=64, width=64),
+    }
+    alone = {name: service.generate(r)["images"] for name, r in requests.items()}
+    outcomes = Outcomes()
+    all_submitted = threading.Event()
+    spied, rows = spied_service(service, lambda calls: all_submitted.wait(WAIT_S))
+    batcher = ContinuousBatcher(spied)
+    try:
+        for name, request in requests.items():
+            batcher.submit(request, outcomes.callback(name))
+        all_submitted.set()
+        outcomes.wait(len(requests))
+    finally:
+        batcher.close()
+    for name, single in alone.items():
+        assert max_abs(outcomes.by_name[name]["images"], single) == 0, name
+    # From the second turn on, the 64x64 requests share one call: 2 + 2 + 2 (no CFG,
+    # 2 images) + 2 rows; the 96x64 one has its own.
+    assert max(rows) == 8 and 2 in rows
+
+
+def test_cancelled_request_stops_and_the_others_finish(service, case):
+    image, mask = case
+    cancel = threading.Event()
+    keep = wire(image, mask, steps=5, seed=1)
+    alone = service.generate(keep)["images"]
+
+    def cancel_after_two(calls: int) -> None:
+        if calls == 2:
+            cancel.set()
+
+    spied, rows = spied_service(service, cancel_after_two)
+    outcomes = Outcomes()
+    batcher = ContinuousBatcher(spied)
+    try:
+        batcher.submit(
+            wire(image, mask, steps=50, seed=2), outcomes.callback("gone"), cancel.is_set
+        )
+        batcher.submit(keep, outcomes.callback("kept"))
+        outcomes.wait(2)
+    finally:
+        batcher.close()
+    assert isinstance(outcomes.by_name["gone"], Cancelled)
+    assert rows[:2] == [4, 4] and set(rows[2:]) == {2}  # gone after its second step
+    assert max_abs(outcomes.by_name["kept"]["images"], alone) == 0
+
+
+def test_bad_request_is_answered_at_once_without_taking_a_slot(service):
+    outcomes = Outcomes()
+    batcher = ContinuousBatcher(service, max_active=1)
+    try:
+        batcher.submit(wire(steps=0, height=64, width=64), outcomes.callback("bad"))
+        assert outcomes.order == ["bad"]  # answered from the submitting thread
+        assert isinstance(outcomes.by_name["bad"], RequestError)
+        assert outcomes.by_name["bad"].name == "steps"
+        batcher.submit(wire(steps=2, height=64, width=64, seed=1), outcomes.callback("good"))
+        outcomes.wait(2)
+    finally:
+        batcher.close()
+    assert outcomes.by_name["good"]["images"].shape == (1, 64, 64, 3)
+
+
+def test_submit_blocks_while_max_active_requests_are_in_progress(service, case):
+    image, mask = case
+    outcomes = Outcomes()
+    submitted: list[str] = []
+    batcher = ContinuousBatcher(service, max_active=1)
+
+    def submit_second() -> None:
+        batcher.submit(wire(image, mask, steps=2, seed=2), outcomes.callback("second"))
+        submitted.append(f"second submitted after {len(outcomes.order)} answered")
+
+    try:
+        batcher.submit(wire(image, mask, steps=4, seed=1), outcomes.callback("first"))
+        thread = threading.Thread(target=submit_second)
+        thread.start()
+        outcomes.wait(2)
+        thread.join(WAIT_S)
+    finally:
+        batcher.close()
+    assert submitted == ["second submitted after 1 answered"]
+    assert outcomes.order == ["first", "second"]
+
+
+def test_a_failing_unet_call_fails_its_requests_only(service, case):
+    image, mask = case
+    tall, tall_mask = make_case(96, 64, seed=4)
+    good = wire(image, mask, steps=3, seed=1)
+    alone = service.generate(good)["images"]
+    unet = service.loop.components.unet
+
+    def broken_for_tall(*inputs):
+        if inputs[0].shape[2] == 12:  # 96 px / 8
+            raise RuntimeError("unet: engine lost")
+        return unet(*inputs)
+
+    loop = InpaintLoop(replace(service.loop.components, unet=broken_for_tall), service.loop.assets)
+    outcomes = Outcomes()
+    batcher = ContinuousBatcher(PipelineService(loop, service.limits, service.outpaint))
+    try:
+        batcher.submit(wire(tall, tall_mask, steps=3, seed=2), outcomes.callback("tall"))
+        batcher.submit(good, outcomes.callback("good"))
+        outcomes.wait(2)
+    finally:
+        batcher.close()
+    assert "engine lost" in str(outcomes.by_name["tall"])
+    assert max_abs(outcomes.by_name["good"]["images"], alone) == 0
+
+
+def test_a_raising_callback_does_not_stop_the_worker(service):
+    errors: list[Exception] = []
+    outcomes = Outcomes()
+
+    def broken(outcome) -> None:
+        raise OSError("client went away")
+
+    batcher = ContinuousBatcher(service, on_callback_error=errors.append)
+    try:
+        batcher.submit(wire(steps=2, height=64, width=64, seed=1), broken)
+        batcher.submit(wire(steps=2, height=64, width=64, seed=2), outcomes.callback("next"))
+        outcomes.wait(1)
+    finally:
+        batcher.close()
+    assert [str(e) for e in errors] == ["client went away"]
+    assert outcomes.by_name["next"]["images"].shape == (1, 64, 64, 3)
+
+
+def test_outpainting_runs_beside_the_loop_and_matches_alone(service, case):
+    image, _ = case
+    request = wire(image, np.zeros((64, 64), np.uint8), steps=3, seed=4)
+    request["outpaint"] = np.array([16, 0, 8, 0], np.int32)
+    alone = service.generate(request)
+    outcomes = Outcomes()
+    batcher = ContinuousBatcher(service)
+    try:
+        batcher.submit(request, outcomes.callback("outpaint"))
+        batcher.submit(wire(image, case[1], steps=3, seed=5), outcomes.callback("inpaint"))
+        outcomes.wait(2)
+    finally:
+        batcher.close()
+    assert outcomes.by_name["outpaint"]["images"].shape == alone["images"].shape
+    assert max_abs(outcomes.by_name["outpaint"]["images"], alone["images"]) == 0
+
+
+def test_close_finishes_what_was_submitted_then_refuses(service):
+    outcomes = Outcomes()
+    batcher = ContinuousBatcher(service)
+    for seed in (1, 2):
+        batcher.submit(wire(steps=3, height=64, width=64, seed=seed), outcomes.callback(str(seed)))
+    batcher.close()
+    assert sorted(outcomes.order) == ["1", "2"]
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(wire(steps=3, height=64, width=64, seed=3), outcomes.callback("late"))
