@@ -15,7 +15,6 @@ Usage (from the repository root; needs `make repository`):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import sys
@@ -80,7 +79,7 @@ def measure(repository: Path, args: argparse.Namespace, mix: list[MixEntry]) -> 
         total = sum(args.requests + c for c in args.concurrency)
         with tqdm(total=total, desc=repository.name, unit="req", file=sys.stderr) as bar:
             for c in args.concurrency:
-                level = asyncio.run(sweep_level(server.grpc_url, requests, c, bar, args.steps))
+                level = sweep_level(server.grpc_url, requests, c, bar, args.steps)
                 levels.append(level)
         load = machine_load(before, Snapshot.take(CpuMeter(server.pid)))
     return {"levels": levels, "machine_load": load}
