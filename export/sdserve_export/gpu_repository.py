@@ -149,7 +149,8 @@ class PipelineModel:
         vae_scale_factor: pixels per latent, from its assets.
         vae_scaling_factor: the VAE's latent scaling factor, from its assets.
         default_size: the checkpoint's native image size, from its assets.
-        max_batch_size: requests per `execute` call (denoised together), from its config.
+        max_batch_size: requests per `execute` call, from its config (the continuous batcher
+            denoises up to its `max_active_requests` together, whatever this is).
         architecture: `sd15` or `sdxl`, from its assets; decides the component specs.
     """
 
