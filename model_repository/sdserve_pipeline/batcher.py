@@ -112,12 +112,6 @@ class ContinuousBatcher:
         self._worker.join(timeout_s)
         self._outpainter.shutdown(wait=True)
 
-    @property
-    def active(self) -> int:
-        """Requests in the shared loop (admitted or waiting to join)."""
-        with self._wake:
-            return len(self._active) + len(self._arrived)
-
     # ------------------------------------------------------------------ worker thread
     def _run(self) -> None:
         while True:
