@@ -8,7 +8,7 @@ matches diffusers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 from cases import diffusers_inpaint, make_case, max_abs, served
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from sdserve_client.rules import limit_parameters
 from sdserve_pipeline.request import MAX_SEED, Limits
 from sdserve_pipeline.triton_server import process_group_members
 
@@ -269,7 +270,7 @@ def processes_at_start(server, client):
 def test_served_limits_are_the_ones_this_table_assumes(client, processes_at_start):
     params = client.get_model_config(MODEL).config.parameters
     served = {key: params[key].string_value for key in params if key.startswith("limit_")}
-    assumed = {f"limit_{k}": v for k, v in asdict(LIMITS).items()}
+    assumed = limit_parameters(LIMITS)
     assert {k: float(v) for k, v in served.items()} == {k: float(v) for k, v in assumed.items()}
 
 

@@ -242,3 +242,11 @@ def test_bad_limit_parameter_fails_the_server_and_keeps_the_default_in_a_client(
     with pytest.raises(ValueError, match="limit_max_pixels: 'lots' is not a valid int"):
         limits_from_parameters(params)
     assert rules.limits_from_parameters(params, strict=False) == Limits(max_steps=60)
+
+
+def test_config_parameters_read_the_json_config_empty_values_included() -> None:
+    """`get_model_config(as_json=True)` (SDK) and a Python backend's `model_config` (server)
+    both drop an empty `string_value`; it reads as "" on both sides."""
+    config = {"parameters": {"limit_max_steps": {"string_value": "7"}, "size_buckets": {}}}
+    assert rules.config_parameters(config) == {"limit_max_steps": "7", "size_buckets": ""}
+    assert rules.config_parameters({}) == {}

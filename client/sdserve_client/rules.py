@@ -84,6 +84,16 @@ def limit_parameter(field: str) -> str:
     return f"{LIMIT_PREFIX}{field}"
 
 
+def config_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """`parameters` of a Triton model config in its JSON form (`get_model_config(as_json=True)`,
+    or the `model_config` a Python backend receives) → {key: string value}.
+
+    JSON leaves out an empty `string_value`: such a parameter reads as "".
+    """
+    params = model_config.get("parameters", {})
+    return {key: value.get("string_value", "") for key, value in params.items()}
+
+
 def limit_parameters(limits: Limits) -> dict[str, str]:
     """`limits` as config parameters, {`limit_<field>`: value as text}."""
     return {limit_parameter(name): str(value) for name, value in asdict(limits).items()}

@@ -29,7 +29,7 @@ from .request import (
     check_request,
     encode_request,
 )
-from .rules import Limits, limits_from_parameters
+from .rules import Limits, config_parameters, limits_from_parameters
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -306,10 +306,7 @@ class InpaintClient:
             )
             config = response.get("config", response)
             self._batched = int(config.get("max_batch_size", 0)) > 0
-            params = config.get("parameters", {})
-            self._limits = limits_from_parameters(
-                {k: v.get("string_value", "") for k, v in params.items()}, strict=False
-            )
+            self._limits = limits_from_parameters(config_parameters(config), strict=False)
         return self._batched
 
     def _timeout(self, timeout: float | None) -> float | None:

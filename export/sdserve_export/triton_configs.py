@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from sdserve_client.rules import limit_parameters
 from sdserve_pipeline import contract
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.outpaint import OutpaintSettings
@@ -114,7 +115,7 @@ def pipeline_config(
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     params = {f"{role}_model": model for role, model in component_models.items()}
-    params |= {f"limit_{k}": v for k, v in asdict(limits).items()}
+    params |= limit_parameters(limits)
     params["feather_radius"] = feather_radius
     params["max_active_requests"] = queue.max_active
     params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdserve_client.rules import limits_from_parameters
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import ComponentSpec, components_for
 from sdserve_pipeline.images import parse_size_buckets
@@ -130,20 +131,6 @@ class PipelineService:
 def wire_outputs(images: np.ndarray, params: GenerationParams) -> dict[str, np.ndarray]:
     """Generated images → the wire outputs `images` (N, H, W, 3) uint8 and `seeds` (N,)."""
     return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
-
-
-def limits_from_parameters(params: Mapping[str, str]) -> Limits:
-    """`Limits` from a pipeline config's `limit_*` parameters, by the parser shared with the SDK.
-
-    Args:
-        params: config parameters; a limit not set keeps its default.
-
-    Raises:
-        ValueError: a `limit_*` value is not a number (a load-time problem).
-    """
-    from sdserve_client.rules import limits_from_parameters as parse_limits
-
-    return parse_limits(params, strict=True)
 
 
 def unbatch(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

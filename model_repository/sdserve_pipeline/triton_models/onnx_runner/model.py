@@ -9,8 +9,9 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from sdserve_client.rules import config_parameters
 from sdserve_pipeline.onnx_runtime import create_session
-from sdserve_pipeline.triton_params import config_parameters, flag
+from sdserve_pipeline.triton_params import flag
 
 
 class TritonPythonModel:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
+from sdserve_client.rules import config_parameters
 from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.loop import Cancelled
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService, batch, unbatch
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
-from sdserve_pipeline.triton_params import config_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
