@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from cases import make_case, max_abs
+from test_batched_calls import Spy
 from test_generation_controls import wire
 
 from sdserve_pipeline.batcher import ContinuousBatcher
@@ -86,6 +87,38 @@ def test_a_request_joins_a_running_one_at_the_next_step(service, case):
     assert outcomes.order == ["first", "second"]  # the first leaves as soon as it is done
     for name, single in zip(("first", "second"), alone, strict=True):
         assert max_abs(outcomes.by_name[name]["images"], single) == 0
+
+
+def test_requests_arriving_in_one_turn_share_their_admission_and_decode_calls(service, case):
+    image, mask = case
+    first, *others = [wire(image, mask, steps=2, seed=s, scheduler="euler") for s in (1, 2, 3)]
+    alone = [service.generate(r)["images"] for r in (first, *others)]
+    outcomes = Outcomes()
+    stepping, others_submitted = threading.Event(), threading.Event()
+    spy = Spy(service.loop)
+    unet = spy.loop.components.unet
+
+    def gated(*inputs):  # the first request's first step waits for the other two to arrive
+        stepping.set()
+        others_submitted.wait(WAIT_S)
+        return unet(*inputs)
+
+    loop = InpaintLoop(replace(spy.loop.components, unet=gated), service.loop.assets)
+    batcher = ContinuousBatcher(PipelineService(loop, service.limits, service.outpaint))
+    try:
+        batcher.submit(first, outcomes.callback("0"))
+        assert stepping.wait(WAIT_S)
+        for i, request in enumerate(others, start=1):
+            batcher.submit(request, outcomes.callback(str(i)))
+        others_submitted.set()
+        outcomes.wait(3)
+    finally:
+        batcher.close()
+    assert spy.rows["text_encoder"] == [2, 4]  # the first alone, then the two others at once
+    assert spy.rows["vae_encoder"] == [1, 2]
+    assert spy.rows["vae_decoder"] == [1, 2]
+    for i, single in enumerate(alone):
+        assert max_abs(outcomes.by_name[str(i)]["images"], single) == 0
 
 
 def test_mixed_sizes_schedulers_and_strengths_match_alone(service):

@@ -130,7 +130,7 @@ def test_generator_draw_order_is_diffusers_for_strength_below_one(service):
 
 
 def test_batched_requests_respect_the_unet_row_limit_and_match_alone(service):
-    """Cross-request batching splits UNet calls at `max_unet_rows` (a TensorRT profile's max)."""
+    """Cross-request batching splits UNet calls at `max_rows["unet"]` (a TensorRT profile's max)."""
     image, mask = make_case(64, 64, seed=5)
     requests = [wire(image, mask, steps=4, seed=s, scheduler="euler") for s in (1, 2, 3)]
     alone = [service.generate(r)["images"] for r in requests]
@@ -138,11 +138,11 @@ def test_batched_requests_respect_the_unet_row_limit_and_match_alone(service):
     real = service.loop.components
     unet = real.unet
     service.loop.components = replace(real, unet=lambda *x: rows.append(x[0].shape[0]) or unet(*x))
-    service.loop.max_unet_rows = 4
+    service.loop.max_rows = {"unet": 4}
     try:
         together = service.generate_many([(r, None) for r in requests])
     finally:
-        service.loop.components, service.loop.max_unet_rows = real, 0
+        service.loop.components, service.loop.max_rows = real, {}
     assert max(rows) == 4 and 2 in rows  # [2 jobs x CFG] then [1 job x CFG], per step
     for single, batched in zip(alone, together, strict=True):
         assert max_abs(single, batched["images"]) == 0

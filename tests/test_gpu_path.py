@@ -517,8 +517,11 @@ def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) 
     assert list(text_group.profile) == []  # one profile: Triton's default
     plan_file = out / "unet" / "1" / "model.plan"
     assert not plan_file.is_symlink() and plan_file.read_bytes() == b"not a real plan"
-    pipeline = _parse(out / "inpaint" / "config.pbtxt")  # batched UNet calls fit the engine
-    assert pipeline.parameters["max_unet_batch"].string_value == str(UNET.trt_batch[2])
+    pipeline = _parse(out / "inpaint" / "config.pbtxt")  # batched calls fit the engines
+    parameters = {k: v.string_value for k, v in pipeline.parameters.items()}
+    assert parameters["max_unet_batch"] == str(UNET.trt_batch[2])
+    for spec in (TEXT_ENCODER, VAE_ENCODER, VAE_DECODER):
+        assert parameters[f"max_{spec.name}_batch"] == str(spec.trt_batch[2])
     buckets = parse_size_buckets(pipeline.parameters["size_buckets"].string_value)
     assert buckets == tuple(sorted((b.height, b.width) for b in (*te.SD_BUCKETS, SQUARE_128)))
 
@@ -785,6 +788,8 @@ def test_pipeline_buckets_come_from_the_plans(xl_repository: Path, tmp_path: Pat
     plans["xl_unet"] = gr.EnginePlan(plans["xl_unet"].path, plans["xl_unet"].profiles, (2, 4, 16))
     parameters = gr.tensorrt_pipeline_parameters(xl, plans)
     assert parameters["max_unet_batch"] == "16"  # the plan's batch, not the spec's
+    assert parameters["max_vae_decoder_batch"] == "4"
+    assert parameters["max_text_encoder_2_batch"] == str(TEXT_ENCODER_2.trt_batch[2])
     assert parse_size_buckets(parameters["size_buckets"]) == ((896, 1152), (1024, 1024))
 
     plans["xl_vae_encoder"] = gr.EnginePlan(plans["xl_vae_encoder"].path, ("640x1536",))

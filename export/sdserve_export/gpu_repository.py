@@ -376,15 +376,18 @@ def tensorrt_pipeline_parameters(
 ) -> dict[str, str]:
     """Pipeline parameters that keep its calls within its engines' profiles.
 
-    `max_unet_batch`: cross-request UNet calls are split to the UNet engine's largest batch.
+    `max_<role>_batch` (every component: `max_unet_batch`, `max_vae_decoder_batch`, ...):
+    calls batched across requests are split to that engine's largest batch.
     `size_buckets`: the sizes every spatial engine of the pipeline has a profile for (read
     from the plans, so the pipeline snaps requests to exactly what the engines accept).
     """
-    unet = plans[pipeline.components["unet"]]
-    max_rows = (unet.batch or pipeline.spec("unet").trt_batch)[2]
+    max_batches = {}
+    for role, model in pipeline.components.items():
+        plan = plans[model]
+        max_batches[f"max_{role}_batch"] = str((plan.batch or pipeline.spec(role).trt_batch)[2])
     buckets = served_buckets(pipeline, plans)
     return {
-        "max_unet_batch": str(max_rows),
+        **max_batches,
         "size_buckets": format_size_buckets((b.height, b.width) for b in buckets),
     }
 
@@ -547,11 +550,11 @@ def engine_targets(
 def batch_coverage_problems(repository: Repository, targets: Sequence[EngineTarget]) -> list[str]:
     """Requests the pipeline accepts but the engines' batch ranges would reject.
 
-    The loop calls the text encoder with 1 or 2 rows, the VAE encoder with 1 and the VAE
-    decoder with N per request, N up to `limit_max_images`; the UNet once per step for the
-    running requests that share a latent size, N (guidance <= 1) or 2N rows each. Those
-    calls are split at the pipeline's `max_unet_batch` (the TensorRT variant sets it to the
-    UNet engine's max), so the engine must take one request's rows alone: up to 2N.
+    Per request, the loop calls the text encoder with 1 or 2 rows, the VAE encoder with 1
+    and the VAE decoder with N, N up to `limit_max_images`; the UNet with N (guidance <= 1)
+    or 2N rows per step. Calls of several requests are batched together but split at the
+    pipeline's `max_<role>_batch` (the TensorRT variant sets each to its engine's max), so
+    an engine must take one request's rows alone.
     """
     by_model = {t.component.name: t for t in targets}
     problems = []

@@ -2,11 +2,13 @@
 
 One worker thread owns the denoising loop. Each turn it
 
-1. admits the requests that arrived since the last turn (prompt encoding, latents),
+1. admits the requests that arrived since the last turn (prompt encoding, latents: their
+   text-encoder and VAE-encoder calls batched),
 2. runs one denoising step of every admitted request (one UNet call per latent size, split
-   at the loop's `max_unet_rows`; requests may be at different steps of different
+   at the loop's `max_rows["unet"]`; requests may be at different steps of different
    schedules: timesteps are per row),
-3. answers the requests that are done (decode, composite) or cancelled.
+3. answers the requests that are done (one VAE-decoder call per latent size, composite)
+   or cancelled.
 
 So a request arriving mid-run waits at most one step to start, not for the whole batch, and
 leaves as soon as its own steps are done. Each request keeps its own scheduler, seed,
@@ -138,29 +140,29 @@ class ContinuousBatcher:
 
     def _turn(self, arrived: list[_Request]) -> None:
         loop = self.service.loop
-        # 1. Admit: prompt encoding and latents of the newcomers
-        for request in arrived:
-            try:
-                request.job = loop.start(request.params, request.is_cancelled)
-            except Exception as err:  # noqa: BLE001 (this request fails, not the rest)
-                self._finish(request, err)
-                continue
-            self._active.append(request)
+        # 1. Admit the newcomers: prompt encoding and latents (text-encoder and VAE-encoder
+        #    calls batched across them)
+        started = loop.start_many([(r.params, r.is_cancelled) for r in arrived])
+        for request, job in zip(arrived, started, strict=True):
+            if isinstance(job, Exception):
+                self._finish(request, job)  # this request fails, not the rest
+            else:
+                request.job = job
+                self._active.append(request)
         # 2. One denoising step of every request still wanted
         for request in [r for r in self._active if r.is_cancelled()]:
             self._finish(request, Cancelled())
         failed = loop.step_all([self._job(r) for r in self._active])
         for request in [r for r in self._active if id(r.job) in failed]:
             self._finish(request, failed[id(request.job)])
-        # 3. Decode and answer the requests whose steps are done
-        for request in [r for r in self._active if self._job(r).finished]:
-            try:
-                outcome: dict[str, np.ndarray] | Exception = wire_outputs(
-                    loop.finish(self._job(request)), request.params
-                )
-            except Exception as err:  # noqa: BLE001
-                outcome = err
-            self._finish(request, outcome)
+        # 3. Decode (one VAE-decoder call per latent size) and answer the finished requests
+        done = [r for r in self._active if self._job(r).finished]
+        decoded = loop.finish_many([self._job(r) for r in done])
+        for request, images in zip(done, decoded, strict=True):
+            if isinstance(images, Exception):
+                self._finish(request, images)
+            else:
+                self._finish(request, wire_outputs(images, request.params))
 
     @staticmethod
     def _job(request: _Request) -> Job:

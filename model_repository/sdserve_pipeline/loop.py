@@ -12,9 +12,9 @@ The same code runs inside Triton (BLS callables) and in-process (ONNX Runtime se
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -54,6 +54,32 @@ class Components:
     vae_encoder: Runner
     vae_decoder: Runner
     text_encoder_2: Runner | None = None  # SDXL
+
+
+@dataclass(frozen=True)
+class Call:
+    """A component call a plan asks for: `outputs = yield Call("vae_encoder", (image,))`.
+
+    Plans (`InpaintLoop.start_plan`, `finish_plan`) are the generation code written for one
+    request; `InpaintLoop.run_plans` drives several at once and merges the calls they ask
+    for at the same time into one batched call per component and shape.
+    """
+
+    component: str  # a `Components` field
+    inputs: tuple[torch.Tensor, ...]  # in the component's spec order, batch first
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Calls with equal keys can be concatenated along the batch axis."""
+        return (self.component, *(tuple(x.shape[1:]) for x in self.inputs))
+
+
+T = TypeVar("T")
+# One request's work up to a result: yields `Call`s, receives their outputs, returns T.
+Plan = Generator[Call, tuple[torch.Tensor, ...], T]
 
 
 @dataclass(frozen=True)
@@ -151,24 +177,28 @@ def _by_latent_shape(jobs: dict[int, Job]) -> dict[tuple[int, ...], list[int]]:
     return groups
 
 
-def _chunks(jobs: list[Job], max_rows: int) -> list[list[Job]]:
-    """Consecutive runs of jobs whose UNet rows add up to at most `max_rows` (0: one run).
+def _chunks(items: list[T], rows_of: Callable[[T], int], max_rows: int) -> list[list[T]]:
+    """Consecutive runs of items whose rows add up to at most `max_rows` (0: one run).
 
-    A job larger than `max_rows` on its own still runs, alone.
+    An item larger than `max_rows` on its own still runs, alone.
     """
     if max_rows <= 0:
-        return [jobs]
-    chunks: list[list[Job]] = []
+        return [items]
+    chunks: list[list[T]] = []
     rows = 0
-    for job in jobs:
-        job_rows = job.params.num_images * (2 if job.cfg else 1)
-        if chunks and rows + job_rows <= max_rows:
-            chunks[-1].append(job)
-            rows += job_rows
+    for item in items:
+        item_rows = rows_of(item)
+        if chunks and rows + item_rows <= max_rows:
+            chunks[-1].append(item)
+            rows += item_rows
         else:
-            chunks.append([job])
-            rows = job_rows
+            chunks.append([item])
+            rows = item_rows
     return chunks
+
+
+def _unet_rows(job: Job) -> int:
+    return job.params.num_images * (2 if job.cfg else 1)
 
 
 class InpaintLoop:
@@ -179,8 +209,8 @@ class InpaintLoop:
         assets: tokenizer, scheduler config and checkpoint facts.
         feather_radius: width in pixels of the blend ramp inside the mask when the input's
             pixels are pasted back (`preserve_unmasked`).
-        max_unet_rows: most rows of one batched UNet call across requests (0: no limit); set
-            it to a TensorRT engine's largest profile batch.
+        max_rows: component name → most rows of one call batched across requests (absent
+            or 0: no limit); set to the TensorRT engines' largest profile batches.
         size_buckets: (height, width) sizes to generate at, each a multiple of the VAE scale
             factor (the static shapes of TensorRT engines); a request is generated at the
             smallest bucket containing it and cropped back. Empty (default): any size,
@@ -192,10 +222,10 @@ class InpaintLoop:
         components: Components,
         assets: PipelineAssets,
         feather_radius: int = 4,
-        max_unet_rows: int = 0,
+        max_rows: Mapping[str, int] | None = None,
         size_buckets: Sequence[Bucket] = (),
     ) -> None:
-        self.max_unet_rows = max_unet_rows
+        self.max_rows = dict(max_rows or {})
         self.components = components
         self.assets = assets
         self.facts = assets.facts
@@ -254,12 +284,24 @@ class InpaintLoop:
         self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
     ) -> Job:
         """Everything before the denoising loop: prompt, timesteps, latents, conditioning."""
+        return _result(self.run_plans([self.start_plan(params, is_cancelled)])[0])
+
+    def start_many(
+        self, requests: Sequence[tuple[GenerationParams, Callable[[], bool] | None]]
+    ) -> list[Job | Exception]:
+        """`start` of several requests, their text-encoder and VAE-encoder calls batched."""
+        return self.run_plans([self.start_plan(p, c) for p, c in requests])
+
+    def start_plan(
+        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+    ) -> Plan[Job]:
+        """`start` as a plan (see `Call`)."""
         n, cfg = params.num_images, params.guidance_scale > 1.0
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
         height, width = self.generation_size(params)  # padded to the grid, or a size bucket
 
         # 1. Encode input prompt: [uncond x N, cond x N] (one call per text encoder)
-        conditioning = self.condition(params, n, cfg, height, width)
+        conditioning = yield from self.condition(params, n, cfg, height, width)
 
         # 2. Set timesteps, truncated by strength
         scheduler = make_scheduler(params.scheduler, self.assets.scheduler_config)
@@ -267,7 +309,9 @@ class InpaintLoop:
         timesteps = truncated_timesteps(scheduler, params.steps, params.strength)
 
         # 3. Prepare latents and the inpainting conditioning, drawing as diffusers does
-        state = self.prepare_latents(params, scheduler, timesteps, generators, height, width)
+        state = yield from self.prepare_latents(
+            params, scheduler, timesteps, generators, height, width
+        )
         if cfg and state.unet_extra is not None:
             state.unet_extra = torch.cat([state.unet_extra] * 2)  # (2N, 5, h, w)
         return Job(
@@ -307,9 +351,17 @@ class InpaintLoop:
 
     def finish(self, job: Job) -> np.ndarray:
         """Decode, crop to the request's size, paste the kept pixels back."""
+        return _result(self.run_plans([self.finish_plan(job)])[0])
+
+    def finish_many(self, jobs: Sequence[Job]) -> list[np.ndarray | Exception]:
+        """`finish` of several jobs, their VAE-decoder calls batched."""
+        return self.run_plans([self.finish_plan(job) for job in jobs])
+
+    def finish_plan(self, job: Job) -> Plan[np.ndarray]:
+        """`finish` as a plan (see `Call`)."""
         # 5. Decode and postprocess
         params = job.params
-        (decoded,) = self.components.vae_decoder(job.latents / self.facts.vae_scaling_factor)
+        (decoded,) = yield Call("vae_decoder", (job.latents / self.facts.vae_scaling_factor,))
         images = postprocess(self.processors, decoded)[:, : params.height, : params.width]
         if params.image is not None and params.mask is not None and params.preserve_unmasked:
             alpha = feather_alpha(params.mask, self.feather_radius)
@@ -326,11 +378,11 @@ class InpaintLoop:
         """
         results: list[np.ndarray | Exception | None] = [None] * len(requests)
         jobs: dict[int, Job] = {}
-        for i, (params, is_cancelled) in enumerate(requests):
-            try:
-                jobs[i] = self.start(params, is_cancelled)
-            except Exception as err:  # noqa: BLE001 (reported per request)
-                results[i] = err
+        for i, started in enumerate(self.start_many(requests)):
+            if isinstance(started, Exception):
+                results[i] = started
+            else:
+                jobs[i] = started
         while jobs:
             for i in [i for i, job in jobs.items() if job.is_cancelled()]:
                 results[i] = Cancelled()
@@ -338,13 +390,74 @@ class InpaintLoop:
             failed = self.step_all(list(jobs.values()))
             for i in [i for i, job in jobs.items() if id(job) in failed]:
                 results[i] = failed[id(jobs.pop(i))]
-            for i in [i for i, job in jobs.items() if job.finished]:
-                results[i] = self.finish(jobs.pop(i))
+            done = [i for i, job in jobs.items() if job.finished]
+            for i, images in zip(done, self.finish_many([jobs.pop(i) for i in done]), strict=True):
+                results[i] = images
         return [r if r is not None else RuntimeError("request produced nothing") for r in results]
+
+    def run_plans(self, plans: Sequence[Plan[T]]) -> list[T | Exception]:
+        """Drive plans together: the calls they ask for at the same time that share a
+        component and trailing shapes become one call (split at the component's
+        `max_rows`), whose outputs are split back by rows.
+
+        Each plan's own code, random draws included, runs in its own order, so its result
+        is the one it gets alone. Returns each plan's result or the exception that ended it;
+        a failed call fails only the plans in it.
+        """
+        results: dict[int, T | Exception] = {}
+        asked: dict[int, Call] = {}
+
+        def resume(i: int, outputs: tuple[torch.Tensor, ...] | None) -> None:
+            try:
+                asked[i] = plans[i].send(outputs)  # type: ignore[arg-type]  # None starts it
+            except StopIteration as stop:
+                results[i] = stop.value
+            except Exception as err:  # noqa: BLE001 (this plan fails, not the rest)
+                results[i] = err
+
+        for i in range(len(plans)):
+            resume(i, None)
+        while asked:
+            calls, asked = asked, {}
+            for chunk in self._batches(calls):
+                try:
+                    outputs = self._call([calls[i] for i in chunk])
+                except Exception as err:  # noqa: BLE001 (the chunk's plans fail, not all)
+                    for i in chunk:
+                        plans[i].close()
+                        results[i] = err
+                    continue
+                for i, piece in zip(chunk, outputs, strict=True):
+                    resume(i, piece)
+        return [results[i] for i in range(len(plans))]
+
+    def _batches(self, calls: dict[int, Call]) -> list[list[int]]:
+        """Keys of `calls` grouped into batched calls: same `batch_key`, in order, each at
+        most the component's `max_rows` rows."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, call in calls.items():
+            groups.setdefault(call.batch_key(), []).append(i)
+        return [
+            chunk
+            for group in groups.values()
+            for chunk in _chunks(
+                group, lambda i: calls[i].rows, self.max_rows.get(calls[group[0]].component, 0)
+            )
+        ]
+
+    def _call(self, calls: list[Call]) -> list[tuple[torch.Tensor, ...]]:
+        """One component call for several `Call`s: inputs concatenated, outputs split."""
+        run: Runner = getattr(self.components, calls[0].component)
+        if len(calls) == 1:
+            return [tuple(run(*calls[0].inputs))]
+        inputs = zip(*(c.inputs for c in calls), strict=True)
+        outputs = run(*(torch.cat(parts) for parts in inputs))
+        pieces = [output.split([c.rows for c in calls]) for output in outputs]
+        return [tuple(piece[j] for piece in pieces) for j in range(len(calls))]
 
     def step_all(self, jobs: list[Job]) -> dict[int, Exception]:
         """One denoising step of every job: one UNet call per latent size, each call at most
-        `max_unet_rows` rows. Jobs may be at different steps of different schedules.
+        `max_rows["unet"]` rows. Jobs may be at different steps of different schedules.
 
         Returns:
             `{id(job): error}` for the jobs whose UNet call failed (they did not advance);
@@ -352,7 +465,8 @@ class InpaintLoop:
         """
         failed: dict[int, Exception] = {}
         for group in _by_latent_shape(dict(enumerate(jobs))).values():
-            for chunk in _chunks([jobs[i] for i in group], self.max_unet_rows):
+            unet_jobs = [jobs[i] for i in group]
+            for chunk in _chunks(unet_jobs, _unet_rows, self.max_rows.get("unet", 0)):
                 try:
                     self.step(chunk)
                 except Exception as err:  # noqa: BLE001 (the chunk's requests fail, not all)
@@ -367,7 +481,7 @@ class InpaintLoop:
         generators: list[torch.Generator],
         height: int,
         width: int,
-    ) -> LatentState:
+    ) -> Plan[LatentState]:
         """Initial latents and conditioning, with every random draw in diffusers' order.
 
         Inpainting pipeline order: image latents (strength < 1, or a 4-channel UNet), then
@@ -388,7 +502,7 @@ class InpaintLoop:
         masked_image = init_image * (mask_condition < 0.5)  # (1, 3, H, W)
         image_latents = None
         if params.strength < 1.0 or not nine_channels:
-            image_latents = self.encode_image(init_image, generators)  # (N, 4, h, w)
+            image_latents = yield from self.encode_image(init_image, generators)  # (N, 4, h, w)
         noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
         if params.strength < 1.0:
             latent_timestep = timesteps[:1].repeat(n)
@@ -396,7 +510,7 @@ class InpaintLoop:
         else:
             latents = noise * scheduler.init_noise_sigma
         mask = F.interpolate(mask_condition, size=latent_shape[2:]).repeat(n, 1, 1, 1)
-        masked_image_latents = self.encode_image(masked_image, generators)  # (N, 4, h, w)
+        masked_image_latents = yield from self.encode_image(masked_image, generators)
         if nine_channels:
             extra = torch.cat([mask, masked_image_latents], dim=1)  # (N, 5, h, w)
             return LatentState(latents=latents, unet_extra=extra)
@@ -404,22 +518,23 @@ class InpaintLoop:
 
     def condition(
         self, params: GenerationParams, n: int, cfg: bool, height: int, width: int
-    ) -> Conditioning:
+    ) -> Plan[Conditioning]:
         """The UNet's text (and, SDXL, size) conditioning for the architecture served."""
         if self.facts.architecture == "sdxl":
-            return self.encode_prompt_xl(params.prompt, params.negative_prompt, n, cfg,
-                                         height, width)  # fmt: skip
-        return Conditioning(self.encode_prompt(params.prompt, params.negative_prompt, n, cfg))
+            return (yield from self.encode_prompt_xl(params.prompt, params.negative_prompt, n,
+                                                     cfg, height, width))  # fmt: skip
+        embeds = yield from self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
+        return Conditioning(embeds)
 
-    def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> Plan[torch.Tensor]:
         """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""
         texts = [negative, prompt] if cfg else [prompt]
-        (embeds,) = self.components.text_encoder(tokenize(self.assets.tokenizer, texts))
+        (embeds,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
         return embeds.repeat_interleave(n, dim=0)
 
     def encode_prompt_xl(
         self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int
-    ) -> Conditioning:
+    ) -> Plan[Conditioning]:
         """SDXL conditioning as `StableDiffusionXLInpaintPipeline.encode_prompt` and its
         step 10 compute it.
 
@@ -430,13 +545,13 @@ class InpaintLoop:
         original size, crop top-left (0, 0), target size; both sizes are the padded
         generation size, for the negative branch too.
         """
-        tokenizer_2, text_encoder_2 = self.assets.tokenizer_2, self.components.text_encoder_2
-        if tokenizer_2 is None or text_encoder_2 is None:
+        tokenizer_2 = self.assets.tokenizer_2
+        if tokenizer_2 is None or self.components.text_encoder_2 is None:
             raise RuntimeError("an sdxl pipeline needs tokenizer_2 and text_encoder_2")
         zero_negative = cfg and not negative and self.facts.force_zeros_for_empty_prompt
         texts = [negative, prompt] if cfg and not zero_negative else [prompt]
-        (hidden_1,) = self.components.text_encoder(tokenize(self.assets.tokenizer, texts))
-        hidden_2, pooled = text_encoder_2(tokenize(tokenizer_2, texts))
+        (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+        hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts),))
         embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
         if zero_negative:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
@@ -458,9 +573,11 @@ class InpaintLoop:
         mask = preprocess_mask(self.processors, pad_to(params.mask, height, width))
         return image, mask
 
-    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def encode_image(
+        self, image: torch.Tensor, generators: list[torch.Generator]
+    ) -> Plan[torch.Tensor]:
         """Sample scaled latents of one image once per generator, as diffusers' VAE encode."""
-        mean, logvar = self.components.vae_encoder(image)
+        mean, logvar = yield Call("vae_encoder", (image,))
         posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
         latents = torch.cat([posterior.sample(generator=g) for g in generators])
         return self.facts.vae_scaling_factor * latents
@@ -497,3 +614,10 @@ def extra_step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict
     if "generator" in accepted:
         kwargs["generator"] = generators[0] if len(generators) == 1 else generators
     return kwargs
+
+
+def _result(outcome: T | Exception) -> T:
+    """A `run_plans` outcome of one plan: its result, or its exception raised."""
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome

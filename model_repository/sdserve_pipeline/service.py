@@ -49,15 +49,16 @@ class PipelineService:
     ) -> PipelineService:
         """Build from a pipeline config's parameters (see `triton_configs.pipeline_config`)."""
         assets = PipelineAssets.load(assets_dir)
+        specs = components_for(assets.facts.architecture)
         runners = {
             spec.name: make_runner(spec, params.get(f"{spec.name}_model", spec.name))
-            for spec in components_for(assets.facts.architecture)
+            for spec in specs
         }
         loop = InpaintLoop(
             Components(**runners),
             assets,
             feather_radius=int(params.get("feather_radius", 4)),
-            max_unet_rows=int(params.get("max_unet_batch", 0)),
+            max_rows={spec.name: int(params.get(f"max_{spec.name}_batch", 0)) for spec in specs},
             size_buckets=parse_size_buckets(params.get("size_buckets", "")),
         )
         outpaint_settings = OutpaintSettings(
