@@ -38,7 +38,8 @@ chromium:
 build/demo-pipeline/model_index.json: $(STAMP)
 	$(PY) -m sdserve_export demo-pipeline --out build/demo-pipeline
 
-$(REPOSITORY)/inpaint/config.pbtxt: $(STAMP) $(if $(filter build/demo-pipeline,$(SOURCE)),build/demo-pipeline/model_index.json)
+# Rebuilt when the Triton model files it copies change (a stale copy fails to import).
+$(REPOSITORY)/inpaint/config.pbtxt: $(STAMP) $(wildcard model_repository/sdserve_pipeline/triton_models/*/model.py) $(if $(filter build/demo-pipeline,$(SOURCE)),build/demo-pipeline/model_index.json)
 	$(PY) -m sdserve_export repository --source $(SOURCE) --out $(REPOSITORY)
 
 demo-pipeline: build/demo-pipeline/model_index.json
