@@ -32,6 +32,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -412,8 +413,13 @@ def add_peak_fraction(result: dict[str, Any], peak_gflops: float) -> None:
 # --- Triton statistics -----------------------------------------------------------------------
 
 
-def fetch_statistics(url: str) -> dict[str, dict[str, float]]:
-    """Cumulative statistics of every model: counts and nanoseconds per stage."""
+def fetch_statistics(url: str, metrics_url: str | None = None) -> dict[str, dict[str, float]]:
+    """Cumulative statistics of every model: counts and nanoseconds per stage.
+
+    With `metrics_url`, the pipeline's own queue wait (`sdserve_queue_duration_us`: its
+    batcher holds the queue, so Triton's `queue` stays near zero for it) is added to its
+    `queue` nanoseconds.
+    """
     client = grpcclient.InferenceServerClient(url)
     try:
         stats = client.get_inference_statistics(as_json=True)
@@ -426,7 +432,19 @@ def fetch_statistics(url: str) -> dict[str, dict[str, float]]:
         row["requests"] = float(infer.get("success", {}).get("count", 0))
         row["executions"] = float(model.get("execution_count", 0))
         table[model["name"]] = row
+    if metrics_url is not None and PIPELINE_MODEL in table:
+        waited_us = pipeline_queue_us(urllib.request.urlopen(metrics_url, timeout=10).read())
+        table[PIPELINE_MODEL]["queue"] += waited_us * 1e3
     return table
+
+
+def pipeline_queue_us(metrics: bytes, model: str = PIPELINE_MODEL) -> float:
+    """`sdserve_queue_duration_us` of `model` from a Prometheus metrics page (0 if absent)."""
+    prefix = f'sdserve_queue_duration_us{{model="{model}"}}'
+    for line in metrics.decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
 
 
 _STAGE_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
@@ -506,9 +524,7 @@ class ClosedLoop:
     """`concurrency` clients send requests back to back on tritonclient's async gRPC API
     (`async_infer`: each completion callback sends that client's next request).
 
-    One client (gRPC channel) per caller, as independent callers have. (`tritonclient.grpc.
-    aio` was tried first: concurrent calls that start together reached the server in pairs
-    about 500 ms apart, which measured the client rather than the server.)
+    One client (gRPC channel) per caller, as independent callers have.
     """
 
     def __init__(self, url: str, requests: list[GenerationRequest], bar: tqdm) -> None:
@@ -562,14 +578,19 @@ class ClosedLoop:
 
 
 def sweep_level(
-    url: str, requests: list[GenerationRequest], concurrency: int, bar: tqdm, steps: int
+    url: str,
+    requests: list[GenerationRequest],
+    concurrency: int,
+    bar: tqdm,
+    steps: int,
+    metrics_url: str | None = None,
 ) -> dict[str, Any]:
     """One concurrency level: warm-up round, then the timed window with statistics."""
     ClosedLoop(url, requests[:concurrency], bar).run(concurrency)  # warm-up
-    before = fetch_statistics(url)
+    before = fetch_statistics(url, metrics_url)
     loop = ClosedLoop(url, requests, bar)
     elapsed = loop.run(concurrency)
-    after = fetch_statistics(url)
+    after = fetch_statistics(url, metrics_url)
     latencies = loop.latencies
     quantiles = np.percentile(latencies, [50, 95, 99]) * 1e3
     return {
@@ -595,7 +616,11 @@ def run_sweep(server: TritonServer, args: argparse.Namespace, mix: list[MixEntry
     with tqdm(total=total, desc="sweep", unit="req", file=sys.stderr) as bar:
         for concurrency in args.concurrency:
             bar.set_postfix_str(f"concurrency {concurrency}")
-            levels.append(sweep_level(server.grpc_url, requests, concurrency, bar, args.steps))
+            levels.append(
+                sweep_level(
+                    server.grpc_url, requests, concurrency, bar, args.steps, server.metrics_url
+                )
+            )
     return {"levels": levels, "machine_load": machine_load(before, Snapshot.take(cpu))}
 
 

@@ -4,6 +4,7 @@ when done, and get exactly the images they get alone."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +13,7 @@ from cases import make_case, max_abs
 from test_batched_calls import Spy
 from test_generation_controls import wire
 
-from sdserve_pipeline.batcher import ContinuousBatcher
+from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
 from sdserve_pipeline.loop import Cancelled, InpaintLoop
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService
@@ -191,26 +192,75 @@ def test_bad_request_is_answered_at_once_without_taking_a_slot(service):
     assert outcomes.by_name["good"]["images"].shape == (1, 64, 64, 3)
 
 
-def test_submit_blocks_while_max_active_requests_are_in_progress(service, case):
+def test_requests_beyond_max_active_wait_and_beyond_the_queue_are_refused(service, case):
     image, mask = case
     outcomes = Outcomes()
-    submitted: list[str] = []
-    batcher = ContinuousBatcher(service, max_active=1)
+    waits: list[float] = []
+    stepping, release = threading.Event(), threading.Event()
+    unet = service.loop.components.unet
 
-    def submit_second() -> None:
-        batcher.submit(wire(image, mask, steps=2, seed=2), outcomes.callback("second"))
-        submitted.append(f"second submitted after {len(outcomes.order)} answered")
+    def gated(*inputs):  # the first request holds the batch until every submit is done
+        stepping.set()
+        release.wait(WAIT_S)
+        return unet(*inputs)
 
+    loop = InpaintLoop(replace(service.loop.components, unet=gated), service.loop.assets)
+    batcher = ContinuousBatcher(
+        PipelineService(loop, service.limits, service.outpaint),
+        max_active=1,
+        max_queued=1,
+        on_dequeue=waits.append,
+    )
     try:
-        batcher.submit(wire(image, mask, steps=4, seed=1), outcomes.callback("first"))
-        thread = threading.Thread(target=submit_second)
-        thread.start()
-        outcomes.wait(2)
-        thread.join(WAIT_S)
+        batcher.submit(wire(image, mask, steps=2, seed=1), outcomes.callback("first"))
+        assert stepping.wait(WAIT_S)
+        batcher.submit(wire(image, mask, steps=2, seed=2), outcomes.callback("second"))
+        batcher.submit(wire(image, mask, steps=2, seed=3), outcomes.callback("third"))
+        assert outcomes.order == ["third"]  # refused at once, from the submitting thread
+        assert isinstance(outcomes.by_name["third"], Overloaded)
+        assert "Exceeds maximum queue size" in str(outcomes.by_name["third"])
+        assert batcher.pending == 1  # the second waits: the first is denoising
+        release.set()
+        outcomes.wait(3)
     finally:
+        release.set()
         batcher.close()
-    assert submitted == ["second submitted after 1 answered"]
-    assert outcomes.order == ["first", "second"]
+    assert outcomes.order == ["third", "first", "second"]
+    assert batcher.pending == 0 and len(waits) == 2 and waits[1] > waits[0]
+
+
+def test_a_request_waiting_past_its_queue_timeout_is_answered_unstarted(service, case):
+    image, mask = case
+    outcomes = Outcomes()
+    release = threading.Event()
+    unet = service.loop.components.unet
+
+    def gated(*inputs):
+        release.wait(WAIT_S)
+        return unet(*inputs)
+
+    loop = InpaintLoop(replace(service.loop.components, unet=gated), service.loop.assets)
+    spy = PipelineService(loop, service.limits, service.outpaint)
+    batcher = ContinuousBatcher(spy, max_active=1, queue_timeout_s=WAIT_S)
+    cancelled = threading.Event()
+    try:
+        batcher.submit(wire(image, mask, steps=2, seed=1), outcomes.callback("running"))
+        batcher.submit(
+            wire(image, mask, steps=2, seed=2), outcomes.callback("late"), timeout_s=0.05
+        )
+        batcher.submit(
+            wire(image, mask, steps=2, seed=3), outcomes.callback("gone"), cancelled.is_set
+        )
+        time.sleep(0.1)  # past the late one's own timeout (not a timing assertion)
+        cancelled.set()
+        release.set()
+        outcomes.wait(3)
+    finally:
+        release.set()
+        batcher.close()
+    assert isinstance(outcomes.by_name["late"], QueueTimeout)
+    assert isinstance(outcomes.by_name["gone"], Cancelled)
+    assert outcomes.by_name["running"]["images"].shape == (1, 64, 64, 3)
 
 
 def test_a_failing_unet_call_fails_its_requests_only(service, case):

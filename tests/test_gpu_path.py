@@ -1089,8 +1089,15 @@ def test_k8s_hpa_scales_the_deployment_on_the_adapter_queue_metric() -> None:
     adapter = yaml.safe_load((K8S / "prometheus-adapter-rules.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
-    assert "nv_inference_queue_duration_us" in rule["seriesQuery"]
-    assert 'model="inpaint"' in rule["metricsQuery"]
+    assert rule["name"]["as"] == "sdserve_queue_duration_us_per_request"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "500000"}
+    # the pipeline's own queue counter (Triton's queue metrics stay ~0: its batcher holds it)
+    assert "sdserve_queue_duration_us" in rule["seriesQuery"]
+    query = rule["metricsQuery"]
+    assert "rate(sdserve_queue_duration_us{" in query
+    assert "rate(nv_inference_request_success{" in query
+    assert "nv_inference_queue_duration_us" not in query
+    assert query.count('model="inpaint"') == 2
 
 
 def test_docker_readme_documents_deployment_and_gpu_targets() -> None:

@@ -388,30 +388,98 @@ def test_pipeline_models_are_the_ready_models_taking_a_prompt():
     assert si.pipeline_models(triton) == ["inpaint", "sd15_base"]
 
 
-def test_queue_state_from_statistics_and_metrics():
+# What Triton 2.51's metrics endpoint serves next to the pipeline's custom metrics: Triton's
+# own queue metrics stay ~0 for the pipeline (its batcher holds the queue, not Triton's).
+METRICS = """
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="inpaint",version="1"} 3
+nv_inference_request_success{model="inpaint",version="2"} 1
+nv_inference_request_success{model="unet",version="1"} 99
+# HELP nv_inference_queue_duration_us Cumulative inference queuing duration in microseconds
+# TYPE nv_inference_queue_duration_us counter
+nv_inference_queue_duration_us{model="inpaint",version="1"} 40
+# HELP nv_inference_pending_request_count Instantaneous number of pending requests
+# TYPE nv_inference_pending_request_count gauge
+nv_inference_pending_request_count{model="inpaint",version="1"} 0
+# HELP sdserve_queue_pending_requests Requests waiting in the pipeline's queue to start
+# TYPE sdserve_queue_pending_requests gauge
+sdserve_queue_pending_requests{model="inpaint"} 2
+sdserve_queue_pending_requests{model="inpaint_xl"} 5
+# HELP sdserve_queue_duration_us Cumulative microseconds requests waited in the pipeline's queue before starting
+# TYPE sdserve_queue_duration_us counter
+sdserve_queue_duration_us{model="inpaint"} 50000
+sdserve_queue_duration_us{model="inpaint_xl"} 7
+"""  # noqa: E501
+# The same endpoint of a server from before the pipeline's batcher: no sdserve_* metrics.
+OLD_METRICS = "\n".join(line for line in METRICS.splitlines() if "sdserve_" not in line)
+
+
+def statistics(model: str = "inpaint") -> service_pb2.ModelStatisticsResponse:
     stats = service_pb2.ModelStatisticsResponse()
-    for version, (ok, failed, count, ns) in {
-        "1": (3, 1, 4, 8_000_000),
-        "2": (1, 0, 1, 2_000_000),
-    }.items():
-        entry = stats.model_stats.add(name="inpaint", version=version)
+    for version, (ok, failed) in {"1": (3, 1), "2": (1, 0)}.items():
+        entry = stats.model_stats.add(name=model, version=version)
         entry.inference_stats.success.count = ok
         entry.inference_stats.fail.count = failed
-        entry.inference_stats.queue.count = count
-        entry.inference_stats.queue.ns = ns
+        entry.inference_stats.queue.count = ok + failed  # Triton's queue: not read any more
+        entry.inference_stats.queue.ns = 1_000
     stats.model_stats.add(name="unet", version="1").inference_stats.success.count = 99
-    state = si.queue_state_from_statistics("inpaint", stats, pending=2)
-    assert state == si.QueueState("inpaint", True, 4, 1, 2.0, 2)
-    metrics = """
-# HELP nv_inference_pending_request_count Instantaneous number of pending requests
-nv_inference_pending_request_count{model="inpaint",version="1"} 3
-nv_inference_pending_request_count{model="inpaint",version="2"} 1
-nv_inference_pending_request_count{model="unet",version="1"} 7
-nv_inference_count{model="inpaint",version="1"} 12
+    return stats
+
+
+def test_queue_state_reads_the_pipeline_queue_metrics():
+    state = si.queue_state_from_statistics("inpaint", statistics(), METRICS)
+    # 2 waiting; 50 000 us waited over 4 requests (both versions) = 12.5 ms each
+    assert state == si.QueueState("inpaint", True, 4, 1, 12.5, 2)
+    assert si.pipeline_queue_from_metrics(METRICS, "inpaint") == (2, 12.5)
+    assert si.metric_value(METRICS, si.PENDING_METRIC, "inpaint_xl") == 5.0
+    assert si.metric_value(METRICS, si.SUCCESS_METRIC, "inpaint") == 4.0
+    assert si.metric_value(METRICS, si.PENDING_METRIC, "sd15_base") is None
+
+
+def test_queue_state_says_nothing_about_waiting_without_the_pipeline_metrics():
+    # no metrics endpoint, or an older server: Triton's ~0 queue numbers are not shown instead
+    for metrics in (None, OLD_METRICS, ""):
+        state = si.queue_state_from_statistics("inpaint", statistics(), metrics)
+        assert state == si.QueueState("inpaint", True, 4, 1, avg_queue_ms=None, pending=None)
+    # counters without the success count (model metrics off): pending only
+    no_success = "\n".join(line for line in METRICS.splitlines() if "request_success" not in line)
+    assert si.pipeline_queue_from_metrics(no_success, "inpaint") == (2, None)
+    assert si.fetch_metrics("http://127.0.0.1:9/metrics", timeout=0.5) is None
+
+
+def test_mean_queue_wait_is_per_request():
+    assert si.mean_queue_ms(50_000.0, 4.0) == 12.5
+    assert si.mean_queue_ms(0.0, 0.0) == 0.0  # a fresh server
+    assert si.mean_queue_ms(900.0, 0.0) is None  # waited, none counted: no mean
+    assert si.mean_queue_ms(None, 4.0) is None and si.mean_queue_ms(1.0, None) is None
+
+
+def test_metrics_parser_matches_the_model_label_exactly():
+    text = """
+sdserve_queue_pending_requests{model="inpaint_xl"} 5
+sdserve_queue_pending_requests{submodel="inpaint"} 6
+sdserve_queue_pending_requests_total{model="inpaint"} 7
+sdserve_queue_pending_requests{model="inpaint", instance="a"} 1 1700000000000
+sdserve_queue_pending_requests{instance="b",model="inpaint"} 2.0
+sdserve_queue_pending_requests{model="inpaint",instance="c"} NaN
+sdserve_queue_pending_requests 9
 """
-    assert si.pending_from_metrics(metrics, "inpaint") == 4
-    assert si.pending_from_metrics(metrics, "sd15_base") is None
-    assert si.fetch_pending("http://127.0.0.1:9/metrics", "inpaint", timeout=0.5) is None
+    assert si.metric_value(text, si.PENDING_METRIC, "inpaint") == 3.0
+
+
+def test_fetch_queue_state_reads_the_metrics_endpoint_when_given(monkeypatch):
+    triton = FakeTriton([pipeline_config()])
+    triton.stats = statistics()
+    urls = []
+    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: urls.append(url) or METRICS)
+    state = si.fetch_queue_state(triton, "inpaint", "http://h:8002/metrics")
+    assert state == si.QueueState("inpaint", True, 4, 1, 12.5, 2)
+    assert urls == ["http://h:8002/metrics"]
+    assert si.fetch_queue_state(triton, "inpaint") == si.QueueState("inpaint", True, 4, 1)
+    assert urls == ["http://h:8002/metrics"]  # no endpoint given: not asked
+    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: None)  # unreachable
+    assert si.fetch_queue_state(triton, "inpaint", "http://h:8002/metrics").pending is None
 
 
 def test_unreachable_server_is_not_ready_rather_than_an_error():
@@ -445,10 +513,26 @@ def test_status_line_shows_readiness_load_and_queue():
     assert "**Busy: 2 requests waiting in the server queue**" in line
     assert "1 from this page running" in line and "5 done, 1 failed" in line
     assert "mean queue wait 12 ms" in line
-    idle = ServerStatus("h:1", si.QueueState("inpaint", True, pending=0)).markdown()
-    assert "idle" in idle and "Busy" not in idle
+    idle = ServerStatus("h:1", si.QueueState("inpaint", True, 0, 0, 0.0, 0)).markdown()
+    assert "idle" in idle and "Busy" not in idle and "mean queue wait 0 ms" in idle
+    unknown = ServerStatus("h:1", si.QueueState("inpaint", True, 5, 1)).markdown()
+    assert "5 done, 1 failed" in unknown  # no pipeline queue metrics: nothing about waiting
+    assert "idle" not in unknown and "Busy" not in unknown and "queue" not in unknown
     down = ServerStatus("h:1", si.QueueState("inpaint", False)).markdown()
     assert down.startswith("**Server not ready** at `h:1`")
+
+
+def test_status_line_from_the_metrics_endpoint(monkeypatch):
+    triton = FakeTriton([pipeline_config()])
+    triton.stats = statistics()
+    backend = Backend("h:1", metrics_url="http://h:8002/metrics", info_client=triton)
+    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: METRICS)
+    line = backend.status("inpaint").markdown()
+    assert "**Busy: 2 requests waiting in the server queue**" in line
+    assert "4 done, 1 failed · mean queue wait 12 ms" in line
+    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: OLD_METRICS)
+    old = backend.status("inpaint").markdown()
+    assert old.endswith("4 done, 1 failed") and "idle" not in old and "Busy" not in old
 
 
 # --- wiring (needs gradio, not a server) --------------------------------------------------------

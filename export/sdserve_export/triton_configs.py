@@ -24,26 +24,26 @@ ONNX_FILE = "model.onnx"
 
 @dataclass(frozen=True)
 class QueuePolicy:
-    """How much work the pipeline model queues before rejecting, and for how long.
+    """How much work the pipeline model takes before refusing, and for how long it waits.
+
+    The pipeline's batcher holds this queue, not Triton's dynamic batcher (which, in Triton
+    2.51, sometimes left a request queued ~500 ms beside a free instance; see
+    `sdserve_pipeline.batcher`). Written as the pipeline parameters `max_active_requests`,
+    `max_queue_size` and `queue_timeout_s`.
 
     Args:
-        max_queue_size: requests waiting beyond this are rejected at once (UNAVAILABLE).
-        timeout_s: a request still queued after this long is rejected (0: no timeout).
-            Clients may ask for a shorter one (`timeout` on the request).
-        max_batch_size: requests handed to one `execute` call. 1: `execute` only hands
-            requests to the running batch, and one that waits for room there holds a single
-            request outside Triton's queue, so `max_queue_size` stays the real bound.
         max_active: requests denoised together (continuous batching: a request joins the
-            running batch at the next step); beyond it requests wait in Triton's queue.
-        max_queue_delay_us: how long the first queued request waits for companions before
-            `execute` (0: requests join the running batch at the next step anyway).
+            running batch at the next step).
+        max_queue_size: requests waiting beyond those; more are refused at once with
+            UNAVAILABLE "Exceeds maximum queue size".
+        timeout_s: a request still waiting to start after this long is answered with
+            UNAVAILABLE "Request timeout expired" (0: no limit). A client may set its own
+            (`timeout` on the request).
     """
 
+    max_active: int = 8
     max_queue_size: int = 16
     timeout_s: int = 120
-    max_batch_size: int = 1
-    max_active: int = 8
-    max_queue_delay_us: int = 0
 
 
 def component_config(
@@ -93,17 +93,12 @@ def pipeline_config(
         feather_radius: blend ramp width, pixels, for `preserve_unmasked`.
         instances: pipeline model instances (concurrent requests in flight).
         outpaint: band size (the checkpoint's native size), seam overlap, context, pre-fill.
-        queue: bounds of the request queue (Triton's queue lives in its dynamic batcher,
-            hence `max_batch_size` > 0: every wire tensor gains a leading batch dim of 1,
-            which the SDK adds and strips).
+        queue: bounds of the request queue, which the pipeline's batcher holds.
+
+    `max_batch_size` is 1: every wire tensor has a leading batch dim of 1 (the SDK adds and
+    strips it), and each `execute` call hands one request to the running batch.
     """
-    config = mc.ModelConfig(name=name, backend="python", max_batch_size=queue.max_batch_size)
-    config.dynamic_batching.max_queue_delay_microseconds = queue.max_queue_delay_us
-    policy = config.dynamic_batching.default_queue_policy
-    policy.max_queue_size = queue.max_queue_size
-    policy.default_timeout_microseconds = queue.timeout_s * 1_000_000
-    policy.allow_timeout_override = True
-    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
     for t in contract.INPUTS:
         config.input.add(
             name=t.name,
@@ -118,6 +113,8 @@ def pipeline_config(
     params |= limit_parameters(limits)
     params["feather_radius"] = feather_radius
     params["max_active_requests"] = queue.max_active
+    params["max_queue_size"] = queue.max_queue_size
+    params["queue_timeout_s"] = queue.timeout_s
     params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}
     params["schedulers"] = ",".join(SCHEDULER_NAMES)  # discoverable via get_model_config
     _set_parameters(config, params)

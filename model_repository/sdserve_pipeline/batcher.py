@@ -15,14 +15,20 @@ leaves as soon as its own steps are done. Each request keeps its own scheduler, 
 guidance scale and strength: its images are the ones it gets alone.
 
 Outpainting requests (several runs, band after band) go to one side thread so they never
-hold up the shared loop. `submit` blocks while `max_active` requests are in progress; in
-Triton that keeps the overflow in the model's own queue, where `max_queue_size` and the
-queue timeout apply.
+hold up the shared loop.
+
+The batcher owns the request queue: beyond `max_active` denoising requests, up to
+`max_queued` more wait to join (first come, first admitted), each at most its queue timeout;
+past that a request is refused at once (`Overloaded`). `submit` never blocks, so in Triton
+`execute` returns at once and no request waits in Triton's own scheduler queue. (Triton
+2.51's dynamic batcher, which would otherwise hold that queue, sometimes left a request
+queued about 500 ms while the model instance was free: see benchmarks/README.md.)
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -38,11 +44,30 @@ from sdserve_pipeline.service import PipelineService, wire_outputs
 Done = Callable[[dict[str, np.ndarray] | Exception], None]
 
 
+class Overloaded(Exception):
+    """`max_active` requests are denoising and `max_queued` more are waiting: refused at once.
+
+    The message is Triton's own for a full queue, so clients see one wording either way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("Exceeds maximum queue size")
+
+
+class QueueTimeout(Exception):
+    """The request waited to join the running batch longer than its queue timeout."""
+
+    def __init__(self) -> None:
+        super().__init__("Request timeout expired")
+
+
 @dataclass(eq=False)
 class _Request:
     params: GenerationParams
     is_cancelled: Callable[[], bool]
     done: Done
+    queued_at: float  # time.monotonic() when it was taken
+    deadline: float  # time.monotonic() after which it may no longer start
     job: Job | None = None
     answered: bool = False
 
@@ -52,24 +77,39 @@ class ContinuousBatcher:
 
     Args:
         service: the validated pipeline (its loop and outpainting settings).
-        max_active: most requests admitted at once (denoising, waiting to join, or
-            outpainting); `submit` blocks beyond it.
+        max_active: most requests denoising together.
+        max_queued: most requests waiting beyond those (outpainting ones included); more
+            are refused at once with `Overloaded`.
+        queue_timeout_s: how long a request may wait to start before it is answered with
+            `QueueTimeout` (a request's own `timeout_s` replaces it; 0: no limit).
         on_callback_error: told when a `done` callback raises (the worker keeps going).
+        on_dequeue: told how long each request waited (seconds) when it leaves the queue:
+            started, timed out or cancelled before starting (queue metrics).
     """
 
     def __init__(
         self,
         service: PipelineService,
         max_active: int = 8,
+        max_queued: int = 16,
+        queue_timeout_s: float = 120.0,
         on_callback_error: Callable[[Exception], None] | None = None,
+        on_dequeue: Callable[[float], None] | None = None,
     ) -> None:
-        if max_active < 1:
-            raise ValueError(f"max_active must be at least 1, got {max_active}")
+        if max_active < 1 or max_queued < 0 or queue_timeout_s < 0:
+            raise ValueError(
+                f"need max_active >= 1, max_queued >= 0, queue_timeout_s >= 0; got "
+                f"{max_active}, {max_queued}, {queue_timeout_s}"
+            )
         self.service = service
         self.max_active = max_active
+        self.max_queued = max_queued
+        self.queue_timeout_s = queue_timeout_s
         self._on_callback_error = on_callback_error or (lambda err: None)
-        self._slots = threading.BoundedSemaphore(max_active)
-        self._arrived: deque[_Request] = deque()
+        self._on_dequeue = on_dequeue or (lambda waited_s: None)
+        self._held = 0  # requests taken and not yet answered
+        self._pending = 0  # of those, not started yet
+        self._waiting: deque[_Request] = deque()
         self._wake = threading.Condition()
         self._closing = False
         self._active: list[_Request] = []
@@ -82,9 +122,15 @@ class ContinuousBatcher:
         inputs: Mapping[str, np.ndarray],
         done: Done,
         is_cancelled: Callable[[], bool] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        """Validate a wire request and queue it; `done` gets its outcome (a bad request's
-        `RequestError` at once, from this thread). Blocks while `max_active` are in progress.
+        """Validate a wire request and queue it; `done` gets its outcome. Never blocks: a bad
+        request's `RequestError`, or `Overloaded` when the queue is full, is answered at
+        once from this thread.
+
+        Args:
+            timeout_s: how long this request may wait to start (None or 0: the batcher's
+                `queue_timeout_s`).
 
         Raises:
             RuntimeError: the batcher is closed.
@@ -94,17 +140,23 @@ class ContinuousBatcher:
         except Exception as err:  # noqa: BLE001 (answered, not raised)
             self._answer(done, err)
             return
-        self._slots.acquire()
-        request = _Request(params, is_cancelled or (lambda: False), done)
+        now, limit = time.monotonic(), timeout_s or self.queue_timeout_s
+        deadline = now + limit if limit > 0 else float("inf")
+        request = _Request(params, is_cancelled or (lambda: False), done, now, deadline)
         with self._wake:
             if self._closing:
-                self._slots.release()
                 raise RuntimeError("the batcher is closed")
-            if params.outpaint is not None:
-                self._outpainter.submit(self._outpaint, request)
-            else:
-                self._arrived.append(request)
-                self._wake.notify()
+            full = self._held >= self.max_active + self.max_queued
+            if not full:
+                self._held += 1
+                self._pending += 1
+                if params.outpaint is not None:
+                    self._outpainter.submit(self._outpaint, request)
+                else:
+                    self._waiting.append(request)
+                    self._wake.notify()
+        if full:
+            self._answer(done, Overloaded())
 
     def close(self, timeout_s: float | None = None) -> None:
         """Finish every request already submitted, then stop the worker."""
@@ -117,26 +169,53 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ worker thread
     def _run(self) -> None:
         while True:
-            arrived = self._take_arrived()
-            if arrived is None:
+            taken = self._take_waiting()
+            if taken is None:
                 return
+            arrived, dropped = taken
+            for request, outcome in dropped:
+                self._finish(request, outcome)
             try:
                 self._turn(arrived)
             except Exception as err:  # noqa: BLE001 (a bug here must not hang every request)
                 for request in [*self._active, *arrived]:
                     self._finish(request, err)
 
-    def _take_arrived(self) -> list[_Request] | None:
-        """Requests that arrived since the last turn; waits while there is nothing to do.
-        None: closing and nothing left."""
+    def _take_waiting(self) -> tuple[list[_Request], list[tuple[_Request, Exception]]] | None:
+        """The waiting requests that fit in the running batch, oldest first, and those that
+        leave the queue unstarted (timed out or cancelled); waits while there is nothing to
+        do. None: closing and nothing left."""
         with self._wake:
-            while not self._arrived and not self._active:
+            while not self._waiting and not self._active:
                 if self._closing:
                     return None
                 self._wake.wait()
-            arrived = list(self._arrived)
-            self._arrived.clear()
-            return arrived
+            now = time.monotonic()
+            dropped: list[tuple[_Request, Exception]] = []
+            for request in list(self._waiting):
+                if request.is_cancelled():
+                    dropped.append((request, Cancelled()))
+                elif now > request.deadline:
+                    dropped.append((request, QueueTimeout()))
+            for request, _ in dropped:
+                self._waiting.remove(request)
+            room = self.max_active - len(self._active)
+            arrived = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+            self._pending -= len(arrived) + len(dropped)
+        for request in [*arrived, *(r for r, _ in dropped)]:
+            self._dequeued(request, now)
+        return arrived, dropped
+
+    @property
+    def pending(self) -> int:
+        """Requests taken and not started yet (waiting to join, or to outpaint)."""
+        return self._pending
+
+    def _dequeued(self, request: _Request, now: float) -> None:
+        try:
+            self._on_dequeue(now - request.queued_at)
+        except Exception as err:  # noqa: BLE001 (metrics must not stop serving)
+            self._on_callback_error(err)
 
     def _turn(self, arrived: list[_Request]) -> None:
         loop = self.service.loop
@@ -179,17 +258,27 @@ class ContinuousBatcher:
             self._active.remove(request)
         request.job = None  # free its tensors now
         self._answer(request.done, outcome)
-        self._slots.release()
+        self._release()
+
+    def _release(self) -> None:
+        with self._wake:
+            self._held -= 1
 
     def _outpaint(self, request: _Request) -> None:
         try:
+            now = time.monotonic()
+            with self._wake:
+                self._pending -= 1
+            self._dequeued(request, now)
+            if now > request.deadline:
+                raise QueueTimeout()
             outcome: dict[str, np.ndarray] | Exception = self.service.outpaint_request(
                 request.params, request.is_cancelled
             )
         except Exception as err:  # noqa: BLE001
             outcome = err
         self._answer(request.done, outcome)
-        self._slots.release()
+        self._release()
 
     def _answer(self, done: Done, outcome: dict[str, np.ndarray] | Exception) -> None:
         try:

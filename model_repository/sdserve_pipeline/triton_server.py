@@ -625,7 +625,7 @@ class TritonServer:
                 m.name
                 for m in client.get_model_repository_index().models
                 if m.state == "READY"
-                and client.get_model_config(m.name).config.HasField("dynamic_batching")
+                and "max_active_requests" in client.get_model_config(m.name).config.parameters
             ]
             unloads = [
                 threading.Thread(target=client.unload_model, args=(name,), daemon=True)

@@ -25,7 +25,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--metrics-url",
         default=None,
-        help="Triton metrics endpoint (e.g. http://127.0.0.1:8002/metrics) for the queue length",
+        help="Triton metrics endpoint (e.g. http://127.0.0.1:8002/metrics) for the queue state",
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds per generation")
     parser.add_argument(

@@ -45,7 +45,8 @@ class AppConfig:
         server_url (`str`, *optional*, defaults to `"127.0.0.1:8001"`): Triton's gRPC address.
         model (`str`, *optional*, defaults to `"inpaint"`): the model selected at first.
         timeout (`float`, *optional*): per-generation limit in seconds; `None` waits.
-        metrics_url (`str`, *optional*): Triton's metrics endpoint, for the pending count.
+        metrics_url (`str`, *optional*):
+            Triton's metrics endpoint, for the pipeline's pending count and mean queue wait.
         concurrency (`int`, *optional*, defaults to 2): generations this page server sends at
             once; more wait in the page's own queue, which shows each user its position.
         status_interval (`float`, *optional*, defaults to 5.0): seconds between status updates.

@@ -47,7 +47,8 @@ class ServerStatus:
         if self.in_flight:
             parts.append(f"{self.in_flight} from this page running")
         parts.append(f"{q.succeeded} done, {q.failed} failed")
-        parts.append(f"mean queue wait {q.avg_queue_ms:.0f} ms")
+        if q.avg_queue_ms is not None:
+            parts.append(f"mean queue wait {q.avg_queue_ms:.0f} ms")
         return " · ".join(parts)
 
 
@@ -57,7 +58,8 @@ class Backend:
     Args:
         url (`str`): Triton's gRPC `host:port`.
         timeout (`float`, *optional*): per-generation limit in seconds; `None` waits.
-        metrics_url (`str`, *optional*): Triton's metrics endpoint, for the pending count.
+        metrics_url (`str`, *optional*):
+            Triton's metrics endpoint, for the pipeline's pending count and mean queue wait.
         info_timeout (`float`, *optional*, defaults to 5.0): limit for the small info calls.
         client_factory (`Callable`, *optional*): `(url, model) -> client`; the SDK by default.
         info_client (`InfoClient`, *optional*): a tritonclient (or fake) for info calls.

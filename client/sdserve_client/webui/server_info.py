@@ -3,10 +3,17 @@
 Plain functions over a `tritonclient.grpc.InferenceServerClient` (or a fake with the same
 methods), so the UI works against any deployment and tests need no server. Every tritonclient
 exception becomes the SDK's `SdserveError`.
+
+The queue is the pipeline's own (its batcher holds the waiting requests, not Triton's dynamic
+batcher), so Triton's queue statistics stay near zero for it. The pending count and the mean
+wait come from the custom metrics the pipeline model publishes on Triton's metrics endpoint
+(`sdserve_queue_pending_requests`, `sdserve_queue_duration_us`); a server without them gives
+neither, rather than Triton's misleading zeros.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import urllib.request
 from collections.abc import Callable
@@ -24,11 +31,21 @@ SCHEDULERS_PARAMETER = "schedulers"
 
 T = TypeVar("T")
 
-# Prometheus line of Triton's metrics endpoint, e.g.
-# nv_inference_pending_request_count{model="inpaint",version="1"} 2
-_PENDING_LINE = re.compile(
-    r"^nv_inference_pending_request_count\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.eE+-]+)\s*$"
+PENDING_METRIC = "sdserve_queue_pending_requests"
+"""Gauge of the pipeline model (label `model`): requests accepted and waiting to start."""
+QUEUE_DURATION_METRIC = "sdserve_queue_duration_us"
+"""Counter of the pipeline model (label `model`): microseconds requests waited before starting."""
+SUCCESS_METRIC = "nv_inference_request_success"
+"""Triton's request counter (labels `model`, `version`). The pipeline answers through response
+senders, so Triton counts a request when `execute` hands it to the batcher (later error answers
+included): every request that entered the queue."""
+
+# A sample of Prometheus text format, e.g. `sdserve_queue_pending_requests{model="inpaint"} 2`,
+# with an optional timestamp after the value.
+_SAMPLE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$"
 )
+_LABEL = re.compile(r'(?P<key>[a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"(?P<value>(?:[^"\\]|\\.)*)"')
 
 
 class InfoClient(Protocol):
@@ -80,22 +97,25 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class QueueState:
-    """Load of one model: Triton's cumulative statistics plus, optionally, pending requests.
+    """Load of one model: Triton's request counts plus, when published, the pipeline's queue.
 
     Args:
         model (`str`): model name.
         ready (`bool`): whether the server and the model are ready.
         succeeded (`int`): requests completed successfully since the server started.
         failed (`int`): requests that failed.
-        avg_queue_ms (`float`): mean time a request waited in Triton's queue.
-        pending (`int`, *optional*): requests queued or running now (metrics endpoint).
+        avg_queue_ms (`float`, *optional*):
+            Mean time a request waited in the pipeline's queue before starting;
+            `None` when unknown (no metrics endpoint, or a server without the sdserve metrics).
+        pending (`int`, *optional*):
+            Requests waiting in the pipeline's queue to start; `None` when unknown.
     """
 
     model: str
     ready: bool
     succeeded: int = 0
     failed: int = 0
-    avg_queue_ms: float = 0.0
+    avg_queue_ms: float | None = None
     pending: int | None = None
 
 
@@ -152,7 +172,8 @@ def fetch_queue_state(
         client (`InfoClient`): a gRPC client of the server.
         model (`str`): the pipeline model.
         metrics_url (`str`, *optional*):
-            Triton's Prometheus endpoint (`http://host:8002/metrics`) for the pending count.
+            Triton's Prometheus endpoint (`http://host:8002/metrics`), for the pipeline's
+            pending count and mean queue wait; without it the state has neither.
         timeout (`float`, *optional*): per-call limit in seconds.
     """
     try:
@@ -164,43 +185,88 @@ def fetch_queue_state(
         stats = client.get_inference_statistics(model, client_timeout=timeout)
     except InferenceServerException:
         return QueueState(model, ready=False)
-    pending = fetch_pending(metrics_url, model, timeout) if metrics_url else None
-    return queue_state_from_statistics(model, stats, pending)
+    metrics = fetch_metrics(metrics_url, timeout) if metrics_url else None
+    return queue_state_from_statistics(model, stats, metrics)
 
 
-def queue_state_from_statistics(model: str, stats: Any, pending: int | None = None) -> QueueState:
-    """A `QueueState` from a `ModelStatisticsResponse` protobuf (all versions summed)."""
-    succeeded = failed = queue_count = queue_ns = 0
+def queue_state_from_statistics(model: str, stats: Any, metrics: str | None = None) -> QueueState:
+    """A `QueueState` from a `ModelStatisticsResponse` protobuf and Triton's metrics text.
+
+    Request counts come from the statistics (all versions summed); the pending count and the
+    mean queue wait from `metrics` (see `pipeline_queue_from_metrics`), `None` without it.
+    """
+    succeeded = failed = 0
     for entry in stats.model_stats:
         if entry.name != model:
             continue
         succeeded += entry.inference_stats.success.count
         failed += entry.inference_stats.fail.count
-        queue_count += entry.inference_stats.queue.count
-        queue_ns += entry.inference_stats.queue.ns
-    avg_queue_ms = queue_ns / queue_count / 1e6 if queue_count else 0.0
+    pending, avg_queue_ms = (
+        pipeline_queue_from_metrics(metrics, model) if metrics is not None else (None, None)
+    )
     return QueueState(model, True, succeeded, failed, avg_queue_ms, pending)
 
 
-def pending_from_metrics(text: str, model: str) -> int | None:
-    """Sums `nv_inference_pending_request_count` of `model` in Prometheus text; `None` if absent."""
+def pipeline_queue_from_metrics(text: str, model: str) -> tuple[int | None, float | None]:
+    """`(pending, mean queue wait in ms)` of a pipeline model from Triton's metrics text.
+
+    Pending is the gauge `sdserve_queue_pending_requests`; the mean wait is the counter
+    `sdserve_queue_duration_us` over the requests taken (`nv_inference_request_success`, all
+    versions; see `SUCCESS_METRIC`). Either is `None` when its metrics are absent (an older
+    server, whose requests waited in Triton's queue, or metrics turned off).
+    """
+    pending = metric_value(text, PENDING_METRIC, model)
+    waited_us = metric_value(text, QUEUE_DURATION_METRIC, model)
+    taken = metric_value(text, SUCCESS_METRIC, model)
+    return (
+        None if pending is None else round(pending),
+        mean_queue_ms(waited_us, taken),
+    )
+
+
+def mean_queue_ms(waited_us: float | None, requests: float | None) -> float | None:
+    """Cumulative queue microseconds per request counted, in ms; `None` when unknown.
+
+    No request counted yet gives 0 if nothing waited either, else `None` (no denominator).
+    """
+    if waited_us is None or requests is None:
+        return None
+    if requests <= 0:
+        return 0.0 if waited_us <= 0 else None
+    return waited_us / requests / 1e3
+
+
+def metric_value(text: str, name: str, model: str) -> float | None:
+    """Sum of the samples of metric `name` labelled `model="<model>"`; `None` if there are none.
+
+    Reads Prometheus text format; comments, other metrics and unparsable values are skipped.
+    """
     total, seen = 0.0, False
     for line in text.splitlines():
-        match = _PENDING_LINE.match(line.strip())
-        if match and f'model="{model}"' in match["labels"]:
-            total += float(match["value"])
+        match = _SAMPLE.match(line.strip())
+        if match is None or match["name"] != name:
+            continue
+        labels = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"] or "")}
+        if labels.get("model") != model:
+            continue
+        try:
+            value = float(match["value"])
+        except ValueError:
+            continue
+        if not math.isnan(value):
+            total += value
             seen = True
-    return int(total) if seen else None
+    return total if seen else None
 
 
-def fetch_pending(metrics_url: str, model: str, timeout: float | None = None) -> int | None:
-    """Pending requests of `model` from Triton's metrics endpoint; `None` when unreadable."""
+def fetch_metrics(metrics_url: str, timeout: float | None = None) -> str | None:
+    """The text of Triton's metrics endpoint; `None` when unreadable."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout or 2.0) as response:
-            text = response.read().decode("utf-8", "replace")
+            text: str = response.read().decode("utf-8", "replace")
     except (OSError, ValueError):
         return None
-    return pending_from_metrics(text, model)
+    return text
 
 
 def _call(method: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -8,6 +8,7 @@ request arriving mid-run joins the running batch at the next step.
 """
 
 import json
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from sdserve_client.rules import config_parameters
 from sdserve_pipeline.assets import ASSETS_DIR
-from sdserve_pipeline.batcher import ContinuousBatcher
+from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
 from sdserve_pipeline.loop import Cancelled
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService, batch, unbatch
@@ -36,14 +37,18 @@ class TritonPythonModel:
         )
         self.output_names = [t["name"] for t in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
+        self.metrics = QueueMetrics(args["model_name"])
         self.batcher = ContinuousBatcher(
             self.service,
             max_active=int(params.get("max_active_requests", 8)),
+            max_queued=int(params.get("max_queue_size", 16)),
+            queue_timeout_s=float(params.get("queue_timeout_s", 120)),
             on_callback_error=lambda err: pb_utils.Logger.log_error(f"response not sent: {err}"),
+            on_dequeue=self._dequeued,
         )
 
     def execute(self, requests):
-        """Queue each request in the running batch (blocks while it is full); answer later."""
+        """Queue each request for the running batch (never blocks); answer later."""
         for request in requests:
             send = partial(self._send, request.get_response_sender())
             try:
@@ -52,8 +57,14 @@ class TritonPythonModel:
             except RequestError as err:
                 send(err)
                 continue
-            self.batcher.submit(inputs, send, request.is_cancelled)
+            timeout_s = request.timeout() / 1e6  # the client's own queue timeout; 0: none
+            self.batcher.submit(inputs, send, request.is_cancelled, timeout_s)
+        self.metrics.set_pending(self.batcher.pending)
         return None
+
+    def _dequeued(self, waited_s):
+        self.metrics.waited_us.increment(waited_s * 1e6)
+        self.metrics.set_pending(self.batcher.pending)
 
     def finalize(self):
         """Unloading (or shutdown): finish the requests already taken, then stop."""
@@ -65,6 +76,8 @@ class TritonPythonModel:
     def _response(self, outcome):
         if isinstance(outcome, RequestError):
             return _error(str(outcome), pb_utils.TritonError.INVALID_ARG)
+        if isinstance(outcome, Overloaded | QueueTimeout):
+            return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE)
         if isinstance(outcome, Cancelled):
             return _error("request cancelled", pb_utils.TritonError.CANCELLED)
         if isinstance(outcome, ComponentError):
@@ -76,6 +89,35 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(
             [pb_utils.Tensor(name, outputs[name]) for name in self.output_names]
         )
+
+
+class QueueMetrics:
+    """The pipeline's queue on Triton's metrics endpoint (its own batcher holds the queue, so
+    Triton's nv_inference_queue_* metrics stay near zero for this model)."""
+
+    def __init__(self, model_name):
+        labels = {"model": model_name}
+        self.families = (  # kept alive: a family's metrics go when it does
+            pb_utils.MetricFamily(
+                name="sdserve_queue_pending_requests",
+                description="Requests waiting in the pipeline's queue to start",
+                kind=pb_utils.MetricFamily.GAUGE,
+            ),
+            pb_utils.MetricFamily(
+                name="sdserve_queue_duration_us",
+                description="Cumulative microseconds requests waited in the pipeline's queue "
+                "before starting",
+                kind=pb_utils.MetricFamily.COUNTER,
+            ),
+        )
+        self.pending, self.waited_us = (f.Metric(labels=labels) for f in self.families)
+        self._reported = 0  # this instance's share of the gauge (instances share one series)
+        self._lock = threading.Lock()
+
+    def set_pending(self, count):
+        with self._lock:
+            self.pending.increment(count - self._reported)
+            self._reported = count
 
 
 def _error(message, code):
