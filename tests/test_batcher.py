@@ -229,6 +229,40 @@ def test_requests_beyond_max_active_wait_and_beyond_the_queue_are_refused(servic
     assert batcher.pending == 0 and len(waits) == 2 and waits[1] > waits[0]
 
 
+def test_a_client_sending_on_each_answer_joins_the_next_step_with_join_wait(service, case):
+    """A closed-loop client's next request arrives a round trip after its answer; with
+    `join_wait_s` the batcher waits for it and it joins the very next step."""
+    image, mask = case
+    outcomes = Outcomes()
+    holder: dict[str, ContinuousBatcher] = {}
+
+    def answered_then_send_next(outcome) -> None:
+        outcomes.callback("short")(outcome)
+
+        def send() -> None:
+            time.sleep(0.02)  # the round trip; the batcher waits up to 60 s for it
+            holder["b"].submit(
+                wire(image, mask, steps=2, seed=3, scheduler="euler"), outcomes.callback("next")
+            )
+
+        threading.Thread(target=send).start()
+
+    spied, rows = spied_service(service)
+    batcher = holder["b"] = ContinuousBatcher(spied, join_wait_s=60)
+    try:
+        batcher.submit(
+            wire(image, mask, steps=4, seed=1, scheduler="euler"), outcomes.callback("long")
+        )
+        batcher.submit(
+            wire(image, mask, steps=2, seed=2, scheduler="euler"), answered_then_send_next
+        )
+        outcomes.wait(3)
+    finally:
+        batcher.close()
+    # long + short for 2 steps; then long + next for 2: next never sits out a step
+    assert rows == [4, 4, 4, 4]
+
+
 def test_a_request_waiting_past_its_queue_timeout_is_answered_unstarted(service, case):
     image, mask = case
     outcomes = Outcomes()

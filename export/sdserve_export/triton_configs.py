@@ -39,11 +39,15 @@ class QueuePolicy:
         timeout_s: a request still waiting to start after this long is answered with
             UNAVAILABLE "Request timeout expired" (0: no limit). A client may set its own
             (`timeout` on the request).
+        join_wait_ms: after a step that answered k requests, how long the batcher waits for
+            up to k newcomers before the next step, so clients that send their next request
+            on each answer join the next step rather than the one after (0: no wait).
     """
 
     max_active: int = 8
     max_queue_size: int = 16
     timeout_s: int = 120
+    join_wait_ms: int = 0
 
 
 def component_config(
@@ -115,6 +119,7 @@ def pipeline_config(
     params["max_active_requests"] = queue.max_active
     params["max_queue_size"] = queue.max_queue_size
     params["queue_timeout_s"] = queue.timeout_s
+    params["join_wait_ms"] = queue.join_wait_ms
     params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}
     params["schedulers"] = ",".join(SCHEDULER_NAMES)  # discoverable via get_model_config
     _set_parameters(config, params)

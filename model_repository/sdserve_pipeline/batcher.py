@@ -85,6 +85,10 @@ class ContinuousBatcher:
         on_callback_error: told when a `done` callback raises (the worker keeps going).
         on_dequeue: told how long each request waited (seconds) when it leaves the queue:
             started, timed out or cancelled before starting (queue metrics).
+        join_wait_s: after a turn that answered k requests, how long to wait for up to k
+            newcomers before the next step (0: none). Clients that send their next request
+            when answered arrive a round trip after the answer, just after the next step has
+            started; without this wait they sit out that whole step.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class ContinuousBatcher:
         queue_timeout_s: float = 120.0,
         on_callback_error: Callable[[Exception], None] | None = None,
         on_dequeue: Callable[[float], None] | None = None,
+        join_wait_s: float = 0.0,
     ) -> None:
         if max_active < 1 or max_queued < 0 or queue_timeout_s < 0:
             raise ValueError(
@@ -105,6 +110,7 @@ class ContinuousBatcher:
         self.max_active = max_active
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
+        self.join_wait_s = join_wait_s
         self._on_callback_error = on_callback_error or (lambda err: None)
         self._on_dequeue = on_dequeue or (lambda waited_s: None)
         self._held = 0  # requests taken and not yet answered
@@ -168,28 +174,39 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------ worker thread
     def _run(self) -> None:
+        answered = 0
         while True:
-            taken = self._take_waiting()
+            taken = self._take_waiting(answered)
             if taken is None:
                 return
             arrived, dropped = taken
             for request, outcome in dropped:
                 self._finish(request, outcome)
             try:
-                self._turn(arrived)
+                answered = self._turn(arrived)
             except Exception as err:  # noqa: BLE001 (a bug here must not hang every request)
+                answered = 0
                 for request in [*self._active, *arrived]:
                     self._finish(request, err)
 
-    def _take_waiting(self) -> tuple[list[_Request], list[tuple[_Request, Exception]]] | None:
+    def _take_waiting(
+        self, answered: int = 0
+    ) -> tuple[list[_Request], list[tuple[_Request, Exception]]] | None:
         """The waiting requests that fit in the running batch, oldest first, and those that
         leave the queue unstarted (timed out or cancelled); waits while there is nothing to
-        do. None: closing and nothing left."""
+        do. After a turn that `answered` requests, waits up to `join_wait_s` for as many
+        newcomers (clients that send their next request on an answer), so they join the
+        next step instead of the one after. None: closing and nothing left."""
         with self._wake:
             while not self._waiting and not self._active:
                 if self._closing:
                     return None
                 self._wake.wait()
+            expected = min(answered, self.max_active - len(self._active))
+            if expected > 0 and self.join_wait_s > 0 and not self._closing:
+                self._wake.wait_for(
+                    lambda: len(self._waiting) >= expected or self._closing, self.join_wait_s
+                )
             now = time.monotonic()
             dropped: list[tuple[_Request, Exception]] = []
             for request in list(self._waiting):
@@ -217,7 +234,8 @@ class ContinuousBatcher:
         except Exception as err:  # noqa: BLE001 (metrics must not stop serving)
             self._on_callback_error(err)
 
-    def _turn(self, arrived: list[_Request]) -> None:
+    def _turn(self, arrived: list[_Request]) -> int:
+        """Admit, step, answer the finished; returns how many were answered."""
         loop = self.service.loop
         # 1. Admit the newcomers: prompt encoding and latents (text-encoder and VAE-encoder
         #    calls batched across them)
@@ -242,6 +260,7 @@ class ContinuousBatcher:
                 self._finish(request, images)
             else:
                 self._finish(request, wire_outputs(images, request.params))
+        return len(done)
 
     @staticmethod
     def _job(request: _Request) -> Job:
