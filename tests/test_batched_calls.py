@@ -71,13 +71,19 @@ def requests():
     ]
 
 
-def test_requests_started_and_finished_together_share_calls_and_match_alone(service, requests):
+def spy_together_matching_alone(service: PipelineService, requests) -> Spy:
+    """Generates `requests` together on a spied loop; each image must equal its alone run."""
     params = params_of(service, requests)
     alone = [service.loop(p) for p in params]
     spy = Spy(service.loop)
     together = generate_together(spy.loop, params)
     for single, batched in zip(alone, together, strict=True):
         assert max_abs(single, batched) == 0
+    return spy
+
+
+def test_requests_started_and_finished_together_share_calls_and_match_alone(service, requests):
+    spy = spy_together_matching_alone(service, requests)
     # one text-encoder call: [neg, prompt] x3 with CFG + [prompt] without
     assert spy.rows["text_encoder"] == [2 + 2 + 1 + 2]
     # VAE encoder, first round: the 64x64 images of three requests together (the 0.6-strength
@@ -143,12 +149,7 @@ def test_sdxl_requests_started_together_share_both_text_encoders(xl_service):
         wire(image, mask, steps=2, seed=1),
         wire(image, mask, steps=2, seed=2, guidance_scale=1.0),
     ]
-    params = params_of(xl_service, requests)
-    alone = [xl_service.loop(p) for p in params]
-    spy = Spy(xl_service.loop)
-    together = generate_together(spy.loop, params)
-    for single, batched in zip(alone, together, strict=True):
-        assert max_abs(single, batched) == 0
+    spy = spy_together_matching_alone(xl_service, requests)
     # force_zeros_for_empty_prompt: the CFG request encodes its prompt only, like the other
     assert spy.rows["text_encoder"] == spy.rows["text_encoder_2"] == [2]
     assert spy.rows["vae_decoder"] == [2]

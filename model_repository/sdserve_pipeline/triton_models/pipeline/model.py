@@ -43,6 +43,7 @@ class TritonPythonModel:
             max_active=int(params.get("max_active_requests", 8)),
             max_queued=int(params.get("max_queue_size", 16)),
             queue_timeout_s=float(params.get("queue_timeout_s", 120)),
+            # absent from repositories exported before it existed: no wait, as then
             join_wait_s=float(params.get("join_wait_ms", 0)) / 1e3,
             on_callback_error=lambda err: pb_utils.Logger.log_error(f"response not sent: {err}"),
             on_dequeue=self._dequeued,
