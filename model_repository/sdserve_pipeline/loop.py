@@ -170,13 +170,6 @@ class Job:
         self.index += 1
 
 
-def _by_latent_shape(jobs: dict[int, Job]) -> dict[tuple[int, ...], list[int]]:
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, job in jobs.items():
-        groups.setdefault(tuple(job.latents.shape[1:]), []).append(i)
-    return groups
-
-
 def _chunks(items: list[T], rows_of: Callable[[T], int], max_rows: int) -> list[list[T]]:
     """Consecutive runs of items whose rows add up to at most `max_rows` (0: one run).
 
@@ -195,10 +188,6 @@ def _chunks(items: list[T], rows_of: Callable[[T], int], max_rows: int) -> list[
             chunks.append([item])
             rows = item_rows
     return chunks
-
-
-def _unet_rows(job: Job) -> int:
-    return job.params.num_images * (2 if job.cfg else 1)
 
 
 class InpaintLoop:
@@ -277,7 +266,7 @@ class InpaintLoop:
         while not job.finished:
             if job.is_cancelled():
                 raise Cancelled()
-            self.step([job])
+            _result(self.run_plans([self.step_plan(job)])[0])
         return self.finish(job)
 
     def start(
@@ -320,34 +309,20 @@ class InpaintLoop:
             is_cancelled=is_cancelled or (lambda: False),
         )  # fmt: skip
 
-    def step(self, jobs: list[Job]) -> None:
-        """One denoising step of every job, with ONE UNet call for all of them.
-
-        Jobs must share a latent size; each keeps its own scheduler, timestep, guidance
-        scale and generators, so its result is the one it gets alone.
-        """
-        # 4. Denoising loop, one step: [latents, mask, masked latents] per job, batched
-        inputs, timesteps = [], []
-        for job in jobs:
-            t = job.timesteps[job.index]
-            model_input = torch.cat([job.latents] * 2) if job.cfg else job.latents
-            model_input = job.scheduler.scale_model_input(model_input, t)
-            if job.state.unet_extra is not None:  # 9-channel UNet
-                model_input = torch.cat([model_input, job.state.unet_extra], dim=1)
-            inputs.append(model_input)
-            timesteps.append(t.to(torch.float32).repeat(model_input.shape[0]))  # (2N,)
-        embeds = torch.cat([job.prompt_embeds for job in jobs])
-        added = [
-            torch.cat(parts)
-            for parts in zip(*(job.conditioning.added for job in jobs), strict=True)
-        ]
-        (noise_preds,) = self.components.unet(
-            torch.cat(inputs), torch.cat(timesteps), embeds, *added
+    def step_plan(self, job: Job) -> Plan[None]:
+        """One denoising step of one job as a plan (see `Call`): its UNet rows, then its own
+        guidance, scheduler step and blend. `step_all` batches the UNet calls of many."""
+        # 4. Denoising loop, one step: [latents, mask, masked latents]
+        t = job.timesteps[job.index]
+        model_input = torch.cat([job.latents] * 2) if job.cfg else job.latents
+        model_input = job.scheduler.scale_model_input(model_input, t)
+        if job.state.unet_extra is not None:  # 9-channel UNet
+            model_input = torch.cat([model_input, job.state.unet_extra], dim=1)
+        timestep = t.to(torch.float32).repeat(model_input.shape[0])  # (2N,)
+        (noise_pred,) = yield Call(
+            "unet", (model_input, timestep, job.prompt_embeds, *job.conditioning.added)
         )
-        for job, noise_pred in zip(
-            jobs, noise_preds.split([x.shape[0] for x in inputs]), strict=True
-        ):
-            job.advance(noise_pred)
+        job.advance(noise_pred)
 
     def finish(self, job: Job) -> np.ndarray:
         """Decode, crop to the request's size, paste the kept pixels back."""
@@ -460,18 +435,11 @@ class InpaintLoop:
         `max_rows["unet"]` rows. Jobs may be at different steps of different schedules.
 
         Returns:
-            `{id(job): error}` for the jobs whose UNet call failed (they did not advance);
-            the others advanced one step.
+            `{id(job): error}` for the jobs whose UNet call or own step failed (a failed
+            UNet call fails only the jobs in it); the others advanced one step.
         """
-        failed: dict[int, Exception] = {}
-        for group in _by_latent_shape(dict(enumerate(jobs))).values():
-            unet_jobs = [jobs[i] for i in group]
-            for chunk in _chunks(unet_jobs, _unet_rows, self.max_rows.get("unet", 0)):
-                try:
-                    self.step(chunk)
-                except Exception as err:  # noqa: BLE001 (the chunk's requests fail, not all)
-                    failed.update((id(job), err) for job in chunk)
-        return failed
+        outcomes = self.run_plans([self.step_plan(job) for job in jobs])
+        return {id(j): o for j, o in zip(jobs, outcomes, strict=True) if isinstance(o, Exception)}
 
     def prepare_latents(
         self,
