@@ -32,7 +32,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from tqdm import tqdm
 from tritonclient.utils import np_to_triton_dtype
 
 from sdserve_client import GenerationRequest, InpaintClient, encode_request
+from sdserve_client.webui.server_info import QUEUE_DURATION_METRIC, fetch_metrics, metric_value
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.triton_server import TritonServer
@@ -433,18 +433,12 @@ def fetch_statistics(url: str, metrics_url: str | None = None) -> dict[str, dict
         row["executions"] = float(model.get("execution_count", 0))
         table[model["name"]] = row
     if metrics_url is not None and PIPELINE_MODEL in table:
-        waited_us = pipeline_queue_us(urllib.request.urlopen(metrics_url, timeout=10).read())
+        metrics = fetch_metrics(metrics_url, timeout=10)
+        if metrics is None:
+            raise RuntimeError(f"metrics endpoint {metrics_url} did not answer")
+        waited_us = metric_value(metrics, QUEUE_DURATION_METRIC, PIPELINE_MODEL) or 0.0
         table[PIPELINE_MODEL]["queue"] += waited_us * 1e3
     return table
-
-
-def pipeline_queue_us(metrics: bytes, model: str = PIPELINE_MODEL) -> float:
-    """`sdserve_queue_duration_us` of `model` from a Prometheus metrics page (0 if absent)."""
-    prefix = f'sdserve_queue_duration_us{{model="{model}"}}'
-    for line in metrics.decode().splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
 
 
 _STAGE_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
