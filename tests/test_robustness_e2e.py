@@ -17,6 +17,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from sdserve_client import InpaintClient, SdserveError
+from sdserve_client.webui.server_info import (
+    PENDING_METRIC,
+    QUEUE_DURATION_METRIC,
+    fetch_metrics,
+    metric_value,
+)
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
 
 pytestmark = pytest.mark.e2e
@@ -103,6 +109,25 @@ def test_cancelled_request_stops_within_a_step_and_next_is_served(server):
         image, mask = make_case(64, 64, seed=1)
         assert sdk.inpaint(image, mask, PROMPT, steps=2, seed=3).arrays.shape == (1, 64, 64, 3)
     assert time.monotonic() - started < 30
+
+
+def test_the_pipeline_queue_is_on_the_metrics_endpoint(server):
+    """Requests that wait for room in the running batch show on Triton's metrics endpoint as
+    the pipeline's own queue metrics (Triton's queue metrics stay ~0: the batcher holds it)."""
+    image, mask = make_case(64, 64, seed=1)
+    before = metric_value(fetch_metrics(server.metrics_url) or "", QUEUE_DURATION_METRIC, "inpaint")
+
+    def one(seed: int):
+        with InpaintClient(server.grpc_url) as sdk:
+            return sdk.inpaint(image, mask, PROMPT, steps=4, seed=seed).seeds
+
+    with ThreadPoolExecutor(2) as pool:  # max_active is 1 here: one of the two waits
+        assert sorted(s for seeds in pool.map(one, (11, 12)) for s in seeds) == [11, 12]
+    text = fetch_metrics(server.metrics_url)
+    assert text is not None
+    assert metric_value(text, PENDING_METRIC, "inpaint") == 0
+    waited = metric_value(text, QUEUE_DURATION_METRIC, "inpaint")
+    assert waited is not None and waited > (before or 0.0)
 
 
 def test_overload_is_rejected_quickly_and_accepted_requests_complete(server):

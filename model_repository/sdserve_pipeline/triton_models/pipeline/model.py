@@ -15,6 +15,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from sdserve_client.rules import config_parameters
+from sdserve_client.webui.server_info import PENDING_METRIC, QUEUE_DURATION_METRIC
 from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
 from sdserve_pipeline.loop import Cancelled
@@ -101,12 +102,12 @@ class QueueMetrics:
         labels = {"model": model_name}
         self.families = (  # kept alive: a family's metrics go when it does
             pb_utils.MetricFamily(
-                name="sdserve_queue_pending_requests",
+                name=PENDING_METRIC,
                 description="Requests waiting in the pipeline's queue to start",
                 kind=pb_utils.MetricFamily.GAUGE,
             ),
             pb_utils.MetricFamily(
-                name="sdserve_queue_duration_us",
+                name=QUEUE_DURATION_METRIC,
                 description="Cumulative microseconds requests waited in the pipeline's queue "
                 "before starting",
                 kind=pb_utils.MetricFamily.COUNTER,
