@@ -3,6 +3,12 @@
 Usage:
     python -m sdserve_pipeline.serve --repository build/model_repository
         [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
+        [--tls-cert server.pem --tls-key server.key [--tls-client-ca ca.pem]]
+
+Triton's control APIs (model repository, shared memory, statistics, trace, logging) are
+closed behind the key from $SDSERVE_ADMIN_KEY or the file $SDSERVE_ADMIN_KEY_FILE; without
+either, a key is generated for this start into the build folder (its path is printed).
+A model whose backend stub dies is reloaded (the server reports not-ready meanwhile).
 
 Prints loading progress, then the endpoint URLs once every model is ready. On Ctrl-C or
 SIGTERM the server gets SIGTERM, in-flight requests get `--exit-timeout-secs`, and the
@@ -15,8 +21,10 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
+from sdserve_pipeline.server_security import SecurityConfigError, TlsConfig
 from sdserve_pipeline.triton_server import DEFAULT_HOST, TritonServer, TritonServerError
 
 
@@ -41,7 +49,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose")
     parser.add_argument("--build-dir", default="build", help="holds the backend dir and logs")
     parser.add_argument("--log-file", default=None, help="server log (default: under build)")
-    return parser.parse_args(argv)
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate: gRPC over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", default=None, help="PEM CA: clients must show a cert it signed"
+    )
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    return args
+
+
+def tls_config(args: argparse.Namespace) -> TlsConfig | None:
+    """The TLS files named on the command line, if any."""
+    if args.tls_cert is None:
+        return None
+    client_ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+    return TlsConfig(Path(args.tls_cert), Path(args.tls_key), client_ca)
 
 
 def _request_shutdown(signum: int, frame: FrameType | None) -> None:
@@ -65,11 +91,12 @@ def run(server: TritonServer, ready_timeout_s: float) -> int:
         The exit status for the launcher: 0 after a requested shutdown, 1 on failure.
     """
     try:
+        _print(f"control APIs closed; admin key: {server.admin_key.source}")
         server.start()
         _print(f"tritonserver started (pid {server.pid}), log: {server.log_path}")
         models = server.wait_ready(ready_timeout_s, on_progress=_print)
         _print(f"models ready: {', '.join(models) or '(none)'}")
-        _print(f"gRPC    {server.grpc_url}")
+        _print(f"gRPC    {server.grpc_url}{' (TLS)' if server.tls else ''}")
         _print(f"HTTP    http://{server.http_url}")
         _print(f"metrics {server.metrics_url}")
         _print("serving; Ctrl-C or SIGTERM to stop")
@@ -89,20 +116,26 @@ def run(server: TritonServer, ready_timeout_s: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m sdserve_pipeline.serve`; returns the exit status."""
     args = parse_args(argv)
+    try:
+        server = TritonServer(
+            args.repository,
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            exit_timeout_s=args.exit_timeout_secs,
+            log_verbose=args.log_verbose,
+            build_dir=args.build_dir,
+            log_path=args.log_file,
+            tls=tls_config(args),
+            on_event=_print,
+        )
+    except SecurityConfigError as exc:
+        print(f"[sdserve] error: {exc}", file=sys.stderr, flush=True)
+        return 1
     previous = {
         sig: signal.signal(sig, _request_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    server = TritonServer(
-        args.repository,
-        host=args.host,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        exit_timeout_s=args.exit_timeout_secs,
-        log_verbose=args.log_verbose,
-        build_dir=args.build_dir,
-        log_path=args.log_file,
-    )
     try:
         status = run(server, args.ready_timeout)
     finally:

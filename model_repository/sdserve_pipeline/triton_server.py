@@ -12,12 +12,18 @@ build folder from symlinks:
 The server runs in its own process group (so Ctrl-C in a terminal reaches only the
 launcher, which then shuts the server down in order) with the virtualenv's `bin/` first on
 `PATH` (the stub finds its packages through the first `python3` there) and the wheel's
-bundled libraries on `LD_LIBRARY_PATH`.
+bundled libraries on `LD_LIBRARY_PATH`. It gets SIGTERM when the launcher dies, however the
+launcher dies (Linux parent-death signal), so no server is left holding the ports.
+
+Triton's control APIs are closed behind the operator's key (`server_security`), gRPC may be
+served over TLS, and a watchdog reloads a model whose backend stub died (`healing`). The
+launcher itself talks to the server over HTTP on loopback (`triton_control`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import re
@@ -26,16 +32,20 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, final
+from typing import final
+
+from sdserve_pipeline.healing import StubWatchdog
+from sdserve_pipeline.server_security import AdminKey, TlsConfig, resolve_admin_key
+from sdserve_pipeline.triton_control import ControlClient, ControlError
 
 DEFAULT_HOST = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LIBS_DIR_NAME = "nvidia_pytriton.libs"
 BACKENDS_DIR_NAME = "triton_backends"
 
@@ -215,6 +225,72 @@ def resolve_ports(ports: ServerPorts, host: str) -> ServerPorts:
     free = iter(pick_free_ports(host, requested.count(0)))
     http, grpc, metrics = (port or next(free) for port in requested)
     return ServerPorts(http=http, grpc=grpc, metrics=metrics)
+
+
+def _listening_inodes(port: int, proc: Path) -> set[str]:
+    """Socket inodes listening on TCP `port` (any address), from /proc/net/tcp{,6}."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def port_holders(port: int, proc: Path = Path("/proc")) -> list[str]:
+    """`pid (command line)` of each process listening on TCP `port` that we may inspect."""
+    sockets = {f"socket:[{inode}]" for inode in _listening_inodes(port, proc)}
+    holders = []
+    for pid_dir in proc.iterdir() if sockets else ():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in sockets for fd in (pid_dir / "fd").iterdir()):
+                argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+                holders.append(f"{pid_dir.name} ({b' '.join(argv).decode(errors='replace')})")
+    return holders
+
+
+def check_ports_free(host: str, ports: ServerPorts) -> None:
+    """Raises `TritonServerError` naming who holds any of `ports` on `host`."""
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    taken = []
+    for name, port in (("HTTP", ports.http), ("gRPC", ports.grpc), ("metrics", ports.metrics)):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                holders = port_holders(port)
+                who = f"held by pid {', '.join(holders)}" if holders else f"{exc.strerror}"
+                taken.append(f"{name} port {port} on {host} is taken: {who}")
+    if taken:
+        raise TritonServerError(
+            "; ".join(taken) + " (stop that process, or pick other ports; 0 picks free ones)"
+        )
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` that asks Linux to SIGTERM the child when the launcher dies.
+
+    The signal follows the thread that forked, so start the server from a thread that lives
+    as long as the launcher (the main thread).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def build_command(
@@ -409,6 +485,14 @@ class TritonServer:
         extra_args (`Sequence[str]`, *optional*): Further `tritonserver` arguments.
         stop_margin_s (`float`, *optional*, defaults to 10.0):
             Seconds `stop` waits beyond `exit_timeout_s` before killing the process group.
+        admin_key (`AdminKey`, *optional*):
+            The key that opens Triton's control APIs; defaults to `resolve_admin_key` over
+            the environment, generating one into `build_dir/admin-key-<grpc port>`.
+        tls (`TlsConfig`, *optional*): Serve gRPC over TLS with these files.
+        heal (`bool`, *optional*, defaults to True):
+            Once ready, reload any model whose Python backend stub dies (`StubWatchdog`).
+        heal_interval_s (`float`, *optional*, defaults to 0.5): Seconds between stub polls.
+        on_event (`Callable[[str], None]`, *optional*): Told what the watchdog does.
     """
 
     def __init__(
@@ -425,6 +509,11 @@ class TritonServer:
         log_path: str | Path | None = None,
         extra_args: Sequence[str] = (),
         stop_margin_s: float = 10.0,
+        admin_key: AdminKey | None = None,
+        tls: TlsConfig | None = None,
+        heal: bool = True,
+        heal_interval_s: float = 0.5,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -436,6 +525,16 @@ class TritonServer:
         self.log_path = Path(log_path).resolve() if log_path is not None else default_log
         self.extra_args = tuple(extra_args)
         self.stop_margin_s = stop_margin_s
+        self.admin_key = admin_key or resolve_admin_key(
+            os.environ, self.build_dir / f"admin-key-{self.ports.grpc}"
+        )
+        self.tls = tls
+        if tls is not None:
+            tls.check()
+        self.heal = heal
+        self.heal_interval_s = heal_interval_s
+        self.on_event = on_event or (lambda message: None)
+        self.watchdog: StubWatchdog | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -452,6 +551,11 @@ class TritonServer:
     def metrics_url(self) -> str:
         """Full URL of the Prometheus metrics page."""
         return f"http://{format_address(client_host(self.host), self.ports.metrics)}/metrics"
+
+    @property
+    def control(self) -> ControlClient:
+        """The server's HTTP API on loopback, with the admin key (what the launcher uses)."""
+        return ControlClient(self.http_url, self.admin_key.headers)
 
     @property
     def pid(self) -> int | None:
@@ -474,19 +578,25 @@ class TritonServer:
             exit_timeout_s=self.exit_timeout_s,
             log_verbose=self.log_verbose,
             cache_dir=dist.caches_dir if dist.caches_dir.is_dir() else None,
-            extra_args=self.extra_args,
+            extra_args=[*self.security_args(), *self.extra_args],
         )
+
+    def security_args(self) -> list[str]:
+        """The flags closing the control APIs behind the key, and serving TLS if set."""
+        return [*self.admin_key.server_args(), *(self.tls.server_args() if self.tls else [])]
 
     def start(self) -> None:
         """Starts `tritonserver` in a new process group, logging to `log_path`.
 
         Raises:
-            TritonServerError: Already started, repository missing, or the wheel is unusable.
+            TritonServerError: Already started, repository missing, a port taken (naming the
+                process that holds it), or the wheel is unusable.
         """
         if self._process is not None:
             raise TritonServerError(f"tritonserver already started (pid {self._process.pid})")
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository {self.model_repository} does not exist")
+        check_ports_free(self.host, self.ports)
         dist = locate_distribution()
         backend_dir = prepare_backend_dir(dist, self.build_dir)
         env = build_env(os.environ, dist.libs_dir, Path(sys.executable).parent, python_lib_dirs())
@@ -499,6 +609,7 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(),
             )
 
     def wait_ready(
@@ -508,7 +619,8 @@ class TritonServer:
         poll_interval_s: float = 0.5,
         on_progress: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """Polls over gRPC until the server and every model in its repository index are ready.
+        """Polls until the server and every model in its repository index are ready, then
+        starts the stub watchdog (if `heal`).
 
         Args:
             timeout_s (`float`, *optional*, defaults to 300.0): Seconds to wait in total.
@@ -523,47 +635,47 @@ class TritonServer:
             TritonServerError: The server exited or was not ready within `timeout_s`; the
                 message ends with an excerpt of the server log.
         """
-        import tritonclient.grpc as grpcclient  # heavy import, only needed here
-
         if self._process is None:
             raise TritonServerError("tritonserver was not started; call start() first")
         deadline = time.monotonic() + timeout_s
         last_status = ""
-        with grpcclient.InferenceServerClient(self.grpc_url) as client:
-            while True:
-                returncode = self._process.poll()
-                if returncode is not None:
-                    raise self._error(f"tritonserver exited with code {returncode} before ready")
-                ready, status = self._poll_ready(client)
-                if status != last_status and on_progress is not None:
-                    on_progress(status)
-                last_status = status
-                if ready is not None:
-                    return ready
-                if time.monotonic() >= deadline:
-                    raise self._error(f"tritonserver not ready after {timeout_s:g}s ({status})")
-                time.sleep(poll_interval_s)
+        control = self.control
+        while True:
+            returncode = self._process.poll()
+            if returncode is not None:
+                raise self._error(f"tritonserver exited with code {returncode} before ready")
+            ready, status = self._poll_ready(control)
+            if status != last_status and on_progress is not None:
+                on_progress(status)
+            last_status = status
+            if ready is not None:
+                self._start_watchdog()
+                return ready
+            if time.monotonic() >= deadline:
+                raise self._error(f"tritonserver not ready after {timeout_s:g}s ({status})")
+            time.sleep(poll_interval_s)
 
-    def _poll_ready(self, client: Any) -> tuple[list[str] | None, str]:
+    def _poll_ready(self, control: ControlClient) -> tuple[list[str] | None, str]:
         """One readiness poll: (ready model names or None, status line)."""
-        from tritonclient.utils import InferenceServerException
-
         try:
-            if not (client.is_server_live() and client.is_server_ready()):
+            if not (control.is_live() and control.is_ready()):
                 return None, "server up, not ready yet"
-            models = client.get_model_repository_index(as_json=True).get("models", [])
-            pending = [
-                f"{m['name']} ({m.get('state', 'UNKNOWN')})"
-                for m in models
-                if not client.is_model_ready(m["name"], m.get("version", ""))
-            ]
-        except InferenceServerException:
+            models = control.index()
+            pending = [f"{m.name} ({m.state or 'UNKNOWN'})" for m in models if m.state != "READY"]
+        except ControlError:
             loaded = loaded_models(self.log_path)
             return None, f"starting; models loaded so far: {', '.join(loaded) or 'none'}"
         if pending:
             return None, f"models not ready: {', '.join(pending)}"
-        names = list(dict.fromkeys(m["name"] for m in models))
+        names = list(dict.fromkeys(m.name for m in models))
         return names, f"ready: {len(names)} model(s)"
+
+    def _start_watchdog(self) -> None:
+        if self.heal and self.watchdog is None and self.pid is not None:
+            self.watchdog = StubWatchdog(
+                self.pid, self.control, interval_s=self.heal_interval_s, log=self.on_event
+            )
+            self.watchdog.start()
 
     def _error(self, message: str) -> TritonServerError:
         """A `TritonServerError` with `message` and an excerpt of the server log."""
@@ -591,6 +703,8 @@ class TritonServer:
         process = self._process
         if process is None:
             return None
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if process.poll() is None:
             self.drain(self.exit_timeout_s)
             process.send_signal(signal.SIGTERM)
@@ -616,33 +730,26 @@ class TritonServer:
         Returns:
             The names of the models drained (none if the server is not answering).
         """
-        import tritonclient.grpc as grpcclient  # heavy import, only needed here
-        from tritonclient.utils import InferenceServerException
-
+        control = self.control
         try:
-            client = grpcclient.InferenceServerClient(self.grpc_url)
             names = [
                 m.name
-                for m in client.get_model_repository_index().models
+                for m in control.index()
                 if m.state == "READY"
-                and "max_active_requests" in client.get_model_config(m.name).config.parameters
+                and "max_active_requests" in control.model_config(m.name).get("parameters", {})
             ]
-            unloads = [
-                threading.Thread(target=client.unload_model, args=(name,), daemon=True)
-                for name in names
-            ]
-            for thread in unloads:
-                thread.start()
+            for name in names:
+                control.unload(name)  # returns at once; the model unloads when idle
             deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and self._still_loaded(client, names):
+            while time.monotonic() < deadline and self._still_loaded(control, names):
                 time.sleep(0.1)
-        except InferenceServerException:
+        except ControlError:
             return []
         return names
 
     @staticmethod
-    def _still_loaded(client: Any, names: list[str]) -> bool:
-        states = {m.name: m.state for m in client.get_model_repository_index().models}
+    def _still_loaded(control: ControlClient, names: list[str]) -> bool:
+        states = {m.name: m.state for m in control.index()}
         return any(states.get(name) in ("READY", "UNLOADING") for name in names)
 
     def _reap_group(self, pgid: int, timeout_s: float = 5.0) -> None:
@@ -677,11 +784,13 @@ __all__ = [
     "TritonServerError",
     "build_command",
     "build_env",
+    "check_ports_free",
     "client_host",
     "format_address",
     "locate_distribution",
     "log_excerpt",
     "pick_free_ports",
+    "port_holders",
     "prepare_backend_dir",
     "process_group_members",
     "python_lib_dirs",
