@@ -343,11 +343,11 @@ def run_served(
         with InpaintClient(server.grpc_url) as client:
             generate = served_path(client)
             generate(request)  # warm-up outside the statistics window
-            before = fetch_statistics(server.grpc_url)
+            before = fetch_statistics(server.grpc_url, headers=server.admin_key.grpc_headers)
             window = time.perf_counter()
             samples, images = time_path(generate, request, setup.repeats, "served")
             window = time.perf_counter() - window
-            after = fetch_statistics(server.grpc_url)
+            after = fetch_statistics(server.grpc_url, headers=server.admin_key.grpc_headers)
         extra = then(server) if then is not None else None
     # the window holds time_path's warm-up too, and its settle pauses
     stages = stage_breakdown(before, after, setup.repeats + 1, window, setup.steps)
@@ -413,8 +413,13 @@ def add_peak_fraction(result: dict[str, Any], peak_gflops: float) -> None:
 # --- Triton statistics -----------------------------------------------------------------------
 
 
-def fetch_statistics(url: str, metrics_url: str | None = None) -> dict[str, dict[str, float]]:
+def fetch_statistics(
+    url: str, metrics_url: str | None = None, headers: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
     """Cumulative statistics of every model: counts and nanoseconds per stage.
+
+    Triton's statistics API is closed behind the operator's key: `headers` carries it
+    (`TritonServer.admin_key.grpc_headers`).
 
     With `metrics_url`, the pipeline's own queue wait (`sdserve_queue_duration_us`: its
     batcher holds the queue, so Triton's `queue` stays near zero for it) is added to its
@@ -422,7 +427,7 @@ def fetch_statistics(url: str, metrics_url: str | None = None) -> dict[str, dict
     """
     client = grpcclient.InferenceServerClient(url)
     try:
-        stats = client.get_inference_statistics(as_json=True)
+        stats = client.get_inference_statistics(as_json=True, headers=headers)
     finally:
         client.close()
     table = {}
@@ -578,13 +583,15 @@ def sweep_level(
     bar: tqdm,
     steps: int,
     metrics_url: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One concurrency level: warm-up round, then the timed window with statistics."""
+    """One concurrency level: warm-up round, then the timed window with statistics
+    (`headers`: the admin key for Triton's statistics API)."""
     ClosedLoop(url, requests[:concurrency], bar).run(concurrency)  # warm-up
-    before = fetch_statistics(url, metrics_url)
+    before = fetch_statistics(url, metrics_url, headers)
     loop = ClosedLoop(url, requests, bar)
     elapsed = loop.run(concurrency)
-    after = fetch_statistics(url, metrics_url)
+    after = fetch_statistics(url, metrics_url, headers)
     latencies = loop.latencies
     quantiles = np.percentile(latencies, [50, 95, 99]) * 1e3
     return {
@@ -612,7 +619,13 @@ def run_sweep(server: TritonServer, args: argparse.Namespace, mix: list[MixEntry
             bar.set_postfix_str(f"concurrency {concurrency}")
             levels.append(
                 sweep_level(
-                    server.grpc_url, requests, concurrency, bar, args.steps, server.metrics_url
+                    server.grpc_url,
+                    requests,
+                    concurrency,
+                    bar,
+                    args.steps,
+                    server.metrics_url,
+                    server.admin_key.grpc_headers,
                 )
             )
     return {"levels": levels, "machine_load": machine_load(before, Snapshot.take(cpu))}

@@ -35,7 +35,10 @@ def case(diffusers_pipe):
 
 def test_every_served_config_parses_and_all_models_are_ready(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    names = sorted(m.name for m in client.get_model_repository_index().models)
+    names = sorted(
+        m.name
+        for m in client.get_model_repository_index(headers=server.admin_key.grpc_headers).models
+    )
     assert names == ["inpaint", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
     for name in names:
         assert client.is_model_ready(name)

@@ -76,14 +76,14 @@ def _request(steps: int, seed: int) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def _unet_executions(client: grpcclient.InferenceServerClient) -> int:
-    stats = client.get_inference_statistics("unet").model_stats
+def _unet_executions(client: grpcclient.InferenceServerClient, headers: dict[str, str]) -> int:
+    stats = client.get_inference_statistics("unet", headers=headers).model_stats
     return sum(s.execution_count for s in stats)
 
 
 def test_cancelled_request_stops_within_a_step_and_next_is_served(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    before = _unet_executions(client)
+    before = _unet_executions(client, server.admin_key.grpc_headers)
     done = threading.Event()
     outcome: list[object] = []
 
@@ -93,14 +93,19 @@ def test_cancelled_request_stops_within_a_step_and_next_is_served(server):
 
     call = client.async_infer("inpaint", _request(steps=150, seed=1), callback)
     deadline = time.monotonic() + 60
-    while _unet_executions(client) == before and time.monotonic() < deadline:
+    while (
+        _unet_executions(client, server.admin_key.grpc_headers) == before
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
-    assert _unet_executions(client) > before, "the request never reached the UNet"
+    assert _unet_executions(client, server.admin_key.grpc_headers) > before, (
+        "the request never reached the UNet"
+    )
     call.cancel()
-    at_cancel = _unet_executions(client)
+    at_cancel = _unet_executions(client, server.admin_key.grpc_headers)
     assert done.wait(30)
     time.sleep(1.0)  # any step still running would show up by now
-    steps_after = _unet_executions(client) - at_cancel
+    steps_after = _unet_executions(client, server.admin_key.grpc_headers) - at_cancel
     assert steps_after <= 1, f"{steps_after} UNet steps ran after the cancel"
     assert isinstance(outcome[0], InferenceServerException)
     assert "CANCELLED" in str(outcome[0].status()) or "cancel" in str(outcome[0]).lower()
@@ -270,10 +275,10 @@ def test_concurrent_compatible_requests_share_unet_calls_and_match_alone(roomy_s
 
     with ThreadPoolExecutor(1) as pool:  # warm up
         pool.submit(one, 1).result()
-    before = _unet_executions(client)
+    before = _unet_executions(client, server.admin_key.grpc_headers)
     with ThreadPoolExecutor(len(seeds)) as pool:
         together = list(pool.map(one, seeds))
-    executions = _unet_executions(client) - before
+    executions = _unet_executions(client, server.admin_key.grpc_headers) - before
     per_request = steps + 1  # PNDM runs one extra timestep
     assert executions < len(seeds) * per_request, f"{executions} UNet calls: nothing batched"
     for seed, array in zip(seeds, together, strict=True):
