@@ -23,6 +23,20 @@
 #                           512², 768², 768x512, 512x768; SDXL 1024² and its ratios]
 #   SDSERVE_FP32_COMPONENTS components built without fp16 [the SDXL VAE only]
 #   SDSERVE_INSTANCES       instances per GPU of each component [1]
+#
+# Triton's control APIs (model repository, shared memory, statistics, trace, logging) are
+# closed on gRPC and HTTP unless a request carries the operator's key: HTTP header
+# `sdserve-admin-key`, gRPC metadata `triton-grpc-protocol-sdserve-admin-key` (Triton adds the
+# prefix). Inference, health, metadata and model config stay open.
+#   SDSERVE_ADMIN_KEY       the key itself, or
+#   SDSERVE_ADMIN_KEY_FILE  a file holding it (trailing newlines dropped); with neither,
+#                           a key is generated for this start and written (mode 0600) to
+#                           $SDSERVE_BUILD_DIR/admin-key, whose path is logged
+# gRPC TLS (off unless both of the first two are set):
+#   SDSERVE_TLS_CERT        PEM server certificate (chain)
+#   SDSERVE_TLS_KEY         PEM private key of that certificate
+#   SDSERVE_TLS_CLIENT_CA   PEM CA bundle; when set, clients must present a certificate it
+#                           signed (mutual TLS)
 set -euo pipefail
 
 build_dir="${SDSERVE_BUILD_DIR:-/workspace/build}"
@@ -36,6 +50,78 @@ python="${SDSERVE_PYTHON:-python3}"
 
 log() {
     printf '[sdserve] %s\n' "$*" >&2
+}
+
+die() {
+    log "error: $*"
+    exit 64
+}
+
+admin_header="sdserve-admin-key"
+# Everything but inference, health, metadata and model-config (Triton's names).
+restricted_apis="model-repository,shared-memory,statistics,trace,logging"
+
+# The operator's key: SDSERVE_ADMIN_KEY, else the file SDSERVE_ADMIN_KEY_FILE, else a new
+# random key written to ${build_dir}/admin-key. Sets admin_key; never logs it.
+resolve_admin_key() {
+    if [[ -n "${SDSERVE_ADMIN_KEY+x}" && -n "${SDSERVE_ADMIN_KEY_FILE+x}" ]]; then
+        die "set SDSERVE_ADMIN_KEY or SDSERVE_ADMIN_KEY_FILE, not both"
+    fi
+    if [[ -n "${SDSERVE_ADMIN_KEY+x}" ]]; then
+        admin_key="${SDSERVE_ADMIN_KEY}"
+        check_admin_key "SDSERVE_ADMIN_KEY"
+        log "control APIs need the key from SDSERVE_ADMIN_KEY (header ${admin_header})"
+    elif [[ -n "${SDSERVE_ADMIN_KEY_FILE+x}" ]]; then
+        [[ -f "${SDSERVE_ADMIN_KEY_FILE}" && -r "${SDSERVE_ADMIN_KEY_FILE}" ]] \
+            || die "SDSERVE_ADMIN_KEY_FILE=${SDSERVE_ADMIN_KEY_FILE} is not a readable file"
+        admin_key="$(<"${SDSERVE_ADMIN_KEY_FILE}")"  # drops trailing newlines
+        check_admin_key "${SDSERVE_ADMIN_KEY_FILE}"
+        log "control APIs need the key in ${SDSERVE_ADMIN_KEY_FILE} (header ${admin_header})"
+    else
+        local key_file="${build_dir}/admin-key"
+        admin_key="$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')"  # 32 random bytes, hex
+        [[ "${#admin_key}" -eq 64 ]] || die "could not read 32 bytes from /dev/urandom"
+        (
+            umask 077
+            printf '%s\n' "${admin_key}" >"${key_file}.tmp"
+        )
+        chmod 600 "${key_file}.tmp"
+        mv -f "${key_file}.tmp" "${key_file}"
+        log "no SDSERVE_ADMIN_KEY(_FILE): generated a key for this start in ${key_file}" \
+            "(mode 0600); control APIs need it in the header ${admin_header}"
+    fi
+}
+
+# A key must be usable as a gRPC metadata / HTTP header value: printable ASCII, not empty,
+# no leading or trailing blanks.
+check_admin_key() {
+    local LC_ALL=C
+    [[ "${admin_key}" =~ ^[[:graph:]]([[:print:]]*[[:graph:]])?$ ]] \
+        || die "the admin key from $1 is empty, has leading/trailing blanks or characters" \
+            "other than printable ASCII"
+}
+
+# gRPC TLS flags from SDSERVE_TLS_CERT / _KEY / _CLIENT_CA; sets tls_args.
+resolve_tls() {
+    tls_args=()
+    local cert="${SDSERVE_TLS_CERT:-}" key="${SDSERVE_TLS_KEY:-}" ca="${SDSERVE_TLS_CLIENT_CA:-}"
+    if [[ -z "${cert}" && -z "${key}" ]]; then
+        [[ -z "${ca}" ]] || die "SDSERVE_TLS_CLIENT_CA needs SDSERVE_TLS_CERT and SDSERVE_TLS_KEY"
+        return 0
+    fi
+    [[ -n "${cert}" ]] || die "SDSERVE_TLS_KEY is set without SDSERVE_TLS_CERT"
+    [[ -n "${key}" ]] || die "SDSERVE_TLS_CERT is set without SDSERVE_TLS_KEY"
+    local file
+    for file in "${cert}" "${key}" ${ca:+"${ca}"}; do
+        [[ -f "${file}" && -r "${file}" ]] || die "TLS file ${file} is not a readable file"
+    done
+    tls_args=(--grpc-use-ssl=true --grpc-server-cert="${cert}" --grpc-server-key="${key}")
+    if [[ -n "${ca}" ]]; then
+        tls_args+=(--grpc-root-cert="${ca}" --grpc-use-ssl-mutual=true)
+        log "gRPC: TLS with client certificates signed by ${ca} (mutual TLS)"
+    else
+        log "gRPC: TLS with ${cert}"
+    fi
 }
 
 export_repository() {
@@ -75,6 +161,9 @@ write_gpu_repository() {
 }
 
 mkdir -p "${build_dir}" "${engines}"
+# Checked before the (possibly hour-long) preparation, so a bad setting fails at once.
+resolve_admin_key
+resolve_tls
 # One preparer at a time when replicas share the build volume; the lock is released
 # before tritonserver starts, so a serving replica never blocks another's start.
 exec 9>"${build_dir}/.prepare.lock"
@@ -96,4 +185,7 @@ exec tritonserver \
     --allow-gpu-metrics=true \
     --strict-readiness=true \
     --exit-timeout-secs=30 \
+    --grpc-restricted-protocol="${restricted_apis}:${admin_header}=${admin_key}" \
+    --http-restricted-api="${restricted_apis}:${admin_header}=${admin_key}" \
+    "${tls_args[@]}" \
     "$@"
