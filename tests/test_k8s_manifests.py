@@ -252,7 +252,8 @@ def test_admin_key_secret_is_generated_from_an_uncommitted_file() -> None:
     ignored = subprocess.run([*git, "check-ignore", *secret_files], capture_output=True, text=True)
     assert ignored.stdout.split() == secret_files  # never committed by accident
     tracked = subprocess.run([*git, "ls-files", "docker"], capture_output=True, text=True).stdout
-    assert not [f for f in tracked.split() if f.endswith("admin-key") or "/tls/" in f]
+    secrets = [f for f in tracked.split() if f.endswith("/admin-key") or "docker/tls/" in f]
+    assert not secrets
     dockerignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
     assert {"docker/admin-key", "docker/tls", "docker/k8s/secrets/admin-key"} <= set(dockerignore)
 
