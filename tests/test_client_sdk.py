@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import (
     InferenceServerException,
     deserialize_bytes_tensor,
@@ -29,6 +30,16 @@ from sdserve_client import (
     to_rgb_array,
 )
 from sdserve_client import request as req
+from sdserve_client.replicas import (
+    GRPC_ADMIN_KEY_HEADER,
+    FailoverPolicy,
+    Outcome,
+    ReplicaPool,
+    classify,
+)
+from sdserve_client.sdk import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV
+from sdserve_client.tls import TlsSettings, explain, tls_settings
+from sdserve_client.webui.backend import Backend, PoolInfoClient
 
 # name -> (numpy dtype, Triton datatype, shape without batch dim) for a 6x4 (W x H) image.
 CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
@@ -565,7 +576,7 @@ class Factory:
 
     def __call__(self, **kwargs: Any) -> InpaintClient:
         self.kwargs = kwargs
-        return InpaintClient(**kwargs, client=self.fake)
+        return InpaintClient(**kwargs, connect=lambda url: self.fake)
 
 
 @pytest.fixture
@@ -587,7 +598,10 @@ def test_cli_inpaint_writes_one_png_per_image(
     argv += ["--seed", "7", "--num-images", "3", "--no-preserve-unmasked", "--out", str(out)]
     argv += ["--url", "10.0.0.1:9001", "--model", "sd", "--timeout", "60"]
     assert cli.main(argv, client_factory=factory) == 0
-    assert factory.kwargs == {"url": "10.0.0.1:9001", "model": "sd", "timeout": 60.0}
+    assert factory.kwargs == {
+        "url": "10.0.0.1:9001", "model": "sd", "timeout": 60.0, "ssl": False,
+        "admin_key": None, "retry_started": False,
+    }  # fmt: skip
     paths = [out, out.with_name("out-1.png"), out.with_name("out-2.png")]
     assert capsys.readouterr().out.splitlines() == [
         f"{path}\tseed={seed}" for path, seed in zip(paths, [7, 8, 9], strict=True)
@@ -611,7 +625,10 @@ def test_cli_inpaint_defaults(files: tuple[Path, Path], monkeypatch: pytest.Monk
     factory = Factory(FakeTriton())
     argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
     assert cli.main(argv, client_factory=factory) == 0
-    assert factory.kwargs == {"url": "127.0.0.1:8001", "model": "inpaint", "timeout": None}
+    assert factory.kwargs == {
+        "url": "127.0.0.1:8001", "model": "inpaint", "timeout": None, "ssl": False,
+        "admin_key": None, "retry_started": False,
+    }  # fmt: skip
     assert set(factory.fake.sent) == {"prompt", "image", "mask"}
     assert (image.parent / "out.png").is_file()
 
@@ -678,3 +695,518 @@ def test_the_models_own_limits_are_checked_before_inference() -> None:
     assert [method for method, _ in fake.calls] == ["get_model_config"]  # never inferred
     client.inpaint(rgb(), Image.new("L", (6, 4), 255), "a cat", steps=10, num_images=2)
     assert [method for method, _ in fake.calls][-1] == "infer"
+
+
+@pytest.fixture(autouse=True)
+def _no_admin_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    monkeypatch.delenv(ADMIN_KEY_FILE_ENV, raising=False)
+
+
+# Replicas: spreading, failing over, backoff and re-probe ------------------------------------
+
+# gRPC's and Triton's own wording, as seen from grpcio 1.85 against tritonserver 2.51.
+REFUSED_CONNECTION = InferenceServerException(
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+    "Failed to connect to remote host: Connection refused",
+    "StatusCode.UNAVAILABLE",
+)
+QUEUE_FULL = InferenceServerException("Exceeds maximum queue size", "StatusCode.UNAVAILABLE")
+UNLOADING = InferenceServerException(
+    "Request for unknown model: 'inpaint' has no available versions", "StatusCode.NOT_FOUND"
+)
+RESET = InferenceServerException(
+    "Stream removed (recvmsg:Connection reset by peer (104))", "StatusCode.UNAVAILABLE"
+)
+SOCKET_CLOSED_AT_SETUP = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:50341: "
+    "Socket closed"
+)
+WRONG_CA = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50341: Tls "
+    "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+    "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"
+)
+NOT_TLS = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:43635: Tls "
+    "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL "
+    "routines:OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification context"
+)
+RESTRICTED = InferenceServerException(
+    "This protocol is restricted, expecting header 'sdserve-admin-key'", "StatusCode.UNAVAILABLE"
+)
+
+
+class Context:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ReplicaFake(FakeTriton):
+    """A fake server whose next infer calls fail with the queued errors, then succeed."""
+
+    def __init__(self, name: str, errors: list[Exception] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = name
+        self.errors = list(errors or [])
+        self.ready = True
+        self.contexts: list[Context] = []
+
+    def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> FakeResult:
+        if self.errors:
+            self._record("infer", model_name=model_name, **kwargs)
+            raise self.errors.pop(0)
+        return super().infer(model_name, inputs, **kwargs)
+
+    def async_infer(
+        self, model_name: str, inputs: list[Any], callback: Any, **kwargs: Any
+    ) -> Context:
+        context = Context()
+        self.contexts.append(context)
+        try:
+            result = self.infer(model_name, inputs, **kwargs)
+        except InferenceServerException as error:
+            callback(result=None, error=error)
+        else:
+            callback(result=result, error=None)
+        return context
+
+    def is_server_ready(self, **kwargs: Any) -> bool:
+        self._record("is_server_ready", **kwargs)
+        if not self.ready:
+            raise REFUSED_CONNECTION
+        return True
+
+    def infers(self) -> int:
+        return method_names(self).count("infer")
+
+
+def replica_client(*fakes: ReplicaFake, **kwargs: Any) -> InpaintClient:
+    servers = {fake.name: fake for fake in fakes}
+    return InpaintClient(list(servers), connect=servers.__getitem__, **kwargs)
+
+
+def t2i(client: InpaintClient, **options: Any) -> GenerationResult:
+    return client.text_to_image("a", height=8, width=8, **options)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "outcome"),
+    [
+        (REFUSED_CONNECTION.status(), REFUSED_CONNECTION.message(), Outcome.NOT_SENT),
+        ("StatusCode.UNAVAILABLE", WRONG_CA, Outcome.NOT_SENT),
+        ("StatusCode.UNAVAILABLE", SOCKET_CLOSED_AT_SETUP, Outcome.NOT_SENT),
+        ("StatusCode.UNAVAILABLE", "errors resolving h:1: Domain name not found", Outcome.NOT_SENT),
+        ("StatusCode.UNAVAILABLE", "Exceeds maximum queue size", Outcome.REFUSED),
+        ("StatusCode.UNAVAILABLE", "Request timeout expired", Outcome.REFUSED),
+        (UNLOADING.status(), UNLOADING.message(), Outcome.REFUSED),
+        ("StatusCode.NOT_FOUND", "Request for unknown model: 'x' is not found", Outcome.REFUSED),
+        (RESET.status(), RESET.message(), Outcome.BROKEN),
+        ("StatusCode.UNAVAILABLE", "Socket closed", Outcome.BROKEN),
+        ("StatusCode.UNAVAILABLE", RESTRICTED.message(), Outcome.FINAL),
+        ("StatusCode.INVALID_ARGUMENT", "steps: 0 out of range", Outcome.FINAL),
+        ("StatusCode.CANCELLED", "Locally cancelled by application!", Outcome.FINAL),
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", Outcome.FINAL),
+        ("StatusCode.INTERNAL", "unet: Stub process 'unet_0_0' is not healthy.", Outcome.FINAL),
+        (None, "boom", Outcome.FINAL),
+    ],
+)
+def test_failures_are_classified_by_what_they_say_about_the_request(
+    status: str | None, message: str, outcome: Outcome
+) -> None:
+    assert classify(status, message) is outcome
+
+
+def test_requests_spread_over_replicas_round_robin() -> None:
+    a, b = ReplicaFake("a:1"), ReplicaFake("b:1")
+    client = replica_client(a, b)
+    assert client.url == "a:1,b:1" and client.urls == ("a:1", "b:1")
+    for seed in range(6):
+        assert t2i(client, seed=seed).seeds == [seed]
+    assert (a.infers(), b.infers()) == (3, 3)
+    assert [(r.url, r.healthy, r.outstanding) for r in client.replicas] == [
+        ("a:1", True, 0), ("b:1", True, 0),
+    ]  # fmt: skip
+
+
+def test_comma_separated_addresses() -> None:
+    a, b = ReplicaFake("a:1"), ReplicaFake("b:1")
+    client = InpaintClient(" a:1, b:1 ,a:1", connect={"a:1": a, "b:1": b}.__getitem__)
+    assert client.urls == ("a:1", "b:1")
+    with pytest.raises(SdserveError, match="no server address"):
+        InpaintClient(" , ")
+    with pytest.raises(SdserveError, match="connect="):
+        InpaintClient("a:1,b:1", client=a)
+
+
+def test_the_least_loaded_replica_is_chosen() -> None:
+    pool = ReplicaPool([("a", ReplicaFake("a")), ("b", ReplicaFake("b"))], "inpaint")
+    a, b = pool.acquire(), pool.acquire()  # round robin: a, then b
+    assert a is not None and b is not None and (a.url, b.url) == ("a", "b")
+    pool.release(a)  # a: 0 outstanding, b: 1
+    again = pool.acquire()
+    assert again is not None and again.url == "a"
+    assert [state.outstanding for state in pool.states()] == [1, 1]
+
+
+def test_an_unreachable_replica_is_skipped_and_left_out_until_its_backoff_ends() -> None:
+    a, b = ReplicaFake("a:1", [REFUSED_CONNECTION]), ReplicaFake("b:1")
+    a.ready = False
+    client = replica_client(a, b, failover=FailoverPolicy(backoff_s=60, max_backoff_s=60))
+    for seed in range(4):  # the first goes to a, fails before sending, and moves to b
+        assert t2i(client, seed=seed).seeds == [seed]
+    assert (a.infers(), b.infers()) == (1, 4)
+    state = client.replicas[0]
+    assert (state.healthy, state.failures) == (False, 1)
+    assert "Connection refused" in (state.last_error or "")
+    assert "is_server_ready" not in method_names(a)  # backoff not over: not even probed
+
+
+def test_a_failed_replica_is_probed_after_its_backoff_and_rejoins_when_ready() -> None:
+    now = [0.0]
+    a, b = ReplicaFake("a"), ReplicaFake("b")
+    pool = ReplicaPool(
+        [("a", a), ("b", b)], "inpaint", FailoverPolicy(1.0, 4.0), clock=lambda: now[0]
+    )
+    first = pool.acquire()
+    assert first is not None and first.url == "a"
+    assert pool.release(first, REFUSED_CONNECTION) is Outcome.NOT_SENT
+    a.ready = False
+    seen = []
+    for step in (0.5, 1.0, 2.9, 3.0, 6.9, 7.0):  # backoff 1 s, then 2 s, then 4 s (the cap)
+        now[0] = step
+        if step == 6.9:
+            a.ready = True
+        chosen = pool.acquire()
+        assert chosen is not None
+        pool.release(chosen)
+        seen.append((chosen.url, pool.states()[0].failures))
+    assert seen == [("b", 1), ("b", 2), ("b", 2), ("b", 3), ("b", 3), ("a", 0)]
+    assert method_names(a).count("is_server_ready") == 3  # probed at 1.0, 3.0 and 7.0 only
+    assert pool.states()[0].healthy
+
+
+def test_a_full_queue_moves_the_request_but_keeps_the_replica_in_rotation() -> None:
+    a, b = ReplicaFake("a:1", [QUEUE_FULL]), ReplicaFake("b:1")
+    client = replica_client(a, b)
+    assert t2i(client).seeds == [42]  # no seed: not started, so moving it is always safe
+    assert (a.infers(), b.infers()) == (1, 1)
+    assert client.replicas[0].healthy
+    t2i(client)
+    assert a.infers() == 2
+
+
+def test_an_unloading_model_moves_the_request_and_marks_the_replica() -> None:
+    a, b = ReplicaFake("a:1", [UNLOADING]), ReplicaFake("b:1")
+    client = replica_client(a, b)
+    assert t2i(client).seeds == [42]
+    assert not client.replicas[0].healthy
+
+
+@pytest.mark.parametrize(
+    ("seed", "allowed", "retried"),
+    [(7, True, True), (7, False, False), (None, True, False), (None, False, False)],
+)
+def test_a_broken_call_is_resent_only_when_seeded_and_allowed(
+    seed: int | None, allowed: bool, retried: bool
+) -> None:
+    a, b = ReplicaFake("a:1", [RESET]), ReplicaFake("b:1")
+    client = replica_client(a, b, retry_started=allowed)
+    if retried:
+        assert t2i(client, seed=seed).seeds == [seed]
+        assert b.infers() == 1
+        return
+    with pytest.raises(SdserveError) as info:
+        t2i(client, seed=seed)
+    assert b.infers() == 0
+    assert info.value.status == "StatusCode.UNAVAILABLE"
+    assert "Connection reset by peer" in str(info.value)
+    assert "may have started generating" in str(info.value)
+    assert "retry_started=True" in str(info.value)
+
+
+def test_retry_started_can_be_given_per_call() -> None:
+    a, b = ReplicaFake("a:1", [RESET]), ReplicaFake("b:1")
+    client = replica_client(a, b)
+    request = GenerationRequest("a", height=8, width=8, seed=5)
+    assert client.generate(request, retry_started=True).seeds == [5]
+
+
+def test_a_final_answer_is_not_sent_elsewhere() -> None:
+    error = InferenceServerException("steps: 0 out of range", "StatusCode.INVALID_ARGUMENT")
+    a, b = ReplicaFake("a:1", [error]), ReplicaFake("b:1")
+    client = replica_client(a, b, retry_started=True)
+    with pytest.raises(SdserveError) as info:
+        t2i(client, seed=1)
+    assert str(info.value) == "[StatusCode.INVALID_ARGUMENT] steps: 0 out of range"
+    assert b.infers() == 0 and client.replicas[0].healthy
+
+
+def test_every_replica_down_names_each_failure() -> None:
+    a, b = ReplicaFake("a:1", [REFUSED_CONNECTION]), ReplicaFake("b:1", [QUEUE_FULL])
+    client = replica_client(a, b)
+    with pytest.raises(SdserveError) as info:
+        t2i(client)
+    message = str(info.value)
+    assert message.startswith("[StatusCode.UNAVAILABLE] no replica could serve the call: a:1: ")
+    assert "Connection refused" in message and "b:1: [StatusCode.UNAVAILABLE] Exceeds" in message
+    assert (a.infers(), b.infers()) == (1, 1)  # each tried once: bounded
+
+
+def test_a_single_replica_reports_its_error_as_it_is() -> None:
+    client = replica_client(ReplicaFake("a:1", [QUEUE_FULL]))
+    with pytest.raises(SdserveError) as info:
+        t2i(client)
+    assert str(info.value) == "[StatusCode.UNAVAILABLE] Exceeds maximum queue size"
+
+
+def test_a_retry_gets_what_is_left_of_the_timeout() -> None:
+    a, b = ReplicaFake("a:1", [QUEUE_FULL]), ReplicaFake("b:1")
+    client = replica_client(a, b, timeout=30.0)
+    t2i(client)
+    first = [kw for m, kw in a.calls if m == "infer"][0]["client_timeout"]
+    second = [kw for m, kw in b.calls if m == "infer"][0]["client_timeout"]
+    assert first == 30.0 and 29.0 < second < 30.0
+
+
+def test_metadata_calls_fail_over() -> None:
+    a, b = ReplicaFake("a:1"), ReplicaFake("b:1")
+    a.fail = {"get_model_config": REFUSED_CONNECTION}
+    client = replica_client(a, b)
+    assert t2i(client).seeds == [42]
+    assert method_names(b)[:2] == ["get_model_config", "infer"]
+
+
+def test_submit_fails_over_and_cancel_reaches_the_attempt_in_flight() -> None:
+    a, b = ReplicaFake("a:1", [REFUSED_CONNECTION]), ReplicaFake("b:1")
+    client = replica_client(a, b)
+    pending = client.submit(GenerationRequest("a", height=8, width=8, seed=3))
+    assert pending.result(timeout=10).seeds == [3]
+    assert (a.infers(), b.infers()) == (1, 1)
+
+    c, d = ReplicaFake("c:1", [RESET]), ReplicaFake("d:1")
+    pending = replica_client(c, d).submit(GenerationRequest("a", height=8, width=8))
+    with pytest.raises(SdserveError, match="may have started"):
+        pending.result(timeout=10)
+    assert d.infers() == 0
+
+    e = ReplicaFake("e:1")
+    pending = replica_client(e).submit(GenerationRequest("a", height=8, width=8))
+    pending.cancel()
+    assert e.contexts[0].cancelled
+
+
+def test_list_models_sends_the_admin_key_and_explains_a_locked_server() -> None:
+    fake = FakeTriton()
+    InpaintClient(client=fake, admin_key="k3y").list_models()
+    assert fake.calls[-1][1]["headers"] == {"triton-grpc-protocol-sdserve-admin-key": "k3y"}
+    locked = FakeTriton(fail={"get_model_repository_index": RESTRICTED})
+    with pytest.raises(SdserveError) as info:
+        InpaintClient(client=locked).list_models()
+    assert "keeps its model-repository API closed" in str(info.value)
+    assert "admin_key" in str(info.value) and ADMIN_KEY_ENV in str(info.value)
+    locked.calls.clear()
+    InpaintClient(client=locked).text_to_image("x")  # generating needs no key
+    assert method_names(locked) == ["get_model_config", "infer"]
+
+
+def test_is_ready_probes_every_replica() -> None:
+    a, b = ReplicaFake("a:1"), ReplicaFake("b:1")
+    a.ready = False
+    client = replica_client(a, b)
+    assert client.is_ready()
+    assert [r.healthy for r in client.replicas] == [False, True]
+    b.ready = False
+    assert not client.is_ready()
+
+
+# TLS ----------------------------------------------------------------------------------------
+
+
+def test_tls_settings(tmp_path: Path) -> None:
+    assert tls_settings(False) is None and tls_settings(True) == TlsSettings()
+    with pytest.raises(SdserveError, match="both a client key and a client certificate"):
+        TlsSettings(private_key="k.pem")
+    with pytest.raises(SdserveError, match="cannot read the TLS root certificates.*missing.pem"):
+        TlsSettings(root_certificates=tmp_path / "missing.pem").credentials()
+    with pytest.raises(SdserveError, match="cannot read the TLS root certificates"):
+        InpaintClient("h:1", ssl=TlsSettings(root_certificates=tmp_path / "missing.pem"))
+    assert TlsSettings(private_key="k", certificate_chain="c").mutual
+
+
+def test_tls_failures_are_explained() -> None:
+    roots = TlsSettings(root_certificates="/certs/ca.pem")
+    message = explain("h:1", WRONG_CA, roots)
+    assert message.startswith(
+        "TLS handshake with h:1 failed: the server's certificate is not signed by a CA in "
+        "the root certificates in /certs/ca.pem ("
+    )
+    assert message.endswith(WRONG_CA + ")")
+    assert "the server does not use TLS" in explain("h:1", NOT_TLS, roots)
+    assert "may require TLS" in explain("h:1", SOCKET_CLOSED_AT_SETUP, None)
+    assert "client certificate" in explain("h:1", SOCKET_CLOSED_AT_SETUP, roots)
+    assert explain("h:1", "Exceeds maximum queue size", roots) == "Exceeds maximum queue size"
+
+
+def test_a_tls_failure_reaches_the_caller_explained() -> None:
+    error = InferenceServerException(WRONG_CA, "StatusCode.UNAVAILABLE")
+    fake = ReplicaFake("h:1")
+    fake.fail = {"get_model_config": error}
+    client = InpaintClient("h:1", connect={"h:1": fake}.__getitem__, ssl=TlsSettings("ca.pem"))
+    with pytest.raises(SdserveError) as info:
+        t2i(client)
+    assert info.value.status == "StatusCode.UNAVAILABLE"
+    assert info.value.message.startswith("TLS handshake with h:1 failed: the server's certificate")
+
+
+def test_cli_tls_failover_and_admin_key_options(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    factory = Factory(FakeTriton())
+    argv = ["models", "--server", "a:1,b:1", "--root-certs", "ca.pem", "--client-key", "c.key"]
+    argv += ["--client-cert", "c.pem", "--ssl-target-name", "sd.example", "--admin-key-file"]
+    assert cli.main([*argv, str(key_file)], client_factory=factory) == 0
+    assert factory.kwargs == {
+        "url": "a:1,b:1", "timeout": None, "admin_key": "s3cret",
+        "ssl": TlsSettings(Path("ca.pem"), Path("c.key"), Path("c.pem"), "sd.example"),
+    }  # fmt: skip
+    assert cli.main(["models", "--ssl"], client_factory=factory) == 0
+    assert factory.kwargs["ssl"] is True
+
+
+def test_cli_retry_started_and_admin_key_from_the_environment(
+    files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, mask = files
+    monkeypatch.setenv(ADMIN_KEY_ENV, "from-env")
+    factory = Factory(FakeTriton())
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p", "--seed", "1"]
+    argv += ["--retry-started", "--out", str(tmp_path / "o.png")]
+    assert cli.main(argv, client_factory=factory) == 0
+    assert factory.kwargs["retry_started"] is True and factory.kwargs["admin_key"] == "from-env"
+
+
+def test_cli_bad_tls_options_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--client-key", "k.pem"], client_factory=Factory(FakeTriton())) == 1
+    assert "both a client key and a client certificate" in capsys.readouterr().err
+
+
+# Web UI: replicas, TLS and the operator's key -------------------------------------------------
+
+
+class InfoFake:
+    """The web UI's info calls of one locked server (repository index and statistics closed
+    without the key), answering with tritonclient's protobuf messages."""
+
+    def __init__(self, key: str = "k3y", up: bool = True) -> None:
+        self.key = key
+        self.up = up
+        self.headers: list[Any] = []
+
+    def _check(self, headers: dict[str, str] | None, restricted: bool = False) -> None:
+        self.headers.append(headers)
+        if not self.up:
+            raise REFUSED_CONNECTION
+        if restricted and (headers or {}).get(GRPC_ADMIN_KEY_HEADER) != self.key:
+            raise RESTRICTED
+
+    def get_model_config(self, model_name: str, headers: Any = None, **kwargs: Any) -> Any:
+        self._check(headers)
+        config = model_config_pb2.ModelConfig(name=model_name)
+        config.input.add(name="prompt")
+        return service_pb2.ModelConfigResponse(config=config)
+
+    def get_model_repository_index(self, headers: Any = None, **kwargs: Any) -> Any:
+        self._check(headers, restricted=True)
+        index = service_pb2.RepositoryIndexResponse()
+        index.models.add(name="inpaint", version="1", state="READY")
+        index.models.add(name="inpaint_xl", version="1", state="READY")
+        return index
+
+    def get_inference_statistics(self, model_name: str = "", headers: Any = None, **kw: Any) -> Any:
+        self._check(headers, restricted=True)
+        return service_pb2.ModelStatisticsResponse()
+
+    def is_server_ready(self, headers: Any = None, **kwargs: Any) -> bool:
+        self._check(headers)
+        return True
+
+    def is_model_ready(self, model_name: str, headers: Any = None, **kwargs: Any) -> bool:
+        self._check(headers)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def ui_backend(admin_key: str | None, *fakes: InfoFake) -> Backend:
+    pool = ReplicaPool([(f"h{i}:1", fake) for i, fake in enumerate(fakes)], "inpaint")
+    urls = ",".join(pool.urls)
+    return Backend(urls, info_client=PoolInfoClient(pool, admin_key), admin_key=admin_key)
+
+
+def test_webui_offers_its_own_model_on_a_locked_server_and_all_with_the_key() -> None:
+    assert ui_backend(None, InfoFake()).models() == ["inpaint"]
+    fake = InfoFake()
+    assert ui_backend("k3y", fake).models() == ["inpaint", "inpaint_xl"]
+    assert fake.headers[0] == {"triton-grpc-protocol-sdserve-admin-key": "k3y"}
+    with pytest.raises(SdserveError, match="restricted"):
+        ui_backend("wrong", InfoFake()).models()  # a wrong key is reported, not papered over
+
+
+def test_webui_info_calls_fail_over_and_the_status_counts_ready_servers() -> None:
+    down, up = InfoFake(up=False), InfoFake()
+    backend = ui_backend("k3y", down, up)
+    assert backend.url == "h0:1,h1:1"
+    assert backend.model_info("inpaint").name == "inpaint"
+    status = backend.status("inpaint")
+    assert status.queue.ready and status.replicas == (1, 2)
+    assert "**Ready**: `inpaint` at `h0:1,h1:1` · 1 of 2 servers ready" in status.markdown()
+
+
+def test_webui_generation_clients_get_the_connection_options() -> None:
+    backend = Backend("127.0.0.1:1,127.0.0.1:2", ssl=True, retry_started=True, admin_key="k")
+    client = backend.client("inpaint_xl")
+    assert isinstance(client, InpaintClient)
+    assert client.urls == ("127.0.0.1:1", "127.0.0.1:2") and client.model == "inpaint_xl"
+    assert client.tls == TlsSettings() and client.retry_started and client.admin_key == "k"
+    backend.close()
+
+
+def test_webui_command_line_connection_options(tmp_path: Path) -> None:
+    from sdserve_client.webui.__main__ import parse_args
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret")
+    args = parse_args(
+        ["--server", "a:1,b:1", "--root-certs", "ca.pem", "--client-key", "k.pem",
+         "--client-cert", "c.pem", "--retry-started", "--admin-key-file", str(key_file)]
+    )  # fmt: skip
+    assert args.server == "a:1,b:1" and args.retry_started and args.admin_key == "s3cret"
+    assert args.ssl_option == TlsSettings(Path("ca.pem"), Path("k.pem"), Path("c.pem"))
+    defaults = parse_args([])
+    assert defaults.ssl_option is False and defaults.admin_key is None
+    assert parse_args(["--ssl"]).ssl_option is True
+    with pytest.raises(SystemExit):
+        parse_args(["--client-cert", "c.pem"])
+
+
+def test_the_admin_key_is_read_as_the_server_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.admin_key_from(None) is None
+    key_file = tmp_path / "admin-key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv(ADMIN_KEY_FILE_ENV, str(key_file))
+    assert cli.admin_key_from(None) == "from-file"
+    monkeypatch.setenv(ADMIN_KEY_ENV, "from-env")
+    assert cli.admin_key_from(None) == "from-env"
+    other = tmp_path / "other"
+    other.write_text("given\n")
+    assert cli.admin_key_from(other) == "given"
+    other.write_text("\n")
+    with pytest.raises(SdserveError, match="is empty"):
+        cli.admin_key_from(other)

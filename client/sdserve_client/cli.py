@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,8 @@ from PIL import Image
 from .canvas import Extension, build_canvas
 from .errors import SdserveError
 from .images import to_mask_array, to_rgb_array
-from .sdk import GenerationResult, InpaintClient
+from .sdk import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, GenerationResult, InpaintClient
+from .tls import TlsSettings
 
 PROG = "sdserve-client"
 ClientFactory = Callable[..., InpaintClient]
@@ -22,8 +24,17 @@ ClientFactory = Callable[..., InpaintClient]
 def build_parser() -> argparse.ArgumentParser:
     """Builds the parser of the `inpaint`, `outpaint`, `txt2img` and `models` commands."""
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
+    connection.add_argument(
+        "--url", "--server", dest="url", default="127.0.0.1:8001",
+        help="Triton gRPC host:port; several comma-separated (replicas: fail over between them)",
+    )  # fmt: skip
     connection.add_argument("--timeout", type=float, help="limit in seconds per call")
+    add_tls_arguments(connection)
+    connection.add_argument(
+        "--admin-key-file", type=Path,
+        help=f"file holding the operator's key for Triton's control APIs (`models` needs it "
+        f"on a locked server); or set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}",
+    )  # fmt: skip
 
     generation = argparse.ArgumentParser(add_help=False, parents=[connection])
     generation.add_argument("--model", default="inpaint", help="pipeline model name")
@@ -43,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not paste the input's pixels back outside the mask",
     )
     generation.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG path")
+    generation.add_argument(
+        "--retry-started", action="store_true",
+        help="with --seed, resend the request to another server even when the connection "
+        "broke after it was sent (it may have started; the seed makes the images the same)",
+    )  # fmt: skip
 
     parser = argparse.ArgumentParser(prog=PROG, description="Client of the sdserve pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,13 +84,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `--ssl`, `--root-certs`, `--client-key`, `--client-cert`, `--ssl-target-name`
+    (the CLI's and the web UI's; read back with `tls_from_args`)."""
+    group = parser.add_argument_group("TLS")
+    group.add_argument(
+        "--ssl", action="store_true",
+        help="connect over TLS (implied by the options below; without --root-certs, "
+        "gRPC's public root certificates are trusted)",
+    )  # fmt: skip
+    group.add_argument("--root-certs", type=Path, help="PEM file of the CA(s) to trust")
+    group.add_argument("--client-key", type=Path, help="PEM client key (mutual TLS)")
+    group.add_argument("--client-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    group.add_argument(
+        "--ssl-target-name", help="name the server's certificate holds, if not the host's"
+    )
+
+
+def tls_from_args(args: argparse.Namespace) -> bool | TlsSettings:
+    """The `ssl` argument of `InpaintClient` from the options of `add_tls_arguments`."""
+    files = (args.root_certs, args.client_key, args.client_cert, args.ssl_target_name)
+    if not any(item is not None for item in files):
+        return bool(args.ssl)
+    return TlsSettings(
+        root_certificates=args.root_certs,
+        private_key=args.client_key,
+        certificate_chain=args.client_cert,
+        target_name=args.ssl_target_name,
+    )
+
+
+def admin_key_from(path: Path | None) -> str | None:
+    """The operator's key, as the server reads it: the file `path`, else `SDSERVE_ADMIN_KEY`,
+    else the file `SDSERVE_ADMIN_KEY_FILE`, else `None`."""
+    if path is None and not os.environ.get(ADMIN_KEY_ENV):
+        path = Path(os.environ[ADMIN_KEY_FILE_ENV]) if os.environ.get(ADMIN_KEY_FILE_ENV) else None
+    if path is None:
+        return os.environ.get(ADMIN_KEY_ENV) or None
+    key = path.read_text(encoding="utf-8").strip()
+    if not key:
+        raise SdserveError(f"the admin key file {str(path)!r} is empty")
+    return key
+
+
 def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = InpaintClient) -> int:
     """Runs the CLI and returns its exit code (errors: message on stderr, exit code 1).
 
     Args:
         argv (`Sequence[str]`, *optional*): arguments without the program name (`sys.argv[1:]`).
         client_factory (`Callable[..., InpaintClient]`, *optional*):
-            Called with `url`, `model` and `timeout` keywords to build the client.
+            Called with `InpaintClient`'s keywords (`url`, `timeout`, `ssl`, `admin_key`; and
+            `model`, `retry_started` to generate) to build the client.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -93,8 +153,17 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
 
 
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "url": args.url,
+        "timeout": args.timeout,
+        "ssl": tls_from_args(args),
+        "admin_key": admin_key_from(args.admin_key_file),
+    }
+
+
 def _models(args: argparse.Namespace, client_factory: ClientFactory) -> int:
-    with client_factory(url=args.url, timeout=args.timeout) as client:
+    with client_factory(**_connection(args)) as client:
         for name in client.list_models():
             print(name)
     return 0
@@ -111,7 +180,8 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "num_images": args.num_images,
         "preserve_unmasked": args.preserve_unmasked,
     }
-    with client_factory(url=args.url, model=args.model, timeout=args.timeout) as client:
+    connection = {**_connection(args), "model": args.model, "retry_started": args.retry_started}
+    with client_factory(**connection) as client:
         if args.command == "inpaint":
             result = client.inpaint(_load(args.image), _load(args.mask), args.prompt, **options)
         elif args.command == "outpaint":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
@@ -20,6 +23,17 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
 
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike
+from .replicas import (
+    GRPC_ADMIN_KEY_HEADER,
+    FailoverPolicy,
+    Outcome,
+    Replica,
+    ReplicaError,
+    ReplicaPool,
+    ReplicaState,
+    combine,
+    split_urls,
+)
 from .request import (
     OUTPUT_IMAGES,
     OUTPUT_NAMES,
@@ -30,6 +44,7 @@ from .request import (
     encode_request,
 )
 from .rules import Limits, config_parameters, limits_from_parameters
+from .tls import SslOption, TlsSettings, connect, explain, tls_settings
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -94,34 +109,82 @@ class GenerationResult:
 
 
 class InpaintClient:
-    """Client of the sdserve pipeline model on a Triton server, over gRPC.
+    """Client of the sdserve pipeline model on one or several Triton servers, over gRPC.
+
+    With several servers (replicas serving the same repository), each request goes to the
+    healthy one with the fewest requests in flight from this client and moves to another
+    when a server cannot take it (unreachable, queue full, model not loaded). A request the
+    connection broke off mid-way may already have been generating, so it is sent again only
+    when the caller allows it (`retry_started`) and it is deterministic (a `seed` given: the
+    retry returns the same images). A failed server is left out for a backoff period and
+    probed (server and model ready) before it is used again; see `sdserve_client.replicas`.
 
     Args:
-        url (`str`, *optional*, defaults to `"127.0.0.1:8001"`): Triton's gRPC `host:port`.
+        url (`str` or `Sequence[str]`, *optional*, defaults to `"127.0.0.1:8001"`):
+            Triton's gRPC `host:port`; several as a sequence or comma-separated.
         model (`str`, *optional*, defaults to `"inpaint"`): name of the pipeline model.
         timeout (`float`, *optional*):
-            Default per-call limit in seconds (tritonclient's `client_timeout`); `None` waits.
+            Default per-call limit in seconds (tritonclient's `client_timeout`), retries on
+            other replicas included; `None` waits.
+        ssl (`bool` or `TlsSettings`, *optional*, defaults to `False`):
+            TLS: `True` trusts gRPC's public root certificates; `TlsSettings` names the CA
+            file and, for mutual TLS, the client key and certificate.
+        retry_started (`bool`, *optional*, defaults to `False`):
+            Also resend a request with a seed whose connection broke after it was sent (it
+            may have started generating) to another replica.
+        failover (`FailoverPolicy`, *optional*): backoff and probe settings for failed servers.
+        admin_key (`str`, *optional*):
+            The operator's key for Triton's restricted control APIs (sent as the
+            `triton-grpc-protocol-sdserve-admin-key` header); only `list_models` needs it.
         client (`TritonClient`, *optional*):
-            A ready `tritonclient.grpc.InferenceServerClient` (or a fake for tests); `url` is then
-            unused.
+            A ready `tritonclient.grpc.InferenceServerClient` (or a fake for tests) of the one
+            server; `url` then only names it.
+        connect (`Callable[[str], TritonClient]`, *optional*):
+            Makes the client of each address (tests inject fakes); TLS from `ssl` otherwise.
     """
 
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
+        url: str | Sequence[str] = "127.0.0.1:8001",
         model: str = "inpaint",
         timeout: float | None = None,
         *,
+        ssl: SslOption = False,
+        retry_started: bool = False,
+        failover: FailoverPolicy | None = None,
+        admin_key: str | None = None,
         client: TritonClient | None = None,
+        connect: Callable[[str], TritonClient] | None = None,
     ) -> None:
-        self.url = url
+        try:
+            self.urls = split_urls(url)
+        except ValueError as exc:
+            raise SdserveError(str(exc)) from None
+        self.url = ",".join(self.urls)
         self.model = model
         self.timeout = timeout
-        self._client: TritonClient = (
-            client if client is not None else _call(grpcclient.InferenceServerClient, url)
-        )
+        self.tls = tls_settings(ssl)
+        self.retry_started = retry_started
+        self.admin_key = admin_key
+        if client is not None and len(self.urls) > 1:
+            raise SdserveError("client= stands for one server; use connect= for several")
+        make = connect or partial(_connect, tls=self.tls)
+        clients: list[tuple[str, TritonClient]] = []
+        try:
+            for address in self.urls:
+                clients.append((address, client if client is not None else make(address)))
+        except BaseException:
+            for _, made in clients:
+                made.close()
+            raise
+        self._pool = ReplicaPool(clients, model, failover, partial(explain, tls=self.tls))
         self._batched: bool | None = None
         self._limits: Limits | None = None
+
+    @property
+    def replicas(self) -> list[ReplicaState]:
+        """Each server's health and the requests of this client in flight there."""
+        return self._pool.states()
 
     def inpaint(
         self,
@@ -193,56 +256,62 @@ class InpaintClient:
         return self.generate(request, timeout=timeout)
 
     def generate(
-        self, request: GenerationRequest, *, timeout: float | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        timeout: float | None = None,
+        retry_started: bool | None = None,
     ) -> GenerationResult:
-        """Sends one request to the pipeline model.
+        """Sends one request to the pipeline model (to another replica when one cannot take it).
 
         Args:
             request (`GenerationRequest`): the request; checked before anything is sent.
-            timeout (`float`, *optional*): limit in seconds for this call.
+            timeout (`float`, *optional*): limit in seconds for this call, retries included.
+            retry_started (`bool`, *optional*): this call's `retry_started` (the client's).
         """
         inputs, outputs, batched = self._prepare(request, timeout)
-        result = _call(
-            self._client.infer,
-            self.model,
-            inputs,
-            outputs=outputs,
-            client_timeout=self._timeout(timeout),
-        )
-        return _result(result, batched)
+        attempts = self._attempts(request, timeout, retry_started)
+        while (replica := attempts.next()) is not None:
+            try:
+                result = replica.client.infer(
+                    self.model, inputs, outputs=outputs, client_timeout=attempts.remaining()
+                )
+            except InferenceServerException as error:
+                attempts.failed(replica, error)
+                continue
+            self._pool.release(replica)
+            return _result(result, batched)
+        raise attempts.give_up()
 
     def submit(
-        self, request: GenerationRequest, *, timeout: float | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        timeout: float | None = None,
+        retry_started: bool | None = None,
     ) -> PendingGeneration:
         """Sends one request without waiting; the handle can be awaited or cancelled.
 
-        Cancelling stops the server's denoising loop at its next step.
+        Cancelling stops the server's denoising loop at its next step. A request a replica
+        cannot take moves to another as in `generate`.
 
         Args:
             request (`GenerationRequest`): the request; checked before anything is sent.
-            timeout (`float`, *optional*): deadline in seconds for this call.
+            timeout (`float`, *optional*): deadline in seconds for this call, retries included.
+            retry_started (`bool`, *optional*): this call's `retry_started` (the client's).
         """
         inputs, outputs, batched = self._prepare(request, timeout)
-        future: Future[GenerationResult] = Future()
-
-        def done(result: Any, error: InferenceServerException | None) -> None:
-            if error is not None:
-                future.set_exception(SdserveError.from_triton(error))
-                return
-            try:
-                future.set_result(_result(result, batched))
-            except SdserveError as exc:
-                future.set_exception(exc)
-
-        context = _call(
-            self._client.async_infer,
-            self.model,
-            inputs,
-            done,
-            outputs=outputs,
-            client_timeout=self._timeout(timeout),
+        submission = _Submission(
+            self, self._attempts(request, timeout, retry_started), inputs, outputs, batched
         )
-        return PendingGeneration(future, context)
+        submission.send()
+        return PendingGeneration(submission.future, submission)
+
+    def _attempts(
+        self, request: GenerationRequest, timeout: float | None, retry_started: bool | None
+    ) -> _Attempts:
+        allowed = self.retry_started if retry_started is None else retry_started
+        return _Attempts(self._pool, self._timeout(timeout), allowed and request.seed is not None)
 
     def _prepare(
         self, request: GenerationRequest, timeout: float | None
@@ -257,28 +326,42 @@ class InpaintClient:
         return inputs, outputs, batched
 
     def list_models(self, *, timeout: float | None = None) -> list[str]:
-        """Returns the names of the ready models in the server's repository index."""
-        index = _call(
-            self._client.get_model_repository_index,
-            as_json=True,
-            client_timeout=self._timeout(timeout),
-        )
+        """Returns the names of the ready models in the server's repository index.
+
+        The index is one of Triton's control APIs, which an sdserve server keeps closed
+        without the operator's key (`admin_key`); without it this raises `SdserveError`
+        saying so. Generating needs no key.
+        """
+        headers = {GRPC_ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else None
+        try:
+            index = self._on_replica(
+                lambda c: c.get_model_repository_index(
+                    headers=headers, as_json=True, client_timeout=self._timeout(timeout)
+                )
+            )
+        except SdserveError as exc:
+            if "restricted" not in exc.message:
+                raise
+            raise SdserveError(
+                f"{self.url} keeps its model-repository API closed without the operator's key "
+                f"({exc.message}); pass admin_key (the CLI's --admin-key-file or "
+                f"{ADMIN_KEY_ENV}) to list models, or name the model directly",
+                exc.status,
+            ) from None
         names = [m["name"] for m in index.get("models", []) if m.get("state") == "READY"]
         return list(dict.fromkeys(names))
 
     def is_ready(self, *, timeout: float | None = None) -> bool:
-        """Whether the server and the pipeline model are ready; `False` when unreachable."""
-        client_timeout = self._timeout(timeout)
-        try:
-            return bool(self._client.is_server_ready(client_timeout=client_timeout)) and bool(
-                self._client.is_model_ready(self.model, client_timeout=client_timeout)
-            )
-        except InferenceServerException:
-            return False
+        """Whether a server (any replica) and the pipeline model are ready; `False` when none
+        is reachable. Probes every replica (each call limited by `timeout`, else the client's,
+        else the failover policy's `probe_timeout_s`) and updates its health."""
+        timeout = self._timeout(timeout)
+        ready = [self._pool.probe(replica, timeout) for replica in self._pool.replicas()]
+        return any(ready)
 
     def close(self) -> None:
-        """Closes the underlying gRPC channel."""
-        self._client.close()
+        """Closes the underlying gRPC channels."""
+        self._pool.close()
 
     def __enter__(self) -> Self:
         return self
@@ -298,19 +381,155 @@ class InpaintClient:
         """Whether the model's first dimension is a batch dimension; its config, with its
         `limit_*` parameters, is fetched once."""
         if self._batched is None:
-            response = _call(
-                self._client.get_model_config,
-                self.model,
-                as_json=True,
-                client_timeout=self._timeout(timeout),
+            response = self._on_replica(
+                lambda c: c.get_model_config(
+                    self.model, as_json=True, client_timeout=self._timeout(timeout)
+                )
             )
             config = response.get("config", response)
             self._batched = int(config.get("max_batch_size", 0)) > 0
             self._limits = limits_from_parameters(config_parameters(config), strict=False)
         return self._batched
 
+    def _on_replica(self, method: Callable[[Any], T]) -> T:
+        """An idempotent call on a replica (failing over), errors as `SdserveError`."""
+        return _call(self._pool.call, method)
+
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+
+ADMIN_KEY_ENV = "SDSERVE_ADMIN_KEY"
+"""Environment variable the CLI and the web UI read the operator's key from (as the server)."""
+ADMIN_KEY_FILE_ENV = "SDSERVE_ADMIN_KEY_FILE"
+"""Environment variable naming a file that holds the operator's key (as the server's)."""
+
+
+def _connect(url: str, tls: TlsSettings | None) -> TritonClient:
+    client: TritonClient = connect(url, tls)
+    return client
+
+
+class _Attempts:
+    """The replicas one request has tried, what they answered, and whether to go on."""
+
+    def __init__(self, pool: ReplicaPool, timeout: float | None, started_allowed: bool) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.deadline: float | None = None  # from the first attempt on
+        self.started_allowed = started_allowed
+        self.tried: list[Replica] = []
+        self.errors: list[tuple[ReplicaError, Outcome]] = []
+
+    def next(self) -> Replica | None:
+        """The replica for the next attempt; `None` when all were tried or time is up."""
+        now = time.monotonic()
+        if self.deadline is None and self.timeout is not None:
+            self.deadline = now + self.timeout
+        if self.errors and self.deadline is not None and now >= self.deadline:
+            return None
+        replica = self.pool.acquire(self.tried)
+        if replica is not None:
+            self.tried.append(replica)
+        return replica
+
+    def remaining(self) -> float | None:
+        """The limit of the current attempt: the whole timeout for the first, what is left of
+        it for a retry (`None`: no limit)."""
+        if self.deadline is None or len(self.tried) <= 1:
+            return self.timeout
+        return max(self.deadline - time.monotonic(), 1e-3)
+
+    def failed(self, replica: Replica, error: InferenceServerException) -> None:
+        """Records a failed attempt; raises when the request may not go to another replica."""
+        outcome = self.pool.release(replica, error)
+        self.errors.append((self.pool.error(replica.url, error), outcome))
+        if not outcome.may_retry(self.started_allowed):
+            raise self.give_up() from None
+
+    def give_up(self) -> SdserveError:
+        """The error the caller gets: the only failure as it is, or every replica's."""
+        errors = [error for error, _ in self.errors]
+        if not errors:  # not reached: a pool has a replica and next() tries it
+            return SdserveError("no replica to send the request to")
+        combined = SdserveError.from_triton(combine(errors))
+        if self.errors[-1][1] is Outcome.BROKEN and not self.started_allowed and len(self.pool) > 1:
+            combined = SdserveError(
+                f"{combined.message} (not sent to another replica: the request may have started "
+                "generating; a seed and retry_started=True allow it)",
+                combined.status,
+            )
+        return combined
+
+
+class _Submission:
+    """One `submit`ted request: its attempts, each an `async_infer`, and its cancellation."""
+
+    def __init__(
+        self,
+        client: InpaintClient,
+        attempts: _Attempts,
+        inputs: list[Any],
+        outputs: list[Any],
+        batched: bool,
+    ) -> None:
+        self.future: Future[GenerationResult] = Future()
+        self._model = client.model
+        self._attempts = attempts
+        self._inputs, self._outputs, self._batched = inputs, outputs, batched
+        self._lock = threading.Lock()
+        self._context: Any = None
+        self._cancelled = False
+
+    def send(self) -> None:
+        """Sends the next attempt, or settles the future when there is none to send."""
+        if self._cancelled:
+            self.future.set_exception(SdserveError("cancelled", "StatusCode.CANCELLED"))
+            return
+        replica = self._attempts.next()
+        if replica is None:
+            self.future.set_exception(self._attempts.give_up())
+            return
+        try:
+            context = replica.client.async_infer(
+                self._model,
+                self._inputs,
+                partial(self._done, replica),
+                outputs=self._outputs,
+                client_timeout=self._attempts.remaining(),
+            )
+        except InferenceServerException as error:
+            self._done(replica, None, error)
+            return
+        with self._lock:
+            self._context = context
+            cancelled = self._cancelled
+        if cancelled:
+            context.cancel()
+
+    def cancel(self) -> None:
+        """Cancels the attempt in flight and any retry."""
+        with self._lock:
+            self._cancelled = True
+            context = self._context
+        if context is not None:
+            context.cancel()
+
+    def _done(self, replica: Replica, result: Any, error: InferenceServerException | None) -> None:
+        if error is None:
+            self._attempts.pool.release(replica)
+            try:
+                self.future.set_result(_result(result, self._batched))
+            except SdserveError as exc:
+                self.future.set_exception(exc)
+            return
+        try:
+            self._attempts.failed(replica, error)
+        except SdserveError as exc:
+            self.future.set_exception(exc)
+            return
+        # Not on gRPC's callback thread: choosing a replica may probe one (blocking).
+        threading.Thread(target=self.send, name="sdserve-retry", daemon=True).start()
 
 
 class PendingGeneration:

@@ -7,8 +7,12 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
+from ..cli import add_tls_arguments, admin_key_from, tls_from_args
+from ..errors import SdserveError
+from ..sdk import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV
 from .backend import Backend
 
 
@@ -18,7 +22,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m sdserve_client.webui",
         description="Gradio web UI for inpainting, outpainting and text-to-image on sdserve.",
     )
-    parser.add_argument("--server", default="127.0.0.1:8001", help="Triton gRPC host:port")
+    parser.add_argument(
+        "--server",
+        default="127.0.0.1:8001",
+        help="Triton gRPC host:port; several comma-separated (replicas: fail over between them)",
+    )
     parser.add_argument("--model", default="inpaint", help="pipeline model selected at first")
     parser.add_argument("--host", default="127.0.0.1", help="address the page binds to")
     parser.add_argument("--port", type=int, default=7860, help="port of the page")
@@ -38,9 +46,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="wait up to this long for the server and model to be ready before starting",
     )
+    parser.add_argument(
+        "--retry-started",
+        action="store_true",
+        help="resend a seeded request to another server even when the connection broke after "
+        "it was sent (it may have started; the seed makes the images the same)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="file holding the operator's key for Triton's control APIs (model list, "
+        f"statistics); or set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}",
+    )
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     if args.concurrency < 1:
         parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    try:
+        args.ssl_option = tls_from_args(args)
+        args.admin_key = admin_key_from(args.admin_key_file)
+    except (SdserveError, OSError) as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -74,7 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics_url=args.metrics_url,
         concurrency=args.concurrency,
     )
-    backend = Backend(config.server_url, config.timeout, config.metrics_url)
+    backend = Backend(
+        config.server_url,
+        config.timeout,
+        config.metrics_url,
+        ssl=args.ssl_option,
+        retry_started=args.retry_started,
+        admin_key=args.admin_key,
+        model=args.model,
+    )
     if args.wait_ready > 0 and not wait_ready(backend, args.model, args.wait_ready):
         print(
             f"[sdserve-ui] {args.model!r} at {args.server} not ready after {args.wait_ready:.0f} s;"

@@ -1,4 +1,5 @@
-"""The UI's connection to one Triton server: SDK clients per model, server info, load."""
+"""The UI's connection to a Triton server (or replicas of one): SDK clients per model,
+server info, load."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..errors import SdserveError
+from ..replicas import GRPC_ADMIN_KEY_HEADER, FailoverPolicy, ReplicaPool, split_urls
 from ..sdk import InpaintClient
+from ..tls import SslOption, connect, explain, tls_settings
 from .server_info import (
     InfoClient,
     ModelInfo,
@@ -25,14 +29,17 @@ class ServerStatus:
     """What the status line shows: the server's state and this UI's requests in flight.
 
     Args:
-        url (`str`): the server's gRPC address.
+        url (`str`): the server's gRPC address (several comma-separated).
         queue (`QueueState`): readiness and load of the selected model.
         in_flight (`int`): requests this UI has sent and not yet got back.
+        replicas (`tuple[int, int]`, *optional*):
+            (ready, total) servers, when the page talks to more than one.
     """
 
     url: str
     queue: QueueState
     in_flight: int = 0
+    replicas: tuple[int, int] | None = None
 
     def markdown(self) -> str:
         """One line of Markdown for the page."""
@@ -40,6 +47,9 @@ class ServerStatus:
         if not q.ready:
             return f"**Server not ready** at `{self.url}` (model `{q.model}`): start it or wait."
         parts = [f"**Ready**: `{q.model}` at `{self.url}`"]
+        if self.replicas is not None:
+            ready, total = self.replicas
+            parts.append(f"{ready} of {total} servers ready")
         if q.pending is not None:
             plural = "s" if q.pending != 1 else ""
             busy = f"**Busy: {q.pending} request{plural} waiting in the server queue**"
@@ -53,16 +63,27 @@ class ServerStatus:
 
 
 class Backend:
-    """SDK clients of one server, made on first use and shared by the UI's threads.
+    """SDK clients of one server (or of replicas serving the same repository), made on first
+    use and shared by the UI's threads.
 
     Args:
-        url (`str`): Triton's gRPC `host:port`.
+        url (`str`): Triton's gRPC `host:port`; replicas comma-separated (requests spread
+            over them and fail over; info calls go to a ready one).
         timeout (`float`, *optional*): per-generation limit in seconds; `None` waits.
         metrics_url (`str`, *optional*):
             Triton's metrics endpoint, for the pipeline's pending count and mean queue wait.
         info_timeout (`float`, *optional*, defaults to 5.0): limit for the small info calls.
         client_factory (`Callable`, *optional*): `(url, model) -> client`; the SDK by default.
         info_client (`InfoClient`, *optional*): a tritonclient (or fake) for info calls.
+        ssl (`bool` or `TlsSettings`, *optional*, defaults to `False`): TLS, as the SDK's.
+        retry_started (`bool`, *optional*, defaults to `False`):
+            Resend a seeded request whose connection broke mid-way to another replica.
+        admin_key (`str`, *optional*):
+            The operator's key for Triton's control APIs (the model list and the request
+            statistics use them); without it the page offers the model it was started with.
+        model (`str`, *optional*, defaults to `"inpaint"`):
+            The model the page starts with; the one a re-probed replica must have ready.
+        failover (`FailoverPolicy`, *optional*): backoff and probe settings, as the SDK's.
     """
 
     def __init__(
@@ -73,11 +94,23 @@ class Backend:
         info_timeout: float = 5.0,
         client_factory: Callable[[str, str], Any] | None = None,
         info_client: InfoClient | None = None,
+        *,
+        ssl: SslOption = False,
+        retry_started: bool = False,
+        admin_key: str | None = None,
+        model: str = "inpaint",
+        failover: FailoverPolicy | None = None,
     ) -> None:
-        self.url = url
+        self.urls = split_urls(url)
+        self.url = ",".join(self.urls)
         self.timeout = timeout
         self.metrics_url = metrics_url
         self.info_timeout = info_timeout
+        self.ssl = ssl
+        self.retry_started = retry_started
+        self.admin_key = admin_key
+        self.model = model
+        self.failover = failover
         self._factory = client_factory or self._sdk_client
         self._info = info_client
         self._clients: dict[str, Any] = {}
@@ -92,8 +125,17 @@ class Backend:
             return self._clients[model]
 
     def models(self) -> list[str]:
-        """The server's ready pipeline models."""
-        return pipeline_models(self._info_client(), timeout=self.info_timeout)
+        """The server's ready pipeline models.
+
+        The list comes from Triton's repository index, a control API: on a server that keeps
+        it closed and without `admin_key`, the page offers the model it was started with.
+        """
+        try:
+            return pipeline_models(self._info_client(), timeout=self.info_timeout)
+        except SdserveError as exc:
+            if self.admin_key or "restricted" not in exc.message:
+                raise
+        return [self.model]
 
     def model_info(self, model: str) -> ModelInfo:
         """Schedulers and limits of `model`."""
@@ -106,7 +148,7 @@ class Backend:
         except SdserveError:
             return ServerStatus(self.url, QueueState(model, ready=False), self.in_flight)
         queue = fetch_queue_state(client, model, self.metrics_url, timeout=self.info_timeout)
-        return ServerStatus(self.url, queue, self.in_flight)
+        return ServerStatus(self.url, queue, self.in_flight, self._replicas_ready(client, model))
 
     @property
     def in_flight(self) -> int:
@@ -137,18 +179,86 @@ class Backend:
                     close()
 
     def _sdk_client(self, url: str, model: str) -> InpaintClient:
-        return InpaintClient(url, model, timeout=self.timeout)
+        return InpaintClient(
+            url,
+            model,
+            timeout=self.timeout,
+            ssl=self.ssl,
+            retry_started=self.retry_started,
+            failover=self.failover,
+            admin_key=self.admin_key,
+        )
 
     def _info_client(self) -> InfoClient:
         with self._lock:
             if self._info is None:
-                import tritonclient.grpc as grpcclient  # type: ignore[import-untyped]
-                from tritonclient.utils import (  # type: ignore[import-untyped]
-                    InferenceServerException,
+                tls = tls_settings(self.ssl)
+                pool = ReplicaPool(
+                    [(url, connect(url, tls)) for url in self.urls],
+                    self.model,
+                    self.failover,
+                    partial(explain, tls=tls),
                 )
-
-                try:
-                    self._info = grpcclient.InferenceServerClient(self.url)
-                except InferenceServerException as exc:
-                    raise SdserveError.from_triton(exc) from None
+                self._info = PoolInfoClient(pool, self.admin_key)
             return self._info
+
+    def _replicas_ready(self, client: InfoClient, model: str) -> tuple[int, int] | None:
+        """(ready, total) replicas for the status line; `None` with one server."""
+        if len(self.urls) == 1 or not isinstance(client, PoolInfoClient):
+            return None
+        return client.ready_count(model, self.info_timeout), len(self.urls)
+
+
+class PoolInfoClient:
+    """The `InfoClient` calls of the web UI on replicas: each call goes to a healthy one and
+    fails over (they are all idempotent); the operator's key, if any, goes with every call.
+
+    Args:
+        pool (`ReplicaPool`): the servers.
+        admin_key (`str`, *optional*): sent as the `sdserve-admin-key` header.
+    """
+
+    def __init__(self, pool: ReplicaPool, admin_key: str | None = None) -> None:
+        self.pool = pool
+        self._headers = {GRPC_ADMIN_KEY_HEADER: admin_key} if admin_key else None
+
+    def get_model_config(self, model_name: str, **kwargs: Any) -> Any:
+        return self.pool.call(
+            lambda c: c.get_model_config(model_name, headers=self._headers, **kwargs)
+        )
+
+    def get_model_repository_index(self, **kwargs: Any) -> Any:
+        return self.pool.call(
+            lambda c: c.get_model_repository_index(headers=self._headers, **kwargs)
+        )
+
+    def get_inference_statistics(self, model_name: str = "", **kwargs: Any) -> Any:
+        return self.pool.call(
+            lambda c: c.get_inference_statistics(model_name, headers=self._headers, **kwargs)
+        )
+
+    def is_server_ready(self, **kwargs: Any) -> Any:
+        return self.pool.call(lambda c: c.is_server_ready(headers=self._headers, **kwargs))
+
+    def is_model_ready(self, model_name: str, **kwargs: Any) -> Any:
+        return self.pool.call(
+            lambda c: c.is_model_ready(model_name, headers=self._headers, **kwargs)
+        )
+
+    def ready_count(self, model: str, timeout: float | None = None) -> int:
+        """How many replicas have the server and `model` ready (probes each)."""
+        return sum(self._ready(replica.client, model, timeout) for replica in self.pool.replicas())
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @staticmethod
+    def _ready(client: Any, model: str, timeout: float | None) -> bool:
+        from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
+
+        try:
+            return bool(client.is_server_ready(client_timeout=timeout)) and bool(
+                client.is_model_ready(model, client_timeout=timeout)
+            )
+        except InferenceServerException:
+            return False
