@@ -33,14 +33,19 @@ from sdserve_pipeline.triton_server import TritonServer
 # --- Pure parts ----------------------------------------------------------------------------
 
 
-def test_key_from_the_environment_wins_over_the_file(tmp_path: Path) -> None:
+def test_key_from_the_environment(tmp_path: Path) -> None:
+    key = resolve_admin_key({ADMIN_KEY_ENV: "from-env"}, tmp_path / "generated")
+
+    assert key.value == "from-env" and not (tmp_path / "generated").exists()
+
+
+def test_key_from_both_the_environment_and_a_file_is_ambiguous(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("from-file\n")
     env = {ADMIN_KEY_ENV: "from-env", ADMIN_KEY_FILE_ENV: str(key_file)}
 
-    key = resolve_admin_key(env, tmp_path / "generated")
-
-    assert key.value == "from-env" and not (tmp_path / "generated").exists()
+    with pytest.raises(SecurityConfigError, match="not both"):
+        resolve_admin_key(env, tmp_path / "generated")
 
 
 def test_key_from_a_file_is_stripped(tmp_path: Path) -> None:

@@ -80,8 +80,9 @@ def _checked(value: str, source: str) -> AdminKey:
 
 
 def resolve_admin_key(env: Mapping[str, str], generated_path: Path) -> AdminKey:
-    """The admin key: `SDSERVE_ADMIN_KEY`, else the file `SDSERVE_ADMIN_KEY_FILE`, else a
-    new random key written to `generated_path` (mode 0600, replaced on every start).
+    """The admin key: `SDSERVE_ADMIN_KEY` or the file `SDSERVE_ADMIN_KEY_FILE` (not both, as
+    in docker/entrypoint.sh), else a new random key written to `generated_path` (mode 0600,
+    replaced on every start).
 
     Args:
         env (`Mapping[str, str]`): Environment to read (usually `os.environ`).
@@ -91,8 +92,11 @@ def resolve_admin_key(env: Mapping[str, str], generated_path: Path) -> AdminKey:
         The key and where it came from.
 
     Raises:
-        SecurityConfigError: The configured key is empty or malformed, or its file unreadable.
+        SecurityConfigError: Both are set, the key is empty or malformed, or its file
+            unreadable.
     """
+    if env.get(ADMIN_KEY_ENV) and env.get(ADMIN_KEY_FILE_ENV):
+        raise SecurityConfigError(f"set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}, not both")
     if env.get(ADMIN_KEY_ENV):
         return _checked(env[ADMIN_KEY_ENV], f"${ADMIN_KEY_ENV}")
     if env.get(ADMIN_KEY_FILE_ENV):
