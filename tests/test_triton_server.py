@@ -476,3 +476,52 @@ def test_stop_kills_a_stub_that_outlives_the_server(tmp_path: Path) -> None:
 
     assert server.wait(0) != 0  # tritonserver gave up on the unload: "Exit timeout expired"
     _assert_group_gone(server.pid)
+
+
+def test_a_taken_port_names_the_process_holding_it(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        (tmp_path / "models").mkdir()
+        server = TritonServer(
+            tmp_path / "models", http_port=0, grpc_port=port, metrics_port=0, build_dir=tmp_path
+        )
+
+        with pytest.raises(TritonServerError, match=f"gRPC port {port} on 127.0.0.1 is taken") as e:
+            server.start()
+
+    assert f"held by pid {os.getpid()} (" in str(e.value) and server.pid is None
+
+
+@pytest.mark.e2e
+@needs_tritonserver
+def test_a_launcher_killed_with_sigkill_takes_its_server_along(
+    repository: Path, tmp_path: Path
+) -> None:
+    command = [sys.executable, "-m", "sdserve_pipeline.serve", "--repository", str(repository)]
+    command += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    command += ["--exit-timeout-secs", "2", "--build-dir", str(tmp_path / "build")]
+    launcher = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(launcher.stdout, lines), daemon=True).start()
+    try:
+        output = "".join(_wait_for_line(lines, "serving;", timeout_s=120))
+        server_pid = int(re.search(r"pid (\d+)", output).group(1))  # type: ignore[union-attr]
+        grpc_port = int(re.search(r"gRPC\s+\S+:(\d+)", output).group(1))  # type: ignore[union-attr]
+        assert "admin key: generated for this start" in output
+
+        launcher.kill()  # SIGKILL: no handler, no cleanup
+        launcher.wait(10)
+
+        deadline = time.monotonic() + 30  # SIGTERM, then --exit-timeout-secs at most
+        while process_group_members(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        launcher.kill()
+    _assert_group_gone(server_pid)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", grpc_port))  # the port is free for the next start
