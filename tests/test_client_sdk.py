@@ -810,7 +810,14 @@ def t2i(client: InpaintClient, **options: Any) -> GenerationResult:
         ("StatusCode.INVALID_ARGUMENT", "steps: 0 out of range", Outcome.FINAL),
         ("StatusCode.CANCELLED", "Locally cancelled by application!", Outcome.FINAL),
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", Outcome.FINAL),
-        ("StatusCode.INTERNAL", "unet: Stub process 'unet_0_0' is not healthy.", Outcome.FINAL),
+        ("StatusCode.INTERNAL", "unet: Stub process 'unet_0_0' is not healthy.", Outcome.BROKEN),
+        ("StatusCode.INTERNAL", "RuntimeError: boom", Outcome.FINAL),
+        (
+            "StatusCode.UNAVAILABLE",
+            "Not enough memory: the request needs about 900 MB, the memory budget is 800 MB "
+            "and requests in progress hold 0 MB; retry later, or ask for fewer or smaller images",
+            Outcome.REFUSED,
+        ),
         (None, "boom", Outcome.FINAL),
     ],
 )
@@ -889,8 +896,18 @@ def test_a_failed_replica_is_probed_after_its_backoff_and_rejoins_when_ready() -
     assert pool.states()[0].healthy
 
 
-def test_a_full_queue_moves_the_request_but_keeps_the_replica_in_rotation() -> None:
-    a, b = ReplicaFake("a:1", [QUEUE_FULL]), ReplicaFake("b:1")
+OVER_BUDGET = InferenceServerException(
+    "Not enough memory: the request needs about 900 MB, the memory budget is 800 MB and "
+    "requests in progress hold 0 MB; retry later, or ask for fewer or smaller images",
+    "StatusCode.UNAVAILABLE",
+)
+
+
+@pytest.mark.parametrize("busy", [QUEUE_FULL, OVER_BUDGET])
+def test_a_busy_replica_moves_the_request_but_stays_in_rotation(
+    busy: InferenceServerException,
+) -> None:
+    a, b = ReplicaFake("a:1", [busy]), ReplicaFake("b:1")
     client = replica_client(a, b)
     assert t2i(client).seeds == [42]  # no seed: not started, so moving it is always safe
     assert (a.infers(), b.infers()) == (1, 1)

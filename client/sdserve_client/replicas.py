@@ -14,8 +14,8 @@ it (`classify`):
 - `NOT_SENT`: no server got it (connection refused, unreachable, TLS setup failed);
 - `REFUSED`: a server answered that it did not start it (queue full, request timed out in
   its queue, model not loaded there or being unloaded);
-- `BROKEN`: the connection broke during the call (a server killed mid-request): the request
-  may have started generating;
+- `BROKEN`: the connection broke during the call (a server killed mid-request), or a
+  backend process of the server died under it: the request may have started generating;
 - `FINAL`: any other answer (invalid input, a cancel, a deadline, a failure inside the
   pipeline), which another replica would repeat or which the caller asked for.
 
@@ -55,6 +55,9 @@ NOT_STARTED_MESSAGES: tuple[str, ...] = (
 )
 # Of those, the ones from a busy but healthy server: it stays in rotation.
 BUSY_MESSAGES: tuple[str, ...] = ("Exceeds maximum queue size", "memory budget")
+# INTERNAL answers of a server whose backend stub died during the request (Triton 2.51:
+# "unet: Stub process 'unet_0_0' is not healthy."); the server reloads the model meanwhile.
+CRASH_MESSAGES: tuple[str, ...] = ("is not healthy", "Stub process")
 # gRPC's wording of a call that never reached a server.
 _NOT_SENT_MESSAGES: tuple[str, ...] = (
     "failed to connect to all addresses",
@@ -117,6 +120,8 @@ def classify(status: str | None, message: str) -> Outcome:
         return Outcome.BROKEN
     if code == "NOT_FOUND" and "unknown model" in message:
         return Outcome.REFUSED  # not loaded here (or being unloaded): another may have it
+    if code == "INTERNAL" and any(text in message for text in CRASH_MESSAGES):
+        return Outcome.BROKEN  # a backend process died under it: this server is reloading
     return Outcome.FINAL
 
 
@@ -394,6 +399,7 @@ class ReplicaPool:
 __all__ = [
     "ADMIN_KEY_HEADER",
     "BUSY_MESSAGES",
+    "CRASH_MESSAGES",
     "GRPC_ADMIN_KEY_HEADER",
     "NOT_STARTED_MESSAGES",
     "FailoverPolicy",
