@@ -55,8 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--admin-key-file",
         type=Path,
-        help="file holding the operator's key for Triton's control APIs (model list, "
-        f"statistics); or set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}",
+        help="file holding the operator's key for Triton's control APIs (the full model list;"
+        f" without it the page offers --model); or set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}",
     )
     add_tls_arguments(parser)
     args = parser.parse_args(argv)
