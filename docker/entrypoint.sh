@@ -23,6 +23,8 @@
 #                           512², 768², 768x512, 512x768; SDXL 1024² and its ratios]
 #   SDSERVE_FP32_COMPONENTS components built without fp16 [the SDXL VAE only]
 #   SDSERVE_INSTANCES       instances per GPU of each component [1]
+#   SDSERVE_WATCHDOG        0 turns off the watchdog that reloads a model whose Python
+#                           backend stub died [1]
 #
 # Triton's control APIs (model repository, shared memory, statistics, trace, logging) are
 # closed on gRPC and HTTP unless a request carries the operator's key: HTTP header
@@ -175,9 +177,19 @@ write_gpu_repository
 flock --unlock 9
 exec 9>&-
 
+# The watchdog (sdserve_pipeline.healing) reloads a model whose Python backend stub died,
+# which Triton 2.51 never does; it runs beside tritonserver, which keeps this shell's pid
+# across exec, and ends with it. It needs explicit model control (load/unload, behind the key).
+if [[ "${SDSERVE_WATCHDOG:-1}" != "0" ]]; then
+    env -u SDSERVE_ADMIN_KEY_FILE SDSERVE_ADMIN_KEY="${admin_key}" \
+        "${python}" -m sdserve_pipeline.healing --server-pid "$$" --http 127.0.0.1:8000 &
+fi
+
 log "starting tritonserver on ${gpu_repository}"
 exec tritonserver \
     --model-repository="${gpu_repository}" \
+    --model-control-mode=explicit \
+    --load-model='*' \
     --http-port=8000 \
     --grpc-port=8001 \
     --metrics-port=8002 \

@@ -939,6 +939,7 @@ def _run_entrypoint(tmp_path: Path, **env: str) -> list[list[str]]:
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "CALLS": str(calls),
         "SDSERVE_BUILD_DIR": str(tmp_path / "build"),
+        "SDSERVE_WATCHDOG": "0",  # started in the background: it would race these records
         **env,
     }
     command = ["bash", str(DOCKER / "entrypoint.sh"), "--log-verbose=1"]

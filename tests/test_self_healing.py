@@ -232,3 +232,45 @@ def test_a_killed_pipeline_stub_is_reloaded_and_serves_the_same_images(healing_s
     assert False in after_kill and after_kill[-1] is True, seen
     print(f"\npipeline stub killed: outcomes {[type(o).__name__ for o in outcomes.values()]}, "
           f"answered in {answered_s:.1f}s; events: {server.events}")  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_the_standalone_watchdog_heals_a_server_started_without_the_launcher(tmp_path: Path):
+    """docker/entrypoint.sh runs `python -m sdserve_pipeline.healing` beside tritonserver."""
+    import subprocess
+    import sys
+
+    from test_triton_server import _ADD_ONE, _infer_add_one, _write_model
+
+    from sdserve_pipeline.triton_server import TritonServer
+
+    repository = tmp_path / "models"
+    _write_model(repository, "add_one", _ADD_ONE)
+    server = TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0,
+                          build_dir=tmp_path / "build", heal=False)  # fmt: skip
+    with server:
+        server.wait_ready(120)
+        env = {**os.environ, "SDSERVE_ADMIN_KEY": server.admin_key.value}
+        env.pop("SDSERVE_ADMIN_KEY_FILE", None)
+        watchdog = subprocess.Popen(
+            [sys.executable, "-m", "sdserve_pipeline.healing", "--server-pid", str(server.pid),
+             "--http", server.http_url],
+            env=env, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(3)  # it snapshots the stubs once the server is ready
+            (pid,) = python_stubs(server.pid)["add_one"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while python_stubs(server.pid).get("add_one", [pid]) == [pid]:
+                assert time.monotonic() < deadline, "add_one was not reloaded"
+                time.sleep(0.2)
+            while not server.control.is_model_ready("add_one"):
+                assert time.monotonic() < deadline, "add_one not ready after its reload"
+                time.sleep(0.2)
+            np.testing.assert_array_equal(_infer_add_one(server.grpc_url), [2.0, 3.5, -2.0])
+        finally:
+            server.stop()
+            _, log = watchdog.communicate(timeout=30)  # ends with its server
+    assert watchdog.returncode == 0, log
+    assert "watching add_one" in log and "add_one reloaded in" in log, log

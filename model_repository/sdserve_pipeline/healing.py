@@ -142,3 +142,64 @@ class StubWatchdog:
 
 
 __all__ = ["STUB_NAME", "StubWatchdog", "python_stubs"]
+
+
+def wait_for_server(control: ControlClient, server_pid: int, timeout_s: float) -> bool:
+    """Waits until the server answers ready; False if it exited or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and Path(f"/proc/{server_pid}").exists():
+        try:
+            if control.is_ready():
+                return True
+        except ControlError:
+            pass
+        time.sleep(1.0)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sdserve_pipeline.healing`: the watchdog beside a tritonserver that was
+    started without the launcher (docker/entrypoint.sh), until that server exits."""
+    import argparse
+    import os
+    import sys
+
+    from sdserve_pipeline.server_security import (
+        ADMIN_KEY_ENV,
+        ADMIN_KEY_FILE_ENV,
+        SecurityConfigError,
+        resolve_admin_key,
+    )
+
+    parser = argparse.ArgumentParser(prog="python -m sdserve_pipeline.healing")
+    parser.add_argument("--server-pid", type=int, required=True, help="tritonserver's pid")
+    parser.add_argument("--http", default="127.0.0.1:8000", help="its HTTP host:port")
+    parser.add_argument("--ready-timeout", type=float, default=7200.0)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between polls")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(f"[sdserve] {message}", file=sys.stderr, flush=True)
+
+    try:  # the operator's key, as the server got it; never generated here
+        if not (os.environ.get(ADMIN_KEY_ENV) or os.environ.get(ADMIN_KEY_FILE_ENV)):
+            raise SecurityConfigError(f"set {ADMIN_KEY_ENV} or {ADMIN_KEY_FILE_ENV}")
+        key = resolve_admin_key(os.environ, Path("unused"))
+    except SecurityConfigError as err:
+        log(f"watchdog: no admin key ({err}); not started")
+        return 1
+    control = ControlClient(args.http, key.headers)
+    if not wait_for_server(control, args.server_pid, args.ready_timeout):
+        log("watchdog: the server never became ready; not started")
+        return 1
+    watchdog = StubWatchdog(args.server_pid, control, interval_s=args.interval, log=log)
+    watchdog.start()
+    log(f"watchdog: watching {', '.join(sorted(watchdog.expected)) or 'no'} Python model(s)")
+    while Path(f"/proc/{args.server_pid}").exists():
+        time.sleep(1.0)
+    watchdog.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
