@@ -52,17 +52,23 @@ demo: repository
 serve: repository
 	$(PY) -m sdserve_pipeline.serve --repository $(REPOSITORY) --build-dir build
 
+# The UI lists every model when it has the operator's key: the one `make serve` generated
+# (build/admin-key-<grpc port>) for a running server, else one made here for both.
 ui: repository $(UI_STAMP)
-	@if $(PY) -c "import sys, tritonclient.grpc as g; sys.exit(not g.InferenceServerClient('$(GRPC_URL)').is_server_live())" 2>/dev/null; then \
+	@key=build/admin-key-$(lastword $(subst :, ,$(GRPC_URL))); \
+	if $(PY) -c "import sys, tritonclient.grpc as g; sys.exit(not g.InferenceServerClient('$(GRPC_URL)').is_server_live())" 2>/dev/null; then \
 		echo "[ui] using the Triton server already running at $(GRPC_URL)"; \
 	else \
-		$(PY) -m sdserve_pipeline.serve --repository $(REPOSITORY) --build-dir build & \
+		key=build/admin-key-ui; \
+		(umask 077; $(PY) -c "import secrets; print(secrets.token_hex(32))" > $$key); \
+		SDSERVE_ADMIN_KEY_FILE=$$key $(PY) -m sdserve_pipeline.serve --repository $(REPOSITORY) --build-dir build & \
 		server=$$!; \
 		trap 'kill -TERM $$server 2>/dev/null; wait $$server' EXIT; \
 		trap 'exit 130' INT TERM; \
 	fi; \
 	$(PY) -m sdserve_client.webui --server $(GRPC_URL) --metrics-url $(METRICS_URL) \
-		--host $(UI_HOST) --port $(UI_PORT) --wait-ready 600
+		--host $(UI_HOST) --port $(UI_PORT) --wait-ready 600 \
+		$$([ -r $$key ] && echo --admin-key-file $$key)
 
 # Throughput/latency sweep on the demo pipeline (a few minutes); bench-full adds the full-size
 # SD 1.5-inpainting architecture (random weights, built once under build/bench). Results go to

@@ -11,12 +11,15 @@ from .canvas import (
 )
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike, to_mask_array, to_rgb_array
+from .replicas import FailoverPolicy
 from .request import GenerationRequest, add_batch_dim, encode_request
 from .sdk import GenerationResult, InpaintClient, PendingGeneration
+from .tls import TlsSettings
 
 __all__ = [
     "Canvas",
     "Extension",
+    "FailoverPolicy",
     "GenerationRequest",
     "GenerationResult",
     "ImageLike",
@@ -25,6 +28,7 @@ __all__ = [
     "MaskLike",
     "PendingGeneration",
     "SdserveError",
+    "TlsSettings",
     "Window",
     "add_batch_dim",
     "band_mask",
