@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -42,6 +43,32 @@ class Outcomes:
         with self._done:
             if not self._done.wait_for(lambda: len(self.order) >= count, timeout=WAIT_S):
                 raise TimeoutError(f"{len(self.order)} of {count} requests answered")
+
+
+class Recorder:
+    """An `outcomes.Observer` that keeps every report."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[str, float]] = []
+        self.waits: list[float] = []
+        self.loads: list[tuple[int, int, int]] = []
+        self._lock = threading.Lock()
+
+    def answered(self, outcome: str, duration_s: float) -> None:
+        with self._lock:
+            self.outcomes.append((outcome, duration_s))
+
+    def dequeued(self, waited_s: float) -> None:
+        with self._lock:
+            self.waits.append(waited_s)
+
+    def load(self, pending: int, outstanding_steps: int, reserved_bytes: int) -> None:
+        with self._lock:
+            self.loads.append((pending, outstanding_steps, reserved_bytes))
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(outcome for outcome, _ in self.outcomes))
 
 
 def spied_service(service: PipelineService, on_unet=None):
@@ -195,7 +222,7 @@ def test_bad_request_is_answered_at_once_without_taking_a_slot(service):
 def test_requests_beyond_max_active_wait_and_beyond_the_queue_are_refused(service, case):
     image, mask = case
     outcomes = Outcomes()
-    waits: list[float] = []
+    observed = Recorder()
     stepping, release = threading.Event(), threading.Event()
     unet = service.loop.components.unet
 
@@ -209,7 +236,7 @@ def test_requests_beyond_max_active_wait_and_beyond_the_queue_are_refused(servic
         PipelineService(loop, service.limits, service.outpaint),
         max_active=1,
         max_queued=1,
-        on_dequeue=waits.append,
+        observer=observed,
     )
     try:
         batcher.submit(wire(image, mask, steps=2, seed=1), outcomes.callback("first"))
@@ -226,7 +253,9 @@ def test_requests_beyond_max_active_wait_and_beyond_the_queue_are_refused(servic
         release.set()
         batcher.close()
     assert outcomes.order == ["third", "first", "second"]
+    waits = observed.waits
     assert batcher.pending == 0 and len(waits) == 2 and waits[1] > waits[0]
+    assert observed.counts() == {"overloaded": 1, "success": 2}
 
 
 def test_a_client_sending_on_each_answer_joins_the_next_step_with_join_wait(service, case):
@@ -366,3 +395,143 @@ def test_close_finishes_what_was_submitted_then_refuses(service):
     assert sorted(outcomes.order) == ["1", "2"]
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(wire(steps=3, height=64, width=64, seed=3), outcomes.callback("late"))
+
+
+# --- every outcome counted; outstanding steps; admission by memory (issue 14) --------------
+
+
+def gated_service(service: PipelineService, gate: threading.Event, broken_height: int = 0):
+    """The demo service whose UNet waits for `gate` and fails on latents `broken_height` high."""
+    unet = service.loop.components.unet
+
+    def gated(*inputs):
+        gate.wait(WAIT_S)
+        if inputs[0].shape[2] == broken_height:
+            raise RuntimeError("unet: engine lost")
+        return unet(*inputs)
+
+    loop = InpaintLoop(replace(service.loop.components, unet=gated), service.loop.assets)
+    return PipelineService(loop, service.limits, service.outpaint)
+
+
+def test_every_request_is_counted_once_with_its_outcome(service, case):
+    image, mask = case
+    tall, tall_mask = make_case(96, 64, seed=4)
+    outcomes, observed, gate, cancel = Outcomes(), Recorder(), threading.Event(), threading.Event()
+    batcher = ContinuousBatcher(
+        gated_service(service, gate, broken_height=12),  # 96 px / 8
+        max_active=1, max_queued=2, queue_timeout_s=WAIT_S, observer=observed,
+    )  # fmt: skip
+    try:
+        batcher.submit(wire(image, mask, steps=2, seed=1), outcomes.callback("served"))
+        batcher.submit(
+            wire(image, mask, steps=2, seed=2), outcomes.callback("late"), timeout_s=0.05
+        )
+        batcher.submit(wire(image, mask, steps=2, seed=3), outcomes.callback("gone"), cancel.is_set)
+        batcher.submit(wire(image, mask, steps=2, seed=4), outcomes.callback("full"))
+        batcher.submit(wire(image, mask, steps=0), outcomes.callback("bad"))
+        batcher.refuse(outcomes.callback("malformed"), RequestError("prompt", "batch of 2"))
+        assert observed.counts() == {"overloaded": 1, "invalid": 2}  # answered at once
+        time.sleep(0.1)  # past the late one's own timeout (not a timing assertion)
+        cancel.set()
+        gate.set()
+        outcomes.wait(6)
+        batcher.submit(wire(tall, tall_mask, steps=2, seed=5), outcomes.callback("broken"))
+        outcomes.wait(7)
+    finally:
+        gate.set()
+        batcher.close()
+    assert observed.counts() == {"success": 1, "invalid": 2, "cancelled": 1, "timeout": 1,
+                                 "overloaded": 1, "failed": 1}  # fmt: skip
+    assert all(duration >= 0 for _, duration in observed.outcomes)
+    assert len(observed.waits) == 4  # served, late, gone, broken left the queue
+    assert observed.loads[-1] == (0, 0, 0) and batcher.outstanding_steps == 0
+
+
+def test_outstanding_steps_count_queued_estimates_and_running_schedules(service, case):
+    image, mask = case
+    seen: list[tuple[int, int]] = []
+    holder: dict[str, ContinuousBatcher] = {}
+
+    def look(calls: int) -> None:  # at each UNet call, before that step is counted
+        seen.append((holder["b"].outstanding_steps, holder["b"].memory_reserved))
+
+    spied, _ = spied_service(service, look)
+    observed, outcomes = Recorder(), Outcomes()
+    batcher = holder["b"] = ContinuousBatcher(spied, max_active=1, observer=observed)
+    first = wire(image, mask, steps=4, seed=1, scheduler="euler")
+    half = wire(image, mask, steps=6, seed=2, scheduler="euler", strength=0.5)  # 3 steps
+    reserved = sum(
+        batcher.memory.request_bytes_of(service, service.parse(r)) for r in (first, half)
+    )
+    try:
+        with batcher._wake:  # both taken before the worker looks: one turn sees both
+            batcher.submit(first, outcomes.callback("first"))
+            batcher.submit(half, outcomes.callback("half"))
+        outcomes.wait(2)
+    finally:
+        batcher.close()
+    assert [steps for steps, _ in seen] == [7, 6, 5, 4, 3, 2, 1]
+    assert seen[0][1] == reserved
+    assert batcher.outstanding_steps == 0 and batcher.memory_reserved == 0
+    assert observed.loads[-1] == (0, 0, 0)
+
+
+def test_outpainting_steps_are_images_times_bands_and_count_down(service, case):
+    from sdserve_pipeline.admission import denoising_steps
+
+    image, _ = case
+    request = wire(image, np.zeros((64, 64), np.uint8), steps=2, seed=4, num_images=2)
+    request["outpaint"] = np.array([0, 0, 200, 0], np.int32)  # 64 x 264: bands of 128
+    expected = denoising_steps(service, service.parse(request))
+    seen: list[int] = []
+    holder: dict[str, ContinuousBatcher] = {}
+    spied, _ = spied_service(service, lambda calls: seen.append(holder["b"].outstanding_steps))
+    outcomes = Outcomes()
+    batcher = holder["b"] = ContinuousBatcher(spied)
+    try:
+        batcher.submit(request, outcomes.callback("outpaint"))
+        outcomes.wait(1)
+    finally:
+        batcher.close()
+    assert outcomes.by_name["outpaint"]["images"].shape == (2, 64, 264, 3)
+    assert expected == 2 * 2 * 3  # steps x images x bands
+    assert seen[0] == expected - 1  # the first step is counted as it starts
+    assert seen == sorted(seen, reverse=True) and batcher.outstanding_steps == 0
+
+
+def test_a_request_past_the_memory_budget_is_refused_at_once_with_the_numbers(service, case):
+    from sdserve_pipeline.admission import MB, OverMemoryBudget
+
+    image, mask = case
+    small = wire(image, mask, steps=2, seed=1)
+    large = wire(image, mask, steps=2, seed=1, num_images=8)
+    probe = ContinuousBatcher(service)
+    probe.close()
+    one = probe.memory.request_bytes_of(service, service.parse(small))
+    outcomes, observed, gate = Outcomes(), Recorder(), threading.Event()
+    batcher = ContinuousBatcher(
+        gated_service(service, gate), memory_budget=int(1.5 * one), observer=observed
+    )
+    try:
+        batcher.submit(small, outcomes.callback("first"))
+        batcher.submit(small, outcomes.callback("second"))
+        batcher.submit(large, outcomes.callback("large"))
+        assert outcomes.order == ["second", "large"]  # refused at once, from this thread
+        second, alone = outcomes.by_name["second"], outcomes.by_name["large"]
+        assert isinstance(second, OverMemoryBudget) and isinstance(second, Overloaded)
+        assert f"needs about {one / MB:.0f} MB" in str(second)
+        assert f"budget is {1.5 * one / MB:.0f} MB" in str(second)
+        assert f"in progress hold {one / MB:.0f} MB" in str(second)
+        assert "more than the whole budget" in str(alone) and "more" not in str(second)
+        assert batcher.memory_reserved == one
+        gate.set()
+        outcomes.wait(3)
+        batcher.submit(small, outcomes.callback("after"))  # the first one's share is free
+        outcomes.wait(4)
+    finally:
+        gate.set()
+        batcher.close()
+    assert outcomes.by_name["after"]["images"].shape == (1, 64, 64, 3)
+    assert observed.counts() == {"success": 2, "overloaded": 2}
+    assert batcher.memory_reserved == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -413,35 +414,64 @@ sdserve_queue_duration_us{model="inpaint_xl"} 7
 """  # noqa: E501
 # The same endpoint of a server from before the pipeline's batcher: no sdserve_* metrics.
 OLD_METRICS = "\n".join(line for line in METRICS.splitlines() if "sdserve_" not in line)
-
-
-def statistics(model: str = "inpaint") -> service_pb2.ModelStatisticsResponse:
-    stats = service_pb2.ModelStatisticsResponse()
-    for version, (ok, failed) in {"1": (3, 1), "2": (1, 0)}.items():
-        entry = stats.model_stats.add(name=model, version=version)
-        entry.inference_stats.success.count = ok
-        entry.inference_stats.fail.count = failed
-        entry.inference_stats.queue.count = ok + failed  # Triton's queue: not read any more
-        entry.inference_stats.queue.ns = 1_000
-    stats.model_stats.add(name="unet", version="1").inference_stats.success.count = 99
-    return stats
+# A server counting every outcome (issue 14): the metrics above plus these.
+OUTCOME_METRICS = (
+    METRICS
+    + """
+# HELP sdserve_requests_total Requests answered by the pipeline, by outcome
+# TYPE sdserve_requests_total counter
+sdserve_requests_total{model="inpaint",outcome="success"} 40
+sdserve_requests_total{model="inpaint",outcome="invalid"} 2
+sdserve_requests_total{model="inpaint",outcome="cancelled"} 0
+sdserve_requests_total{model="inpaint",outcome="timeout"} 1
+sdserve_requests_total{model="inpaint",outcome="overloaded"} 3
+sdserve_requests_total{model="inpaint",outcome="failed"} 0
+sdserve_requests_total{model="inpaint_xl",outcome="failed"} 9
+# HELP sdserve_queue_wait_us Microseconds requests waited in the pipeline's queue before starting
+# TYPE sdserve_queue_wait_us histogram
+sdserve_queue_wait_us_count{model="inpaint"} 41
+sdserve_queue_wait_us_sum{model="inpaint"} 82000
+sdserve_queue_wait_us_bucket{model="inpaint",le="1000"} 20
+sdserve_queue_wait_us_bucket{model="inpaint",le="+Inf"} 41
+# TYPE sdserve_outstanding_steps gauge
+sdserve_outstanding_steps{model="inpaint"} 340
+# TYPE sdserve_memory_reserved_bytes gauge
+sdserve_memory_reserved_bytes{model="inpaint"} 3221225472
+# TYPE sdserve_memory_budget_bytes gauge
+sdserve_memory_budget_bytes{model="inpaint"} 12884901888
+"""
+)
 
 
 def test_queue_state_reads_the_pipeline_queue_metrics():
-    state = si.queue_state_from_statistics("inpaint", statistics(), METRICS)
-    # 2 waiting; 50 000 us waited over 4 requests (both versions) = 12.5 ms each
-    assert state == si.QueueState("inpaint", True, 4, 1, 12.5, 2)
+    # 2 waiting; 50 000 us waited over 4 requests taken (both versions) = 12.5 ms each
+    assert si.queue_state_from_metrics("inpaint", METRICS) == si.QueueState(
+        "inpaint", True, avg_queue_ms=12.5, pending=2
+    )
     assert si.pipeline_queue_from_metrics(METRICS, "inpaint") == (2, 12.5)
     assert si.metric_value(METRICS, si.PENDING_METRIC, "inpaint_xl") == 5.0
     assert si.metric_value(METRICS, si.SUCCESS_METRIC, "inpaint") == 4.0
     assert si.metric_value(METRICS, si.PENDING_METRIC, "sd15_base") is None
 
 
-def test_queue_state_says_nothing_about_waiting_without_the_pipeline_metrics():
-    # no metrics endpoint, or an older server: Triton's ~0 queue numbers are not shown instead
-    for metrics in (None, OLD_METRICS, ""):
-        state = si.queue_state_from_statistics("inpaint", statistics(), metrics)
-        assert state == si.QueueState("inpaint", True, 4, 1, avg_queue_ms=None, pending=None)
+def test_queue_state_reads_outcomes_steps_memory_and_the_wait_histogram():
+    state = si.queue_state_from_metrics("inpaint", OUTCOME_METRICS)
+    assert state.outcomes == {"success": 40, "invalid": 2, "cancelled": 0, "timeout": 1,
+                              "overloaded": 3, "failed": 0}  # fmt: skip
+    assert (state.succeeded, state.failed) == (40, 6)
+    assert state.avg_queue_ms == 2.0  # the histogram: 82 000 us over 41 waits
+    assert state.outstanding_steps == 340 and state.pending == 2
+    assert (state.memory_reserved, state.memory_budget) == (3 << 30, 12 << 30)
+    assert si.outcome_counts(OUTCOME_METRICS, "inpaint_xl") == dict.fromkeys(si.OUTCOMES, 0) | {
+        "failed": 9
+    }
+    assert si.metric_value(OUTCOME_METRICS, si.REQUESTS_METRIC, "inpaint", outcome="timeout") == 1
+
+
+def test_queue_state_says_nothing_about_load_without_the_pipeline_metrics():
+    # no metrics endpoint, or an older server: Triton's misleading numbers are not shown instead
+    for metrics in (OLD_METRICS, ""):
+        assert si.queue_state_from_metrics("inpaint", metrics) == si.QueueState("inpaint", True)
     # counters without the success count (model metrics off): pending only
     no_success = "\n".join(line for line in METRICS.splitlines() if "request_success" not in line)
     assert si.pipeline_queue_from_metrics(no_success, "inpaint") == (2, None)
@@ -466,20 +496,41 @@ sdserve_queue_pending_requests{model="inpaint",instance="c"} NaN
 sdserve_queue_pending_requests 9
 """
     assert si.metric_value(text, si.PENDING_METRIC, "inpaint") == 3.0
+    assert si.metric_value(text, si.PENDING_METRIC, "inpaint", instance="b") == 2.0
+    assert si.metric_value(text, si.PENDING_METRIC, "inpaint", instance="z") is None
 
 
-def test_fetch_queue_state_reads_the_metrics_endpoint_when_given(monkeypatch):
-    triton = FakeTriton([pipeline_config()])
-    triton.stats = statistics()
+def test_fetch_queue_state_reads_only_open_apis_and_the_metrics_endpoint(monkeypatch):
+    class Locked(FakeTriton):  # statistics need the operator's key (issue 14)
+        def get_inference_statistics(self, model_name="", **kwargs):
+            raise AssertionError("the statistics API is restricted: never asked")
+
+    triton = Locked([pipeline_config()])
     urls = []
-    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: urls.append(url) or METRICS)
+    monkeypatch.setattr(
+        si, "fetch_metrics", lambda url, timeout=None: urls.append(url) or OUTCOME_METRICS
+    )
     state = si.fetch_queue_state(triton, "inpaint", "http://h:8002/metrics")
-    assert state == si.QueueState("inpaint", True, 4, 1, 12.5, 2)
+    assert state == si.queue_state_from_metrics("inpaint", OUTCOME_METRICS)
     assert urls == ["http://h:8002/metrics"]
-    assert si.fetch_queue_state(triton, "inpaint") == si.QueueState("inpaint", True, 4, 1)
+    assert si.fetch_queue_state(triton, "inpaint") == si.QueueState("inpaint", True)
     assert urls == ["http://h:8002/metrics"]  # no endpoint given: not asked
     monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: None)  # unreachable
     assert si.fetch_queue_state(triton, "inpaint", "http://h:8002/metrics").pending is None
+
+
+def test_recent_outcomes_are_the_counts_added_within_the_window():
+    recent = si.RecentOutcomes(window_s=300)
+    counts = dict.fromkeys(si.OUTCOMES, 0)
+    assert recent.update(None) == {}  # no counter on this server
+    assert recent.update(counts | {"success": 10, "failed": 2}, now=0) == counts  # baseline
+    assert recent.update(counts | {"success": 12, "failed": 3}, now=100)["failed"] == 1
+    later = recent.update(counts | {"success": 15, "failed": 3}, now=350)
+    assert later["failed"] == 1 and later["success"] == 5  # since the sample at 0 + ...
+    last = recent.update(counts | {"success": 15, "failed": 3}, now=700)
+    assert last["failed"] == 0 and last["success"] == 0  # nothing in the last 5 minutes
+    restarted = recent.update(counts | {"success": 1}, now=710)  # a new server
+    assert restarted == counts
 
 
 def test_unreachable_server_is_not_ready_rather_than_an_error():
@@ -508,31 +559,46 @@ def test_backend_makes_one_client_per_model_and_counts_requests_in_flight():
 
 def test_status_line_shows_readiness_load_and_queue():
     ready = si.QueueState("inpaint", True, 5, 1, 12.4, pending=2)
-    line = ServerStatus("127.0.0.1:8001", ready, in_flight=1).markdown()
+    line = cb.status_markdown("127.0.0.1:8001", ready, in_flight=1)
     assert line.startswith("**Ready**: `inpaint` at `127.0.0.1:8001`")
     assert "**Busy: 2 requests waiting in the server queue**" in line
-    assert "1 from this page running" in line and "5 done, 1 failed" in line
-    assert "mean queue wait 12 ms" in line
-    idle = ServerStatus("h:1", si.QueueState("inpaint", True, 0, 0, 0.0, 0)).markdown()
+    assert "1 from this page running" in line and "mean queue wait 12 ms" in line
+    assert "2 of 3 servers ready" in cb.status_markdown("a,b,c", ready, replicas=(2, 3))
+    idle = cb.status_markdown("h:1", si.QueueState("inpaint", True, avg_queue_ms=0.0, pending=0))
     assert "idle" in idle and "Busy" not in idle and "mean queue wait 0 ms" in idle
-    unknown = ServerStatus("h:1", si.QueueState("inpaint", True, 5, 1)).markdown()
-    assert "5 done, 1 failed" in unknown  # no pipeline queue metrics: nothing about waiting
-    assert "idle" not in unknown and "Busy" not in unknown and "queue" not in unknown
-    down = ServerStatus("h:1", si.QueueState("inpaint", False)).markdown()
+    unknown = cb.status_markdown("h:1", si.QueueState("inpaint", True))
+    assert unknown == "**Ready**: `inpaint` at `h:1`"  # no pipeline metrics: nothing guessed
+    down = cb.status_markdown("h:1", si.QueueState("inpaint", False))
     assert down.startswith("**Server not ready** at `h:1`")
+    old = ServerStatus("h:1", ready, in_flight=1).markdown()  # the backend's own line
+    assert "5 done, 1 failed" in old
+
+
+def test_status_line_shows_steps_memory_outcomes_and_recent_problems():
+    state = si.queue_state_from_metrics("inpaint", OUTCOME_METRICS)
+    recent = dict.fromkeys(si.OUTCOMES, 0) | {"success": 9, "overloaded": 2, "invalid": 1}
+    line = cb.status_markdown("h:1", state, recent=recent)
+    assert "340 denoising steps to go" in line
+    assert "memory 3.0 of 12.0 GB reserved" in line
+    assert "40 served, 2 invalid, 1 timed out in the queue, 3 refused (busy)" in line
+    assert "**lately: 2 refused (busy)**" in line  # the server's problems, not the client's
+    quiet = cb.status_markdown("h:1", state, recent=dict.fromkeys(si.OUTCOMES, 0))
+    assert "lately" not in quiet
+    no_budget = replace(state, memory_budget=0)
+    assert "memory" not in cb.status_markdown("h:1", no_budget)
 
 
 def test_status_line_from_the_metrics_endpoint(monkeypatch):
-    triton = FakeTriton([pipeline_config()])
-    triton.stats = statistics()
-    backend = Backend("h:1", metrics_url="http://h:8002/metrics", info_client=triton)
+    backend = Backend("h:1", metrics_url="http://h:8002/metrics",
+                      info_client=FakeTriton([pipeline_config()]))  # fmt: skip
     monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: METRICS)
-    line = backend.status("inpaint").markdown()
+    status = backend.status("inpaint")
+    line = cb.status_markdown(status.url, status.queue, status.in_flight)
     assert "**Busy: 2 requests waiting in the server queue**" in line
-    assert "4 done, 1 failed · mean queue wait 12 ms" in line
+    assert line.endswith("mean queue wait 12 ms") and "served" not in line
     monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: OLD_METRICS)
-    old = backend.status("inpaint").markdown()
-    assert old.endswith("4 done, 1 failed") and "idle" not in old and "Busy" not in old
+    old = backend.status("inpaint").queue
+    assert cb.status_markdown("h:1", old) == "**Ready**: `inpaint` at `h:1`"
 
 
 # --- wiring (needs gradio, not a server) --------------------------------------------------------
@@ -588,6 +654,27 @@ def test_handlers_return_gallery_summary_and_state(app_module):
     _, scheduler, steps, *_ = handlers.refresh("inpaint", "euler", 500, 1)
     assert scheduler["choices"] == [cb.DEFAULT_SCHEDULER, "ddim", "euler"]
     assert scheduler["value"] == "euler" and steps["maximum"] == 150 and steps["value"] == 150
+
+
+def test_handlers_status_line_shows_the_problems_since_the_last_polls(app_module, monkeypatch):
+    backend = Backend("h:1", metrics_url="http://h:8002/metrics",
+                      info_client=FakeTriton([pipeline_config()]))  # fmt: skip
+    handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
+    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: OUTCOME_METRICS)
+    first = handlers.status("inpaint")
+    assert "340 denoising steps to go" in first and "3 refused (busy)" in first
+    assert "lately" not in first  # the counts so far happened before this page looked
+    more = OUTCOME_METRICS.replace('outcome="failed"} 0', 'outcome="failed"} 2')
+    monkeypatch.setattr(si, "fetch_metrics", lambda url, timeout=None: more)
+    assert "**lately: 2 failed**" in handlers.status("")  # "": the configured model
+
+
+def test_busy_refusals_do_not_read_as_an_unreachable_server():
+    for message in ("Exceeds maximum queue size", "Request timeout expired",
+                    "Not enough memory: the request needs about 900 MB, the memory budget is "
+                    "512 MB and requests in progress hold 0 MB"):  # fmt: skip
+        error = SdserveError(message, "StatusCode.UNAVAILABLE")
+        assert cb.error_message(error, "h:1") == f"The server is busy at h:1: {message}"
 
 
 def test_command_line_defaults():

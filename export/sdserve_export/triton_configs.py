@@ -52,6 +52,28 @@ class QueuePolicy:
     join_wait_ms: int = 5
 
 
+@dataclass(frozen=True)
+class MemoryPolicy:
+    """Admission by memory: the pipeline estimates each request's peak memory (from its
+    size, images and the architecture: `sdserve_pipeline.admission.MemoryModel`) and refuses
+    at once, with UNAVAILABLE and the numbers, a request that would take the estimated total
+    of the requests it holds (queued and running) past the budget. Written as the pipeline
+    parameters `memory_budget_mb` and `memory_bytes_per_pixel`.
+
+    Args:
+        budget_mb: MB the requests taken may hold, per pipeline model instance; `"auto"`: half
+            the memory the server may use (its cgroup's limit, else the machine's), read when
+            the model loads; 0: no admission by memory. Serving several pipeline models from
+            one server, give each its share.
+        bytes_per_pixel: the estimate's linear term (VAE and pipeline tensors per generated
+            pixel); the default covers the full-size SD 1.5 / SDXL VAE, measured at 4-6 kB per
+            pixel for its decoder on ONNX Runtime (the tiny demo needs ~700).
+    """
+
+    budget_mb: int | str = "auto"
+    bytes_per_pixel: int = 6000
+
+
 def component_config(
     spec: ComponentSpec,
     sizes: Mapping[str, int],
@@ -89,6 +111,7 @@ def pipeline_config(
     instances: int = 1,
     queue: QueuePolicy = QueuePolicy(),
     outpaint: OutpaintSettings = OutpaintSettings(),
+    memory: MemoryPolicy = MemoryPolicy(),
 ) -> mc.ModelConfig:
     """Config of the pipeline model: the wire contract plus limits and component model names.
 
@@ -100,6 +123,7 @@ def pipeline_config(
         instances: pipeline model instances (concurrent requests in flight).
         outpaint: band size (the checkpoint's native size), seam overlap, context, pre-fill.
         queue: bounds of the request queue, which the pipeline's batcher holds.
+        memory: the memory budget of the requests taken and the estimate's per-pixel term.
 
     `max_batch_size` is 1: every wire tensor has a leading batch dim of 1 (the SDK adds and
     strips it), and each `execute` call hands one request to the running batch.
@@ -122,6 +146,8 @@ def pipeline_config(
     params["max_queue_size"] = queue.max_queue_size
     params["queue_timeout_s"] = queue.timeout_s
     params["join_wait_ms"] = queue.join_wait_ms
+    params["memory_budget_mb"] = memory.budget_mb
+    params["memory_bytes_per_pixel"] = memory.bytes_per_pixel
     params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}
     params["schedulers"] = ",".join(SCHEDULER_NAMES)  # discoverable via get_model_config
     _set_parameters(config, params)

@@ -19,10 +19,19 @@ hold up the shared loop.
 
 The batcher owns the request queue: beyond `max_active` denoising requests, up to
 `max_queued` more wait to join (first come, first admitted), each at most its queue timeout;
-past that a request is refused at once (`Overloaded`). `submit` never blocks, so in Triton
-`execute` returns at once and no request waits in Triton's own scheduler queue. (Triton
-2.51's dynamic batcher, which would otherwise hold that queue, sometimes left a request
-queued about 500 ms while the model instance was free: see benchmarks/README.md.)
+past that a request is refused at once (`Overloaded`). With a memory budget, a request whose
+estimated peak memory (`admission.MemoryModel`) would take the total reserved by the requests
+taken past the budget is refused at once too (`OverMemoryBudget`, an `Overloaded`).
+`submit` never blocks, so in Triton `execute` returns at once and no request waits in
+Triton's own scheduler queue. (Triton 2.51's dynamic batcher, which would otherwise hold that
+queue, sometimes left a request queued about 500 ms while the model instance was free: see
+benchmarks/README.md.)
+
+Every request taken is answered exactly once, and each answer is reported to the `Observer`
+with its outcome label (`outcomes.outcome_of`) and duration; so are queue waits and the load:
+requests pending, denoising steps outstanding over queued and running requests (queued: the
+estimate of `admission.denoising_steps`; running: the steps left on its schedule), memory
+reserved.
 """
 
 from __future__ import annotations
@@ -36,29 +45,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sdserve_pipeline.admission import MemoryBudget, MemoryModel, denoising_steps
 from sdserve_pipeline.loop import Cancelled, Job
+from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
 from sdserve_pipeline.request import GenerationParams
 from sdserve_pipeline.service import PipelineService, wire_outputs
 
+__all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout"]
+
 # Receives a request's wire outputs, or the exception that ended it. Called exactly once.
 Done = Callable[[dict[str, np.ndarray] | Exception], None]
-
-
-class Overloaded(Exception):
-    """`max_active` requests are denoising and `max_queued` more are waiting: refused at once.
-
-    The message is Triton's own for a full queue, so clients see one wording either way.
-    """
-
-    def __init__(self) -> None:
-        super().__init__("Exceeds maximum queue size")
-
-
-class QueueTimeout(Exception):
-    """The request waited to join the running batch longer than its queue timeout."""
-
-    def __init__(self) -> None:
-        super().__init__("Request timeout expired")
 
 
 @dataclass(eq=False)
@@ -68,6 +64,8 @@ class _Request:
     done: Done
     queued_at: float  # time.monotonic() when it was taken
     deadline: float  # time.monotonic() after which it may no longer start
+    steps_left: int = 0  # denoising steps still to run (an estimate until it starts)
+    memory: int = 0  # estimated peak bytes, reserved while it is held
     job: Job | None = None
     answered: bool = False
 
@@ -83,8 +81,11 @@ class ContinuousBatcher:
         queue_timeout_s: how long a request may wait to start before it is answered with
             `QueueTimeout` (a request's own `timeout_s` replaces it; 0: no limit).
         on_callback_error: told when a `done` callback raises (the worker keeps going).
-        on_dequeue: told how long each request waited (seconds) when it leaves the queue:
-            started, timed out or cancelled before starting (queue metrics).
+        observer: told every outcome, queue wait and load change (metrics; see `Observer`).
+        memory: estimates each request's peak memory (default: `MemoryModel()` for the
+            service's architecture and latent scale).
+        memory_budget: most estimated bytes held by the requests taken (0: no limit); a
+            request that would pass it is refused at once with `OverMemoryBudget`.
         join_wait_s: after a turn that answered k requests, how long to wait for up to k
             newcomers before the next step (0: none). Clients that send their next request
             when answered arrive a round trip after the answer, just after the next step has
@@ -98,7 +99,9 @@ class ContinuousBatcher:
         max_queued: int = 16,
         queue_timeout_s: float = 120.0,
         on_callback_error: Callable[[Exception], None] | None = None,
-        on_dequeue: Callable[[float], None] | None = None,
+        observer: Observer | None = None,
+        memory: MemoryModel | None = None,
+        memory_budget: int = 0,
         join_wait_s: float = 0.0,
     ) -> None:
         if max_active < 1 or max_queued < 0 or queue_timeout_s < 0:
@@ -112,9 +115,13 @@ class ContinuousBatcher:
         self.queue_timeout_s = queue_timeout_s
         self.join_wait_s = join_wait_s
         self._on_callback_error = on_callback_error or (lambda err: None)
-        self._on_dequeue = on_dequeue or (lambda waited_s: None)
+        self._observer = observer or NullObserver()
+        facts = service.loop.facts
+        self.memory = memory or MemoryModel(facts.architecture, facts.vae_scale_factor)
+        self._budget = MemoryBudget(memory_budget)
         self._held = 0  # requests taken and not yet answered
         self._pending = 0  # of those, not started yet
+        self._steps = 0  # denoising steps left over the requests held
         self._waiting: deque[_Request] = deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -131,8 +138,8 @@ class ContinuousBatcher:
         timeout_s: float | None = None,
     ) -> None:
         """Validate a wire request and queue it; `done` gets its outcome. Never blocks: a bad
-        request's `RequestError`, or `Overloaded` when the queue is full, is answered at
-        once from this thread.
+        request's `RequestError`, `Overloaded` when the queue is full or `OverMemoryBudget`
+        when its memory estimate does not fit, is answered at once from this thread.
 
         Args:
             timeout_s: how long this request may wait to start (None or 0: the batcher's
@@ -141,28 +148,54 @@ class ContinuousBatcher:
         Raises:
             RuntimeError: the batcher is closed.
         """
+        now, limit = time.monotonic(), timeout_s or self.queue_timeout_s
         try:
             params = self.service.parse(inputs)
+            steps = denoising_steps(self.service, params)
+            memory = self.memory.request_bytes_of(self.service, params)
         except Exception as err:  # noqa: BLE001 (answered, not raised)
-            self._answer(done, err)
+            self.refuse(done, err, now)
             return
-        now, limit = time.monotonic(), timeout_s or self.queue_timeout_s
         deadline = now + limit if limit > 0 else float("inf")
-        request = _Request(params, is_cancelled or (lambda: False), done, now, deadline)
+        request = _Request(params, is_cancelled or (lambda: False), done, now, deadline,
+                           steps_left=steps, memory=memory)  # fmt: skip
         with self._wake:
             if self._closing:
                 raise RuntimeError("the batcher is closed")
-            full = self._held >= self.max_active + self.max_queued
-            if not full:
-                self._held += 1
-                self._pending += 1
+            refused = self._take(request)
+            if refused is None:
                 if params.outpaint is not None:
                     self._outpainter.submit(self._outpaint, request)
                 else:
                     self._waiting.append(request)
                     self._wake.notify()
-        if full:
-            self._answer(done, Overloaded())
+        if refused is not None:
+            self.refuse(done, refused, now)
+
+    def refuse(self, done: Done, error: Exception, taken_at: float | None = None) -> None:
+        """Answer a request that is not queued (a bad request, refused at once) with `error`;
+        counted like every other answer. Callers use it for requests they reject before
+        `submit` (e.g. a malformed batch dimension).
+
+        Args:
+            taken_at: `time.monotonic()` when the request arrived (default: now).
+        """
+        self._answer(done, error, time.monotonic() if taken_at is None else taken_at)
+
+    def _take(self, request: _Request) -> Overloaded | None:
+        """Hold the request if there is room in the queue and the memory budget (under the
+        lock); else the reason it is refused."""
+        if self._held >= self.max_active + self.max_queued:
+            return Overloaded()
+        try:
+            self._budget.reserve(request.memory)
+        except Overloaded as refused:
+            return refused
+        self._held += 1
+        self._pending += 1
+        self._steps += request.steps_left
+        self._publish_load()
+        return None
 
     def close(self, timeout_s: float | None = None) -> None:
         """Finish every request already submitted, then stop the worker."""
@@ -219,6 +252,8 @@ class ContinuousBatcher:
             room = self.max_active - len(self._active)
             arrived = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             self._pending -= len(arrived) + len(dropped)
+            if arrived or dropped:
+                self._publish_load()
         for request in [*arrived, *(r for r, _ in dropped)]:
             self._dequeued(request, now)
         return arrived, dropped
@@ -228,9 +263,38 @@ class ContinuousBatcher:
         """Requests taken and not started yet (waiting to join, or to outpaint)."""
         return self._pending
 
+    @property
+    def outstanding_steps(self) -> int:
+        """Denoising steps left over the requests taken and not answered."""
+        return self._steps
+
+    @property
+    def memory_reserved(self) -> int:
+        """Estimated bytes held by the requests taken and not answered."""
+        return self._budget.reserved
+
+    @property
+    def memory_budget(self) -> int:
+        """The memory budget in bytes (0: none)."""
+        return self._budget.budget
+
     def _dequeued(self, request: _Request, now: float) -> None:
+        self._observe(self._observer.dequeued, now - request.queued_at)
+
+    def _publish_load(self) -> None:
+        """Report the load (under the lock, so reports arrive in order)."""
+        self._observe(self._observer.load, self._pending, self._steps, self._budget.reserved)
+
+    def _set_steps_left(self, updates: list[tuple[_Request, int]]) -> None:
+        with self._wake:
+            for request, left in updates:
+                self._steps += max(left, 0) - request.steps_left
+                request.steps_left = max(left, 0)
+            self._publish_load()
+
+    def _observe(self, report: Callable[..., None], *args: object) -> None:
         try:
-            self._on_dequeue(now - request.queued_at)
+            report(*args)
         except Exception as err:  # noqa: BLE001 (metrics must not stop serving)
             self._on_callback_error(err)
 
@@ -252,6 +316,7 @@ class ContinuousBatcher:
         failed = loop.step_all([self._job(r) for r in self._active])
         for request in [r for r in self._active if id(r.job) in failed]:
             self._finish(request, failed[id(request.job)])
+        self._set_steps_left([(r, _steps_left(self._job(r))) for r in self._active])
         # 3. Decode (one VAE-decoder call per latent size) and answer the finished requests
         done = [r for r in self._active if self._job(r).finished]
         decoded = loop.finish_many([self._job(r) for r in done])
@@ -276,31 +341,50 @@ class ContinuousBatcher:
         if request in self._active:
             self._active.remove(request)
         request.job = None  # free its tensors now
-        self._answer(request.done, outcome)
-        self._release()
+        self._release(request)
+        self._answer(request.done, outcome, request.queued_at)
 
-    def _release(self) -> None:
+    def _release(self, request: _Request) -> None:
+        """Free the request's slot, its memory reservation and its outstanding steps."""
         with self._wake:
             self._held -= 1
+            self._budget.release(request.memory)
+            self._steps -= request.steps_left
+            request.steps_left = 0
+            self._publish_load()
 
     def _outpaint(self, request: _Request) -> None:
+        def step_then_check() -> bool:  # the loop checks once before each step
+            self._set_steps_left([(request, request.steps_left - 1)])
+            return request.is_cancelled()
+
         try:
             now = time.monotonic()
             with self._wake:
                 self._pending -= 1
+                self._publish_load()
             self._dequeued(request, now)
             if now > request.deadline:
                 raise QueueTimeout()
             outcome: dict[str, np.ndarray] | Exception = self.service.outpaint_request(
-                request.params, request.is_cancelled
+                request.params, step_then_check
             )
         except Exception as err:  # noqa: BLE001
             outcome = err
-        self._answer(request.done, outcome)
-        self._release()
+        self._release(request)
+        self._answer(request.done, outcome, request.queued_at)
 
-    def _answer(self, done: Done, outcome: dict[str, np.ndarray] | Exception) -> None:
+    def _answer(
+        self, done: Done, outcome: dict[str, np.ndarray] | Exception, taken_at: float
+    ) -> None:
+        """Report the outcome, then hand it to `done` (once per request)."""
+        self._observe(self._observer.answered, outcome_of(outcome), time.monotonic() - taken_at)
         try:
             done(outcome)
         except Exception as err:  # noqa: BLE001 (a broken callback must not stop serving)
             self._on_callback_error(err)
+
+
+def _steps_left(job: Job) -> int:
+    """Denoising steps (UNet evaluations) left on a running job's schedule."""
+    return len(job.timesteps) - job.index

@@ -20,7 +20,7 @@ import gradio as gr
 from ..errors import SdserveError
 from . import callbacks as cb
 from .backend import Backend
-from .server_info import ModelInfo
+from .server_info import ModelInfo, RecentOutcomes
 
 TITLE = "sdserve — Stable Diffusion on Triton"
 SIDE_MAX = 512
@@ -360,6 +360,7 @@ class _Handlers:
     def __init__(self, backend: Backend, config: AppConfig) -> None:
         self.backend = backend
         self.config = config
+        self._recent: dict[str, RecentOutcomes] = {}  # per model, for the status line
 
     def inpaint(
         self,
@@ -458,18 +459,23 @@ class _Handlers:
         except SdserveError as exc:
             gr.Warning(html.escape(cb.error_message(exc, self.backend.url), quote=False))
             unchanged = [gr.update() for _ in range(5)]
-            return (*unchanged, self.backend.status(model).markdown())
+            return (*unchanged, self.status(model))
         return (
             gr.update(choices=models or [model], value=model),
             _scheduler_update(info, scheduler),
             gr.update(maximum=info.max_steps, value=min(int(steps or 1), info.max_steps)),
             gr.update(maximum=info.max_guidance_scale),
             gr.update(maximum=info.max_images, value=min(int(num_images or 1), info.max_images)),
-            self.backend.status(model).markdown(),
+            self.status(model),
         )
 
     def status(self, model: str) -> str:
-        return self.backend.status(model or self.config.model).markdown()
+        """The status line of `model`: readiness, load, and the problems of the last minutes
+        (counted between this page's polls of the server's metrics)."""
+        model = model or self.config.model
+        state = self.backend.status(model)
+        recent = self._recent.setdefault(model, RecentOutcomes()).update(state.queue.outcomes)
+        return cb.status_markdown(state.url, state.queue, state.in_flight, recent, state.replicas)
 
     def _run(self, model: str, run: Callable[[Any], cb.Generation]) -> tuple[Any, ...]:
         try:

@@ -18,6 +18,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from ..errors import InvalidRequestError, SdserveError
+from .server_info import QueueState
 
 DEFAULT_SCHEDULER = "model default"
 """Scheduler dropdown entry that sends no `scheduler` (the checkpoint's own)."""
@@ -379,6 +380,8 @@ def error_message(exc: Exception, server_url: str = "") -> str:
         where = f" at {server_url}" if server_url else ""
         if status == "INVALID_ARGUMENT":
             return f"The server rejected the request: {exc.message}"
+        if status == "UNAVAILABLE" and exc.message.startswith(BUSY_MESSAGES):
+            return f"The server is busy{where}: {exc.message}"
         if status == "UNAVAILABLE":
             return f"Cannot reach the Triton server{where}: {exc.message}"
         if status == "DEADLINE_EXCEEDED":
@@ -387,6 +390,77 @@ def error_message(exc: Exception, server_url: str = "") -> str:
             return f"Server error ({status}): {exc.message}"
         return f"Server error: {exc.message}"
     return f"Unexpected error: {type(exc).__name__}: {exc}"
+
+
+OUTCOME_WORDS = {
+    "success": "served",
+    "invalid": "invalid",
+    "cancelled": "cancelled",
+    "timeout": "timed out in the queue",
+    "overloaded": "refused (busy)",
+    "failed": "failed",
+}
+"""How the status line names each `outcome` of the pipeline's request counter."""
+
+PROBLEMS = ("timeout", "overloaded", "failed")
+"""Outcomes the server is to blame for: shown in bold when recent."""
+
+BUSY_MESSAGES = ("Exceeds maximum queue size", "Not enough memory", "Request timeout expired")
+"""How the pipeline's UNAVAILABLE refusals begin (queue full, memory budget, queue timeout)."""
+
+
+def status_markdown(
+    url: str,
+    queue: QueueState,
+    in_flight: int = 0,
+    recent: dict[str, int] | None = None,
+    replicas: tuple[int, int] | None = None,
+) -> str:
+    """The status line: readiness, then what the server's metrics say about its load.
+
+    Args:
+        url (`str`): the server's gRPC address.
+        queue (`QueueState`): readiness and load of the selected model.
+        in_flight (`int`, *optional*): requests this page has sent and not yet got back.
+        recent (`dict[str, int]`, *optional*):
+            Requests answered lately by outcome (`server_info.RecentOutcomes`); the problems
+            among them are shown in bold.
+        replicas (`tuple[int, int]`, *optional*): (ready, total) servers, when several.
+    """
+    if not queue.ready:
+        return f"**Server not ready** at `{url}` (model `{queue.model}`): start it or wait."
+    parts = [f"**Ready**: `{queue.model}` at `{url}`"]
+    if replicas is not None:
+        parts.append(f"{replicas[0]} of {replicas[1]} servers ready")
+    if queue.pending is not None:
+        plural = "s" if queue.pending != 1 else ""
+        busy = f"**Busy: {queue.pending} request{plural} waiting in the server queue**"
+        parts.append(busy if queue.pending else "idle")
+    if in_flight:
+        parts.append(f"{in_flight} from this page running")
+    if queue.outstanding_steps is not None:
+        parts.append(f"{queue.outstanding_steps} denoising steps to go")
+    if queue.memory_budget and queue.memory_reserved is not None:
+        gb = 1 << 30
+        used, budget = queue.memory_reserved / gb, queue.memory_budget / gb
+        parts.append(f"memory {used:.1f} of {budget:.1f} GB reserved")
+    if queue.outcomes is not None:
+        parts.append(_outcome_list(queue.outcomes))
+    problems = {k: n for k, n in (recent or {}).items() if k in PROBLEMS and n > 0}
+    if problems:
+        parts.append(f"**lately: {_outcome_list(problems)}**")
+    if queue.avg_queue_ms is not None:
+        parts.append(f"mean queue wait {queue.avg_queue_ms:.0f} ms")
+    return " · ".join(parts)
+
+
+def _outcome_list(counts: dict[str, int]) -> str:
+    """`12 served, 3 refused (busy), 1 failed`: the successes, then every other non-zero count."""
+    words = [f"{counts.get('success', 0)} served"] if "success" in counts else []
+    words += [
+        f"{counts[k]} {OUTCOME_WORDS[k]}" for k in OUTCOME_WORDS if k != "success" and counts.get(k)
+    ]
+    return ", ".join(words)
 
 
 def to_rgb(image: npt.NDArray[Any] | Image.Image) -> UInt8Array:

@@ -1,21 +1,25 @@
-"""What the web UI asks a Triton server: pipeline models, their schedulers and limits, queue state.
+"""What the web UI asks a Triton server: pipeline models, their schedulers and limits, load.
 
 Plain functions over a `tritonclient.grpc.InferenceServerClient` (or a fake with the same
 methods), so the UI works against any deployment and tests need no server. Every tritonclient
-exception becomes the SDK's `SdserveError`.
+exception becomes the SDK's `SdserveError`. Only APIs open without the operator's key are
+used: readiness, model config, the repository index (model list) and the metrics endpoint.
 
-The queue is the pipeline's own (its batcher holds the waiting requests, not Triton's dynamic
-batcher), so Triton's queue statistics stay near zero for it. The pending count and the mean
-wait come from the custom metrics the pipeline model publishes on Triton's metrics endpoint
-(`sdserve_queue_pending_requests`, `sdserve_queue_duration_us`); a server without them gives
-neither, rather than Triton's misleading zeros.
+The load comes from the custom metrics the pipeline model publishes on Triton's metrics
+endpoint (the names below): requests by outcome, queue length and wait, outstanding
+denoising steps, memory reserved. Triton's own statistics are no use for this model (its
+batcher holds the queue and answers after `execute` returned, so Triton counts every request
+taken as a success) and need the operator's key; a server without the sdserve metrics gives
+no load figures rather than misleading ones.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -31,14 +35,37 @@ SCHEDULERS_PARAMETER = "schedulers"
 
 T = TypeVar("T")
 
+# The pipeline model's custom metrics (all labelled `model`), published from its batcher's
+# reports: Triton's own counters see a request succeed when `execute` hands it over.
 PENDING_METRIC = "sdserve_queue_pending_requests"
-"""Gauge of the pipeline model (label `model`): requests accepted and waiting to start."""
+"""Gauge: requests accepted and waiting to start."""
 QUEUE_DURATION_METRIC = "sdserve_queue_duration_us"
-"""Counter of the pipeline model (label `model`): microseconds requests waited before starting."""
+"""Counter: microseconds requests waited before starting."""
+REQUESTS_METRIC = "sdserve_requests_total"
+"""Counter, labels `model` and `outcome` (`OUTCOMES`): every request, counted once when answered
+(those refused before queueing included)."""
+OUTCOMES = ("success", "invalid", "cancelled", "timeout", "overloaded", "failed")
+"""The `outcome` label: answered with images; INVALID_ARG; CANCELLED; UNAVAILABLE after waiting
+past its queue timeout; UNAVAILABLE at once (queue full, or memory budget); anything else."""
+DURATION_METRIC = "sdserve_request_duration_us"
+"""Histogram (`_bucket{le}`, `_sum`, `_count`): microseconds from taking a request to answering
+it, every outcome."""
+QUEUE_WAIT_METRIC = "sdserve_queue_wait_us"
+"""Histogram: microseconds each request that entered the queue waited before leaving it
+(started, timed out or cancelled)."""
+OUTSTANDING_STEPS_METRIC = "sdserve_outstanding_steps"
+"""Gauge: denoising steps left over the queued and running requests (queued: steps x strength,
+outpainting: x images x bands; running: the steps left on its schedule). The autoscaling
+signal: a 50-step request weighs 12 times a 4-step one."""
+MEMORY_RESERVED_METRIC = "sdserve_memory_reserved_bytes"
+"""Gauge: estimated peak memory of the requests taken (admission by memory)."""
+MEMORY_BUDGET_METRIC = "sdserve_memory_budget_bytes"
+"""Gauge: the memory budget those may hold (0: none); summed over the model's instances."""
 SUCCESS_METRIC = "nv_inference_request_success"
 """Triton's request counter (labels `model`, `version`). The pipeline answers through response
 senders, so Triton counts a request when `execute` hands it to the batcher (later error answers
-included): every request that entered the queue."""
+included): every request that entered the queue. Read only by servers from before
+`sdserve_queue_wait_us`, for the mean queue wait."""
 
 # A sample of Prometheus text format, e.g. `sdserve_queue_pending_requests{model="inpaint"} 2`,
 # with an optional timestamp after the value.
@@ -53,7 +80,6 @@ class InfoClient(Protocol):
 
     def get_model_config(self, model_name: str, **kwargs: Any) -> Any: ...
     def get_model_repository_index(self, **kwargs: Any) -> Any: ...
-    def get_inference_statistics(self, model_name: str = "", **kwargs: Any) -> Any: ...
     def is_server_ready(self, **kwargs: Any) -> Any: ...
     def is_model_ready(self, model_name: str, **kwargs: Any) -> Any: ...
 
@@ -97,18 +123,25 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class QueueState:
-    """Load of one model: Triton's request counts plus, when published, the pipeline's queue.
+    """Readiness and load of one model, from the pipeline's metrics when the server has them.
 
     Args:
         model (`str`): model name.
         ready (`bool`): whether the server and the model are ready.
-        succeeded (`int`): requests completed successfully since the server started.
-        failed (`int`): requests that failed.
+        succeeded (`int`): requests answered with images since the server started (0 unknown).
+        failed (`int`): requests answered otherwise (0 unknown).
         avg_queue_ms (`float`, *optional*):
             Mean time a request waited in the pipeline's queue before starting;
             `None` when unknown (no metrics endpoint, or a server without the sdserve metrics).
         pending (`int`, *optional*):
             Requests waiting in the pipeline's queue to start; `None` when unknown.
+        outcomes (`dict[str, int]`, *optional*):
+            Requests answered since the server started, by outcome (`OUTCOMES`); `None` when
+            unknown.
+        outstanding_steps (`int`, *optional*):
+            Denoising steps left over the queued and running requests; `None` when unknown.
+        memory_reserved (`int`, *optional*): estimated bytes held by those; `None` when unknown.
+        memory_budget (`int`, *optional*): their memory budget in bytes (0: none).
     """
 
     model: str
@@ -117,6 +150,10 @@ class QueueState:
     failed: int = 0
     avg_queue_ms: float | None = None
     pending: int | None = None
+    outcomes: dict[str, int] | None = None
+    outstanding_steps: int | None = None
+    memory_reserved: int | None = None
+    memory_budget: int | None = None
 
 
 def config_parameters(config: Any) -> dict[str, str]:
@@ -173,38 +210,56 @@ def fetch_queue_state(
         model (`str`): the pipeline model.
         metrics_url (`str`, *optional*):
             Triton's Prometheus endpoint (`http://host:8002/metrics`), for the pipeline's
-            pending count and mean queue wait; without it the state has neither.
+            load (see `queue_state_from_metrics`); without it the state has readiness only.
         timeout (`float`, *optional*): per-call limit in seconds.
     """
     try:
         ready = bool(client.is_server_ready(client_timeout=timeout)) and bool(
             client.is_model_ready(model, client_timeout=timeout)
         )
-        if not ready:
-            return QueueState(model, ready=False)
-        stats = client.get_inference_statistics(model, client_timeout=timeout)
     except InferenceServerException:
+        ready = False
+    if not ready:
         return QueueState(model, ready=False)
     metrics = fetch_metrics(metrics_url, timeout) if metrics_url else None
-    return queue_state_from_statistics(model, stats, metrics)
+    return queue_state_from_metrics(model, metrics or "")
 
 
-def queue_state_from_statistics(model: str, stats: Any, metrics: str | None = None) -> QueueState:
-    """A `QueueState` from a `ModelStatisticsResponse` protobuf and Triton's metrics text.
+def queue_state_from_metrics(model: str, text: str) -> QueueState:
+    """A ready model's `QueueState` from Triton's metrics text (empty: nothing known).
 
-    Request counts come from the statistics (all versions summed); the pending count and the
-    mean queue wait from `metrics` (see `pipeline_queue_from_metrics`), `None` without it.
+    Outcomes from `sdserve_requests_total` (`succeeded` is the successes, `failed` the rest);
+    the pending count, outstanding steps and memory from their gauges; the mean queue wait
+    from the `sdserve_queue_wait_us` histogram, or on older servers from
+    `pipeline_queue_from_metrics`. A figure whose metric is absent is `None`.
     """
-    succeeded = failed = 0
-    for entry in stats.model_stats:
-        if entry.name != model:
-            continue
-        succeeded += entry.inference_stats.success.count
-        failed += entry.inference_stats.fail.count
-    pending, avg_queue_ms = (
-        pipeline_queue_from_metrics(metrics, model) if metrics is not None else (None, None)
+    outcomes = outcome_counts(text, model)
+    pending, avg_queue_ms = pipeline_queue_from_metrics(text, model)
+    waited = metric_value(text, QUEUE_WAIT_METRIC + "_sum", model)
+    waits = metric_value(text, QUEUE_WAIT_METRIC + "_count", model)
+    if waited is not None and waits is not None:
+        avg_queue_ms = mean_queue_ms(waited, waits)
+    return QueueState(
+        model,
+        True,
+        succeeded=(outcomes or {}).get("success", 0),
+        failed=sum(n for outcome, n in (outcomes or {}).items() if outcome != "success"),
+        avg_queue_ms=avg_queue_ms,
+        pending=pending,
+        outcomes=outcomes,
+        outstanding_steps=_rounded(metric_value(text, OUTSTANDING_STEPS_METRIC, model)),
+        memory_reserved=_rounded(metric_value(text, MEMORY_RESERVED_METRIC, model)),
+        memory_budget=_rounded(metric_value(text, MEMORY_BUDGET_METRIC, model)),
     )
-    return QueueState(model, True, succeeded, failed, avg_queue_ms, pending)
+
+
+def outcome_counts(text: str, model: str) -> dict[str, int] | None:
+    """Requests answered by outcome (`sdserve_requests_total`), every `OUTCOMES` key present;
+    `None` when the server publishes no such counter."""
+    counts = {o: metric_value(text, REQUESTS_METRIC, model, outcome=o) for o in OUTCOMES}
+    if all(n is None for n in counts.values()):
+        return None
+    return {outcome: round(n or 0) for outcome, n in counts.items()}
 
 
 def pipeline_queue_from_metrics(text: str, model: str) -> tuple[int | None, float | None]:
@@ -218,10 +273,11 @@ def pipeline_queue_from_metrics(text: str, model: str) -> tuple[int | None, floa
     pending = metric_value(text, PENDING_METRIC, model)
     waited_us = metric_value(text, QUEUE_DURATION_METRIC, model)
     taken = metric_value(text, SUCCESS_METRIC, model)
-    return (
-        None if pending is None else round(pending),
-        mean_queue_ms(waited_us, taken),
-    )
+    return _rounded(pending), mean_queue_ms(waited_us, taken)
+
+
+def _rounded(value: float | None) -> int | None:
+    return None if value is None else round(value)
 
 
 def mean_queue_ms(waited_us: float | None, requests: float | None) -> float | None:
@@ -236,18 +292,20 @@ def mean_queue_ms(waited_us: float | None, requests: float | None) -> float | No
     return waited_us / requests / 1e3
 
 
-def metric_value(text: str, name: str, model: str) -> float | None:
-    """Sum of the samples of metric `name` labelled `model="<model>"`; `None` if there are none.
+def metric_value(text: str, name: str, model: str, **labels: str) -> float | None:
+    """Sum of the samples of metric `name` labelled `model="<model>"` (and every other label
+    given, e.g. `outcome="failed"`); `None` if there are none.
 
     Reads Prometheus text format; comments, other metrics and unparsable values are skipped.
     """
+    wanted = {"model": model, **labels}
     total, seen = 0.0, False
     for line in text.splitlines():
         match = _SAMPLE.match(line.strip())
         if match is None or match["name"] != name:
             continue
-        labels = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"] or "")}
-        if labels.get("model") != model:
+        found = {m["key"]: m["value"] for m in _LABEL.finditer(match["labels"] or "")}
+        if any(found.get(key) != value for key, value in wanted.items()):
             continue
         try:
             value = float(match["value"])
@@ -257,6 +315,33 @@ def metric_value(text: str, name: str, model: str) -> float | None:
             total += value
             seen = True
     return total if seen else None
+
+
+class RecentOutcomes:
+    """Requests answered by outcome over the last `window_s` seconds, from successive samples of
+    the cumulative counts (the status line polls them).
+
+    Args:
+        window_s (`float`, *optional*, defaults to 300): how far back "recent" reaches.
+    """
+
+    def __init__(self, window_s: float = 300.0) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, dict[str, int]]] = deque()
+
+    def update(self, counts: dict[str, int] | None, now: float | None = None) -> dict[str, int]:
+        """Adds a sample; returns the counts added since the oldest sample in the window (all
+        zero on the first). A counter that went down (server restarted) starts over."""
+        if counts is None:
+            return {}
+        now = time.monotonic() if now is None else now
+        if self._samples and any(counts[k] < self._samples[-1][1].get(k, 0) for k in counts):
+            self._samples.clear()  # a new server: its counters restarted from zero
+        self._samples.append((now, dict(counts)))
+        while len(self._samples) > 1 and self._samples[1][0] <= now - self.window_s:
+            self._samples.popleft()
+        oldest = self._samples[0][1]
+        return {key: value - oldest.get(key, 0) for key, value in counts.items()}
 
 
 def fetch_metrics(metrics_url: str, timeout: float | None = None) -> str | None:

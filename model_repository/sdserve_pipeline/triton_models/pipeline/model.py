@@ -4,7 +4,9 @@ A thin adapter: validation, the loop and the composite live in `sdserve_pipeline
 step-level (continuous) batching in `sdserve_pipeline.batcher`. `execute` hands each request
 to the batcher and returns None; the batcher's worker answers it through the request's
 response sender (one final response, as a non-decoupled model must) when it is done, so a
-request arriving mid-run joins the running batch at the next step.
+request arriving mid-run joins the running batch at the next step. The batcher also
+refuses what does not fit (queue, memory budget) and reports every answer, queue wait and
+load change; `PipelineMetrics` publishes those reports as custom metrics.
 """
 
 import json
@@ -15,10 +17,27 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from sdserve_client.rules import config_parameters
-from sdserve_client.webui.server_info import PENDING_METRIC, QUEUE_DURATION_METRIC
+from sdserve_client.webui.server_info import (
+    DURATION_METRIC,
+    MEMORY_BUDGET_METRIC,
+    MEMORY_RESERVED_METRIC,
+    OUTSTANDING_STEPS_METRIC,
+    PENDING_METRIC,
+    QUEUE_DURATION_METRIC,
+    QUEUE_WAIT_METRIC,
+    REQUESTS_METRIC,
+)
+from sdserve_pipeline.admission import MB, budget_bytes, memory_model_for
 from sdserve_pipeline.assets import ASSETS_DIR
-from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
+from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.loop import Cancelled
+from sdserve_pipeline.outcomes import (
+    DURATION_BUCKETS_US,
+    OUTCOMES,
+    QUEUE_WAIT_BUCKETS_US,
+    Overloaded,
+    QueueTimeout,
+)
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService, batch, unbatch
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
@@ -38,16 +57,22 @@ class TritonPythonModel:
         )
         self.output_names = [t["name"] for t in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
-        self.metrics = QueueMetrics(args["model_name"])
+        # absent from repositories exported before they existed: as then (no wait, no budget)
+        budget = budget_bytes(params.get("memory_budget_mb", "0"))
+        pb_utils.Logger.log_info(
+            f"{args['model_name']}: memory budget " + (f"{budget / MB:.0f} MB" if budget else "off")
+        )
+        self.metrics = PipelineMetrics(args["model_name"], budget)
         self.batcher = ContinuousBatcher(
             self.service,
             max_active=int(params.get("max_active_requests", 8)),
             max_queued=int(params.get("max_queue_size", 16)),
             queue_timeout_s=float(params.get("queue_timeout_s", 120)),
-            # absent from repositories exported before it existed: no wait, as then
             join_wait_s=float(params.get("join_wait_ms", 0)) / 1e3,
             on_callback_error=lambda err: pb_utils.Logger.log_error(f"response not sent: {err}"),
-            on_dequeue=self._dequeued,
+            observer=self.metrics,
+            memory=memory_model_for(self.service, params),
+            memory_budget=budget,
         )
 
     def execute(self, requests):
@@ -57,17 +82,12 @@ class TritonPythonModel:
             try:
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 inputs = unbatch(inputs) if self.batched else inputs
-            except RequestError as err:
-                send(err)
+            except Exception as err:  # noqa: BLE001 (this request fails, not the others)
+                self.batcher.refuse(send, err)  # answered and counted like any other
                 continue
             timeout_s = request.timeout() / 1e6  # the client's own queue timeout; 0: none
             self.batcher.submit(inputs, send, request.is_cancelled, timeout_s)
-        self.metrics.set_pending(self.batcher.pending)
         return None
-
-    def _dequeued(self, waited_s):
-        self.metrics.waited_us.increment(waited_s * 1e6)
-        self.metrics.set_pending(self.batcher.pending)
 
     def finalize(self):
         """Unloading (or shutdown): finish the requests already taken, then stop."""
@@ -94,33 +114,91 @@ class TritonPythonModel:
         )
 
 
-class QueueMetrics:
-    """The pipeline's queue on Triton's metrics endpoint (its own batcher holds the queue, so
-    Triton's nv_inference_queue_* metrics stay near zero for this model)."""
+class PipelineMetrics:
+    """The batcher's reports (an `outcomes.Observer`) as custom metrics on Triton's endpoint.
 
-    def __init__(self, model_name):
+    Triton counts a request as a success when `execute` hands it over, and its queue metrics
+    stay near zero (the batcher holds the queue), so the pipeline publishes its own. Gauges
+    are shared by the model's instances (one series per model): each instance adds its change.
+    """
+
+    def __init__(self, model_name, memory_budget):
         labels = {"model": model_name}
-        self.families = (  # kept alive: a family's metrics go when it does
-            pb_utils.MetricFamily(
-                name=PENDING_METRIC,
-                description="Requests waiting in the pipeline's queue to start",
-                kind=pb_utils.MetricFamily.GAUGE,
-            ),
-            pb_utils.MetricFamily(
-                name=QUEUE_DURATION_METRIC,
-                description="Cumulative microseconds requests waited in the pipeline's queue "
-                "before starting",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-        )
-        self.pending, self.waited_us = (f.Metric(labels=labels) for f in self.families)
-        self._reported = 0  # this instance's share of the gauge (instances share one series)
+        self._families = {  # kept alive: a family's metrics go when it does
+            name: pb_utils.MetricFamily(
+                name=name, description=text, kind=getattr(pb_utils.MetricFamily, kind)
+            )
+            for name, (text, kind) in _METRICS.items()
+        }
+        self.requests = {
+            outcome: self._families[REQUESTS_METRIC].Metric(labels={**labels, "outcome": outcome})
+            for outcome in OUTCOMES
+        }
+        self.duration = self._histogram(DURATION_METRIC, labels, DURATION_BUCKETS_US)
+        self.queue_wait = self._histogram(QUEUE_WAIT_METRIC, labels, QUEUE_WAIT_BUCKETS_US)
+        self.waited_us = self._families[QUEUE_DURATION_METRIC].Metric(labels=labels)
+        self.pending, self.steps, self.reserved, self.budget = (
+            _SharedGauge(self._families[name].Metric(labels=labels))
+            for name in (PENDING_METRIC, OUTSTANDING_STEPS_METRIC, MEMORY_RESERVED_METRIC,
+                         MEMORY_BUDGET_METRIC)
+        )  # fmt: skip
+        self.budget.set(memory_budget)
+
+    def _histogram(self, name, labels, buckets):
+        return self._families[name].Metric(labels=labels, buckets=list(buckets))
+
+    def answered(self, outcome, duration_s):
+        self.requests[outcome].increment(1)
+        self.duration.observe(duration_s * 1e6)
+
+    def dequeued(self, waited_s):
+        self.waited_us.increment(waited_s * 1e6)
+        self.queue_wait.observe(waited_s * 1e6)
+
+    def load(self, pending, outstanding_steps, reserved_bytes):
+        self.pending.set(pending)
+        self.steps.set(outstanding_steps)
+        self.reserved.set(reserved_bytes)
+
+
+class _SharedGauge:
+    """A gauge series the model's instances share: each adds the change of its own value."""
+
+    def __init__(self, metric):
+        self.metric = metric
+        self._reported = 0
         self._lock = threading.Lock()
 
-    def set_pending(self, count):
+    def set(self, value):
         with self._lock:
-            self.pending.increment(count - self._reported)
-            self._reported = count
+            if value != self._reported:
+                self.metric.increment(value - self._reported)
+                self._reported = value
+
+
+# name: (description, kind); kinds by name: pb_utils has MetricFamily only once initialized
+_METRICS = {
+    REQUESTS_METRIC: ("Requests answered by the pipeline, by outcome", "COUNTER"),
+    DURATION_METRIC: ("Microseconds from taking a request to answering it", "HISTOGRAM"),
+    QUEUE_WAIT_METRIC: (
+        "Microseconds requests waited in the pipeline's queue before starting",
+        "HISTOGRAM",
+    ),
+    QUEUE_DURATION_METRIC: (
+        "Cumulative microseconds requests waited in the pipeline's queue before starting",
+        "COUNTER",
+    ),
+    PENDING_METRIC: ("Requests waiting in the pipeline's queue to start", "GAUGE"),
+    OUTSTANDING_STEPS_METRIC: (
+        "Denoising steps left over the queued and running requests",
+        "GAUGE",
+    ),
+    MEMORY_RESERVED_METRIC: (
+        "Estimated peak bytes of the requests taken (queued and running)",
+        "GAUGE",
+    ),
+    MEMORY_BUDGET_METRIC: ("Memory budget for the requests taken, bytes (0: none)", "GAUGE"),
+}
 
 
 def _error(message, code):
