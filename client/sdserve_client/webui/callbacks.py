@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from .. import replicas
 from ..errors import InvalidRequestError, SdserveError
 from .server_info import QueueState
 
@@ -380,7 +381,7 @@ def error_message(exc: Exception, server_url: str = "") -> str:
         where = f" at {server_url}" if server_url else ""
         if status == "INVALID_ARGUMENT":
             return f"The server rejected the request: {exc.message}"
-        if status == "UNAVAILABLE" and exc.message.startswith(BUSY_MESSAGES):
+        if status == "UNAVAILABLE" and any(text in exc.message for text in BUSY_MESSAGES):
             return f"The server is busy{where}: {exc.message}"
         if status == "UNAVAILABLE":
             return f"Cannot reach the Triton server{where}: {exc.message}"
@@ -405,8 +406,9 @@ OUTCOME_WORDS = {
 PROBLEMS = ("timeout", "overloaded", "failed")
 """Outcomes the server is to blame for: shown in bold when recent."""
 
-BUSY_MESSAGES = ("Exceeds maximum queue size", "Not enough memory", "Request timeout expired")
-"""How the pipeline's UNAVAILABLE refusals begin (queue full, memory budget, queue timeout)."""
+BUSY_MESSAGES = (*replicas.BUSY_MESSAGES, "Request timeout expired")
+"""Words of the pipeline's UNAVAILABLE refusals of a busy server: queue full, memory budget
+(the SDK's failover keeps such a server in rotation), waited past its queue timeout."""
 
 
 def status_markdown(
