@@ -487,14 +487,15 @@ def test_outpainting_steps_are_images_times_bands_and_count_down(service, case):
     seen: list[int] = []
     holder: dict[str, ContinuousBatcher] = {}
     spied, _ = spied_service(service, lambda calls: seen.append(holder["b"].outstanding_steps))
-    outcomes = Outcomes()
-    batcher = holder["b"] = ContinuousBatcher(spied)
+    outcomes, observed = Outcomes(), Recorder()
+    batcher = holder["b"] = ContinuousBatcher(spied, observer=observed)
     try:
         batcher.submit(request, outcomes.callback("outpaint"))
         outcomes.wait(1)
     finally:
         batcher.close()
     assert outcomes.by_name["outpaint"]["images"].shape == (2, 64, 264, 3)
+    assert observed.counts() == {"success": 1} and len(observed.waits) == 1
     assert expected == 2 * 2 * 3  # steps x images x bands
     assert seen[0] == expected - 1  # the first step is counted as it starts
     assert seen == sorted(seen, reverse=True) and batcher.outstanding_steps == 0
