@@ -548,6 +548,10 @@ def test_cli_writes_the_onnxruntime_variant(repository: Path, tmp_path: Path) ->
     argv = ["--repository", str(repository), "--platform", "onnxruntime_onnx", "--out", str(out)]
     assert gr.main(argv) == 0
     assert _parse(out / "unet" / "config.pbtxt").platform == "onnxruntime_onnx"
+    # admission by memory counts CPU memory; on a GPU activations live in GPU memory
+    source = _parse(repository / "inpaint" / "config.pbtxt").parameters["memory_budget_mb"]
+    served = _parse(out / "inpaint" / "config.pbtxt").parameters["memory_budget_mb"]
+    assert (source.string_value, served.string_value) == ("auto", "0")
     if te.trt is None:
         argv = ["--repository", str(repository), "--platform", "tensorrt_plan", "--out", str(out)]
         assert gr.main(argv) == 1  # clear error, no traceback

@@ -360,11 +360,14 @@ def write_gpu_repository(
         log(f"[gpu] {component.name}: {platform} ({MODEL_FILES[platform]})")
     for name in (*(p.name for p in source.pipelines), *source.others):
         shutil.copytree(source.root / name, staging / name, symlinks=True)
-    if platform == TENSORRT:  # requests must fit the engines' profiles
-        for pipeline in source.pipelines:
-            parameters = tensorrt_pipeline_parameters(pipeline, plans)
-            _set_parameters(staging / pipeline.name / CONFIG_FILE, parameters)
+    for pipeline in source.pipelines:
+        # Admission by memory is calibrated on CPU resident memory; on a GPU the activations
+        # live in GPU memory, which the budget does not see: off.
+        parameters = {"memory_budget_mb": "0"}
+        if platform == TENSORRT:  # requests must fit the engines' profiles
+            parameters |= tensorrt_pipeline_parameters(pipeline, plans)
             log(f"[gpu] {pipeline.name}: size_buckets {parameters['size_buckets']}")
+        _set_parameters(staging / pipeline.name / CONFIG_FILE, parameters)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     log(f"[gpu] repository written to {out}")

@@ -475,7 +475,7 @@ class _Handlers:
         model = model or self.config.model
         state = self.backend.status(model)
         recent = self._recent.setdefault(model, RecentOutcomes()).update(state.queue.outcomes)
-        return cb.status_markdown(state.url, state.queue, state.in_flight, recent, state.replicas)
+        return state.markdown(recent)
 
     def _run(self, model: str, run: Callable[[Any], cb.Generation]) -> tuple[Any, ...]:
         try:

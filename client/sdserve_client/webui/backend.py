@@ -41,25 +41,11 @@ class ServerStatus:
     in_flight: int = 0
     replicas: tuple[int, int] | None = None
 
-    def markdown(self) -> str:
-        """One line of Markdown for the page."""
-        q = self.queue
-        if not q.ready:
-            return f"**Server not ready** at `{self.url}` (model `{q.model}`): start it or wait."
-        parts = [f"**Ready**: `{q.model}` at `{self.url}`"]
-        if self.replicas is not None:
-            ready, total = self.replicas
-            parts.append(f"{ready} of {total} servers ready")
-        if q.pending is not None:
-            plural = "s" if q.pending != 1 else ""
-            busy = f"**Busy: {q.pending} request{plural} waiting in the server queue**"
-            parts.append(busy if q.pending else "idle")
-        if self.in_flight:
-            parts.append(f"{self.in_flight} from this page running")
-        parts.append(f"{q.succeeded} done, {q.failed} failed")
-        if q.avg_queue_ms is not None:
-            parts.append(f"mean queue wait {q.avg_queue_ms:.0f} ms")
-        return " · ".join(parts)
+    def markdown(self, recent: dict[str, int] | None = None) -> str:
+        """One line of Markdown for the page (`callbacks.status_markdown`)."""
+        from .callbacks import status_markdown
+
+        return status_markdown(self.url, self.queue, self.in_flight, recent, self.replicas)
 
 
 class Backend:
