@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 
+from sdserve_pipeline.inprocess import load_service
+from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES, SCHEDULERS, make_scheduler
 
 PROMPT = "a red bicycle"
@@ -52,6 +55,23 @@ def test_karras_variants_use_karras_sigmas(service):
     assert make_scheduler("dpmpp_2m", config).config.use_karras_sigmas is False
     assert make_scheduler("lms_karras", config).config.use_karras_sigmas is True
     assert type(make_scheduler(None, config)).__name__ == config["_class_name"]
+
+
+def test_the_service_accepts_the_schedulers_its_config_lists(service, repository, tmp_path):
+    assert service.schedulers == SCHEDULER_NAMES  # as exported: every one
+    shutil.copytree(repository, tmp_path / "repo")
+    config = tmp_path / "repo" / "inpaint" / "config.pbtxt"
+    listed = config.read_text().replace(",".join(SCHEDULER_NAMES), "ddim, Euler_A")
+    assert listed != config.read_text()
+    config.write_text(listed)
+    edited = load_service(tmp_path / "repo")
+    assert edited.schedulers == ("ddim", "euler_a")
+    image, mask = make_case(64, 64, seed=5)
+    assert edited.parse(wire(image, mask, steps=2, scheduler="euler_a")).scheduler == "euler_a"
+    with pytest.raises(
+        RequestError, match=r"'pndm' is unknown to this model; valid: ddim, euler_a$"
+    ):
+        edited.parse(wire(image, mask, steps=2, scheduler="pndm"))
 
 
 @pytest.mark.parametrize("strength", [0.6, 0.3])

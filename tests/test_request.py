@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sdserve_pipeline.request import MAX_SEED, Limits, RequestError, parse_request
-from sdserve_pipeline.schedulers import SCHEDULER_NAMES
+from sdserve_pipeline.schedulers import SCHEDULER_NAMES, served_schedulers
 
 LIMITS = Limits(
     max_pixels=256 * 256, max_steps=100, max_images=4, max_prompt_bytes=64, max_canvas_pixels=512**2
@@ -102,6 +102,25 @@ def test_bad_input_names_the_input(name, change):
 def test_unknown_scheduler_lists_valid_ones():
     with pytest.raises(RequestError, match="valid: " + ", ".join(SCHEDULER_NAMES)):
         parse(good(scheduler=text("nope")))
+
+
+def test_only_the_models_listed_schedulers_are_accepted():
+    allowed = served_schedulers({"schedulers": " Euler, ddim,,"})
+    assert allowed == ("euler", "ddim")
+    inputs = good(scheduler=text("DDIM "))
+    assert parse_request(inputs, LIMITS, 64, schedulers=allowed).scheduler == "ddim"
+    with pytest.raises(RequestError) as err:  # known to diffusers, not listed by this model
+        parse_request(good(scheduler=text("pndm")), LIMITS, 64, schedulers=allowed)
+    assert str(err.value) == "scheduler: 'pndm' is unknown to this model; valid: euler, ddim"
+    assert parse_request(good(), LIMITS, 64, schedulers=allowed).scheduler is None  # its own
+
+
+def test_schedulers_parameter_absent_means_all_and_a_bad_one_fails_at_load():
+    assert served_schedulers({}) == SCHEDULER_NAMES
+    with pytest.raises(ValueError, match="schedulers: 'ddim,warp_drive' lists unknown warp_drive"):
+        served_schedulers({"schedulers": "ddim,warp_drive"})
+    with pytest.raises(ValueError, match="lists no name"):
+        served_schedulers({"schedulers": " , "})
 
 
 def test_text_to_image_rejects_strength_below_one_and_lone_mask():

@@ -38,6 +38,10 @@ LIMIT_PREFIX = "limit_"
 SIDES = ("left", "top", "right", "bottom")
 """Order of the four `outpaint` values."""
 
+SCHEDULERS_PARAMETER = "schedulers"
+"""Pipeline config parameter: the scheduler names the model accepts, comma-separated (read by
+`scheduler_names`); the server refuses any other, the web UI lists them."""
+
 
 class RequestError(ValueError):
     """A request input that breaks a rule.
@@ -120,6 +124,13 @@ def limits_from_parameters(params: Mapping[str, str], *, strict: bool = True) ->
             if strict:
                 raise ValueError(f"{key}: {params[key]!r} is not a valid {kind.__name__}") from None
     return Limits(**values)
+
+
+def scheduler_names(text: str) -> tuple[str, ...]:
+    """The names in a `schedulers` parameter value: comma-separated, blanks dropped, in lower
+    case (requests are matched in lower case)."""
+    names = (name.strip().lower() for name in text.split(","))
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 @dataclass(frozen=True)

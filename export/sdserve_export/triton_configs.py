@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from sdserve_client.rules import limit_parameters
+from sdserve_client.rules import SCHEDULERS_PARAMETER, limit_parameters
 from sdserve_pipeline import contract
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.outpaint import OutpaintSettings
@@ -149,7 +149,8 @@ def pipeline_config(
     params["memory_budget_mb"] = memory.budget_mb
     params["memory_bytes_per_pixel"] = memory.bytes_per_pixel
     params |= {f"outpaint_{k}": v for k, v in asdict(outpaint).items()}
-    params["schedulers"] = ",".join(SCHEDULER_NAMES)  # discoverable via get_model_config
+    # discoverable via get_model_config; the server accepts these and no others
+    params[SCHEDULERS_PARAMETER] = ",".join(SCHEDULER_NAMES)
     _set_parameters(config, params)
     return config
 

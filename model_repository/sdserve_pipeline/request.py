@@ -8,6 +8,7 @@ turns it into an INVALID_ARG response.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ class GenerationParams:
 
 def parse_request(
     inputs: dict[str, np.ndarray], limits: Limits, default_size: int,
-    default_strength: float = 1.0,
+    default_strength: float = 1.0, schedulers: Sequence[str] = SCHEDULER_NAMES,
 ) -> GenerationParams:  # fmt: skip
     """Check every input of a wire request and decode it.
 
@@ -100,6 +101,8 @@ def parse_request(
         default_size: text-to-image side when height/width are absent.
         default_strength: strength of a request with an image that gives none (text-to-image
             always starts from pure noise: 1.0).
+        schedulers: the scheduler names the model accepts (its `schedulers` parameter, read
+            by `schedulers.served_schedulers`; all by default), in lower case.
     """
     for name, array in inputs.items():
         _check_wire(name, array)
@@ -119,7 +122,7 @@ def parse_request(
     strength = float(_number(inputs, "strength", strength_default, limits))
     check_strength(strength, steps, has_image=image is not None)
     seed = _seed(inputs, num_images)
-    scheduler = _scheduler(inputs, limits)
+    scheduler = _scheduler(inputs, limits, schedulers)
     preserve = bool(_scalar(inputs, "preserve_unmasked", True))
     return GenerationParams(
         prompt=prompt, negative_prompt=negative, image=image, mask=mask,
@@ -176,12 +179,14 @@ def _seed(inputs: dict[str, np.ndarray], num_images: int) -> int:
     return check_seed(int(inputs["seed"][0]), num_images)
 
 
-def _scheduler(inputs: dict[str, np.ndarray], limits: Limits) -> str | None:
+def _scheduler(inputs: dict[str, np.ndarray], limits: Limits, allowed: Sequence[str]) -> str | None:
     if "scheduler" not in inputs:
         return None
     name = _text(inputs, "scheduler", limits).strip().lower()
-    if name not in SCHEDULER_NAMES:
-        raise RequestError("scheduler", f"{name!r} is unknown; valid: {', '.join(SCHEDULER_NAMES)}")
+    if name not in allowed:
+        raise RequestError(
+            "scheduler", f"{name!r} is unknown to this model; valid: {', '.join(allowed)}"
+        )
     return name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import diffusers
@@ -18,6 +19,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from sdserve_client.rules import SCHEDULERS_PARAMETER, scheduler_names
+
 # name → (class, config overrides), as `Class.from_config(checkpoint_config, **overrides)`.
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "pndm": (PNDMScheduler, {}),
@@ -33,6 +36,31 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+
+
+def served_schedulers(params: Mapping[str, str]) -> tuple[str, ...]:
+    """The scheduler names a pipeline model accepts: its `schedulers` config parameter, or
+    every name of `SCHEDULER_NAMES` when the parameter is absent.
+
+    Args:
+        params: the pipeline config's parameters, {key: string value}.
+
+    Raises:
+        ValueError: the parameter lists no name, or a name not in `SCHEDULER_NAMES` (a
+            load-time error: the model does not load).
+    """
+    if SCHEDULERS_PARAMETER not in params:
+        return SCHEDULER_NAMES
+    value = params[SCHEDULERS_PARAMETER]
+    names = scheduler_names(value)
+    unknown = [name for name in names if name not in SCHEDULERS]
+    if unknown or not names:
+        problem = f"unknown {', '.join(unknown)}" if unknown else "no name"
+        raise ValueError(
+            f"parameter {SCHEDULERS_PARAMETER}: {value!r} lists {problem}; "
+            f"known: {', '.join(SCHEDULER_NAMES)} (absent: all of them)"
+        )
+    return names
 
 
 def make_scheduler(name: str | None, checkpoint_config: dict[str, Any]) -> SchedulerMixin:

@@ -6,7 +6,7 @@ and benchmarks run in-process (with ONNX Runtime runners), from the same paramet
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from sdserve_pipeline.request import (
     RequestError,
     parse_request,
 )
+from sdserve_pipeline.schedulers import SCHEDULER_NAMES, served_schedulers
 
 # Makes a runner for a component: (its spec, the Triton model name serving it) → callable.
 RunnerFactory = Callable[[ComponentSpec, str], Runner]
@@ -34,14 +35,18 @@ class PipelineService:
     Args:
         loop: the generation loop on its components.
         limits: request limits.
+        outpaint: outpainting settings (bands of the model's default size).
+        schedulers: the scheduler names requests may ask for (all of `SCHEDULER_NAMES`).
     """
 
     def __init__(
-        self, loop: InpaintLoop, limits: Limits, outpaint: OutpaintSettings | None = None
-    ) -> None:
+        self, loop: InpaintLoop, limits: Limits, outpaint: OutpaintSettings | None = None,
+        schedulers: Sequence[str] = SCHEDULER_NAMES,
+    ) -> None:  # fmt: skip
         self.loop = loop
         self.limits = limits
         self.outpaint = outpaint or OutpaintSettings(native=loop.facts.default_size)
+        self.schedulers = tuple(schedulers)
 
     @classmethod
     def from_parameters(
@@ -67,7 +72,9 @@ class PipelineService:
             context=int(params.get("outpaint_context", OutpaintSettings.context)),
             fill=params.get("outpaint_fill", OutpaintSettings.fill),
         )
-        return cls(loop, limits_from_parameters(params), outpaint_settings)
+        return cls(
+            loop, limits_from_parameters(params), outpaint_settings, served_schedulers(params)
+        )
 
     def parse(self, inputs: Mapping[str, np.ndarray]) -> GenerationParams:
         """Wire inputs → validated parameters.
@@ -77,8 +84,9 @@ class PipelineService:
         """
         facts = self.loop.facts
         params = parse_request(
-            dict(inputs), self.limits, facts.default_size, facts.default_strength
-        )
+            dict(inputs), self.limits, facts.default_size, facts.default_strength,
+            self.schedulers,
+        )  # fmt: skip
         self.loop.check_size(params)  # larger than every size bucket: RequestError here
         return params
 

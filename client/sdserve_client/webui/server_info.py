@@ -28,10 +28,7 @@ from tritonclient.utils import InferenceServerException  # type: ignore[import-u
 
 from ..errors import SdserveError
 from ..request import PROMPT
-from ..rules import Limits, limits_from_parameters
-
-SCHEDULERS_PARAMETER = "schedulers"
-"""Pipeline config parameter: comma-separated scheduler names the model accepts."""
+from ..rules import SCHEDULERS_PARAMETER, Limits, limits_from_parameters, scheduler_names
 
 T = TypeVar("T")
 
@@ -163,8 +160,7 @@ def config_parameters(config: Any) -> dict[str, str]:
 
 def schedulers_of(config: Any) -> tuple[str, ...]:
     """Scheduler names from a pipeline `ModelConfig`'s `schedulers` parameter (may be empty)."""
-    text = config_parameters(config).get(SCHEDULERS_PARAMETER, "")
-    return tuple(name.strip() for name in text.split(",") if name.strip())
+    return scheduler_names(config_parameters(config).get(SCHEDULERS_PARAMETER, ""))
 
 
 def model_info_from_config(config: Any) -> ModelInfo:
