@@ -697,6 +697,23 @@ def test_the_models_own_limits_are_checked_before_inference() -> None:
     assert [method for method, _ in fake.calls][-1] == "infer"
 
 
+def test_the_models_image_and_canvas_limits_are_checked_before_inference() -> None:
+    """`limit_max_pixels` and `limit_max_canvas_pixels` too, with the rule table's messages."""
+    limits = {"limit_max_pixels": "20", "limit_max_canvas_pixels": "30"}
+    fake = FakeTriton(1, parameters=limits)
+    client = InpaintClient(model="inpaint", client=fake)
+    with pytest.raises(InvalidRequestError) as err:
+        client.inpaint(rgb(4, 6), Image.new("L", (6, 4), 255), "a cat")
+    assert err.value.message == "image: size 4x6 = 24 pixels exceeds 20"
+    with pytest.raises(InvalidRequestError) as err:
+        client.outpaint(rgb(4, 4), "a cat", right=4)
+    assert err.value.message == "outpaint: canvas 4x8 = 32 pixels exceeds 30"
+    assert [method for method, _ in fake.calls] == ["get_model_config"]  # never inferred
+    client.outpaint(rgb(4, 4), "a cat", right=3)  # 4x7 = 28 pixels
+    client.inpaint(rgb(4, 5), Image.new("L", (5, 4), 255), "a cat")  # 20 pixels
+    assert [method for method, _ in fake.calls][-2:] == ["infer", "infer"]
+
+
 @pytest.fixture(autouse=True)
 def _no_admin_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)

@@ -1,7 +1,7 @@
 """What a pipeline model's config advertises is what it enforces, on a real tritonserver.
 
 The repository is a copy of the exported one with its `inpaint` config edited: a shorter
-`schedulers` list.
+`schedulers` list and lowered image limits (which the SDK must apply before sending).
 """
 
 from __future__ import annotations
@@ -12,17 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cases import infer_inputs, make_case, served
+from cases import make_case, served
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from sdserve_client import InpaintClient, SdserveError
+from sdserve_client import InpaintClient, InvalidRequestError, SdserveError
 from sdserve_client.webui.server_info import fetch_model_info
 
 pytestmark = pytest.mark.e2e
 PROMPT = "a red bicycle"
 SCHEDULERS = "euler,ddim"  # the model's list; diffusers' other schedulers are left out
+MAX_PIXELS = 64 * 64  # an input image of 64x64 fits, 64x80 does not
+MAX_CANVAS_PIXELS = 64 * 96  # a 64x64 image outpainted by 32 fits, by 40 does not
 
 
 def _edit_config(model_dir: Path, **params: str) -> None:
@@ -37,17 +39,30 @@ def _edit_config(model_dir: Path, **params: str) -> None:
 def server(repository, tmp_path_factory):
     repo = tmp_path_factory.mktemp("edited") / "repo"
     shutil.copytree(repository, repo)
-    _edit_config(repo / "inpaint", schedulers=SCHEDULERS)
+    _edit_config(
+        repo / "inpaint", schedulers=SCHEDULERS, limit_max_pixels=str(MAX_PIXELS),
+        limit_max_canvas_pixels=str(MAX_CANVAS_PIXELS),
+    )  # fmt: skip
     with served(repo, tmp_path_factory.mktemp("triton-edited")) as srv:
         yield srv
 
 
-def _inpaint(**extra: np.ndarray) -> list[grpcclient.InferInput]:
-    image, mask = make_case(64, 64, seed=1)
-    return infer_inputs({
+def _inpaint(width: int = 64, **extra: np.ndarray) -> list[grpcclient.InferInput]:
+    """A small inpainting request as raw tritonclient inputs (with the batch dim of 1)."""
+    image, mask = make_case(64, width, seed=1)
+    tensors = {
         "prompt": np.array([PROMPT.encode()], np.object_), "image": image, "mask": mask,
         "steps": np.array([2], np.int32), "seed": np.array([1], np.int64), **extra,
-    })  # fmt: skip
+    }  # fmt: skip
+    inputs = []
+    for name, item in tensors.items():
+        array = item[np.newaxis]
+        infer_input = grpcclient.InferInput(
+            name, list(array.shape), np_to_triton_dtype(array.dtype)
+        )
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
 
 
 def test_only_the_listed_schedulers_are_served(server):
@@ -67,3 +82,39 @@ def test_only_the_listed_schedulers_are_served(server):
         sdk.inpaint(*make_case(64, 64), PROMPT, steps=2, scheduler="dpmpp_2m")
     assert err.value.status == "StatusCode.INVALID_ARGUMENT"
     assert err.value.message.endswith("valid: euler, ddim")
+
+
+def _requests_taken(server) -> int:
+    """Requests the server's pipeline model was handed (refused ones included: the pipeline
+    answers through response senders, so Triton counts every request `execute` took)."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = client.get_inference_statistics("inpaint", headers=server.admin_key.grpc_headers)
+    return sum(s.inference_count + s.inference_stats.fail.count for s in stats.model_stats)
+
+
+def test_the_sdk_applies_the_models_image_limits_before_sending(server):
+    too_wide, mask = make_case(64, 80, seed=2)
+    square, _ = make_case(64, 64, seed=2)
+    with InpaintClient(server.grpc_url) as sdk:
+        sdk.inpaint(*make_case(64, 64), PROMPT, steps=2, seed=1)  # within both limits
+        taken = _requests_taken(server)
+        assert taken >= 1
+        with pytest.raises(InvalidRequestError) as image_refused:
+            sdk.inpaint(too_wide, mask, PROMPT, steps=2, seed=1)
+        with pytest.raises(InvalidRequestError) as canvas_refused:
+            sdk.outpaint(square, PROMPT, right=40, steps=2, seed=1)
+        assert _requests_taken(server) == taken  # refused before any inference
+        sdk.outpaint(square, PROMPT, right=32, steps=2, seed=1)  # 64x96: within
+    # The server refuses the same requests with the same words.
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    outpaint = {"outpaint": np.array([40, 0, 0, 0], np.int32)}
+    for sent, sdk_error in (
+        (_inpaint(width=80), image_refused.value),
+        (_inpaint(**outpaint), canvas_refused.value),
+    ):
+        with pytest.raises(InferenceServerException) as server_error:
+            raw.infer("inpaint", sent)
+        assert server_error.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert sdk_error.message == server_error.value.message()
+    assert image_refused.value.message == f"image: size 64x80 = 5120 pixels exceeds {MAX_PIXELS}"
+    assert canvas_refused.value.message.startswith("outpaint: canvas 64x104 = 6656 pixels")

@@ -130,7 +130,8 @@ def encode_request(
             f"mask size {size_text(mask)} does not match image size {size_text(image)}"
         )
     if image is not None:
-        _check_image_size(image, request.outpaint, limits)
+        with _sdk_errors():
+            _check_image_size(_image_size(image), request.outpaint, limits)
     tensors: dict[str, Array | None] = {
         PROMPT: _text(request.prompt),
         NEGATIVE_PROMPT: _text(request.negative_prompt),
@@ -156,8 +157,10 @@ def add_batch_dim(tensors: dict[str, Array]) -> dict[str, Array]:
     return {name: array[np.newaxis] for name, array in tensors.items()}
 
 
-def check_request(request: GenerationRequest, limits: Limits | None = None) -> None:
-    """Checks every option but the image and mask arrays; raises `InvalidRequestError`.
+def check_request(
+    request: GenerationRequest, limits: Limits | None = None, *, image: Array | None = None
+) -> None:
+    """Checks every option (and, given `image`, its size); raises `InvalidRequestError`.
 
     Python types are checked here; values by the rule table the server checks wire requests
     with (`sdserve_client.rules`), so both refuse a value alike, with the same message. Rules
@@ -168,11 +171,14 @@ def check_request(request: GenerationRequest, limits: Limits | None = None) -> N
         request (`GenerationRequest`): the request to check.
         limits (`Limits`, *optional*):
             The model's limits when known; `None` checks only what holds for every model.
+        image (`np.ndarray`, *optional*):
+            The request's image as `encode_request` made it, (H, W, 3): its size and its
+            outpaint canvas are checked too (against `max_pixels`, `max_canvas_pixels`).
     """
     _check_types(request)
     with _sdk_errors():
         _check_texts(request, limits)
-        _check_values(request, limits)
+        _check_values(request, limits, None if image is None else _image_size(image))
 
 
 @contextmanager
@@ -225,13 +231,17 @@ def _check_texts(request: GenerationRequest, limits: Limits | None) -> None:
             rules.check_text_bytes(name, len(_utf8(name, value)), limits)
 
 
-def _check_values(request: GenerationRequest, limits: Limits | None) -> None:
+def _check_values(
+    request: GenerationRequest, limits: Limits | None, image_size: tuple[int, int] | None
+) -> None:
     """The shared rules, in the order the server applies them."""
     has_image = request.image is not None
     if request.outpaint is not None:
         rules.check_outpaint(request.outpaint, has_image, limits)
     if request.mask is not None:
         rules.check_mask_has_image(has_image)
+    if image_size is not None:
+        _check_image_size(image_size, request.outpaint, limits)
     _check_output_size(request, limits)
     for name in (STEPS, NUM_IMAGES):
         if getattr(request, name) is not None:
@@ -259,13 +269,18 @@ def _check_output_size(request: GenerationRequest, limits: Limits | None) -> Non
         rules.check_pixels(HEIGHT, request.height, request.width, limits)
 
 
-def _check_image_size(image: Array, outpaint: Sequence[int] | None, limits: Limits | None) -> None:
+def _image_size(image: Array) -> tuple[int, int]:
+    """(height, width) of an (H, W, 3) image array."""
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def _check_image_size(
+    size: tuple[int, int], outpaint: Sequence[int] | None, limits: Limits | None
+) -> None:
     """The size rules of an input image (and its outpaint canvas), once its array is known."""
-    height, width = int(image.shape[0]), int(image.shape[1])
-    with _sdk_errors():
-        rules.check_pixels(IMAGE, height, width, limits)
-        if outpaint is not None:
-            rules.check_canvas(height, width, [int(v) for v in outpaint], limits)
+    rules.check_pixels(IMAGE, *size, limits)
+    if outpaint is not None:
+        rules.check_canvas(*size, [int(v) for v in outpaint], limits)
 
 
 def _as_sent(value: float) -> float:

@@ -35,6 +35,7 @@ from .replicas import (
     split_urls,
 )
 from .request import (
+    IMAGE,
     OUTPUT_IMAGES,
     OUTPUT_NAMES,
     OUTPUT_SEEDS,
@@ -318,7 +319,8 @@ class InpaintClient:
     ) -> tuple[list[Any], list[Any], bool]:
         tensors = encode_request(request)  # the rules every model shares, before any call
         batched = self._is_batched(timeout)
-        check_request(request, self._limits)  # and this model's own limits
+        # and this model's own limits, the image's size and outpaint canvas included
+        check_request(request, self._limits, image=tensors.get(IMAGE))
         if batched:
             tensors = add_batch_dim(tensors)
         inputs = [_call(_infer_input, name, array) for name, array in tensors.items()]
