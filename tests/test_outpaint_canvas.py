@@ -337,46 +337,11 @@ def test_band_mask_marks_the_unknown_pixels_of_the_window():
 # --- bad inputs ------------------------------------------------------------------------------
 
 
-def test_extension_from_sequence_accepts_ints_and_numpy():
-    assert Extension.from_sequence([1, 2, 3, 4]) == Extension(1, 2, 3, 4)
-    assert Extension.from_sequence(np.array([0, 8, 0, 9], np.int32)) == Extension(0, 8, 0, 9)
-    assert Extension.from_sequence((5, 0, 0, 0)).as_tuple() == (5, 0, 0, 0)
-
-
-@pytest.mark.parametrize(
-    ("values", "match"),
-    [
-        ([1, 2, 3], "got 3"),
-        ([1, 2, 3, 4, 5], "got 5"),
-        ([-3, 0, 0, 0], "left=-3"),
-        ([0, 0, 0, -7], "bottom=-7"),
-        ([1.5, 0, 0, 0], "1.5"),
-        ([True, 0, 0, 0], "True"),
-        ("1234", "'1234'"),
-        (7, "7"),
-        (np.zeros((2, 4), np.int32), "array"),
-    ],
-)
-def test_extension_from_sequence_rejects_bad_values(values, match):
-    with pytest.raises(ValueError, match=match):
-        Extension.from_sequence(values)
-
-
 def test_extension_rejects_negative_and_non_int_sides():
     with pytest.raises(ValueError, match="top=-1"):
         Extension(0, -1, 0, 0)
     with pytest.raises(ValueError, match="'2'"):
         Extension(0, 0, "2", 0)  # type: ignore[arg-type]
-
-
-def test_extension_validate_rejects_all_zero_and_absurdly_large():
-    Extension(0, 0, 1, 0).validate()
-    with pytest.raises(ValueError, match=r"\[0, 0, 0, 0\]"):
-        Extension(0, 0, 0, 0).validate()
-    with pytest.raises(ValueError, match="right=100000"):
-        Extension(0, 0, 100_000, 0).validate()
-    with pytest.raises(ValueError, match="top=65"):
-        Extension(0, 65, 0, 0).validate(max_extension=64)
 
 
 @pytest.mark.parametrize(

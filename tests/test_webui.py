@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -320,23 +319,6 @@ def test_outpaint_canvas_has_the_enlarged_size_and_keeps_the_original(height, wi
     assert (mask[new_area] == 255).all()
 
 
-def test_outpaint_canvas_without_the_canvas_module_masks_the_new_area(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_canvas(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "canvas" and level == 2 or name == "sdserve_client.canvas":
-            raise ImportError("no canvas module")
-        return real_import(name, globals, locals, fromlist, level)
-
-    monkeypatch.setattr(builtins, "__import__", no_canvas)
-    image = np.full((4, 4, 3), 9, np.uint8)
-    canvas, mask = cb.outpaint_canvas(image, (2, 0, 0, 1))
-    assert canvas.shape == (5, 6, 3) and (canvas == 9).all()
-    expected = np.full((5, 6), 255, np.uint8)
-    expected[0:4, 2:6] = 0
-    np.testing.assert_array_equal(mask, expected)
-
-
 def test_use_as_input_and_reuse_seed_pick_the_selected_result():
     images = [np.zeros((8, 8, 3), np.uint8), np.ones((8, 8, 3), np.uint8)]
     assert cb.pick_result(images, 1) is images[1]
@@ -373,8 +355,7 @@ def test_schedulers_and_limits_come_from_the_config_parameters():
     assert (info.max_steps, info.max_images, info.max_guidance_scale) == (60, 4, 20.0)
     assert info.max_pixels == Limits().max_pixels == 1024 * 1024
     assert si.schedulers_of(pipeline_config()) == ()
-    triton = FakeTriton([config])
-    assert si.fetch_schedulers(triton, "inpaint") == ["pndm", "euler_a", "dpmpp_2m_karras"]
+    assert si.fetch_model_info(FakeTriton([config]), "inpaint") == info
 
 
 def test_unknown_model_raises_the_sdk_error_with_the_server_text():

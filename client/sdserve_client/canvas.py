@@ -11,8 +11,6 @@ are read as "regenerate" where >= 128.
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,9 +20,6 @@ from PIL import Image, ImageFilter
 
 MASK_THRESHOLD = 128
 """uint8 mask values >= this are regenerated."""
-
-MAX_EXTENSION = 8192
-"""Default upper bound of one side's extension in `Extension.validate`."""
 
 DEFAULT_OVERLAP = 16
 """Default width in pixels of the band regenerated inside the original along extended sides."""
@@ -45,8 +40,8 @@ FloatArray = npt.NDArray[np.float32]
 class Extension:
     """Pixels added to each side of an image: the `outpaint` input (left, top, right, bottom).
 
-    Construction checks that every side is a non-negative int; `validate` adds the checks of a
-    request (at least one side extended, none absurdly large).
+    Construction checks that every side is a non-negative int; the rules of a request (at least
+    one side extended, each within the model's `max_outpaint`) are `rules.check_outpaint`'s.
 
     Args:
         left (`int`): columns added on the left.
@@ -67,54 +62,9 @@ class Extension:
             if value < 0:
                 raise ValueError(f"outpaint {side} must be >= 0, got {side}={value}")
 
-    @classmethod
-    def from_sequence(cls, values: Sequence[Any] | npt.NDArray[Any]) -> Extension:
-        """Builds an extension from 4 ints in wire order (left, top, right, bottom).
-
-        Args:
-            values (`Sequence[int]` or `np.ndarray`):
-                4 integers (Python or numpy ints; a 1-D integer array such as the `outpaint`
-                tensor). Bools, floats, strings and other lengths raise `ValueError`.
-
-        Returns:
-            `Extension`: the extension.
-        """
-        if isinstance(values, (str, bytes)) or not _is_sequence(values):
-            raise ValueError(
-                f"outpaint must be 4 ints (left, top, right, bottom), got {_short(values)}"
-            )
-        items = list(values)
-        if len(items) != 4:
-            raise ValueError(
-                f"outpaint must hold 4 values (left, top, right, bottom), "
-                f"got {len(items)}: {_short(values)}"
-            )
-        ints = [_as_int(value, side, values) for side, value in zip(SIDES, items)]
-        return cls(*ints)
-
     def as_tuple(self) -> tuple[int, int, int, int]:
         """The extension in wire order (left, top, right, bottom)."""
         return self.left, self.top, self.right, self.bottom
-
-    @property
-    def is_zero(self) -> bool:
-        """Whether no side is extended."""
-        return not any(self.as_tuple())
-
-    def validate(self, max_extension: int = MAX_EXTENSION) -> None:
-        """Checks the extension of a request; raises `ValueError` naming the bad value.
-
-        Args:
-            max_extension (`int`, *optional*, defaults to `MAX_EXTENSION`):
-                The largest number of pixels one side may add.
-        """
-        if self.is_zero:
-            raise ValueError(f"outpaint must extend at least one side, got {list(self.as_tuple())}")
-        for side, value in zip(SIDES, self.as_tuple()):
-            if value > max_extension:
-                raise ValueError(
-                    f"outpaint {side}={value} exceeds the maximum of {max_extension} pixels"
-                )
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,7 +129,7 @@ def build_canvas(
     """Places an image on a canvas enlarged by `ext` and builds the mask of what to generate.
 
     An all-zero extension is accepted here (the canvas is the image, the mask the user mask);
-    requests should call `ext.validate()` first.
+    requests are checked by `rules.check_outpaint` first.
 
     Args:
         image (`np.ndarray`): (H, W, 3) uint8 RGB.
@@ -544,20 +494,9 @@ def _check_plan(canvas_h: int, canvas_w: int, known: Any, native: int, context: 
         raise ValueError(f"context must be an int in [0, native={native}), got {context!r}")
 
 
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) or (isinstance(value, np.ndarray) and value.ndim == 1)
-
-
-def _as_int(value: Any, side: str, values: Any) -> int:
-    if not _is_int(value, numpy_ok=True):
-        raise ValueError(f"outpaint {side} must be an int, got {value!r} in {_short(values)}")
-    return operator.index(value)
-
-
-def _is_int(value: Any, numpy_ok: bool = False) -> bool:
-    """Whether `value` is an int (a numpy integer too if `numpy_ok`), bools excluded."""
-    kinds = (int, np.integer) if numpy_ok else (int,)
-    return isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
+def _is_int(value: Any) -> bool:
+    """Whether `value` is a Python int, bools excluded."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _short(value: Any) -> str:
@@ -567,7 +506,6 @@ def _short(value: Any) -> str:
 
 __all__ = [
     "DEFAULT_OVERLAP",
-    "MAX_EXTENSION",
     "Canvas",
     "Extension",
     "Window",

@@ -37,15 +37,11 @@ from sdserve_pipeline.schedulers import SCHEDULER_NAMES
 # `sdserve_client.rules`. Re-exported here, where the server's callers import them from.
 __all__ = [
     "MAX_SEED",
-    "NOT_YET_SUPPORTED",
     "GenerationParams",
     "Limits",
     "RequestError",
     "parse_request",
 ]
-
-# Inputs of the contract that this pipeline does not implement yet: rejected, never ignored.
-NOT_YET_SUPPORTED: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -135,8 +131,6 @@ def parse_request(
 def _check_wire(name: str, array: np.ndarray) -> None:
     if name not in INPUTS_BY_NAME:
         raise RequestError(name, f"unknown input; valid inputs: {', '.join(INPUTS_BY_NAME)}")
-    if name in NOT_YET_SUPPORTED:
-        raise RequestError(name, "is not supported by this pipeline yet")
     spec = INPUTS_BY_NAME[name]
     dtype = spec.numpy_dtype
     if array.dtype.type is not dtype and not (dtype is np.object_ and array.dtype.kind == "S"):

@@ -5,7 +5,7 @@ Start it with `python -m sdserve_client.webui --server 127.0.0.1:8001`. `callbac
 """
 
 from .callbacks import Generation, Settings, UIError, error_message, make_settings
-from .server_info import ModelInfo, QueueState, fetch_schedulers, pipeline_models
+from .server_info import ModelInfo, QueueState, pipeline_models
 
 __all__ = [
     "Generation",
@@ -14,7 +14,6 @@ __all__ = [
     "Settings",
     "UIError",
     "error_message",
-    "fetch_schedulers",
     "make_settings",
     "pipeline_models",
 ]

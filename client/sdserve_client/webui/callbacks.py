@@ -18,6 +18,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from .. import replicas
+from ..canvas import Extension, build_canvas
 from ..errors import InvalidRequestError, SdserveError
 from .server_info import QueueState
 
@@ -270,17 +271,9 @@ def outpaint_sides(left: float, top: float, right: float, bottom: float) -> tupl
 
 
 def outpaint_canvas(image: npt.NDArray[Any], sides: Sequence[int]) -> tuple[UInt8Array, UInt8Array]:
-    """The enlarged canvas and its mask (255 = generated), as the server builds them.
-
-    Uses `sdserve_client.canvas` (the server's own geometry, with the overlap band) when it is
-    installed; otherwise pads with edge pixels and masks the new area only.
-    """
-    rgb = to_rgb(image)
-    try:
-        from ..canvas import Extension, build_canvas
-    except ImportError:  # an SDK without the canvas module
-        return _simple_canvas(rgb, sides)
-    canvas = build_canvas(rgb, Extension(*(int(side) for side in sides)))
+    """The enlarged canvas and its mask (255 = generated), as the server builds them: with
+    `sdserve_client.canvas`, the server's own geometry (the overlap band included)."""
+    canvas = build_canvas(to_rgb(image), Extension(*(int(side) for side in sides)))
     return canvas.image, canvas.mask
 
 
@@ -510,14 +503,6 @@ def _editor_background(editor: dict[str, Any] | None) -> npt.NDArray[Any] | None
 def _generation(mode: str, result: Any) -> Generation:
     images = [np.asarray(image.convert("RGB"), dtype=np.uint8) for image in result.images]
     return Generation(mode, images, [int(seed) for seed in result.seeds])
-
-
-def _simple_canvas(rgb: UInt8Array, sides: Sequence[int]) -> tuple[UInt8Array, UInt8Array]:
-    left, top, right, bottom = (int(side) for side in sides)
-    canvas = np.pad(rgb, ((top, bottom), (left, right), (0, 0)), mode="edge")
-    mask = np.full(canvas.shape[:2], 255, dtype=np.uint8)
-    mask[top : top + rgb.shape[0], left : left + rgb.shape[1]] = 0
-    return canvas, mask
 
 
 def _whole(name: str, value: Any, low: int = 1) -> int:

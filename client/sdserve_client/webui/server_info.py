@@ -175,12 +175,6 @@ def fetch_model_info(client: InfoClient, model: str, timeout: float | None = Non
     return model_info_from_config(response.config)
 
 
-def fetch_schedulers(client: InfoClient, model: str, timeout: float | None = None) -> list[str]:
-    """The scheduler names a pipeline model advertises (its `schedulers` config parameter)."""
-    response = _call(client.get_model_config, model, client_timeout=timeout)
-    return list(schedulers_of(response.config))
-
-
 def pipeline_models(client: InfoClient, timeout: float | None = None) -> list[str]:
     """Names of the ready models that take a `prompt` input (the pipeline models, not parts)."""
     index = _call(client.get_model_repository_index, client_timeout=timeout)
