@@ -391,10 +391,12 @@ def test_build_engine_drives_the_tensorrt_api(tmp_path: Path, monkeypatch) -> No
         )
 
 
-def test_tensorrt_is_optional_here() -> None:
-    if te.trt is None:
-        with pytest.raises(te.TensorRTUnavailable):
-            te.require_tensorrt()
+def test_without_tensorrt_an_engine_build_says_what_is_missing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(te, "trt", None)  # as on a machine without the package
+    profiles = te.derive_profiles(VAE_DECODER, SD15_SIZES)
+    with pytest.raises(te.TensorRTUnavailable, match="`tensorrt` package is not installed"):
+        te.build_engine(tmp_path / "model.onnx", profiles, tmp_path / KEY.filename, log=print)
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 # --------------------------------------------------------------------- repository variants
@@ -1116,7 +1118,7 @@ def test_k8s_hpa_scales_the_deployment_on_the_adapter_queue_metric() -> None:
     assert query.count('model="inpaint"') == 2
 
 
-def test_docker_readme_documents_deployment_and_gpu_targets() -> None:
+def test_docker_readme_documents_deployment() -> None:
     readme = (DOCKER / "README.md").read_text()
     for needle in (
         "docker build",
@@ -1124,8 +1126,6 @@ def test_docker_readme_documents_deployment_and_gpu_targets() -> None:
         "kubectl apply -k docker/k8s",
         "prometheus-adapter",
     ):
-        assert needle in readme
-    for needle in ("0.45 s", "H100", "A100", "0.57", "github.com/microsoft/onnxruntime"):
         assert needle in readme
 
 
