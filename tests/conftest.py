@@ -84,7 +84,7 @@ def base_service(combined_repository: Path):
     return load_service(combined_repository, "sd15_base")
 
 
-# SDXL (issue 6): the tiny SDXL inpainting demo, served beside SD 1.5 from one repository.
+# SDXL: the tiny SDXL inpainting demo, served beside SD 1.5 from one repository.
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Issue 5: a table of bad requests, each answered INVALID_ARG naming its input, by a real server.
+"""A table of bad requests, each answered INVALID_ARG naming its input, by a real server.
 
 Tensors are built with raw `tritonclient.grpc`, so wrong dtypes, ranks and shapes reach the
 server exactly as written here. After the whole table (the last tests of this module) the

@@ -397,7 +397,7 @@ def test_close_finishes_what_was_submitted_then_refuses(service):
         batcher.submit(wire(steps=3, height=64, width=64, seed=3), outcomes.callback("late"))
 
 
-# --- every outcome counted; outstanding steps; admission by memory (issue 14) --------------
+# --- every outcome counted; outstanding steps; admission by memory ----------------------------
 
 
 def gated_service(service: PipelineService, gate: threading.Event, broken_height: int = 0):

@@ -48,7 +48,7 @@ ADMIN_HEADER = "sdserve-admin-key"  # the HTTP header; gRPC metadata carries Tri
 GRPC_ADMIN_HEADER = "triton-grpc-protocol-" + ADMIN_HEADER  # seen on tritonserver 2.51
 RESTRICTED = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 OPEN = ("inference", "health", "metadata", "model-config")
-OUTSTANDING_STEPS = "sdserve_outstanding_steps"  # the pipeline's gauge (issue 14)
+OUTSTANDING_STEPS = "sdserve_outstanding_steps"  # the pipeline's gauge
 
 
 # ------------------------------------------------------------------------------- loading

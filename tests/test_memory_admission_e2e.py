@@ -1,5 +1,5 @@
 """A burst of requests at the size limits under a low memory budget, on a real tritonserver
-(issue 14, item 6): each is served or refused at once with UNAVAILABLE saying why, the
+(admission by memory): each is served or refused at once with UNAVAILABLE saying why, the
 server's RSS stays under its idle RSS + the budget + a margin, and nothing crashes."""
 
 from __future__ import annotations

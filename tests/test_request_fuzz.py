@@ -1,4 +1,4 @@
-"""Issue 5: hypothesis drives the request decoder; it never raises anything but `RequestError`.
+"""Hypothesis drives the request decoder; it never raises anything but `RequestError`.
 
 Requests are random subsets of the wire inputs (plus unknown names) with random dtypes (the
 contract's and others), ranks, small shapes and values (NaN, inf, extremes, random bytes for

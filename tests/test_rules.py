@@ -1,4 +1,4 @@
-"""Issue 5: one rule table (`sdserve_client.rules`) behind both the SDK and the server checks.
+"""One rule table (`sdserve_client.rules`) behind both the SDK and the server checks.
 
 Each case is one set of request fields, sent through the SDK's `encode_request` (which raises
 `InvalidRequestError`) and, as wire tensors, through the server's `parse_request` (which raises

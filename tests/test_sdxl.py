@@ -1,4 +1,4 @@
-"""SDXL inpainting (issue 6): export parity, loop parity with StableDiffusionXLInpaintPipeline,
+"""SDXL inpainting: export parity, loop parity with StableDiffusionXLInpaintPipeline,
 and `inpaint_xl` served beside `inpaint` from one repository by a real tritonserver."""
 
 from __future__ import annotations

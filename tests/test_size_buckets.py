@@ -1,4 +1,4 @@
-"""Size buckets: requests snapped to the static sizes TensorRT engines serve (issue 9).
+"""Size buckets: requests snapped to the static sizes TensorRT engines serve.
 
 Pure snapping logic (`sdserve_pipeline.images`), the loop with buckets on the tiny demo
 pipeline in-process (outputs keep the request's exact size; a request that already is a

@@ -395,7 +395,7 @@ sdserve_queue_duration_us{model="inpaint_xl"} 7
 """  # noqa: E501
 # The same endpoint of a server from before the pipeline's batcher: no sdserve_* metrics.
 OLD_METRICS = "\n".join(line for line in METRICS.splitlines() if "sdserve_" not in line)
-# A server counting every outcome (issue 14): the metrics above plus these.
+# A server counting every outcome (sdserve_requests_total): the metrics above plus these.
 OUTCOME_METRICS = (
     METRICS
     + """
@@ -482,7 +482,7 @@ sdserve_queue_pending_requests 9
 
 
 def test_fetch_queue_state_reads_only_open_apis_and_the_metrics_endpoint(monkeypatch):
-    class Locked(FakeTriton):  # statistics need the operator's key (issue 14)
+    class Locked(FakeTriton):  # statistics need the operator's key
         def get_inference_statistics(self, model_name="", **kwargs):
             raise AssertionError("the statistics API is restricted: never asked")
 

@@ -49,7 +49,7 @@ GRPC_ADMIN_KEY_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_HEADER
 NOT_STARTED_MESSAGES: tuple[str, ...] = (
     "Exceeds maximum queue size",  # the pipeline's queue is full
     "Request timeout expired",  # waited in the pipeline's queue, never started
-    "memory budget",  # admission by memory (issue 14, item 6)
+    "memory budget",  # refused by admission by memory
     "has no available versions",  # the model is not loaded (or being unloaded) there
     "unknown model",
 )

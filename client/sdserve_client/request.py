@@ -17,7 +17,8 @@ from .errors import InvalidRequestError
 from .images import ImageLike, MaskLike, size_text, to_mask_array, to_rgb_array
 from .rules import Limits, RequestError
 
-# Tensor names of the pipeline model's wire contract (DESIGN.md), defined here only.
+# Tensor names of the pipeline model's wire contract (README.md, "Wire contract"). The server
+# declares them again, with dtypes and dims, in `sdserve_pipeline.contract`; a test compares both.
 PROMPT = "prompt"
 NEGATIVE_PROMPT = "negative_prompt"
 IMAGE = "image"

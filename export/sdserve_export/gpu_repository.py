@@ -34,13 +34,12 @@ With `tensorrt_plan`, engines are looked up in `--engines` by exact name (Tensor
 GPU, precision, batch range, size buckets, ONNX digest) and built when missing, which needs
 the `tensorrt` package and a GPU (see `tensorrt_engines`).
 
-Keeping tensors on the GPU between BLS calls (DLPack) is a change on the pipeline side,
-not here: `sdserve_pipeline.triton_bls.BlsRunner` would pass `pb_utils.Tensor.from_dlpack`
-of CUDA torch tensors, ask for `preferred_memory=pb_utils.PreferredMemory(
-pb_utils.TRITONSERVER_MEMORY_GPU, 0)` on its `InferenceRequest`, read outputs with
-`torch.utils.dlpack.from_dlpack(tensor.to_dlpack())`, and the pipeline config would set
-`FORCE_CPU_ONLY_INPUT_TENSORS: "no"`. The component configs written here need no change
-for that: native backends accept and return GPU tensors.
+The pipeline's BLS calls (`sdserve_pipeline.triton_bls.BlsRunner`) pass numpy arrays, so
+tensors go through host memory between component calls even when the components run on
+the GPU. Keeping them on the GPU (DLPack) is not implemented.
+
+None of this has run on a GPU yet: `tests/test_gpu_path.py` checks the written configs on
+the CPU (with stand-in plan files); its `gpu` tests skip without TensorRT and a CUDA device.
 """
 
 from __future__ import annotations

@@ -16,9 +16,12 @@ Pure parts, importable and tested without TensorRT or a GPU:
   `unet.trt10.5.0.sm90.fp16.b2-8.512x512_768x768.onnx-1a2b3c4d5e6f.plan`, plus its parser;
   `find_engine` accepts exact matches only, so a stale engine is never loaded.
 
-GPU parts (need the `tensorrt` package and a CUDA device; complete, guarded):
-`build_engine` (TensorRT Python API, fp16 with fp32 kept where needed, a timing cache, one
-profile per bucket) and `check_engine_parity` (engine vs ONNX Runtime on CPU).
+GPU parts (need the `tensorrt` package and a CUDA device; without them they raise
+`TensorRTUnavailable`): `build_engine` (TensorRT Python API, fp16 with fp32 kept where
+needed, a timing cache, one profile per bucket) and `check_engine_parity` (engine vs ONNX
+Runtime on CPU). On the CPU only `build_engine`'s calls are tested, against a stand-in for
+the `tensorrt` module; neither has run with real TensorRT on a GPU yet (the `gpu` tests of
+`tests/test_gpu_path.py` do that, and skip without one).
 """
 
 from __future__ import annotations

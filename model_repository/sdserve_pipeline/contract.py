@@ -1,7 +1,8 @@
-"""The wire contract of the pipeline model (DESIGN.md): names, dtypes and dims, once.
+"""The wire contract of the pipeline model (README.md, "Wire contract"): names, dtypes, dims.
 
 The pipeline's Triton config is generated from these tuples and requests are checked
-against them, so the config and the checks cannot drift.
+against them, so the config and the checks cannot drift. The SDK keeps its own copy of the
+names (`sdserve_client.request`); a test compares the two.
 """
 
 from __future__ import annotations

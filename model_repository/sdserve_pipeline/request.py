@@ -1,4 +1,4 @@
-"""Validate and decode one wire request (DESIGN.md's contract) into `GenerationParams`.
+"""Validate and decode one wire request (README.md, "Wire contract") into `GenerationParams`.
 
 Everything is checked here, before any allocation or model call; a problem raises
 `RequestError` naming the input, the bad value and what is allowed. The Triton adapter
