@@ -37,6 +37,23 @@ def diffusers_inpaint(pipe, image, mask, prompt="a red bicycle", seed=42, steps=
     return np.asarray(result.images[0])
 
 
+def infer_inputs(tensors: dict[str, np.ndarray], batched: bool = True) -> list:
+    """`tritonclient.grpc.InferInput`s of numpy arrays, with the pipeline model's batch dim
+    of 1 added when `batched`."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, item in tensors.items():
+        array = item[np.newaxis] if batched else item
+        infer_input = grpcclient.InferInput(
+            name, list(array.shape), np_to_triton_dtype(array.dtype)
+        )
+        infer_input.set_data_from_numpy(array)
+        inputs.append(infer_input)
+    return inputs
+
+
 def max_abs(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())

@@ -155,7 +155,8 @@ def combined_server(combined_repository, tmp_path_factory):
 def test_clients_discover_models_and_schedulers(combined_server):
     from sdserve_pipeline.schedulers import SCHEDULER_NAMES
 
-    with InpaintClient(combined_server.grpc_url) as client:
+    key = combined_server.admin_key.value  # the repository index is the operator's
+    with InpaintClient(combined_server.grpc_url, admin_key=key) as client:
         assert {"inpaint", "sd15_base"} <= set(client.list_models())
     raw = grpcclient.InferenceServerClient(combined_server.grpc_url)
     config = raw.get_model_config("inpaint").config

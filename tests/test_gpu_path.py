@@ -494,17 +494,21 @@ def test_gpu_variant_configs_parse_and_match_the_onnx_files(
         _assert_same_tensors({t.name: list(t.dims) for t in config.output}, onnx_outputs)
 
 
-def test_gpu_variant_keeps_the_pipeline_model_unchanged(repository: Path, tmp_path: Path) -> None:
+def test_gpu_variant_keeps_the_pipeline_model_but_its_memory_budget(
+    repository: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "gpu"
     gr.write_gpu_repository(repository, out, gr.ONNXRUNTIME, log=lambda _msg: None)
     source, copy = repository / "inpaint", out / "inpaint"
     files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
     for relative in files:
-        assert (copy / relative).read_bytes() == (source / relative).read_bytes()
-    config = _parse(copy / "config.pbtxt")
-    assert config.backend == "python"
-    assert config.parameters["unet_model"].string_value == "unet"
+        if relative.name != "config.pbtxt":
+            assert (copy / relative).read_bytes() == (source / relative).read_bytes()
+    config, original = _parse(copy / "config.pbtxt"), _parse(source / "config.pbtxt")
+    assert config.parameters.pop("memory_budget_mb").string_value == "0"  # GPU memory: off
+    original.parameters.pop("memory_budget_mb")
+    assert config == original
 
 
 def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) -> None:

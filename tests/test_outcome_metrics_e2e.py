@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cases import make_case, served
+from cases import infer_inputs, make_case, served
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from sdserve_client.webui.server_info import (
     DURATION_METRIC,
@@ -55,24 +55,12 @@ def server(repository, tmp_path_factory):
         yield srv
 
 
-def _inputs(**tensors: np.ndarray) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, item in tensors.items():
-        array = item[np.newaxis]  # the pipeline model's batch dim
-        infer_input = grpcclient.InferInput(
-            name, list(array.shape), np_to_triton_dtype(array.dtype)
-        )
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
-
-
 def _request(steps: int, seed: int = 1) -> list[grpcclient.InferInput]:
     image, mask = make_case(64, 64, seed=1)
-    return _inputs(
-        prompt=np.array([PROMPT.encode()], np.object_), image=image, mask=mask,
-        steps=np.array([steps], np.int32), seed=np.array([seed], np.int64),
-    )  # fmt: skip
+    return infer_inputs({
+        "prompt": np.array([PROMPT.encode()], np.object_), "image": image, "mask": mask,
+        "steps": np.array([steps], np.int32), "seed": np.array([seed], np.int64),
+    })  # fmt: skip
 
 
 class Answers:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from cases import make_case, max_abs, served
+from cases import infer_inputs, make_case, max_abs, served
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from sdserve_client import InpaintClient, SdserveError
 from sdserve_client.webui.server_info import (
@@ -65,15 +65,7 @@ def _request(steps: int, seed: int) -> list[grpcclient.InferInput]:
         "prompt": np.array([PROMPT.encode()], np.object_), "image": image, "mask": mask,
         "steps": np.array([steps], np.int32), "seed": np.array([seed], np.int64),
     }  # fmt: skip
-    inputs = []
-    for name, item in tensors.items():
-        array = item[np.newaxis]  # the pipeline model's batch dim
-        infer_input = grpcclient.InferInput(
-            name, list(array.shape), np_to_triton_dtype(array.dtype)
-        )
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
+    return infer_inputs(tensors)
 
 
 def _unet_executions(client: grpcclient.InferenceServerClient, headers: dict[str, str]) -> int:

@@ -433,9 +433,10 @@ def _wait_for_line(lines: queue.Queue[str], needle: str, timeout_s: float) -> li
     return seen
 
 
-@pytest.mark.e2e
-@needs_tritonserver
-def test_serve_runs_until_sigterm_then_exits_zero(repository: Path, tmp_path: Path) -> None:
+def _start_launcher(
+    repository: Path, tmp_path: Path
+) -> tuple[subprocess.Popen[str], queue.Queue[str]]:
+    """`python -m sdserve_pipeline.serve` on free ports; its output lines arrive in a queue."""
     command = [sys.executable, "-m", "sdserve_pipeline.serve", "--repository", str(repository)]
     command += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
     command += ["--exit-timeout-secs", "2", "--build-dir", str(tmp_path / "build")]
@@ -444,6 +445,13 @@ def test_serve_runs_until_sigterm_then_exits_zero(repository: Path, tmp_path: Pa
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=_read_lines, args=(launcher.stdout, lines), daemon=True).start()
+    return launcher, lines
+
+
+@pytest.mark.e2e
+@needs_tritonserver
+def test_serve_runs_until_sigterm_then_exits_zero(repository: Path, tmp_path: Path) -> None:
+    launcher, lines = _start_launcher(repository, tmp_path)
     try:
         output = "".join(_wait_for_line(lines, "serving;", timeout_s=120))
         grpc_url = re.search(r"gRPC\s+(\S+)", output).group(1)  # type: ignore[union-attr]
@@ -500,14 +508,7 @@ def test_a_taken_port_names_the_process_holding_it(tmp_path: Path) -> None:
 def test_a_launcher_killed_with_sigkill_takes_its_server_along(
     repository: Path, tmp_path: Path
 ) -> None:
-    command = [sys.executable, "-m", "sdserve_pipeline.serve", "--repository", str(repository)]
-    command += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
-    command += ["--exit-timeout-secs", "2", "--build-dir", str(tmp_path / "build")]
-    launcher = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_read_lines, args=(launcher.stdout, lines), daemon=True).start()
+    launcher, lines = _start_launcher(repository, tmp_path)
     try:
         output = "".join(_wait_for_line(lines, "serving;", timeout_s=120))
         server_pid = int(re.search(r"pid (\d+)", output).group(1))  # type: ignore[union-attr]
