@@ -168,7 +168,8 @@ def xl_server(xl_repository, tmp_path_factory):
 def test_served_side_by_side_and_listed(xl_server):
     from sdserve_client import InpaintClient
 
-    with InpaintClient(xl_server.grpc_url, model="inpaint_xl") as client:
+    key = xl_server.admin_key.value  # the repository index is the operator's
+    with InpaintClient(xl_server.grpc_url, model="inpaint_xl", admin_key=key) as client:
         assert {"inpaint", "inpaint_xl", "xl_text_encoder_2"} <= set(client.list_models())
         assert client.is_ready()
 

@@ -101,7 +101,7 @@ def test_python_stubs_reads_children_of_the_server_by_model(tmp_path: Path) -> N
 
 # --- End to end: kill a stub under load -----------------------------------------------------
 
-STEPS = 40  # long enough that the kill lands mid-run on a loaded 2-core machine
+STEPS = 150  # the most a request may ask: the kill lands mid-run however fast the machine
 CLIENTS = 6
 ANSWER_BOUND_S = 120.0  # every request answered within this after the kill
 
@@ -159,6 +159,15 @@ def _wait_healed(server, model: str, count: int, timeout_s: float = 180.0) -> No
     pytest.fail(f"{model} not reloaded within {timeout_s}s; events: {server.events}")
 
 
+def _unet_calls(server) -> int:
+    """UNet executions so far (Triton's statistics API, with the operator's key)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics("unet", headers=server.admin_key.grpc_headers)
+    return sum(s.execution_count for s in stats.model_stats)
+
+
 def _kill_stub_under_load(server, model: str, reloads_before: int, timeout_s: float):
     """Starts CLIENTS requests (deadline `timeout_s`), SIGKILLs `model`'s stub once they
     run, and returns (outcomes, seconds from the kill to the last answer, readiness log,
@@ -173,8 +182,12 @@ def _kill_stub_under_load(server, model: str, reloads_before: int, timeout_s: fl
             except SdserveError as exc:
                 outcomes[seed] = exc
 
+        before = _unet_calls(server)
         futures = [pool.submit(one, seed) for seed in range(100, 100 + CLIENTS)]
-        time.sleep(2.0)  # admitted and denoising
+        deadline = time.monotonic() + 60
+        while _unet_calls(server) < before + 3:  # admitted and denoising
+            assert time.monotonic() < deadline, "the requests never reached the UNet"
+            time.sleep(0.05)
         (pid,) = python_stubs(server.pid)[model]
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
