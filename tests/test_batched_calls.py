@@ -4,44 +4,14 @@ together share one call per component and shape, and each gets exactly its image
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import replace
-
 import pytest
 import torch
 from cases import make_case, max_abs
-from test_generation_controls import wire
+from helpers import Spy, wire
 
 from sdserve_pipeline.loop import Call, InpaintLoop
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService
-
-ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
-
-
-class Spy:
-    """Records the rows of every call per component; `fail` makes a call raise."""
-
-    def __init__(self, loop: InpaintLoop, fail=None) -> None:
-        self.rows: dict[str, list[int]] = defaultdict(list)
-        self._fail = fail or (lambda role, index: False)
-        wrapped = {
-            role: self._wrap(role, getattr(loop.components, role))
-            for role in ROLES
-            if getattr(loop.components, role) is not None
-        }
-        self.loop = InpaintLoop(
-            replace(loop.components, **wrapped), loop.assets, size_buckets=loop.size_buckets
-        )
-
-    def _wrap(self, role, run):
-        def call(*inputs):
-            self.rows[role].append(inputs[0].shape[0])
-            if self._fail(role, len(self.rows[role])):
-                raise RuntimeError(f"{role} call {len(self.rows[role])} failed")
-            return run(*inputs)
-
-        return call
 
 
 def params_of(service: PipelineService, requests):

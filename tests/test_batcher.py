@@ -11,8 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from cases import make_case, max_abs
-from test_batched_calls import Spy
-from test_generation_controls import wire
+from helpers import Spy, wire
 
 from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
 from sdserve_pipeline.loop import Cancelled, InpaintLoop

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
-from test_generation_controls import wire
+from helpers import wire
 
 
 @pytest.fixture(scope="module")

@@ -9,26 +9,13 @@ import numpy as np
 import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
+from helpers import wire
 
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES, SCHEDULERS, make_scheduler
 
 PROMPT = "a red bicycle"
-
-
-def wire(image=None, mask=None, **controls):
-    tensors = {"prompt": np.array([PROMPT.encode()], dtype=object)}
-    if image is not None:
-        tensors |= {"image": image, "mask": mask, "preserve_unmasked": np.array([False])}
-    dtypes = {"steps": np.int32, "seed": np.int64, "num_images": np.int32, "height": np.int32,
-              "width": np.int32, "guidance_scale": np.float32, "strength": np.float32}  # fmt: skip
-    for name, value in controls.items():
-        if name == "scheduler":
-            tensors[name] = np.array([value.encode()], dtype=object)
-        else:
-            tensors[name] = np.array([value], dtype=dtypes[name])
-    return tensors
 
 
 @pytest.fixture

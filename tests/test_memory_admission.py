@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_generation_controls import wire
+from helpers import wire
 
 from sdserve_client.canvas import Extension, build_canvas, plan_bands
 from sdserve_pipeline.admission import (

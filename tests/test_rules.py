@@ -38,7 +38,7 @@ def white(height: int = 8, width: int = 8) -> np.ndarray:
     return np.full((height, width), 255, np.uint8)
 
 
-def wire(fields: dict[str, Any]) -> dict[str, np.ndarray]:
+def wire_of(fields: dict[str, Any]) -> dict[str, np.ndarray]:
     """The request fields as the server receives them: contract dtypes, no batch dim."""
     tensors = {}
     for name, value in fields.items():
@@ -62,7 +62,7 @@ def sdk_verdict(fields: dict[str, Any]) -> str | None:
 
 def server_verdict(fields: dict[str, Any]) -> str | None:
     try:
-        parse_request(wire(fields), LIMITS, DEFAULT_SIZE)
+        parse_request(wire_of(fields), LIMITS, DEFAULT_SIZE)
     except RequestError as err:
         return str(err)
     return None

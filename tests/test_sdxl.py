@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from cases import diffusers_inpaint, make_case, max_abs, served
-from test_generation_controls import wire
+from helpers import wire
 
 from sdserve_client.canvas import Extension, build_canvas
 from sdserve_export.triton_configs import parse_pbtxt

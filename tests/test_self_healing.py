@@ -253,12 +253,12 @@ def test_the_standalone_watchdog_heals_a_server_started_without_the_launcher(tmp
     import subprocess
     import sys
 
-    from test_triton_server import _ADD_ONE, _infer_add_one, _write_model
+    from helpers import ADD_ONE, infer_add_one, write_model
 
     from sdserve_pipeline.triton_server import TritonServer
 
     repository = tmp_path / "models"
-    _write_model(repository, "add_one", _ADD_ONE)
+    write_model(repository, "add_one", ADD_ONE)
     server = TritonServer(repository, http_port=0, grpc_port=0, metrics_port=0,
                           build_dir=tmp_path / "build", heal=False)  # fmt: skip
     with server:
@@ -281,7 +281,7 @@ def test_the_standalone_watchdog_heals_a_server_started_without_the_launcher(tmp
             while not server.control.is_model_ready("add_one"):
                 assert time.monotonic() < deadline, "add_one not ready after its reload"
                 time.sleep(0.2)
-            np.testing.assert_array_equal(_infer_add_one(server.grpc_url), [2.0, 3.5, -2.0])
+            np.testing.assert_array_equal(infer_add_one(server.grpc_url), [2.0, 3.5, -2.0])
         finally:
             server.stop()
             _, log = watchdog.communicate(timeout=30)  # ends with its server

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_triton_server import _ADD_ONE, _infer_add_one, _write_model
+from helpers import ADD_ONE, infer_add_one, write_model
 
 from sdserve_pipeline.server_security import (
     ADMIN_KEY_ENV,
@@ -136,7 +136,7 @@ class TritonPythonModel:
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = tmp_path_factory.mktemp("locked") / "models"
-    _write_model(repository, "add_one", _ADD_ONE)
+    write_model(repository, "add_one", ADD_ONE)
     with TritonServer(
         repository,
         http_port=0,
@@ -262,7 +262,7 @@ def test_no_control_call_is_accepted_without_the_key_over_http(
 def test_inference_health_metadata_and_config_stay_open(locked: TritonServer) -> None:
     import tritonclient.grpc as grpcclient
 
-    np.testing.assert_array_equal(_infer_add_one(locked.grpc_url), [2.0, 3.5, -2.0])
+    np.testing.assert_array_equal(infer_add_one(locked.grpc_url), [2.0, 3.5, -2.0])
     with grpcclient.InferenceServerClient(locked.grpc_url) as client:
         assert client.is_server_live() and client.is_server_ready()
         assert client.is_model_ready("add_one")

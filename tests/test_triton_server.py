@@ -10,14 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pytest
+from helpers import ADD_ONE, infer_add_one, write_model
 
 from sdserve_pipeline import serve
 from sdserve_pipeline.triton_server import (
@@ -261,30 +260,6 @@ def test_serve_parse_args_defaults() -> None:
 
 # --- End to end: a real tritonserver ------------------------------------------------------
 
-_TENSOR_CONFIG = """
-backend: "python"
-max_batch_size: 0
-input [{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }]
-output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }]
-instance_group [{ kind: KIND_CPU count: 1 }]
-"""
-
-_ADD_ONE = """
-import numpy as np
-import numpy.typing as npt
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
-            out = pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-        return responses
-"""
-
 _REJECT = """
 import triton_python_backend_utils as pb_utils
 
@@ -312,25 +287,6 @@ class TritonPythonModel:
 """
 
 
-def _write_model(repository: Path, name: str, model_py: str) -> None:
-    version = repository / name / "1"
-    version.mkdir(parents=True)
-    (repository / name / "config.pbtxt").write_text(_TENSOR_CONFIG)
-    (version / "model.py").write_text(textwrap.dedent(model_py))
-
-
-def _infer_add_one(grpc_url: str, model: str = "add_one") -> npt.NDArray[np.float32]:
-    import tritonclient.grpc as grpcclient
-
-    x = np.array([1.0, 2.5, -3.0], dtype=np.float32)
-    with grpcclient.InferenceServerClient(grpc_url) as client:
-        request = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
-        request.set_data_from_numpy(x)
-        result = client.infer(model, [request])
-    output: npt.NDArray[np.float32] = result.as_numpy("OUTPUT0")
-    return output
-
-
 def _is_zombie(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -352,8 +308,8 @@ def _assert_group_gone(pgid: int | None) -> None:
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
     repository = tmp_path / "models"
-    _write_model(repository, "add_one", _ADD_ONE)
-    _write_model(repository, "reject", _REJECT)
+    write_model(repository, "add_one", ADD_ONE)
+    write_model(repository, "reject", _REJECT)
     return repository
 
 
@@ -376,7 +332,7 @@ def test_server_serves_add_one_and_stops_its_whole_process_group(
         assert server.pid is not None
         stubs = [pid for pid in process_group_members(server.pid) if pid != server.pid]
 
-        np.testing.assert_array_equal(_infer_add_one(server.grpc_url), [2.0, 3.5, -2.0])
+        np.testing.assert_array_equal(infer_add_one(server.grpc_url), [2.0, 3.5, -2.0])
         assert len(stubs) == 2  # one Python backend stub per model instance, in the group
         assert progress[-1] == "ready: 2 model(s)"
 
@@ -395,7 +351,7 @@ def test_triton_error_code_reaches_the_client(repository: Path, tmp_path: Path) 
     ) as server:
         server.wait_ready(120)
         with pytest.raises(InferenceServerException, match="rejected on purpose") as exc_info:
-            _infer_add_one(server.grpc_url, model="reject")
+            infer_add_one(server.grpc_url, model="reject")
 
     assert exc_info.value.status() == "StatusCode.INVALID_ARGUMENT"
 
@@ -404,8 +360,8 @@ def test_triton_error_code_reaches_the_client(repository: Path, tmp_path: Path) 
 @needs_tritonserver
 def test_model_failing_to_initialize_fails_wait_ready_with_its_error(tmp_path: Path) -> None:
     repository = tmp_path / "models"
-    _write_model(repository, "add_one", _ADD_ONE)
-    _write_model(repository, "broken", _BROKEN)
+    write_model(repository, "add_one", ADD_ONE)
+    write_model(repository, "broken", _BROKEN)
     server = TritonServer(
         repository, http_port=0, grpc_port=0, metrics_port=0, build_dir=tmp_path / "build"
     )
@@ -456,7 +412,7 @@ def test_serve_runs_until_sigterm_then_exits_zero(repository: Path, tmp_path: Pa
         output = "".join(_wait_for_line(lines, "serving;", timeout_s=120))
         grpc_url = re.search(r"gRPC\s+(\S+)", output).group(1)  # type: ignore[union-attr]
         server_pid = int(re.search(r"pid (\d+)", output).group(1))  # type: ignore[union-attr]
-        np.testing.assert_array_equal(_infer_add_one(grpc_url), [2.0, 3.5, -2.0])
+        np.testing.assert_array_equal(infer_add_one(grpc_url), [2.0, 3.5, -2.0])
 
         launcher.send_signal(signal.SIGTERM)
 
@@ -471,7 +427,7 @@ def test_serve_runs_until_sigterm_then_exits_zero(repository: Path, tmp_path: Pa
 @needs_tritonserver
 def test_stop_kills_a_stub_that_outlives_the_server(tmp_path: Path) -> None:
     repository = tmp_path / "models"
-    _write_model(repository, "slow_exit", _ADD_ONE + _SLOW_FINALIZE)
+    write_model(repository, "slow_exit", ADD_ONE + _SLOW_FINALIZE)
     server = TritonServer(
         repository,
         http_port=0,

@@ -1,0 +1,103 @@
+"""Helpers shared by the tests: wire requests, a call spy over the loop's components, and
+tiny Triton Python models for launcher and security tests."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from sdserve_pipeline.loop import InpaintLoop
+
+PROMPT = "a red bicycle"
+ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+
+
+def wire(image=None, mask=None, **controls):
+    """A wire request (the pipeline's input tensors, no batch dim) with `controls`."""
+    tensors = {"prompt": np.array([PROMPT.encode()], dtype=object)}
+    if image is not None:
+        tensors |= {"image": image, "mask": mask, "preserve_unmasked": np.array([False])}
+    dtypes = {"steps": np.int32, "seed": np.int64, "num_images": np.int32, "height": np.int32,
+              "width": np.int32, "guidance_scale": np.float32, "strength": np.float32}  # fmt: skip
+    for name, value in controls.items():
+        if name == "scheduler":
+            tensors[name] = np.array([value.encode()], dtype=object)
+        else:
+            tensors[name] = np.array([value], dtype=dtypes[name])
+    return tensors
+
+
+class Spy:
+    """Records the rows of every call per component; `fail` makes a call raise."""
+
+    def __init__(self, loop: InpaintLoop, fail=None) -> None:
+        self.rows: dict[str, list[int]] = defaultdict(list)
+        self._fail = fail or (lambda role, index: False)
+        wrapped = {
+            role: self._wrap(role, getattr(loop.components, role))
+            for role in ROLES
+            if getattr(loop.components, role) is not None
+        }
+        self.loop = InpaintLoop(
+            replace(loop.components, **wrapped), loop.assets, size_buckets=loop.size_buckets
+        )
+
+    def _wrap(self, role, run):
+        def call(*inputs):
+            self.rows[role].append(inputs[0].shape[0])
+            if self._fail(role, len(self.rows[role])):
+                raise RuntimeError(f"{role} call {len(self.rows[role])} failed")
+            return run(*inputs)
+
+        return call
+
+
+# --- tiny Triton Python models --------------------------------------------------------------
+
+TENSOR_CONFIG = """
+backend: "python"
+max_batch_size: 0
+input [{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] }]
+output [{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] }]
+instance_group [{ kind: KIND_CPU count: 1 }]
+"""
+
+ADD_ONE = """
+import numpy as np
+import numpy.typing as npt
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            out = pb_utils.Tensor("OUTPUT0", (x + 1).astype(np.float32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses
+"""
+
+
+def write_model(repository: Path, name: str, model_py: str) -> None:
+    version = repository / name / "1"
+    version.mkdir(parents=True)
+    (repository / name / "config.pbtxt").write_text(TENSOR_CONFIG)
+    (version / "model.py").write_text(textwrap.dedent(model_py))
+
+
+def infer_add_one(grpc_url: str, model: str = "add_one") -> npt.NDArray[np.float32]:
+    import tritonclient.grpc as grpcclient
+
+    x = np.array([1.0, 2.5, -3.0], dtype=np.float32)
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        request = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+        request.set_data_from_numpy(x)
+        result = client.infer(model, [request])
+    output: npt.NDArray[np.float32] = result.as_numpy("OUTPUT0")
+    return output
