@@ -39,12 +39,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import final
 
-from sdserve_pipeline.healing import StubWatchdog
+from sdserve_pipeline.healing import STUB_NAME, StubWatchdog
 from sdserve_pipeline.server_security import AdminKey, TlsConfig, resolve_admin_key
 from sdserve_pipeline.triton_control import ControlClient, ControlError
 
 DEFAULT_HOST = "127.0.0.1"
-STUB_NAME = "triton_python_backend_stub"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LIBS_DIR_NAME = "nvidia_pytriton.libs"
 BACKENDS_DIR_NAME = "triton_backends"
