@@ -35,14 +35,10 @@ from typing import Any, TypeVar
 
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
+from .rules import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
+
 T = TypeVar("T")
 
-ADMIN_KEY_HEADER = "sdserve-admin-key"
-"""Header (HTTP) that opens Triton's restricted control APIs (the repository index among
-them) on an sdserve server."""
-GRPC_ADMIN_KEY_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_HEADER
-"""The same over gRPC: Triton's gRPC frontend expects restricted-protocol headers with the
-`triton-grpc-protocol-` prefix."""
 
 # UNAVAILABLE answers of a server that did not start the request (Triton's and the
 # pipeline's own wording). Any other UNAVAILABLE is taken as a broken call.

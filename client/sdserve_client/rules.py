@@ -42,6 +42,14 @@ SCHEDULERS_PARAMETER = "schedulers"
 """Pipeline config parameter: the scheduler names the model accepts, comma-separated (read by
 `scheduler_names`); the server refuses any other, the web UI lists them."""
 
+ADMIN_KEY_HEADER = "sdserve-admin-key"
+"""HTTP header carrying the operator's key, which opens Triton's control APIs (model
+repository, shared memory, statistics, trace, logging) on an sdserve server."""
+
+GRPC_ADMIN_KEY_HEADER = "triton-grpc-protocol-" + ADMIN_KEY_HEADER
+"""The same over gRPC: Triton's gRPC frontend expects restricted-protocol headers with the
+`triton-grpc-protocol-` prefix."""
+
 
 class RequestError(ValueError):
     """A request input that breaks a rule.

@@ -26,9 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-ADMIN_KEY_HEADER = "sdserve-admin-key"
-# Triton's gRPC frontend expects restricted-protocol headers with this prefix.
-GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+from sdserve_client.rules import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
+
 ADMIN_KEY_ENV = "SDSERVE_ADMIN_KEY"
 ADMIN_KEY_FILE_ENV = "SDSERVE_ADMIN_KEY_FILE"
 # Triton's names (tritonserver --help, "Allowed protocols"); the same on gRPC and HTTP.
@@ -60,7 +59,7 @@ class AdminKey:
     @property
     def grpc_headers(self) -> dict[str, str]:
         """The gRPC metadata that opens the control APIs (tritonclient.grpc's `headers=`)."""
-        return {GRPC_HEADER_PREFIX + ADMIN_KEY_HEADER: self.value}
+        return {GRPC_ADMIN_KEY_HEADER: self.value}
 
     def server_args(self) -> list[str]:
         """tritonserver flags closing `RESTRICTED_APIS` on gRPC and HTTP behind this key."""
@@ -154,7 +153,7 @@ __all__ = [
     "ADMIN_KEY_ENV",
     "ADMIN_KEY_FILE_ENV",
     "ADMIN_KEY_HEADER",
-    "GRPC_HEADER_PREFIX",
+    "GRPC_ADMIN_KEY_HEADER",
     "OPEN_APIS",
     "RESTRICTED_APIS",
     "AdminKey",
