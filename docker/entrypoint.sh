@@ -95,12 +95,14 @@ resolve_admin_key() {
 }
 
 # A key must be usable as a gRPC metadata / HTTP header value: printable ASCII, not empty,
-# no leading or trailing blanks.
+# no leading or trailing blanks, no ':' or '=' (the flag's separators).
 check_admin_key() {
     local LC_ALL=C
     [[ "${admin_key}" =~ ^[[:graph:]]([[:print:]]*[[:graph:]])?$ ]] \
         || die "the admin key from $1 is empty, has leading/trailing blanks or characters" \
             "other than printable ASCII"
+    # tritonserver reads "<apis>:<header>=<key>": a ':' or '=' in the key would break it
+    [[ "${admin_key}" != *[:=]* ]] || die "the admin key from $1 must not contain ':' or '='"
 }
 
 # gRPC TLS flags from SDSERVE_TLS_CERT / _KEY / _CLIENT_CA; sets tls_args.

@@ -678,6 +678,8 @@ def test_entrypoint_takes_the_key_from_env_or_file(tmp_path: Path) -> None:
         {"SDSERVE_ADMIN_KEY": "two\nlines"},
         {"SDSERVE_ADMIN_KEY": "tab\tkey"},
         {"SDSERVE_ADMIN_KEY": "naïve"},
+        {"SDSERVE_ADMIN_KEY": "a:b"},
+        {"SDSERVE_ADMIN_KEY": "a=b"},
         {"SDSERVE_ADMIN_KEY": "a", "SDSERVE_ADMIN_KEY_FILE": "/dev/null"},
         {"SDSERVE_ADMIN_KEY_FILE": "/nonexistent/admin-key"},
         {"SDSERVE_ADMIN_KEY_FILE": "EMPTY"},

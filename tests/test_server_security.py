@@ -69,10 +69,16 @@ def test_a_generated_key_is_random_and_readable_by_its_owner_only(tmp_path: Path
     assert str(path) in second.source and second.value not in second.source
 
 
-@pytest.mark.parametrize("bad", ["", "   \n", "has space", "a,b", "a:b", "a=b"])
+@pytest.mark.parametrize("bad", ["", "   \n", "tab\tkey", "naïve", "a:b", "a=b"])
 def test_an_empty_or_malformed_key_is_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(SecurityConfigError, match=ADMIN_KEY_ENV if not bad.strip() else "key"):
         resolve_admin_key({ADMIN_KEY_ENV: bad or " "}, tmp_path / "generated")
+
+
+def test_a_key_with_inner_spaces_is_accepted_as_in_the_entrypoint(tmp_path: Path) -> None:
+    key = resolve_admin_key({ADMIN_KEY_ENV: "from a file with spaces"}, tmp_path / "g")
+
+    assert key.value == "from a file with spaces"
 
 
 def test_an_unreadable_key_file_is_refused(tmp_path: Path) -> None:

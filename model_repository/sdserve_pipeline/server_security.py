@@ -71,9 +71,11 @@ def _checked(value: str, source: str) -> AdminKey:
     key = value.strip()
     if not key:
         raise SecurityConfigError(f"the admin key from {source} is empty")
-    if any(c.isspace() or c in ",:=" for c in key) or not key.isprintable():
+    # printable ASCII (a header value), and no ':' or '=': tritonserver reads the flag as
+    # "<apis>:<header>=<key>" (docker/entrypoint.sh checks the same)
+    if not (key.isascii() and key.isprintable()) or any(c in ":=" for c in key):
         raise SecurityConfigError(
-            f"the admin key from {source} must be printable, without spaces, ',', ':' or '='"
+            f"the admin key from {source} must be printable ASCII without ':' or '='"
         )
     return AdminKey(key, source)
 
