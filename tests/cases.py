@@ -38,20 +38,12 @@ def diffusers_inpaint(pipe, image, mask, prompt="a red bicycle", seed=42, steps=
 
 
 def infer_inputs(tensors: dict[str, np.ndarray], batched: bool = True) -> list:
-    """`tritonclient.grpc.InferInput`s of numpy arrays, with the pipeline model's batch dim
-    of 1 added when `batched`."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+    """`tritonclient.grpc.InferInput`s of numpy arrays (`sdserve_client.infer_inputs`), with
+    the pipeline model's batch dim of 1 added when `batched`."""
+    from sdserve_client import add_batch_dim
+    from sdserve_client import infer_inputs as sdk_infer_inputs
 
-    inputs = []
-    for name, item in tensors.items():
-        array = item[np.newaxis] if batched else item
-        infer_input = grpcclient.InferInput(
-            name, list(array.shape), np_to_triton_dtype(array.dtype)
-        )
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
+    return sdk_infer_inputs(add_batch_dim(tensors) if batched else tensors)
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> int:

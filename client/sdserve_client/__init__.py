@@ -13,7 +13,7 @@ from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike, to_mask_array, to_rgb_array
 from .replicas import FailoverPolicy
 from .request import GenerationRequest, add_batch_dim, encode_request
-from .sdk import GenerationResult, InpaintClient, PendingGeneration
+from .sdk import GenerationResult, InpaintClient, PendingGeneration, infer_inputs
 from .tls import TlsSettings
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "band_mask",
     "build_canvas",
     "encode_request",
+    "infer_inputs",
     "plan_bands",
     "seam_alpha",
     "to_mask_array",

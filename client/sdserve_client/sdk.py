@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -323,7 +323,7 @@ class InpaintClient:
         check_request(request, self._limits, image=tensors.get(IMAGE))
         if batched:
             tensors = add_batch_dim(tensors)
-        inputs = [_call(_infer_input, name, array) for name, array in tensors.items()]
+        inputs = _call(infer_inputs, tensors)
         outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
         return inputs, outputs, batched
 
@@ -561,10 +561,27 @@ def _result(result: Any, batched: bool) -> GenerationResult:
     return GenerationResult.from_outputs(images, seeds, batched)
 
 
-def _infer_input(name: str, array: Array) -> Any:
-    infer_input = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-    infer_input.set_data_from_numpy(array)
-    return infer_input
+def infer_inputs(tensors: Mapping[str, Array]) -> list[grpcclient.InferInput]:
+    """Triton inputs carrying numpy arrays as they are: name, shape and dtype from each array.
+
+    `InpaintClient` sends its requests through it; callers that send raw wire tensors
+    (tests, benchmarks, deliberately invalid requests) use it too. It adds no batch
+    dimension (see `add_batch_dim`) and checks nothing; tritonclient's own errors pass
+    through (a dtype Triton has no type for, such as complex, raises `TypeError`).
+
+    Args:
+        tensors (`Mapping[str, np.ndarray]`): wire tensors by input name, e.g. from
+            `encode_request`.
+
+    Returns:
+        One `tritonclient.grpc.InferInput` per tensor, in the mapping's order.
+    """
+    inputs = []
+    for name, array in tensors.items():
+        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        inputs.append(item)
+    return inputs
 
 
 def _unbatch(name: str, array: Array | None, batched: bool) -> Array:
