@@ -23,18 +23,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
-from serving_overhead import CpuMeter, Snapshot, environment, machine_load
-from throughput import (
+from common import (
     COMPONENTS,
     ROOT,
+    CpuMeter,
     MixEntry,
+    Snapshot,
+    environment,
+    machine_load,
     mix_requests,
     parse_concurrency,
     parse_mix,
     start_server,
     sweep_level,
 )
+from google.protobuf import text_format
 from tqdm import tqdm
 from tritonclient.grpc import model_config_pb2 as mc
 

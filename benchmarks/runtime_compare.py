@@ -42,16 +42,20 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import torch
-from full_size import PIPELINE_FOLDER, REPOSITORY
-from serving_overhead import (
+from common import (
+    COMPONENTS,
     FOREIGN_LOAD_WARNING,
+    GEMM_SIZE,
+    PIPELINE_FOLDER,
+    REPOSITORY,
+    ROOT,
     SETTLE_S,
     Snapshot,
+    gemm_gflops,
     machine_load,
     process_cpu_seconds,
     system_cpu_seconds,
 )
-from throughput import COMPONENTS, GEMM_SIZE, ROOT, gemm_gflops
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -272,7 +276,7 @@ def max_abs_difference(outputs: list[np.ndarray], reference: list[np.ndarray]) -
 
 
 def snapshot() -> Snapshot:
-    """Machine-wide and this process's CPU seconds now (see `serving_overhead.machine_load`)."""
+    """Machine-wide and this process's CPU seconds now (see `common.machine_load`)."""
     busy, steal = system_cpu_seconds()
     return Snapshot(time.perf_counter(), busy, steal, process_cpu_seconds(os.getpid()))
 

@@ -25,42 +25,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import (
+    FOREIGN_LOAD_WARNING,
+    PROMPT,
+    ROOT,
+    SETTLE_S,
+    CpuMeter,
+    Generate,
+    Snapshot,
+    environment,
+    inprocess_path,
+    machine_load,
+    make_inputs,
+    parse_size,
+    served_path,
+    wait_ready,
+)
 from tqdm import tqdm
 
-from sdserve_client import GenerationRequest, InpaintClient, encode_request
+from sdserve_client import GenerationRequest, InpaintClient
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.service import PipelineService
-from sdserve_pipeline.triton_server import TritonServer, process_group_members
+from sdserve_pipeline.triton_server import TritonServer
 
-ROOT = Path(__file__).resolve().parent.parent
 INPROCESS = "in-process"
 SERVED = "served"
 MODES = (INPROCESS, SERVED)
-PROMPT = "a red bicycle"
-# Untimed pause before each request, so ONNX Runtime's spinning worker threads of the
-# previous request (in either process) have gone idle when the clock starts.
-SETTLE_S = 0.2
-# Above this many cores kept busy by other processes, wall times are flagged as unreliable.
-FOREIGN_LOAD_WARNING = 0.25
 TABLE_HEADER = (
     "| figure | in-process (ms) | served (ms) | served / in-process | served - in-process (ms) |"
 )
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-# One request path: GenerationRequest → (N, H, W, 3) uint8 images.
-Generate = Callable[[GenerationRequest], np.ndarray]
 # Seconds per request, keyed by step count.
 Samples = dict[int, list[float]]
 
@@ -132,25 +135,6 @@ class Recorder:
         self.cpu[mode][steps].append(cpu)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """Parses `WIDTHxHEIGHT` (or a single number for a square) into (height, width).
-
-    Args:
-        text (`str`): e.g. `"256x256"`, `"512x384"` or `"256"`.
-
-    Returns:
-        `(height, width)` in pixels.
-    """
-    try:
-        numbers = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (1, 2) or min(numbers) <= 0:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 256x256, got {text!r}")
-    width, height = numbers if len(numbers) == 2 else numbers * 2
-    return height, width
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (see `--help`)."""
     parser = argparse.ArgumentParser(
@@ -191,24 +175,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_inputs(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A random RGB image and a rectangular mask (255 = regenerate) over its middle.
-
-    Args:
-        height (`int`): image height.
-        width (`int`): image width.
-        seed (`int`, *optional*, defaults to 0): seed of the image's pixels.
-
-    Returns:
-        `(image, mask)`: uint8 (H, W, 3) and uint8 (H, W).
-    """
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    mask = np.zeros((height, width), dtype=np.uint8)
-    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return image, mask
-
-
 def make_requests(config: Config) -> dict[int, GenerationRequest]:
     """The benchmark's request at each of the two step counts, keyed by step count."""
     image, mask = make_inputs(config.height, config.width)
@@ -225,56 +191,6 @@ def make_requests(config: Config) -> dict[int, GenerationRequest]:
         )
         for steps in (config.steps_low, config.steps_high)
     }
-
-
-def inprocess_path(service: PipelineService) -> Generate:
-    """The in-process path: the request's wire tensors straight into the service."""
-
-    def generate(request: GenerationRequest) -> np.ndarray:
-        return service.generate(encode_request(request))["images"]
-
-    return generate
-
-
-def served_path(client: InpaintClient) -> Generate:
-    """The served path: the request over gRPC to the pipeline model."""
-
-    def generate(request: GenerationRequest) -> np.ndarray:
-        return client.generate(request).arrays
-
-    return generate
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` (all its threads); 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def system_cpu_seconds() -> tuple[float, float]:
-    """(busy, steal) CPU seconds of the whole machine since boot, from `/proc/stat`."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = values[:8]
-    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
-
-
-class CpuMeter:
-    """CPU seconds of the system under test: this process plus every server process.
-
-    Args:
-        server_pid (`int`): the server's pid, which leads the group of its backend stubs.
-    """
-
-    def __init__(self, server_pid: int) -> None:
-        self.pids = [os.getpid(), *process_group_members(server_pid)]
-
-    def __call__(self) -> float:
-        """Total CPU seconds used so far by the measured processes."""
-        return sum(process_cpu_seconds(pid) for pid in self.pids)
 
 
 def run_request(
@@ -331,37 +247,6 @@ def measure(
     return record, images
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Machine-wide and measured CPU seconds at one moment (see `machine_load`)."""
-
-    wall: float
-    busy: float
-    steal: float
-    measured: float
-
-    @classmethod
-    def take(cls, cpu: CpuMeter) -> Snapshot:
-        """Reads the clocks now."""
-        busy, steal = system_cpu_seconds()
-        return cls(wall=time.perf_counter(), busy=busy, steal=steal, measured=cpu())
-
-
-def machine_load(before: Snapshot, after: Snapshot) -> dict[str, float]:
-    """How busy the rest of the machine was between two snapshots.
-
-    Returns:
-        `foreign_cores`: cores kept busy on average by processes outside the measurement;
-        `steal_cores`: cores taken on average by the hypervisor.
-    """
-    elapsed = after.wall - before.wall
-    foreign = (after.busy - before.busy) - (after.measured - before.measured)
-    return {
-        "foreign_cores": max(0.0, foreign) / elapsed,
-        "steal_cores": (after.steal - before.steal) / elapsed,
-    }
-
-
 def fit(samples: Samples, steps_low: int, steps_high: int) -> Fit:
     """Fits per-step and fixed cost to one path's request costs (medians, then a slope).
 
@@ -410,37 +295,6 @@ def max_abs_difference(images: dict[int, dict[str, np.ndarray]]) -> int:
         for pair in images.values()
     ]
     return int(max(diffs))
-
-
-def git_commit() -> str | None:
-    """The checked-out commit of the project (with `-dirty` if modified), if known."""
-    try:
-        result = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return result.stdout.strip() or None
-
-
-def environment() -> dict[str, Any]:
-    """Facts about the machine and software the numbers came from."""
-    import onnxruntime
-
-    return {
-        "timestamp_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": git_commit(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "onnxruntime_providers": onnxruntime.get_available_providers(),
-    }
 
 
 def _ms(seconds: float) -> str:
@@ -534,12 +388,6 @@ def load_inprocess(repository: Path) -> tuple[PipelineService, float]:
     start = time.perf_counter()
     service = load_service(repository)
     return service, time.perf_counter() - start
-
-
-def wait_ready(server: TritonServer, started: float) -> float:
-    """Waits until every model of `server` is ready; returns seconds since `started`."""
-    server.wait_ready(timeout_s=600, on_progress=lambda s: tqdm.write(f"tritonserver: {s}"))
-    return time.perf_counter() - started
 
 
 def run(config: Config) -> dict[str, Any]:

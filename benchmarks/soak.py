@@ -34,17 +34,15 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from serving_overhead import environment, make_inputs
+from common import PROMPT, ROOT, environment, make_inputs
 from tqdm import tqdm
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
-from sdserve_client import GenerationRequest, InpaintClient, SdserveError
+from sdserve_client import GenerationRequest, InpaintClient, SdserveError, infer_inputs
 from sdserve_client.webui.server_info import OUTCOMES, REQUESTS_METRIC, fetch_metrics
 from sdserve_pipeline.healing import python_stubs
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a red bicycle"
 MODELS = ("inpaint", "inpaint_xl")
 # Request kinds and their share of the mix (one in ten of each rare kind).
 KINDS = ("inpaint",) * 4 + ("txt2img",) * 2 + ("outpaint", "sdxl", "cancel", "invalid")
@@ -96,14 +94,9 @@ def invalid_request(url: str) -> str:
         "height": np.array([[64]], np.int32),
         "width": np.array([[64]], np.int32),
     }
-    inputs = []
-    for name, array in tensors.items():
-        item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
     with grpcclient.InferenceServerClient(url) as client:
         try:
-            client.infer("inpaint", inputs, client_timeout=DEADLINE_S)
+            client.infer("inpaint", infer_inputs(tensors), client_timeout=DEADLINE_S)
         except InferenceServerException as exc:
             return str(exc.status())
     return "accepted"

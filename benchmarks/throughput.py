@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import random
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,56 +37,44 @@ from typing import Any
 
 import numpy as np
 import torch
-import tritonclient.grpc as grpcclient
-from PIL import Image
-from serving_overhead import (
+from common import (
+    COMPONENTS,
+    GEMM_SIZE,
+    PIPELINE_MODEL,
+    ROOT,
     SETTLE_S,
     CpuMeter,
+    Generate,
+    MixEntry,
     Snapshot,
+    ensure_full_size,
     environment,
+    fetch_statistics,
+    gemm_gflops,
     inprocess_path,
     machine_load,
-    make_inputs,
+    make_request,
+    mix_requests,
+    parse_concurrency,
+    parse_mix,
     parse_size,
     served_path,
+    stage_breakdown,
+    start_server,
+    sweep_level,
+    timed,
     wait_ready,
 )
+from PIL import Image
 from tqdm import tqdm
-from tritonclient.utils import np_to_triton_dtype
 
 from sdserve_client import GenerationRequest, InpaintClient, encode_request
-from sdserve_client.webui.server_info import QUEUE_DURATION_METRIC, fetch_metrics, metric_value
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.triton_server import TritonServer
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMPT = "a red bicycle"
-PIPELINE_MODEL = "inpaint"
-COMPONENTS = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
-GEMM_SIZE = 4096
 DIFFUSERS, INPROCESS, SERVED = "diffusers (PyTorch)", "ours in-process (ORT)", "served (Triton)"
 PATHS = (DIFFUSERS, INPROCESS, SERVED)
-
-# One request path: GenerationRequest → (N, H, W, 3) uint8 images.
-Generate = Callable[[GenerationRequest], np.ndarray]
-
-
-@dataclass(frozen=True)
-class MixEntry:
-    """One kind of request in the sweep's mix.
-
-    Args:
-        kind (`str`): `inpaint` (image + mask) or `txt2img`.
-        weight (`int`): relative frequency.
-        height (`int`): image height.
-        width (`int`): image width.
-    """
-
-    kind: str
-    weight: int
-    height: int
-    width: int
 
 
 @dataclass(frozen=True)
@@ -115,34 +101,6 @@ class Setup:
 
 
 # --- arguments -------------------------------------------------------------------------------
-
-
-def parse_concurrency(text: str) -> list[int]:
-    """Parses `1,2,4,8` into a sorted list of positive ints."""
-    try:
-        levels = sorted({int(part) for part in text.split(",")})
-    except ValueError:
-        levels = []
-    if not levels or levels[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,2,4,8, got {text!r}")
-    return levels
-
-
-def parse_mix(text: str) -> list[tuple[str, int, tuple[int, int] | None]]:
-    """Parses `inpaint:3,txt2img@64x64:1` into (kind, weight, size or None) triples.
-
-    Args:
-        text (`str`): comma-separated `KIND[@WxH]:WEIGHT`; KIND is `inpaint` or `txt2img`;
-            without `@WxH` the entry uses `--size`.
-    """
-    entries = []
-    for part in text.split(","):
-        head, _, weight = part.partition(":")
-        kind, _, size = head.partition("@")
-        if kind not in ("inpaint", "txt2img") or not weight.isdigit() or int(weight) < 1:
-            raise argparse.ArgumentTypeError(f"bad mix entry {part!r}: want KIND[@WxH]:WEIGHT")
-        entries.append((kind, int(weight), parse_size(size) if size else None))
-    return entries
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -193,42 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --- requests --------------------------------------------------------------------------------
-
-
-def make_request(kind: str, height: int, width: int, steps: int, seed: int) -> GenerationRequest:
-    """An inpainting (random image, centre mask) or text-to-image request.
-
-    `preserve_unmasked` is off so the output is exactly what diffusers computes.
-    """
-    if kind == "txt2img":
-        return GenerationRequest(
-            PROMPT, height=height, width=width, steps=steps, seed=seed, preserve_unmasked=False
-        )
-    image, mask = make_inputs(height, width)
-    return GenerationRequest(
-        PROMPT, image=image, mask=mask, steps=steps, seed=seed, preserve_unmasked=False
-    )
-
-
-def mix_requests(mix: list[MixEntry], count: int, steps: int, seed: int) -> list[GenerationRequest]:
-    """`count` requests drawn from the mix (a fixed shuffle, so every level gets the same)."""
-    kinds = [entry for entry in mix for _ in range(entry.weight)]
-    rng = random.Random(seed)
-    chosen = [kinds[i % len(kinds)] for i in range(count)]
-    rng.shuffle(chosen)
-    return [make_request(e.kind, e.height, e.width, steps, seed + i) for i, e in enumerate(chosen)]
-
-
 # --- machine reference -----------------------------------------------------------------------
-
-
-def gemm_gflops(size: int = GEMM_SIZE, reps: int = 3) -> float:
-    """Best-of-`reps` fp32 `torch.matmul` throughput on `size`² matrices, in GFLOP/s."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.matmul(a, b)  # warm-up
-    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps))
-    return 2 * size**3 / best / 1e9
 
 
 def unet_inputs(unet: Any, height: int, width: int, scale: int = 8) -> tuple[torch.Tensor, ...]:
@@ -254,13 +177,7 @@ def ort_unet_seconds(service: PipelineService, torch_unet: Any, h: int, w: int, 
     inputs = unet_inputs(torch_unet, h, w)
     run = service.loop.components.unet
     run(*inputs)  # warm-up
-    return statistics.median(_timed(lambda: run(*inputs)) for _ in range(reps))
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return statistics.median(timed(lambda: run(*inputs)) for _ in range(reps))
 
 
 # --- side by side ----------------------------------------------------------------------------
@@ -297,14 +214,6 @@ def time_path(generate: Generate, request: GenerationRequest, repeats: int, labe
         images = generate(request)
         samples.append(time.perf_counter() - start)
     return samples, images
-
-
-def start_server(repository: Path) -> TritonServer:
-    """A tritonserver on free ports for `repository` (started by the caller's `with`)."""
-    return TritonServer(
-        repository, http_port=0, grpc_port=0, metrics_port=0, exit_timeout_s=5,
-        build_dir=ROOT / "build",
-    )  # fmt: skip
 
 
 def run_diffusers(setup: Setup, request: GenerationRequest) -> dict[str, Any]:
@@ -410,200 +319,7 @@ def add_peak_fraction(result: dict[str, Any], peak_gflops: float) -> None:
     }
 
 
-# --- Triton statistics -----------------------------------------------------------------------
-
-
-def fetch_statistics(
-    url: str, metrics_url: str | None = None, headers: dict[str, str] | None = None
-) -> dict[str, dict[str, float]]:
-    """Cumulative statistics of every model: counts and nanoseconds per stage.
-
-    Triton's statistics API is closed behind the operator's key: `headers` carries it
-    (`TritonServer.admin_key.grpc_headers`).
-
-    With `metrics_url`, the pipeline's own queue wait (`sdserve_queue_duration_us`: its
-    batcher holds the queue, so Triton's `queue` stays near zero for it) is added to its
-    `queue` nanoseconds.
-    """
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        stats = client.get_inference_statistics(as_json=True, headers=headers)
-    finally:
-        client.close()
-    table = {}
-    for model in stats["model_stats"]:
-        infer = model.get("inference_stats", {})
-        row = {key: float(infer.get(key, {}).get("ns", 0)) for key in _STAGE_KEYS}
-        row["requests"] = float(infer.get("success", {}).get("count", 0))
-        row["executions"] = float(model.get("execution_count", 0))
-        table[model["name"]] = row
-    if metrics_url is not None and PIPELINE_MODEL in table:
-        metrics = fetch_metrics(metrics_url, timeout=10)
-        if metrics is None:
-            raise RuntimeError(f"metrics endpoint {metrics_url} did not answer")
-        waited_us = metric_value(metrics, QUEUE_DURATION_METRIC, PIPELINE_MODEL) or 0.0
-        table[PIPELINE_MODEL]["queue"] += waited_us * 1e3
-    return table
-
-
-_STAGE_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
-
-
-def stage_breakdown(
-    before: dict[str, dict[str, float]],
-    after: dict[str, dict[str, float]],
-    requests: int,
-    elapsed_s: float,
-    steps: int,
-) -> dict[str, Any]:
-    """Where the window's time went, per request, from two statistics snapshots.
-
-    The pipeline model batches step by step (`sdserve_pipeline.batcher`): one UNet call
-    serves every request at that point of its run, so component time is amortised: each
-    component's busy time in the window (queue + compute) divided by the requests served.
-    What is left of `elapsed / requests` is the pipeline's own work (parsing, pre/post-
-    processing, scheduler steps, CFG, BLS round trips) plus any idle time.
-
-    Args:
-        before (`dict`): `fetch_statistics` at the start of the window.
-        after (`dict`): `fetch_statistics` at its end.
-        requests (`int`): requests completed in the window.
-        elapsed_s (`float`): the window's wall time.
-        steps (`int`): denoising steps per request (for UNet calls per request-step).
-
-    Returns:
-        amortised ms per request per component and for the pipeline itself, UNet calls per
-        request-step (1.0: no batching; 1/c: c requests in every call), ms per component
-        call, and the pipeline model's queue wait and in-Triton time per request.
-    """
-    delta = {name: {k: after[name][k] - before[name].get(k, 0.0) for k in after[name]}
-             for name in after}  # fmt: skip
-    pipe, served = delta[PIPELINE_MODEL], max(requests, 1)
-    busy = {
-        name: sum(
-            delta[name][k] for k in ("queue", "compute_input", "compute_infer", "compute_output")
-        )
-        / served
-        / 1e6  # fmt: skip
-        for name in COMPONENTS
-    }
-    window_ms = elapsed_s * 1e3 / served
-    return {
-        "requests": pipe["requests"],
-        "requests_sent": requests,
-        "window_ms_per_request": window_ms,
-        "component_ms_per_request": busy,
-        "pipeline_own_ms_per_request": window_ms - sum(busy.values()),
-        "unet_calls_per_request_step": delta["unet"]["executions"] / (served * steps),
-        "pipeline_queue_ms_per_request": pipe["queue"] / max(pipe["requests"], 1.0) / 1e6,
-        "pipeline_request_ms": pipe["success"] / max(pipe["requests"], 1.0) / 1e6,
-        "per_call_ms": {
-            name: delta[name]["compute_infer"] / max(delta[name]["executions"], 1.0) / 1e6
-            for name in COMPONENTS
-        },
-    }
-
-
 # --- concurrency sweep -----------------------------------------------------------------------
-
-
-def infer_inputs(request: GenerationRequest) -> list[grpcclient.InferInput]:
-    """The request's wire tensors (with the batching model's leading dim of 1)."""
-    inputs = []
-    for name, array in encode_request(request, batched=True).items():
-        infer_input = grpcclient.InferInput(
-            name, list(array.shape), np_to_triton_dtype(array.dtype)
-        )
-        infer_input.set_data_from_numpy(array)
-        inputs.append(infer_input)
-    return inputs
-
-
-class ClosedLoop:
-    """`concurrency` clients send requests back to back on tritonclient's async gRPC API
-    (`async_infer`: each completion callback sends that client's next request).
-
-    One client (gRPC channel) per caller, as independent callers have.
-    """
-
-    def __init__(self, url: str, requests: list[GenerationRequest], bar: tqdm) -> None:
-        self.queue = list(reversed([infer_inputs(r) for r in requests]))
-        self.bar = bar
-        self.url = url
-        self.latencies: list[float] = []
-        self.images = 0
-        self.errors: list[Exception] = []
-        self._lock = threading.Lock()
-        self._idle = threading.Semaphore(0)
-
-    def run(self, concurrency: int) -> float:
-        """Send every request; the elapsed seconds."""
-        clients = [grpcclient.InferenceServerClient(self.url) for _ in range(concurrency)]
-        try:
-            for client in clients:  # connect before the clock starts
-                client.is_server_ready()
-            started = time.perf_counter()
-            for client in clients:
-                self._send_next(client)
-            for _ in clients:
-                self._idle.acquire()
-            elapsed = time.perf_counter() - started
-        finally:
-            for client in clients:
-                client.close()
-        if self.errors:
-            raise RuntimeError(f"{len(self.errors)} requests failed; first: {self.errors[0]}")
-        return elapsed
-
-    def _send_next(self, client: Any) -> None:
-        with self._lock:
-            if not self.queue:
-                self._idle.release()
-                return
-            inputs = self.queue.pop()
-        start = time.perf_counter()
-
-        def done(result: Any, error: Exception | None) -> None:
-            with self._lock:
-                if error is not None:
-                    self.errors.append(error)
-                else:
-                    self.latencies.append(time.perf_counter() - start)
-                    self.images += result.as_numpy("images").shape[1]  # (1, N, H, W, 3)
-            self.bar.update()
-            self._send_next(client)
-
-        client.async_infer(PIPELINE_MODEL, inputs, done)
-
-
-def sweep_level(
-    url: str,
-    requests: list[GenerationRequest],
-    concurrency: int,
-    bar: tqdm,
-    steps: int,
-    metrics_url: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """One concurrency level: warm-up round, then the timed window with statistics
-    (`headers`: the admin key for Triton's statistics API)."""
-    ClosedLoop(url, requests[:concurrency], bar).run(concurrency)  # warm-up
-    before = fetch_statistics(url, metrics_url, headers)
-    loop = ClosedLoop(url, requests, bar)
-    elapsed = loop.run(concurrency)
-    after = fetch_statistics(url, metrics_url, headers)
-    latencies = loop.latencies
-    quantiles = np.percentile(latencies, [50, 95, 99]) * 1e3
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies),
-        "images": loop.images,
-        "elapsed_s": elapsed,
-        "images_per_s": loop.images / elapsed,
-        "latency_ms": dict(zip(("p50", "p95", "p99"), quantiles.tolist(), strict=True)),
-        "latency_ms_mean": statistics.mean(latencies) * 1e3,
-        "stages": stage_breakdown(before, after, len(latencies), elapsed, steps),
-    }
 
 
 def run_sweep(server: TritonServer, args: argparse.Namespace, mix: list[MixEntry]) -> dict:
@@ -637,7 +353,7 @@ def batch_ceiling(args: argparse.Namespace, mix: list[MixEntry], repeats: int = 
     batch = max(args.concurrency)
     wire = [(encode_request(r), None) for r in mix_requests(mix, batch, args.steps, args.seed)]
     service.generate_many(wire)  # warm-up
-    best = min(_timed(lambda: service.generate_many(wire)) for _ in range(repeats))
+    best = min(timed(lambda: service.generate_many(wire)) for _ in range(repeats))
     return {"batch": batch, "seconds": best, "images_per_s": batch / best}
 
 
@@ -820,8 +536,6 @@ def setups(args: argparse.Namespace) -> list[Setup]:
     demo = Setup("demo", args.source, args.repository, height, width, args.steps, args.repeats)
     if args.skip_full:
         return [demo]
-    from full_size import ensure_full_size
-
     source, repository = ensure_full_size(log=tqdm.write)
     fh, fw = args.full_size
     return [demo, Setup("full-size SD 1.5", source, repository, fh, fw, args.steps,
