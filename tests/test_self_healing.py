@@ -130,14 +130,18 @@ class ReadinessLog:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        control = self.server.control
         while not self._stop.wait(0.1):
-            try:
-                state = (control.is_ready(), control.is_model_ready(self.model))
-            except Exception:  # noqa: BLE001 (a busy server: next poll)
-                continue
-            if not self.seen or self.seen[-1][1:] != state:
-                self.seen.append((time.monotonic(), *state))
+            self.sample()
+
+    def sample(self) -> None:
+        """Records the current readiness if it changed."""
+        control = self.server.control
+        try:
+            state = (control.is_ready(), control.is_model_ready(self.model))
+        except Exception:  # noqa: BLE001 (a busy server: next poll)
+            return
+        if not self.seen or self.seen[-1][1:] != state:
+            self.seen.append((time.monotonic(), *state))
 
     def __enter__(self) -> ReadinessLog:
         self._thread.start()
@@ -146,6 +150,7 @@ class ReadinessLog:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.sample()  # the state at the end, whatever the last poll saw
 
 
 def _wait_healed(server, model: str, count: int, timeout_s: float = 180.0) -> None:
