@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sdserve_client.canvas import Extension, plan_bands
+from sdserve_client.canvas import Extension
 from sdserve_pipeline.outcomes import Overloaded
-from sdserve_pipeline.outpaint import band_side
+from sdserve_pipeline.outpaint import band_side, band_windows
 from sdserve_pipeline.request import GenerationParams
 from sdserve_pipeline.service import PipelineService
 
@@ -142,9 +142,9 @@ def denoising_steps(service: PipelineService, params: GenerationParams) -> int:
 
 
 def outpaint_bands(service: PipelineService, params: GenerationParams) -> int:
-    """Bands an outpainting request will generate: the plan of `outpaint.outpaint` for the
-    original (less its overlap band) known. An estimate: a user mask adds bands for its
-    holes."""
+    """Bands an outpainting request will generate: `outpaint.band_windows` (the plan
+    `outpaint.outpaint` runs) with the original, less its overlap band, known. An estimate:
+    a user mask adds bands for its holes."""
     canvas_h, canvas_w = canvas_size(params)
     ext = Extension(*(params.outpaint or (0, 0, 0, 0)))
     settings = service.outpaint
@@ -154,9 +154,7 @@ def outpaint_bands(service: PipelineService, params: GenerationParams) -> int:
     bottom = canvas_h - ext.bottom - (settings.overlap if ext.bottom else 0)
     right = canvas_w - ext.right - (settings.overlap if ext.right else 0)
     known[top : max(top, bottom), left : max(left, right)] = True
-    native = band_side(settings.native, service.loop.size_buckets)
-    context = min(settings.context, native // 4)
-    return max(1, len(plan_bands(canvas_h, canvas_w, known, native, context)))
+    return max(1, len(band_windows(known, settings, service.loop.size_buckets)))
 
 
 def budget_bytes(value: str, limit_bytes: int | None = None) -> int:

@@ -20,7 +20,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sdserve_client.canvas import Extension, band_mask, build_canvas, plan_bands, seam_alpha
+from sdserve_client.canvas import (
+    Extension,
+    Window,
+    band_mask,
+    build_canvas,
+    plan_bands,
+    seam_alpha,
+)
 from sdserve_pipeline.images import Bucket, composite, largest_square_side
 from sdserve_pipeline.loop import InpaintLoop
 from sdserve_pipeline.request import GenerationParams
@@ -66,6 +73,17 @@ def band_side(native: int, buckets: Sequence[Bucket]) -> int:
     return side
 
 
+def band_windows(
+    known: np.ndarray, settings: OutpaintSettings, buckets: Sequence[Bucket]
+) -> list[Window]:
+    """The bands that generate a canvas whose `known` pixels (H', W') are kept: each at most
+    `band_side` on a side (so it fits a size bucket), reaching `context` pixels (at most a
+    quarter of a band: a band is mostly new pixels) into what is known by its turn."""
+    native = band_side(settings.native, buckets)
+    context = min(settings.context, native // 4)
+    return plan_bands(known.shape[0], known.shape[1], known, native, context)
+
+
 def outpaint(
     loop: InpaintLoop,
     params: GenerationParams,
@@ -82,10 +100,7 @@ def outpaint(
         fill=settings.fill,
         user_mask=params.mask,
     )
-    height, width = canvas.mask.shape
-    native = band_side(settings.native, loop.size_buckets)  # every band fits a size bucket
-    context = min(settings.context, native // 4)  # a band is mostly new pixels
-    windows = plan_bands(height, width, canvas.known, native, context)
+    windows = band_windows(canvas.known, settings, loop.size_buckets)
     images = []
     for seed in params.seeds:
         one = replace(params, seed=seed, num_images=1, preserve_unmasked=False, outpaint=None)
