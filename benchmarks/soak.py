@@ -40,7 +40,7 @@ from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
 from sdserve_client import GenerationRequest, InpaintClient, SdserveError, infer_inputs
-from sdserve_client.webui.server_info import OUTCOMES, REQUESTS_METRIC, fetch_metrics
+from sdserve_client.webui.server_info import OUTCOMES, fetch_metrics, outcome_counts
 from sdserve_pipeline.healing import python_stubs
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
 
@@ -76,15 +76,11 @@ def server_rss_kib(server: TritonServer) -> int:
     return total
 
 
-def outcome_counts(metrics_url: str) -> dict[str, dict[str, float]]:
-    """`sdserve_requests_total` by model and outcome, from the metrics endpoint."""
-    from sdserve_client.webui.server_info import metric_value
-
+def outcomes_by_model(metrics_url: str) -> dict[str, dict[str, int]]:
+    """`sdserve_requests_total` by model and outcome, from the metrics endpoint (all 0 for a
+    model that publishes none)."""
     text = fetch_metrics(metrics_url, timeout=10) or ""
-    return {
-        model: {o: metric_value(text, REQUESTS_METRIC, model, outcome=o) or 0.0 for o in OUTCOMES}
-        for model in MODELS
-    }
+    return {m: outcome_counts(text, m) or dict.fromkeys(OUTCOMES, 0) for m in MODELS}
 
 
 def invalid_request(url: str) -> str:
@@ -204,20 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         server.wait_ready(600)
         seeds = [7, 8, 9]
         before = reference_images(server.grpc_url, seeds)
-        counts_before = outcome_counts(server.metrics_url)
+        counts_before = outcomes_by_model(server.metrics_url)
         soak = Soak(server, args)
         elapsed = soak.run()
         time.sleep(1.0)  # the last answers' metrics
-        counts = outcome_counts(server.metrics_url)
+        counts = outcomes_by_model(server.metrics_url)
         rss_end = server_rss_kib(server)
         ready_by = time.monotonic() + 300  # a crash late in a short run: the reload may go on
         while not server.control.is_ready() and time.monotonic() < ready_by:
             time.sleep(0.5)
         after = reference_images(server.grpc_url, seeds)
         reloads = list(server.watchdog.reloads) if server.watchdog else []
-    counted = {
-        m: {o: counts[m][o] - counts_before[m].get(o, 0.0) for o in OUTCOMES} for m in MODELS
-    }
+    counted = {m: {o: counts[m][o] - counts_before[m][o] for o in OUTCOMES} for m in MODELS}
     hung = sum(n for (_, status), n in soak.results.items() if "DEADLINE" in status)
     checks = {
         "every_request_answered": hung == 0 and soak.answered == args.requests,

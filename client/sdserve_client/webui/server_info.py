@@ -2,8 +2,9 @@
 
 Plain functions over a `tritonclient.grpc.InferenceServerClient` (or a fake with the same
 methods), so the UI works against any deployment and tests need no server. Every tritonclient
-exception becomes the SDK's `SdserveError`. Only APIs open without the operator's key are
-used: readiness, model config, the repository index (model list) and the metrics endpoint.
+exception becomes the SDK's `SdserveError`. Readiness, model config and the metrics
+endpoint are open; the repository index (the model list) needs the operator's key, which the
+caller's client sends (the web UI falls back to its `--model` without it).
 
 The load comes from the custom metrics the pipeline model publishes on Triton's metrics
 endpoint (the names below): requests by outcome, queue length and wait, outstanding
