@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from sdserve_protocol.contract import INPUTS, OUTPUTS
+from sdserve_protocol.settings import PIPELINE_ROLES
 from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import (
     InferenceServerException,
@@ -29,7 +32,6 @@ from sdserve_client import (
     to_mask_array,
     to_rgb_array,
 )
-from sdserve_client import request as req
 from sdserve_client.replicas import (
     GRPC_ADMIN_KEY_HEADER,
     FailoverPolicy,
@@ -189,12 +191,12 @@ def method_names(fake: FakeTriton) -> list[str]:
 # Request encoding ---------------------------------------------------------------------------
 
 
-def test_tensor_names_match_the_contract() -> None:
-    assert set(req.INPUT_NAMES) == set(CONTRACT)
-    assert req.OUTPUT_NAMES == ("images", "seeds")
-    assert set(req.INPUT_NAMES) == {
-        f.name for f in GenerationRequest.__dataclass_fields__.values() if f.name != "_"
-    }
+def test_request_fields_are_the_contracts_inputs() -> None:
+    """`encode_request` reads each wire input from the request field of the same name."""
+    assert [f.name for f in fields(GenerationRequest)] == [t.name for t in INPUTS]
+    assert [t.name for t in INPUTS] == list(CONTRACT)
+    assert [(t.numpy_dtype, t.dtype) for t in INPUTS] == [c[:2] for c in CONTRACT.values()]
+    assert [t.name for t in OUTPUTS] == ["images", "seeds"]
 
 
 def text_to_image_request() -> GenerationRequest:
@@ -300,7 +302,8 @@ def test_long_values_are_shortened_in_messages() -> None:
 
 def test_mask_size_must_match_image_size() -> None:
     request = GenerationRequest("x", image=rgb(4, 6), mask=np.zeros((4, 5), np.uint8))
-    with pytest.raises(InvalidRequestError, match="mask size 5x4 does not match image size 6x4"):
+    message = r"mask: size \[4, 5\] differs from image size \[4, 6\]"  # the server's words
+    with pytest.raises(InvalidRequestError, match=message):
         encode_request(request)
 
 
@@ -466,7 +469,7 @@ def test_text_to_image_and_outpaint() -> None:
 def test_invalid_request_fails_before_any_call() -> None:
     fake = FakeTriton()
     client = InpaintClient(client=fake)
-    with pytest.raises(InvalidRequestError, match="mask size"):
+    with pytest.raises(InvalidRequestError, match="mask: size"):
         client.inpaint(rgb(4, 6), np.zeros((6, 4), np.uint8), "x")
     assert fake.calls == []
 
@@ -1150,7 +1153,8 @@ class InfoFake:
     def get_model_config(self, model_name: str, headers: Any = None, **kwargs: Any) -> Any:
         self._check(headers)
         config = model_config_pb2.ModelConfig(name=model_name)
-        config.input.add(name="prompt")
+        for role in PIPELINE_ROLES:
+            config.parameters[f"{role}_model"].string_value = role
         return service_pb2.ModelConfigResponse(config=config)
 
     def get_model_repository_index(self, headers: Any = None, **kwargs: Any) -> Any:

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from sdserve_pipeline.request import MAX_SEED, Limits, RequestError, parse_request
-from sdserve_pipeline.schedulers import SCHEDULER_NAMES, served_schedulers
+from sdserve_protocol.contract import decode_request
+from sdserve_protocol.rules import MAX_SEED, Limits, RequestError
+from sdserve_protocol.settings import SCHEDULER_NAMES, PipelineSettings
 
 LIMITS = Limits(
     max_pixels=256 * 256, max_steps=100, max_images=4, max_prompt_bytes=64, max_canvas_pixels=512**2
@@ -28,7 +29,7 @@ def good(**extra: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def parse(inputs: dict[str, np.ndarray]):
-    return parse_request(inputs, LIMITS, default_size=64)
+    return decode_request(inputs, LIMITS, default_size=64, schedulers=SCHEDULER_NAMES)
 
 
 def test_defaults_follow_diffusers():
@@ -104,15 +105,19 @@ def test_unknown_scheduler_lists_valid_ones():
         parse(good(scheduler=text("nope")))
 
 
+def served_schedulers(params: dict[str, str]) -> tuple[str, ...]:
+    return PipelineSettings.from_parameters(params).schedulers
+
+
 def test_only_the_models_listed_schedulers_are_accepted():
     allowed = served_schedulers({"schedulers": " Euler, ddim,,"})
     assert allowed == ("euler", "ddim")
     inputs = good(scheduler=text("DDIM "))
-    assert parse_request(inputs, LIMITS, 64, schedulers=allowed).scheduler == "ddim"
+    assert decode_request(inputs, LIMITS, default_size=64, schedulers=allowed).scheduler == "ddim"
     with pytest.raises(RequestError) as err:  # known to diffusers, not listed by this model
-        parse_request(good(scheduler=text("pndm")), LIMITS, 64, schedulers=allowed)
+        decode_request(good(scheduler=text("pndm")), LIMITS, default_size=64, schedulers=allowed)
     assert str(err.value) == "scheduler: 'pndm' is unknown to this model; valid: euler, ddim"
-    assert parse_request(good(), LIMITS, 64, schedulers=allowed).scheduler is None  # its own
+    assert decode_request(good(), LIMITS, default_size=64, schedulers=allowed).scheduler is None  # its own
 
 
 def test_schedulers_parameter_absent_means_all_and_a_bad_one_fails_at_load():

@@ -1,8 +1,8 @@
-"""One rule table (`sdserve_client.rules`) behind both the SDK and the server checks.
+"""One rule table (`sdserve_protocol`) behind both the SDK and the server checks.
 
 Each case is one set of request fields, sent through the SDK's `encode_request` (which raises
-`InvalidRequestError`) and, as wire tensors, through the server's `parse_request` (which raises
-`RequestError`): both must give the same verdict, word for word. The range cases are generated
+`InvalidRequestError`) and, as wire tensors, through the server's decoder `decode_request`
+(which raises `RequestError`): both must give the same verdict, word for word. The range cases are generated
 from the table itself, at both ends of every range: a value just outside is refused with the
 table's message by both sides, a value just inside is refused by neither for its range.
 """
@@ -10,18 +10,17 @@ table's message by both sides, a value just inside is refused by neither for its
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from sdserve_client import GenerationRequest, InvalidRequestError, encode_request, rules
-from sdserve_client.rules import RANGES, Limits, Range
+from sdserve_client import GenerationRequest, InvalidRequestError, encode_request
 from sdserve_client.webui import server_info
-from sdserve_pipeline import request as server_request
-from sdserve_pipeline.contract import INPUTS_BY_NAME
-from sdserve_pipeline.request import RequestError, parse_request
-from sdserve_pipeline.service import limits_from_parameters
+from sdserve_protocol import rules
+from sdserve_protocol.contract import INPUTS_BY_NAME, RANGES, decode_request
+from sdserve_protocol.rules import Limits, Range, RequestError
 
 LIMITS = Limits(
     max_pixels=64 * 64, max_steps=100, max_images=4, max_prompt_bytes=64,
@@ -62,7 +61,7 @@ def sdk_verdict(fields: dict[str, Any]) -> str | None:
 
 def server_verdict(fields: dict[str, Any]) -> str | None:
     try:
-        parse_request(wire_of(fields), LIMITS, DEFAULT_SIZE)
+        decode_request(wire_of(fields), LIMITS, default_size=DEFAULT_SIZE)
     except RequestError as err:
         return str(err)
     return None
@@ -89,7 +88,8 @@ def context(name: str, value: Any) -> dict[str, Any]:
 
 
 def seed_rule(rule: Range) -> Range:
-    return rules.seed_range(LIMITS.max_images) if rule.name == "seed" else rule
+    """The seed's range when `LIMITS.max_images` images are asked for (seed + i fits int64)."""
+    return replace(rule, high=rule.high - LIMITS.max_images + 1) if rule.name == "seed" else rule
 
 
 def step(value: int | float, rule: Range, up: bool) -> int | float:
@@ -115,12 +115,14 @@ def boundary_cases(inside: bool) -> list[Any]:
 
 def table_verdict(rule: Range, value: int | float) -> str | None:
     """What the table alone says of `value` (for outpaint: of the sides of its context)."""
+    if rule.name == "outpaint":
+        if rule.allows(value, LIMITS):
+            return None
+        return (f"outpaint: {[value, 0, 0, 1]} given; [left, top, right, bottom] each in "
+                f"{rule.describe(LIMITS)}, at least one > 0")  # fmt: skip
     try:
-        if rule.name == "outpaint":
-            rules.check_outpaint((value, 0, 0, 1), True, LIMITS)
-        else:
-            rule.check(value, LIMITS)
-    except rules.RequestError as err:
+        rule.check(value, LIMITS)
+    except RequestError as err:
         return str(err)
     return None
 
@@ -220,33 +222,9 @@ def test_without_limits_the_sdk_keeps_only_the_wire_bounds() -> None:
         encode_request(GenerationRequest("x", guidance_scale=1e39))  # sent as float32: inf
 
 
-def test_default_limits_are_the_servers() -> None:
-    assert server_request.Limits is Limits and server_request.RequestError is rules.RequestError
+def test_default_limits() -> None:
     assert Limits() == Limits(
         max_pixels=1024**2, max_steps=150, max_images=8, max_prompt_bytes=4096,
         max_guidance_scale=50.0, max_outpaint=2048, max_canvas_pixels=4096**2,
     )  # fmt: skip
     assert server_info.ModelInfo("inpaint").limits == Limits()
-
-
-def test_limit_parameters_round_trip_on_both_sides() -> None:
-    params = rules.limit_parameters(LIMITS)
-    assert params["limit_max_steps"] == "100" and params["limit_max_guidance_scale"] == "20.0"
-    assert limits_from_parameters(params) == LIMITS
-    assert rules.limits_from_parameters(params, strict=False) == LIMITS
-    assert limits_from_parameters({"limit_max_steps": "7", "other": "x"}) == Limits(max_steps=7)
-
-
-def test_bad_limit_parameter_fails_the_server_and_keeps_the_default_in_a_client() -> None:
-    params = {"limit_max_pixels": "lots", "limit_max_steps": "60"}
-    with pytest.raises(ValueError, match="limit_max_pixels: 'lots' is not a valid int"):
-        limits_from_parameters(params)
-    assert rules.limits_from_parameters(params, strict=False) == Limits(max_steps=60)
-
-
-def test_config_parameters_read_the_json_config_empty_values_included() -> None:
-    """`get_model_config(as_json=True)` (SDK) and a Python backend's `model_config` (server)
-    both drop an empty `string_value`; it reads as "" on both sides."""
-    config = {"parameters": {"limit_max_steps": {"string_value": "7"}, "size_buckets": {}}}
-    assert rules.config_parameters(config) == {"limit_max_steps": "7", "size_buckets": ""}
-    assert rules.config_parameters({}) == {}

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from sdserve_protocol.rules import Limits
+from sdserve_protocol.settings import PIPELINE_ROLES, SCHEDULER_NAMES
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from sdserve_client import InvalidRequestError, SdserveError
-from sdserve_client.rules import Limits
 from sdserve_client.webui import callbacks as cb
 from sdserve_client.webui import server_info as si
 from sdserve_client.webui.backend import Backend, ServerStatus
@@ -52,9 +53,12 @@ class FakeGenerator:
 
 
 def pipeline_config(name: str = "inpaint", **params: str) -> mc.ModelConfig:
+    """A pipeline's config: it names the component model of every role."""
     config = mc.ModelConfig(name=name, backend="python")
     config.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1])
     config.input.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
+    for role in PIPELINE_ROLES:
+        config.parameters[f"{role}_model"].string_value = role
     for key, value in params.items():
         config.parameters[key].string_value = value
     return config
@@ -354,7 +358,7 @@ def test_schedulers_and_limits_come_from_the_config_parameters():
     assert info == si.ModelInfo("inpaint", ("pndm", "euler_a", "dpmpp_2m_karras"), limits)
     assert (info.max_steps, info.max_images, info.max_guidance_scale) == (60, 4, 20.0)
     assert info.max_pixels == Limits().max_pixels == 1024 * 1024
-    assert si.schedulers_of(pipeline_config()) == ()
+    assert si.model_info_from_config(pipeline_config()).schedulers == SCHEDULER_NAMES  # absent
     assert si.fetch_model_info(FakeTriton([config]), "inpaint") == info
 
 
@@ -364,7 +368,7 @@ def test_unknown_model_raises_the_sdk_error_with_the_server_text():
     assert raised.value.status == "StatusCode.NOT_FOUND"
 
 
-def test_pipeline_models_are_the_ready_models_taking_a_prompt():
+def test_pipeline_models_are_the_ready_models_naming_their_components():
     triton = FakeTriton([pipeline_config("inpaint"), component_config("unet"),
                          pipeline_config("sd15_base")])  # fmt: skip
     assert si.pipeline_models(triton) == ["inpaint", "sd15_base"]

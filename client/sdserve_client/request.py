@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import reprlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
@@ -12,47 +12,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import rules
+from sdserve_protocol.contract import INPUTS, WireInput, decode_request
+from sdserve_protocol.rules import SIDES, Limits, RequestError
+
 from .errors import InvalidRequestError
-from .images import ImageLike, MaskLike, size_text, to_mask_array, to_rgb_array
-from .rules import Limits, RequestError
-
-# Tensor names of the pipeline model's wire contract (README.md, "Wire contract"). The server
-# declares them again, with dtypes and dims, in `sdserve_pipeline.contract`; a test compares both.
-PROMPT = "prompt"
-NEGATIVE_PROMPT = "negative_prompt"
-IMAGE = "image"
-MASK = "mask"
-OUTPAINT = "outpaint"
-HEIGHT = "height"
-WIDTH = "width"
-STEPS = "steps"
-GUIDANCE_SCALE = "guidance_scale"
-STRENGTH = "strength"
-SEED = "seed"
-SCHEDULER = "scheduler"
-NUM_IMAGES = "num_images"
-PRESERVE_UNMASKED = "preserve_unmasked"
-OUTPUT_IMAGES = "images"
-OUTPUT_SEEDS = "seeds"
-
-INPUT_NAMES: tuple[str, ...] = (
-    PROMPT,
-    NEGATIVE_PROMPT,
-    IMAGE,
-    MASK,
-    OUTPAINT,
-    HEIGHT,
-    WIDTH,
-    STEPS,
-    GUIDANCE_SCALE,
-    STRENGTH,
-    SEED,
-    SCHEDULER,
-    NUM_IMAGES,
-    PRESERVE_UNMASKED,
-)
-OUTPUT_NAMES: tuple[str, ...] = (OUTPUT_IMAGES, OUTPUT_SEEDS)
+from .images import ImageLike, MaskLike, to_mask_array, to_rgb_array
 
 Array = npt.NDArray[Any]
 
@@ -116,41 +80,26 @@ def encode_request(
         batched (`bool`, *optional*, defaults to `False`):
             Prepend a batch dimension of 1 to every tensor (models with `max_batch_size > 0`).
         limits (`Limits`, *optional*):
-            The model's limits when known (`rules.limits_from_parameters` of its config);
+            The model's limits when known (`PipelineSettings.from_parameters(...).limits`);
             `None` checks only what holds for every model.
 
     Returns:
         `dict[str, np.ndarray]`: input name to array, with the contract's dtypes and shapes;
         options left `None` are absent.
+
+    Raises:
+        InvalidRequestError: a field of the wrong Python type, or a request the server would
+            refuse (the same decoder, `sdserve_protocol.contract.decode_request`, checks it).
     """
-    check_request(request, limits)
-    image = None if request.image is None else to_rgb_array(request.image)
-    mask = None if request.mask is None else to_mask_array(request.mask)
-    if mask is not None and image is not None and mask.shape != image.shape[:2]:
-        raise InvalidRequestError(
-            f"mask size {size_text(mask)} does not match image size {size_text(image)}"
-        )
-    if image is not None:
-        with _sdk_errors():
-            _check_image_size(_image_size(image), request.outpaint, limits)
-    tensors: dict[str, Array | None] = {
-        PROMPT: _text(request.prompt),
-        NEGATIVE_PROMPT: _text(request.negative_prompt),
-        IMAGE: image,  # (H, W, 3) uint8
-        MASK: mask,  # (H, W) uint8
-        OUTPAINT: None if request.outpaint is None else np.array(request.outpaint, np.int32),
-        HEIGHT: _scalar(request.height, np.int32),
-        WIDTH: _scalar(request.width, np.int32),
-        STEPS: _scalar(request.steps, np.int32),
-        GUIDANCE_SCALE: _scalar(request.guidance_scale, np.float32),
-        STRENGTH: _scalar(request.strength, np.float32),
-        SEED: _scalar(request.seed, np.int64),
-        SCHEDULER: _text(request.scheduler),
-        NUM_IMAGES: _scalar(request.num_images, np.int32),
-        PRESERVE_UNMASKED: _scalar(request.preserve_unmasked, np.bool_),
-    }
-    present = {name: array for name, array in tensors.items() if array is not None}
-    return add_batch_dim(present) if batched else present
+    _check_types(request)
+    tensors: dict[str, Array] = {}
+    with _sdk_errors():
+        for spec in INPUTS:  # the request's fields are named as the wire inputs
+            value = getattr(request, spec.name)
+            if value is not None:
+                tensors[spec.name] = _encode(spec, value, limits)
+    check_tensors(tensors, limits)
+    return add_batch_dim(tensors) if batched else tensors
 
 
 def add_batch_dim(tensors: dict[str, Array]) -> dict[str, Array]:
@@ -158,33 +107,44 @@ def add_batch_dim(tensors: dict[str, Array]) -> dict[str, Array]:
     return {name: array[np.newaxis] for name, array in tensors.items()}
 
 
-def check_request(
-    request: GenerationRequest, limits: Limits | None = None, *, image: Array | None = None
+def check_tensors(
+    tensors: Mapping[str, Array],
+    limits: Limits | None,
+    schedulers: Sequence[str] | None = None,
 ) -> None:
-    """Checks every option (and, given `image`, its size); raises `InvalidRequestError`.
-
-    Python types are checked here; values by the rule table the server checks wire requests
-    with (`sdserve_client.rules`), so both refuse a value alike, with the same message. Rules
-    the client cannot evaluate (the model's scheduler names, its default size) are left to
-    the server.
+    """Checks encoded tensors (no batch dim) as the server will; raises `InvalidRequestError`.
 
     Args:
-        request (`GenerationRequest`): the request to check.
-        limits (`Limits`, *optional*):
-            The model's limits when known; `None` checks only what holds for every model.
-        image (`np.ndarray`, *optional*):
-            The request's image as `encode_request` made it, (H, W, 3): its size and its
-            outpaint canvas are checked too (against `max_pixels`, `max_canvas_pixels`).
+        tensors (`Mapping[str, np.ndarray]`): `encode_request`'s output, unbatched.
+        limits (`Limits`, *optional*): the model's limits; `None` when unknown.
+        schedulers (`Sequence[str]`, *optional*): the model's scheduler names; `None` when
+            unknown.
     """
-    _check_types(request)
     with _sdk_errors():
-        _check_texts(request, limits)
-        _check_values(request, limits, None if image is None else _image_size(image))
+        decode_request(tensors, limits, schedulers=schedulers)
+
+
+def _encode(spec: WireInput, value: Any, limits: Limits | None) -> Array:
+    """One field as its wire tensor, (1,)-shaped unless the contract says otherwise."""
+    if spec.name == "image":
+        return to_rgb_array(value)
+    if spec.name == "mask":
+        return to_mask_array(value)
+    if spec.dtype == "BYTES":
+        return np.array([_utf8(spec.name, value)], dtype=np.object_)
+    values = list(value) if spec.name == "outpaint" else [value]
+    if spec.rule is not None and spec.rule.integer:
+        info: Any = np.iinfo(spec.numpy_dtype)  # type: ignore[type-var]
+        for v in values:  # a value the dtype cannot hold is out of the input's range
+            if not info.min <= v <= info.max:
+                spec.rule.check(v, limits)
+    with np.errstate(over="ignore"):  # FP32: huge values become inf, refused by the decoder
+        return np.array(values, dtype=spec.numpy_dtype)
 
 
 @contextmanager
 def _sdk_errors() -> Iterator[None]:
-    """Re-raises a broken rule (`rules.RequestError`) as the SDK's `InvalidRequestError`."""
+    """Re-raises a broken rule (`RequestError`) as the SDK's `InvalidRequestError`."""
     try:
         yield
     except RequestError as err:
@@ -219,75 +179,10 @@ def _check_types(request: GenerationRequest) -> None:
 def _check_outpaint_type(value: Any) -> None:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
         raise _bad_type("outpaint", value, "a sequence of 4 ints (left, top, right, bottom)")
-    if len(value) != len(rules.SIDES) or not all(_is_int(v) for v in value):
+    if len(value) != len(SIDES) or not all(_is_int(v) for v in value):
         raise InvalidRequestError(
             f"outpaint must be 4 ints (left, top, right, bottom), got {_quote(value)}"
         )
-
-
-def _check_texts(request: GenerationRequest, limits: Limits | None) -> None:
-    for name in (PROMPT, NEGATIVE_PROMPT, SCHEDULER):
-        value = getattr(request, name)
-        if value is not None:
-            rules.check_text_bytes(name, len(_utf8(name, value)), limits)
-
-
-def _check_values(
-    request: GenerationRequest, limits: Limits | None, image_size: tuple[int, int] | None
-) -> None:
-    """The shared rules, in the order the server applies them."""
-    has_image = request.image is not None
-    if request.outpaint is not None:
-        rules.check_outpaint(request.outpaint, has_image, limits)
-    if request.mask is not None:
-        rules.check_mask_has_image(has_image)
-    if image_size is not None:
-        _check_image_size(image_size, request.outpaint, limits)
-    _check_output_size(request, limits)
-    for name in (STEPS, NUM_IMAGES):
-        if getattr(request, name) is not None:
-            rules.check_range(name, getattr(request, name), limits)
-    for name in (GUIDANCE_SCALE, STRENGTH):
-        if getattr(request, name) is not None:
-            rules.check_range(name, _as_sent(getattr(request, name)), limits)
-    if request.strength is not None:
-        steps = request.steps
-        if steps is None and limits is not None:
-            steps = rules.default_steps(limits)
-        rules.check_strength(_as_sent(request.strength), steps, has_image)
-    if request.seed is not None:
-        num_images = rules.DEFAULT_NUM_IMAGES if request.num_images is None else request.num_images
-        rules.check_seed(request.seed, num_images)
-
-
-def _check_output_size(request: GenerationRequest, limits: Limits | None) -> None:
-    """`height` and `width`: text-to-image only, each in range, together within `max_pixels`."""
-    for name in (HEIGHT, WIDTH):
-        if getattr(request, name) is not None:
-            rules.check_size_needs_no_image(name, request.image is not None)
-            rules.check_range(name, getattr(request, name), limits)
-    if request.height is not None and request.width is not None:
-        rules.check_pixels(HEIGHT, request.height, request.width, limits)
-
-
-def _image_size(image: Array) -> tuple[int, int]:
-    """(height, width) of an (H, W, 3) image array."""
-    return int(image.shape[0]), int(image.shape[1])
-
-
-def _check_image_size(
-    size: tuple[int, int], outpaint: Sequence[int] | None, limits: Limits | None
-) -> None:
-    """The size rules of an input image (and its outpaint canvas), once its array is known."""
-    rules.check_pixels(IMAGE, *size, limits)
-    if outpaint is not None:
-        rules.check_canvas(*size, [int(v) for v in outpaint], limits)
-
-
-def _as_sent(value: float) -> float:
-    """An FP32 input as the server will read it: rounded to float32 (huge values become inf)."""
-    with np.errstate(over="ignore"):
-        return float(np.float32(value))
 
 
 def _utf8(name: str, value: str) -> bytes:
@@ -309,11 +204,3 @@ def _bad_type(name: str, value: Any, expected: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"{name} must be {expected}, got {type(value).__name__}: {_quote(value)}"
     )
-
-
-def _text(value: str | None) -> Array | None:
-    return None if value is None else np.array([value.encode("utf-8")], dtype=np.object_)
-
-
-def _scalar(value: Any, dtype: type[np.generic]) -> Array | None:
-    return None if value is None else np.array([value], dtype=dtype)

@@ -21,6 +21,9 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
     np_to_triton_dtype,
 )
 
+from sdserve_protocol.contract import IMAGES, OUTPUTS, SEEDS
+from sdserve_protocol.settings import PipelineSettings, config_parameters
+
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike
 from .replicas import (
@@ -34,17 +37,7 @@ from .replicas import (
     combine,
     split_urls,
 )
-from .request import (
-    IMAGE,
-    OUTPUT_IMAGES,
-    OUTPUT_NAMES,
-    OUTPUT_SEEDS,
-    GenerationRequest,
-    add_batch_dim,
-    check_request,
-    encode_request,
-)
-from .rules import Limits, config_parameters, limits_from_parameters
+from .request import GenerationRequest, add_batch_dim, check_tensors, encode_request
 from .tls import SslOption, TlsSettings, connect, explain, tls_settings
 
 if TYPE_CHECKING:
@@ -94,16 +87,16 @@ class GenerationResult:
             seeds (`np.ndarray`): int64 (N,), or (1, N) when `batched`.
             batched (`bool`, *optional*, defaults to `False`): strip a leading batch dimension.
         """
-        images = _unbatch(OUTPUT_IMAGES, images, batched)  # (N, H, W, 3)
-        seeds = _unbatch(OUTPUT_SEEDS, seeds, batched)  # (N,)
+        images = _unbatch(IMAGES.name, images, batched)  # (N, H, W, 3)
+        seeds = _unbatch(SEEDS.name, seeds, batched)  # (N,)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise SdserveError(
-                f"expected {OUTPUT_IMAGES!r} as uint8 (N, H, W, 3), "
+                f"expected {IMAGES.name!r} as uint8 (N, H, W, 3), "
                 f"got {images.dtype} {tuple(images.shape)}"
             )
         if seeds.shape != images.shape[:1]:
             raise SdserveError(
-                f"got {len(images)} images but {OUTPUT_SEEDS!r} of shape {tuple(seeds.shape)}"
+                f"got {len(images)} images but {SEEDS.name!r} of shape {tuple(seeds.shape)}"
             )
         pil_images = [Image.fromarray(array) for array in images]
         return cls(images=pil_images, seeds=[int(seed) for seed in seeds], arrays=images)
@@ -180,7 +173,7 @@ class InpaintClient:
             raise
         self._pool = ReplicaPool(clients, model, failover, partial(explain, tls=self.tls))
         self._batched: bool | None = None
-        self._limits: Limits | None = None
+        self._settings: PipelineSettings | None = None  # the model's, read with its config
 
     @property
     def replicas(self) -> list[ReplicaState]:
@@ -319,12 +312,13 @@ class InpaintClient:
     ) -> tuple[list[Any], list[Any], bool]:
         tensors = encode_request(request)  # the rules every model shares, before any call
         batched = self._is_batched(timeout)
-        # and this model's own limits, the image's size and outpaint canvas included
-        check_request(request, self._limits, image=tensors.get(IMAGE))
+        # and this model's own limits and schedulers
+        settings = self._settings or PipelineSettings()
+        check_tensors(tensors, settings.limits, settings.schedulers)
         if batched:
             tensors = add_batch_dim(tensors)
         inputs = _call(infer_inputs, tensors)
-        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+        outputs = [grpcclient.InferRequestedOutput(name) for name in (t.name for t in OUTPUTS)]
         return inputs, outputs, batched
 
     def list_models(self, *, timeout: float | None = None) -> list[str]:
@@ -381,7 +375,7 @@ class InpaintClient:
 
     def _is_batched(self, timeout: float | None) -> bool:
         """Whether the model's first dimension is a batch dimension; its config, with its
-        `limit_*` parameters, is fetched once."""
+        parameters (limits, schedulers), is fetched once."""
         if self._batched is None:
             response = self._on_replica(
                 lambda c: c.get_model_config(
@@ -390,7 +384,9 @@ class InpaintClient:
             )
             config = response.get("config", response)
             self._batched = int(config.get("max_batch_size", 0)) > 0
-            self._limits = limits_from_parameters(config_parameters(config), strict=False)
+            self._settings = PipelineSettings.from_parameters(
+                config_parameters(config), strict=False
+            )
         return self._batched
 
     def _on_replica(self, method: Callable[[Any], T]) -> T:
@@ -557,7 +553,7 @@ class PendingGeneration:
 
 
 def _result(result: Any, batched: bool) -> GenerationResult:
-    images, seeds = result.as_numpy(OUTPUT_IMAGES), result.as_numpy(OUTPUT_SEEDS)
+    images, seeds = result.as_numpy(IMAGES.name), result.as_numpy(SEEDS.name)
     return GenerationResult.from_outputs(images, seeds, batched)
 
 

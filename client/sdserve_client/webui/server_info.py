@@ -27,43 +27,23 @@ from typing import Any, Protocol, TypeVar
 
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
+from sdserve_protocol.metrics import (
+    MEMORY_BUDGET_METRIC,
+    MEMORY_RESERVED_METRIC,
+    OUTCOMES,
+    OUTSTANDING_STEPS_METRIC,
+    PENDING_METRIC,
+    QUEUE_DURATION_METRIC,
+    QUEUE_WAIT_METRIC,
+    REQUESTS_METRIC,
+    SUCCESS_METRIC,
+)
+from sdserve_protocol.rules import Limits
+from sdserve_protocol.settings import PipelineSettings, is_pipeline
+
 from ..errors import SdserveError
-from ..request import PROMPT
-from ..rules import SCHEDULERS_PARAMETER, Limits, limits_from_parameters, scheduler_names
 
 T = TypeVar("T")
-
-# The pipeline model's custom metrics (all labelled `model`), published from its batcher's
-# reports: Triton's own counters see a request succeed when `execute` hands it over.
-PENDING_METRIC = "sdserve_queue_pending_requests"
-"""Gauge: requests accepted and waiting to start."""
-QUEUE_DURATION_METRIC = "sdserve_queue_duration_us"
-"""Counter: microseconds requests waited before starting."""
-REQUESTS_METRIC = "sdserve_requests_total"
-"""Counter, labels `model` and `outcome` (`OUTCOMES`): every request, counted once when answered
-(those refused before queueing included)."""
-OUTCOMES = ("success", "invalid", "cancelled", "timeout", "overloaded", "failed")
-"""The `outcome` label: answered with images; INVALID_ARG; CANCELLED; UNAVAILABLE after waiting
-past its queue timeout; UNAVAILABLE at once (queue full, or memory budget); anything else."""
-DURATION_METRIC = "sdserve_request_duration_us"
-"""Histogram (`_bucket{le}`, `_sum`, `_count`): microseconds from taking a request to answering
-it, every outcome."""
-QUEUE_WAIT_METRIC = "sdserve_queue_wait_us"
-"""Histogram: microseconds each request that entered the queue waited before leaving it
-(started, timed out or cancelled)."""
-OUTSTANDING_STEPS_METRIC = "sdserve_outstanding_steps"
-"""Gauge: denoising steps left over the queued and running requests (queued: steps x strength,
-outpainting: x images x bands; running: the steps left on its schedule). The autoscaling
-signal: a 50-step request weighs 12 times a 4-step one."""
-MEMORY_RESERVED_METRIC = "sdserve_memory_reserved_bytes"
-"""Gauge: estimated peak memory of the requests taken (admission by memory)."""
-MEMORY_BUDGET_METRIC = "sdserve_memory_budget_bytes"
-"""Gauge: the memory budget those may hold (0: none); summed over the model's instances."""
-SUCCESS_METRIC = "nv_inference_request_success"
-"""Triton's request counter (labels `model`, `version`). The pipeline answers through response
-senders, so Triton counts a request when `execute` hands it to the batcher (later error answers
-included): every request that entered the queue. Read only by servers from before
-`sdserve_queue_wait_us`, for the mean queue wait."""
 
 # A sample of Prometheus text format, e.g. `sdserve_queue_pending_requests{model="inpaint"} 2`,
 # with an optional timestamp after the value.
@@ -88,10 +68,11 @@ class ModelInfo:
 
     Args:
         name (`str`): Triton model name.
-        schedulers (`tuple[str, ...]`): accepted scheduler names; empty when not advertised.
+        schedulers (`tuple[str, ...]`): accepted scheduler names (`PipelineSettings.schedulers`).
         limits (`Limits`, *optional*):
-            Its request limits (`limit_*` parameters), read by the parser the server uses;
-            a limit the config does not set (or sets to a non-number) keeps the server default.
+            Its request limits (`limit_*` parameters), read by `PipelineSettings` as the server
+            reads them; a limit the config does not set (or sets to a non-number) keeps the
+            default.
     """
 
     name: str
@@ -154,20 +135,16 @@ class QueueState:
     memory_budget: int | None = None
 
 
-def config_parameters(config: Any) -> dict[str, str]:
+def proto_parameters(config: Any) -> dict[str, str]:
     """`parameters` of a `ModelConfig` protobuf as plain {key: string value}."""
     return {key: param.string_value for key, param in config.parameters.items()}
 
 
-def schedulers_of(config: Any) -> tuple[str, ...]:
-    """Scheduler names from a pipeline `ModelConfig`'s `schedulers` parameter (may be empty)."""
-    return scheduler_names(config_parameters(config).get(SCHEDULERS_PARAMETER, ""))
-
-
 def model_info_from_config(config: Any) -> ModelInfo:
-    """A `ModelInfo` from a pipeline `ModelConfig` protobuf; missing limits keep defaults."""
-    limits = limits_from_parameters(config_parameters(config), strict=False)
-    return ModelInfo(name=config.name, schedulers=schedulers_of(config), limits=limits)
+    """A `ModelInfo` from a pipeline `ModelConfig` protobuf, read by `PipelineSettings` as
+    the server reads it; a parameter absent (or not valid) keeps its default."""
+    settings = PipelineSettings.from_parameters(proto_parameters(config), strict=False)
+    return ModelInfo(name=config.name, schedulers=settings.schedulers, limits=settings.limits)
 
 
 def fetch_model_info(client: InfoClient, model: str, timeout: float | None = None) -> ModelInfo:
@@ -177,13 +154,13 @@ def fetch_model_info(client: InfoClient, model: str, timeout: float | None = Non
 
 
 def pipeline_models(client: InfoClient, timeout: float | None = None) -> list[str]:
-    """Names of the ready models that take a `prompt` input (the pipeline models, not parts)."""
+    """Names of the ready pipeline models (`is_pipeline`), not their component models."""
     index = _call(client.get_model_repository_index, client_timeout=timeout)
     names = dict.fromkeys(m.name for m in index.models if m.state == "READY")
     found = []
     for name in names:
         config = _call(client.get_model_config, name, client_timeout=timeout).config
-        if any(tensor.name == PROMPT for tensor in config.input):
+        if is_pipeline(proto_parameters(config)):
             found.append(name)
     return found
 
