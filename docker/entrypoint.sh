@@ -161,7 +161,7 @@ write_gpu_repository() {
         args+=(--fp32-components "${SDSERVE_FP32_COMPONENTS}")
     fi
     log "writing the ${platform} repository to ${gpu_repository}"
-    "${python}" -m sdserve_export.gpu_repository "${args[@]}"
+    "${python}" -m sdserve_export gpu-repository "${args[@]}"
 }
 
 mkdir -p "${build_dir}" "${engines}"

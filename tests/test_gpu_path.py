@@ -1,10 +1,11 @@
 """The GPU production path, checked on the CPU wherever a CPU can check it.
 
-Engine profiles and plan names (`sdserve_export.tensorrt_engines`), the GPU repository
-variants (`sdserve_export.gpu_repository`), the Docker image, its entrypoint, the compose
-file and the Kubernetes manifests (`docker/`). Tests marked `gpu` build real TensorRT
-engines from the demo repository and compare them with ONNX Runtime; they skip cleanly
-without TensorRT or a CUDA device.
+Engine profiles and plan names (`sdserve_export.engine_profiles`, `plan_names`), the GPU
+repository variants (`built_repository`, `gpu_variant`, `engine_targets`, `engine_store`,
+the `gpu-repository` command), the rows per component call the specs declare, the Docker
+image, its entrypoint, the compose file and the Kubernetes manifests (`docker/`). Tests
+marked `gpu` build real TensorRT engines from the demo repository and compare them with ONNX
+Runtime; they skip cleanly without TensorRT or a CUDA device.
 """
 
 from __future__ import annotations
@@ -21,12 +22,25 @@ import numpy as np
 import onnx
 import pytest
 import yaml
+from cases import make_case
 from google.protobuf import text_format
+from helpers import Spy, wire
+from sdserve_protocol.sizes import SizeBucket, parse_buckets
 from tritonclient.grpc import model_config_pb2 as mc
 
-from sdserve_export import gpu_repository as gr
-from sdserve_export import tensorrt_engines as te
+from sdserve_export import (
+    built_repository,
+    cli,
+    engine_parity,
+    engine_profiles,
+    engine_store,
+    engine_targets,
+    gpu_variant,
+    plan_names,
+    tensorrt_build,
+)
 from sdserve_pipeline.components import (
+    CLIP_VOCAB_SIZE,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TEXT_ENCODER_XL,
@@ -34,8 +48,8 @@ from sdserve_pipeline.components import (
     UNET_XL,
     VAE_DECODER,
     VAE_ENCODER,
+    components_for,
 )
-from sdserve_pipeline.images import parse_size_buckets
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -58,11 +72,11 @@ SDXL_SIZES = {  # SDXL base / inpainting
     "latent_channels": 4,
     "image_channels": 3,
 }
-SQUARE_128 = te.SizeBucket(128, 128)  # the demo checkpoints' own size
+SQUARE_128 = SizeBucket(height=128, width=128)  # the demo checkpoints' own size
 TRITON_PORTS = {8000, 8001, 8002}
 # NGC Triton release → TensorRT major.minor of its backend (release notes).
 TRITON_TENSORRT = {"24.10": "10.5"}
-KEY = te.EngineKey(
+KEY = plan_names.EngineKey(
     component="unet",
     trt_version="10.5.0",
     compute_capability=(9, 0),
@@ -77,14 +91,16 @@ KEY = te.EngineKey(
 
 
 def test_unet_profiles_are_static_buckets_with_cfg_batches() -> None:
-    buckets = [te.SizeBucket(512, 512), te.SizeBucket(1152, 896)]
-    profiles = te.derive_profiles(UNET, SD15_SIZES, buckets, vae_scale_factor=8)
+    buckets = [SizeBucket(height=512, width=512), SizeBucket(height=896, width=1152)]
+    profiles = engine_profiles.derive_profiles(UNET, SD15_SIZES, buckets, vae_scale_factor=8)
 
     assert [p.name for p in profiles] == ["512x512", "1152x896"]
     square, wide = profiles
-    assert square.shapes["sample"] == te.ShapeRange((2, 9, 64, 64), (2, 9, 64, 64), (8, 9, 64, 64))
+    assert square.shapes["sample"] == engine_profiles.ShapeRange(
+        (2, 9, 64, 64), (2, 9, 64, 64), (8, 9, 64, 64)
+    )
     assert wide.shapes["sample"].max == (8, 9, 112, 144)  # (B, C, H/8, W/8)
-    assert square.shapes["timestep"] == te.ShapeRange((2,), (2,), (8,))
+    assert square.shapes["timestep"] == engine_profiles.ShapeRange((2,), (2,), (8,))
     assert square.shapes["encoder_hidden_states"].min == (2, 77, 768)
     for profile in profiles:
         assert list(profile.shapes) == UNET.input_names
@@ -94,18 +110,22 @@ def test_unet_profiles_are_static_buckets_with_cfg_batches() -> None:
 
 
 def test_unet_batch_range_comes_from_spec_in_units_of_two() -> None:
-    assert te.batch_range(UNET).as_tuple() == UNET.trt_batch
-    assert te.batch_range(UNET).unit == 2
+    assert engine_profiles.batch_range(UNET).as_tuple() == UNET.trt_batch
+    assert engine_profiles.batch_range(UNET).unit == 2
     with pytest.raises(ValueError, match="units of 2"):
-        te.batch_range(UNET, (1, 2, 8))
+        engine_profiles.batch_range(UNET, (1, 2, 8))
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        te.BatchRange(4, 2, 8)
+        engine_profiles.BatchRange(4, 2, 8)
 
 
 def test_vae_profiles_use_pixel_and_latent_sizes() -> None:
-    bucket = [te.SizeBucket(832, 1216)]
-    (encoder,) = te.derive_profiles(VAE_ENCODER, SD15_SIZES, bucket, vae_scale_factor=8)
-    (decoder,) = te.derive_profiles(VAE_DECODER, SD15_SIZES, bucket, vae_scale_factor=8)
+    bucket = [SizeBucket(height=1216, width=832)]
+    (encoder,) = engine_profiles.derive_profiles(
+        VAE_ENCODER, SD15_SIZES, bucket, vae_scale_factor=8
+    )
+    (decoder,) = engine_profiles.derive_profiles(
+        VAE_DECODER, SD15_SIZES, bucket, vae_scale_factor=8
+    )
 
     assert encoder.shapes["image"].opt == (1, 3, 1216, 832)  # (B, 3, H, W)
     assert decoder.shapes["latent_sample"].opt == (1, 4, 152, 104)  # (B, 4, H/8, W/8)
@@ -113,62 +133,89 @@ def test_vae_profiles_use_pixel_and_latent_sizes() -> None:
 
 
 def test_text_encoder_has_one_static_profile_with_fixed_sequence() -> None:
-    (profile,) = te.derive_profiles(TEXT_ENCODER, SD15_SIZES, te.DEFAULT_BUCKETS)
-    assert profile.name == te.STATIC_PROFILE
-    assert profile.shapes == {"input_ids": te.ShapeRange((1, 77), (1, 77), (4, 77))}
+    (profile,) = engine_profiles.derive_profiles(
+        TEXT_ENCODER, SD15_SIZES, engine_profiles.DEFAULT_BUCKETS
+    )
+    assert profile.name == engine_profiles.STATIC_PROFILE
+    assert profile.shapes == {"input_ids": engine_profiles.ShapeRange((1, 77), (1, 77), (4, 77))}
 
 
 def test_default_buckets_are_sd_and_sdxl_sizes_on_the_latent_grid() -> None:
-    names = {b.name for b in te.DEFAULT_BUCKETS}
+    names = {b.name for b in engine_profiles.DEFAULT_BUCKETS}
     assert {"512x512", "768x768", "1024x1024", "1152x896", "896x1152"} <= names
     assert {"1216x832", "832x1216", "1344x768", "768x1344"} <= names
-    for bucket in te.DEFAULT_BUCKETS:  # latents divisible by 8: three UNet downsamplings
+    for (
+        bucket
+    ) in engine_profiles.DEFAULT_BUCKETS:  # latents divisible by 8: three UNet downsamplings
         assert all(side % 8 == 0 for side in bucket.latent(8))
 
 
 def test_size_bucket_parsing_and_latent_checks() -> None:
-    assert te.SizeBucket.parse("1152x896") == te.SizeBucket(width=1152, height=896)
-    assert te.parse_buckets("768x768, 512x512,512x512") == (
-        te.SizeBucket(512, 512),
-        te.SizeBucket(768, 768),
+    assert SizeBucket.parse("1152x896") == SizeBucket(height=896, width=1152)
+    assert parse_buckets("768x768, 512x512,512x512") == (
+        SizeBucket(height=512, width=512),
+        SizeBucket(height=768, width=768),
     )
-    assert te.SizeBucket(1344, 768).latent(8) == (96, 168)
+    assert SizeBucket(height=768, width=1344).latent(8) == (96, 168)
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-        te.SizeBucket.parse("512")
+        SizeBucket.parse("512")
     with pytest.raises(ValueError, match="multiple of the VAE scale factor"):
-        te.SizeBucket(500, 512).latent(8)
+        SizeBucket(height=512, width=500).latent(8)
 
 
 def test_sizes_from_config_reads_fixed_dims_and_rejects_drift() -> None:
     dims = {"input_ids": [-1, 77], "last_hidden_state": [-1, 77, 768]}
-    assert te.sizes_from_config(TEXT_ENCODER, dims) == {"sequence_length": 77, "hidden_size": 768}
+    assert engine_profiles.sizes_from_config(TEXT_ENCODER, dims) == {
+        "sequence_length": 77,
+        "hidden_size": 768,
+    }
     with pytest.raises(ValueError, match="both 77 and 64"):
-        te.sizes_from_config(TEXT_ENCODER, {**dims, "last_hidden_state": [-1, 64, 768]})
+        engine_profiles.sizes_from_config(
+            TEXT_ENCODER, {**dims, "last_hidden_state": [-1, 64, 768]}
+        )
     with pytest.raises(ValueError, match="not in"):
-        te.sizes_from_config(TEXT_ENCODER, {"input_ids": [-1, 77]})
+        engine_profiles.sizes_from_config(TEXT_ENCODER, {"input_ids": [-1, 77]})
 
 
 def test_sdxl_vae_is_kept_fp32_by_default() -> None:
-    assert te.default_fp32_components(0.13025) == {"vae_encoder", "vae_decoder"}
-    assert te.default_fp32_components(0.18215) == frozenset()
-    assert te.default_fp32_components(0.18215, "sdxl") == {"vae_encoder", "vae_decoder"}
+    assert engine_profiles.default_fp32_components(0.13025) == {"vae_encoder", "vae_decoder"}
+    assert engine_profiles.default_fp32_components(0.18215) == frozenset()
+    assert engine_profiles.default_fp32_components(0.18215, "sdxl") == {
+        "vae_encoder",
+        "vae_decoder",
+    }
 
 
-def test_sample_inputs_follow_the_spec() -> None:
-    (profile,) = te.derive_profiles(UNET, SD15_SIZES, [te.SizeBucket(512, 512)])
-    inputs = te.sample_inputs(UNET, profile.opt_shapes())
+def test_profile_inputs_follow_the_spec() -> None:
+    (profile,) = engine_profiles.derive_profiles(
+        UNET, SD15_SIZES, [SizeBucket(height=512, width=512)]
+    )
+    inputs = engine_parity.profile_inputs(UNET, profile)
     assert inputs["sample"].shape == (2, 9, 64, 64) and inputs["sample"].dtype == np.float32
     assert ((inputs["timestep"] >= 0) & (inputs["timestep"] < 1000)).all()
-    ids = te.sample_inputs(TEXT_ENCODER, {"input_ids": (2, 77)})["input_ids"]
-    assert ids.dtype == np.int64 and ids.max() < te.CLIP_VOCAB_SIZE
+    (static,) = engine_profiles.derive_profiles(TEXT_ENCODER, SD15_SIZES)
+    ids = engine_parity.profile_inputs(TEXT_ENCODER, static)["input_ids"]
+    assert ids.shape == (1, 77) and ids.dtype == np.int64 and ids.max() < CLIP_VOCAB_SIZE
+    (wide,) = engine_profiles.derive_profiles(
+        UNET_XL, SDXL_SIZES, [SizeBucket(height=640, width=1536)]
+    )
+    time_ids = engine_parity.profile_inputs(UNET_XL, wide)["time_ids"]
+    assert time_ids.tolist() == [[640, 1536, 0, 0, 640, 1536]] * 2  # (H, W, crop, H, W)
 
 
 def test_compare_outputs_flags_nan_and_shape_mismatch() -> None:
     want = {"x": np.ones((2, 3), np.float32)}
-    assert te.compare_outputs({"x": np.ones((2, 3), np.float32) * 1.5}, want) == (0.5, 1.0)
-    assert te.compare_outputs({"x": np.full((2, 3), np.nan, np.float32)}, want)[0] == float("inf")
-    assert te.compare_outputs({"x": np.ones((3, 2), np.float32)}, want)[0] == float("inf")
-    parity = te.EngineParity("unet", "512x512", float("inf"), 1.0, 1.0)
+    assert engine_parity.compare_outputs({"x": np.ones((2, 3), np.float32) * 1.5}, want) == (
+        0.5,
+        1.0,
+    )
+    assert engine_parity.compare_outputs({"x": np.full((2, 3), np.nan, np.float32)}, want)[
+        0
+    ] == float("inf")
+    assert engine_parity.compare_outputs({"x": np.ones((3, 2), np.float32)}, want)[0] == float(
+        "inf"
+    )
+    parity = engine_parity.EngineParity("unet", "512x512", float("inf"), 1.0, 1.0)
     assert not parity.ok
 
 
@@ -177,12 +224,12 @@ def test_compare_outputs_flags_nan_and_shape_mismatch() -> None:
 
 def test_plan_name_round_trip() -> None:
     assert KEY.filename == "unet.trt10.5.0.sm90.fp16.b2-8.512x512_768x768.onnx-0123456789ab.plan"
-    assert te.EngineKey.parse(KEY.filename) == KEY
-    other = te.EngineKey(
+    assert plan_names.EngineKey.parse(KEY.filename) == KEY
+    other = plan_names.EngineKey(
         "base_vae_decoder", "10.13.0", (12, 0), "fp32", (1, 2, 4), ("static",), "f" * 12
     )
     assert ".sm120." in other.filename and ".b1-2-4." in other.filename
-    assert te.EngineKey.parse(other.filename) == other
+    assert plan_names.EngineKey.parse(other.filename) == other
 
 
 @pytest.mark.parametrize(
@@ -197,35 +244,38 @@ def test_plan_name_round_trip() -> None:
 )
 def test_plan_name_parser_rejects_other_names(name: str) -> None:
     with pytest.raises(ValueError):
-        te.EngineKey.parse(name)
+        plan_names.EngineKey.parse(name)
 
 
 def test_find_engine_accepts_exact_matches_only(tmp_path: Path) -> None:
     variants = [
-        te.EngineKey(**{**KEY.__dict__, "trt_version": "10.6.0"}),
-        te.EngineKey(**{**KEY.__dict__, "compute_capability": (8, 0)}),
-        te.EngineKey(**{**KEY.__dict__, "precision": "fp32"}),
-        te.EngineKey(**{**KEY.__dict__, "batch": (2, 2, 16)}),
-        te.EngineKey(**{**KEY.__dict__, "profiles": ("512x512",)}),
-        te.EngineKey(**{**KEY.__dict__, "onnx_digest": "ba9876543210"}),
+        plan_names.EngineKey(**{**KEY.__dict__, "trt_version": "10.6.0"}),
+        plan_names.EngineKey(**{**KEY.__dict__, "compute_capability": (8, 0)}),
+        plan_names.EngineKey(**{**KEY.__dict__, "precision": "fp32"}),
+        plan_names.EngineKey(**{**KEY.__dict__, "batch": (2, 2, 16)}),
+        plan_names.EngineKey(**{**KEY.__dict__, "profiles": ("512x512",)}),
+        plan_names.EngineKey(**{**KEY.__dict__, "onnx_digest": "ba9876543210"}),
     ]
     for key in variants:
         (tmp_path / key.filename).write_bytes(b"plan")
     (tmp_path / "unet.plan").write_bytes(b"plan")
-    assert te.find_engine(tmp_path, KEY) is None
-    assert set(te.stale_engines(tmp_path, KEY)) == {tmp_path / k.filename for k in variants}
+    assert plan_names.find_engine(tmp_path, KEY) is None
+    assert set(plan_names.stale_engines(tmp_path, KEY)) == {tmp_path / k.filename for k in variants}
 
     (tmp_path / KEY.filename).write_bytes(b"")  # an interrupted copy is not an engine
-    assert te.find_engine(tmp_path, KEY) is None
+    assert plan_names.find_engine(tmp_path, KEY) is None
     (tmp_path / KEY.filename).write_bytes(b"plan")
-    assert te.find_engine(tmp_path, KEY) == tmp_path / KEY.filename
+    assert plan_names.find_engine(tmp_path, KEY) == tmp_path / KEY.filename
 
 
 def test_versions_and_capabilities_are_normalised() -> None:
-    assert te.normalize_trt_version("10.5.0.18") == "10.5.0"
-    assert te.normalize_trt_version("10.5.0.post1") == "10.5.0"
-    assert te.parse_compute_capability("9.0\n") == (9, 0)
-    assert te.timing_cache_path(Path("e"), "10.5.0", (8, 9)).name == "timing.trt10.5.0.sm89.cache"
+    assert plan_names.normalize_trt_version("10.5.0.18") == "10.5.0"
+    assert plan_names.normalize_trt_version("10.5.0.post1") == "10.5.0"
+    assert tensorrt_build.parse_compute_capability("9.0\n") == (9, 0)
+    assert (
+        plan_names.timing_cache_path(Path("e"), "10.5.0", (8, 9)).name
+        == "timing.trt10.5.0.sm89.cache"
+    )
 
 
 def test_onnx_digest_covers_external_data(tmp_path: Path) -> None:
@@ -245,12 +295,12 @@ def test_onnx_digest_covers_external_data(tmp_path: Path) -> None:
         location="model.onnx.data",
         size_threshold=0,
     )
-    before = te.onnx_digest(path)
-    assert re.fullmatch(r"[0-9a-f]{12}", before) and te.onnx_digest(path) == before
+    before = plan_names.onnx_digest(path)
+    assert re.fullmatch(r"[0-9a-f]{12}", before) and plan_names.onnx_digest(path) == before
     data = bytearray((tmp_path / "model.onnx.data").read_bytes())
     data[0] ^= 1
     (tmp_path / "model.onnx.data").write_bytes(bytes(data))
-    assert te.onnx_digest(path) != before
+    assert plan_names.onnx_digest(path) != before
 
 
 class FakeTensorRT:
@@ -364,12 +414,14 @@ class FakeTensorRT:
 
 def test_build_engine_drives_the_tensorrt_api(tmp_path: Path, monkeypatch) -> None:
     fake = FakeTensorRT(UNET.input_names)
-    monkeypatch.setattr(te, "trt", fake)
-    profiles = te.derive_profiles(
-        UNET, SD15_SIZES, [te.SizeBucket(512, 512), te.SizeBucket(768, 768)]
+    monkeypatch.setattr(tensorrt_build, "trt", fake)
+    profiles = engine_profiles.derive_profiles(
+        UNET, SD15_SIZES, [SizeBucket(height=512, width=512), SizeBucket(height=768, width=768)]
     )
-    options = te.BuildOptions(timing_cache=tmp_path / "timing.cache", workspace_bytes=1 << 30)
-    plan = te.build_engine(
+    options = tensorrt_build.BuildOptions(
+        timing_cache=tmp_path / "timing.cache", workspace_bytes=1 << 30
+    )
+    plan = tensorrt_build.build_engine(
         tmp_path / "model.onnx", profiles, tmp_path / KEY.filename, options, log=print
     )
 
@@ -383,31 +435,39 @@ def test_build_engine_drives_the_tensorrt_api(tmp_path: Path, monkeypatch) -> No
     assert len(shapes) == 2 * len(UNET.input_names)
     assert fake.calls.count(("add_profile",)) == 2
     assert [layer.precision for layer in fake.network.layers] == [None, "float32"]
-    assert te.tensorrt_version() == "10.5.0"
+    assert tensorrt_build.tensorrt_version() == "10.5.0"
 
-    with pytest.raises(te.EngineBuildError, match="network has"):
-        te.build_engine(
-            tmp_path / "m.onnx", te.derive_profiles(VAE_DECODER, SD15_SIZES), tmp_path / "x.plan"
+    with pytest.raises(tensorrt_build.EngineBuildError, match="network has"):
+        tensorrt_build.build_engine(
+            tmp_path / "m.onnx",
+            engine_profiles.derive_profiles(VAE_DECODER, SD15_SIZES),
+            tmp_path / "x.plan",
         )
 
 
 def test_without_tensorrt_an_engine_build_says_what_is_missing(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(te, "trt", None)  # as on a machine without the package
-    profiles = te.derive_profiles(VAE_DECODER, SD15_SIZES)
-    with pytest.raises(te.TensorRTUnavailable, match="`tensorrt` package is not installed"):
-        te.build_engine(tmp_path / "model.onnx", profiles, tmp_path / KEY.filename, log=print)
+    monkeypatch.setattr(tensorrt_build, "trt", None)  # as on a machine without the package
+    profiles = engine_profiles.derive_profiles(VAE_DECODER, SD15_SIZES)
+    with pytest.raises(
+        tensorrt_build.TensorRTUnavailable, match="`tensorrt` package is not installed"
+    ):
+        tensorrt_build.build_engine(
+            tmp_path / "model.onnx", profiles, tmp_path / KEY.filename, log=print
+        )
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 # --------------------------------------------------------------------- repository variants
 
 
-def _dummy_plans(repository: Path, tmp_path: Path) -> dict[str, gr.EnginePlan]:
+def _dummy_plans(repository: Path, tmp_path: Path) -> dict[str, gpu_variant.EnginePlan]:
     plans = {}
-    for target in gr.engine_targets(gr.read_repository(repository)):
+    for target in engine_targets.engine_targets(built_repository.read_repository(repository)):
         path = tmp_path / f"{target.component.name}.plan"
         path.write_bytes(b"not a real plan")
-        plans[target.component.name] = gr.EnginePlan(path, tuple(p.name for p in target.profiles))
+        plans[target.component.name] = gpu_variant.EnginePlan(
+            path, tuple(p.name for p in target.profiles)
+        )
     return plans
 
 
@@ -439,7 +499,7 @@ def _assert_same_tensors(config: dict[str, list[int]], model: dict[str, list[int
 
 
 def test_read_repository_finds_pipeline_and_components(repository: Path) -> None:
-    source = gr.read_repository(repository)
+    source = built_repository.read_repository(repository)
     assert [p.name for p in source.pipelines] == ["inpaint"]
     assert dict(source.pipelines[0].components) == {
         "text_encoder": "text_encoder",
@@ -465,29 +525,32 @@ def test_prefixed_component_names_keep_their_roles(repository: Path, tmp_path: P
     pipeline.parameters["unet_model"].string_value = "base_unet"
     (source / "inpaint" / "config.pbtxt").write_text(text_format.MessageToString(pipeline))
 
-    targets = {t.component.name: t for t in gr.engine_targets(gr.read_repository(source))}
+    targets = {
+        t.component.name: t
+        for t in engine_targets.engine_targets(built_repository.read_repository(source))
+    }
     assert targets["base_unet"].component.spec is UNET
     key = targets["base_unet"].key("10.5.0", (9, 0), "0" * 12)
     assert key.filename.startswith("base_unet.trt10.5.0.sm90.fp16.b2-8.")
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(source, out, gr.ONNXRUNTIME, log=lambda _msg: None)
+    gpu_variant.write_gpu_repository(source, out, gpu_variant.ONNXRUNTIME, log=lambda _msg: None)
     assert _parse(out / "base_unet" / "config.pbtxt").name == "base_unet"
 
 
-@pytest.mark.parametrize("platform", gr.PLATFORMS)
+@pytest.mark.parametrize("platform", gpu_variant.PLATFORMS)
 def test_gpu_variant_configs_parse_and_match_the_onnx_files(
     repository: Path, tmp_path: Path, platform: str
 ) -> None:
-    plans = _dummy_plans(repository, tmp_path) if platform == gr.TENSORRT else None
+    plans = _dummy_plans(repository, tmp_path) if platform == gpu_variant.TENSORRT else None
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(repository, out, platform, plans, log=lambda _msg: None)
+    gpu_variant.write_gpu_repository(repository, out, platform, plans, log=lambda _msg: None)
 
     for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder"):
         config = _parse(out / name / "config.pbtxt")
         assert config.name == name and config.platform == platform and not config.backend
-        assert config.default_model_filename == gr.MODEL_FILES[platform]
+        assert config.default_model_filename == gpu_variant.MODEL_FILES[platform]
         assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
-        model_file = out / name / "1" / gr.MODEL_FILES[platform]
+        model_file = out / name / "1" / gpu_variant.MODEL_FILES[platform]
         assert model_file.is_file() and not (out / name / "1" / "model.py").exists()
         onnx_inputs, onnx_outputs = _onnx_io(repository / name / "1" / "model.onnx")
         _assert_same_tensors({t.name: list(t.dims) for t in config.input}, onnx_inputs)
@@ -498,7 +561,9 @@ def test_gpu_variant_keeps_the_pipeline_model_but_its_memory_budget(
     repository: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(repository, out, gr.ONNXRUNTIME, log=lambda _msg: None)
+    gpu_variant.write_gpu_repository(
+        repository, out, gpu_variant.ONNXRUNTIME, log=lambda _msg: None
+    )
     source, copy = repository / "inpaint", out / "inpaint"
     files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
@@ -514,11 +579,13 @@ def test_gpu_variant_keeps_the_pipeline_model_but_its_memory_budget(
 def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) -> None:
     plans = _dummy_plans(repository, tmp_path)
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(repository, out, gr.TENSORRT, plans, link=False, log=lambda _m: None)
+    gpu_variant.write_gpu_repository(
+        repository, out, gpu_variant.TENSORRT, plans, link=False, log=lambda _m: None
+    )
 
     (unet_group,) = _parse(out / "unet" / "config.pbtxt").instance_group
     assert list(unet_group.profile) == [str(i) for i in range(len(plans["unet"].profiles))]
-    assert len(unet_group.profile) == len(te.SD_BUCKETS) + 1  # + the demo's own 128²
+    assert len(unet_group.profile) == len(engine_profiles.SD_BUCKETS) + 1  # + the demo's own 128²
     (text_group,) = _parse(out / "text_encoder" / "config.pbtxt").instance_group
     assert list(text_group.profile) == []  # one profile: Triton's default
     plan_file = out / "unet" / "1" / "model.plan"
@@ -528,8 +595,10 @@ def test_tensorrt_variant_lists_every_profile(repository: Path, tmp_path: Path) 
     assert parameters["max_unet_batch"] == str(UNET.trt_batch[2])
     for spec in (TEXT_ENCODER, VAE_ENCODER, VAE_DECODER):
         assert parameters[f"max_{spec.name}_batch"] == str(spec.trt_batch[2])
-    buckets = parse_size_buckets(pipeline.parameters["size_buckets"].string_value)
-    assert buckets == tuple(sorted((b.height, b.width) for b in (*te.SD_BUCKETS, SQUARE_128)))
+    buckets = parse_buckets(pipeline.parameters["size_buckets"].string_value)
+    assert buckets == tuple(
+        sorted((b.height, b.width) for b in (*engine_profiles.SD_BUCKETS, SQUARE_128))
+    )
 
 
 def test_onnx_variant_links_model_and_external_data(repository: Path, tmp_path: Path) -> None:
@@ -537,7 +606,7 @@ def test_onnx_variant_links_model_and_external_data(repository: Path, tmp_path: 
     shutil.copytree(repository, source)
     (source / "unet" / "1" / "model.onnx.data").write_bytes(b"weights")
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(source, out, gr.ONNXRUNTIME, log=lambda _msg: None)
+    gpu_variant.write_gpu_repository(source, out, gpu_variant.ONNXRUNTIME, log=lambda _msg: None)
     for name in ("model.onnx", "model.onnx.data"):
         link = out / "unet" / "1" / name
         assert link.is_symlink() and not os.path.isabs(os.readlink(link))
@@ -545,50 +614,85 @@ def test_onnx_variant_links_model_and_external_data(repository: Path, tmp_path: 
 
 
 def test_tensorrt_variant_needs_a_plan_per_component(repository: Path, tmp_path: Path) -> None:
-    with pytest.raises(gr.RepositoryError, match="no TensorRT plan"):
-        gr.write_gpu_repository(repository, tmp_path / "gpu", gr.TENSORRT, {}, log=lambda _m: None)
+    with pytest.raises(built_repository.RepositoryError, match="no TensorRT plan"):
+        gpu_variant.write_gpu_repository(
+            repository, tmp_path / "gpu", gpu_variant.TENSORRT, {}, log=lambda _m: None
+        )
 
 
 def test_cli_writes_the_onnxruntime_variant(repository: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu"
     argv = ["--repository", str(repository), "--platform", "onnxruntime_onnx", "--out", str(out)]
-    assert gr.main(argv) == 0
+    assert cli.main(["gpu-repository", *argv]) == 0
     assert _parse(out / "unet" / "config.pbtxt").platform == "onnxruntime_onnx"
     # admission by memory counts CPU memory; on a GPU activations live in GPU memory
     source = _parse(repository / "inpaint" / "config.pbtxt").parameters["memory_budget_mb"]
     served = _parse(out / "inpaint" / "config.pbtxt").parameters["memory_budget_mb"]
     assert (source.string_value, served.string_value) == ("auto", "0")
-    if te.trt is None:
+    if tensorrt_build.trt is None:
         argv = ["--repository", str(repository), "--platform", "tensorrt_plan", "--out", str(out)]
-        assert gr.main(argv) == 1  # clear error, no traceback
+        assert cli.main(["gpu-repository", *argv]) == 1  # clear error, no traceback
 
 
 def test_engine_targets_for_the_demo_repository(repository: Path) -> None:
-    source = gr.read_repository(repository)
-    targets = {t.component.name: t for t in gr.engine_targets(source, [te.SizeBucket(512, 512)])}
+    source = built_repository.read_repository(repository)
+    targets = {
+        t.component.name: t
+        for t in engine_targets.engine_targets(source, [SizeBucket(height=512, width=512)])
+    }
     unet = targets["unet"]
     assert [p.name for p in unet.profiles] == ["128x128", "512x512"]  # + the demo's own size
     assert unet.profiles[0].shapes["sample"].opt == (2, 9, 16, 16)
     assert unet.batch.as_tuple() == UNET.trt_batch
     assert {t.precision for t in targets.values()} == {"fp16"}
     assert [p.name for p in targets["text_encoder"].profiles] == ["static"]
-    fp32 = gr.engine_targets(source, fp32_components={"vae_decoder"})
+    fp32 = engine_targets.engine_targets(source, fp32_components={"vae_decoder"})
     assert {t.component.name: t.precision for t in fp32}["vae_decoder"] == "fp32"
 
 
+@pytest.mark.parametrize("num_images", [1, 2])
+@pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
+def test_specs_declare_the_rows_the_pipeline_sends(
+    service, num_images: int, guidance_scale: float
+) -> None:
+    """`ComponentSpec.rows` (what engines' batch ranges are checked against) is what the
+    in-process pipeline sends for one request: text-to-image and inpainting at strength
+    0.6 (two VAE-encoder calls), alone."""
+    image, mask = make_case(64, 64, seed=5)
+    controls = {"steps": 2, "seed": 1, "num_images": num_images, "guidance_scale": guidance_scale}
+    guidance = guidance_scale > 1
+    for request in (
+        wire(height=64, width=64, **controls),
+        wire(image, mask, strength=0.6, **controls),
+    ):
+        spy = Spy(service)
+        spy.service.generate(request)
+        specs = components_for(service.loop.facts.architecture)
+        assert set(spy.rows) == {spec.name for spec in specs}
+        for spec in specs:
+            want = spec.rows.count(num_images, guidance)
+            assert set(spy.rows[spec.name]) == {want}, (spec.name, spy.rows[spec.name])
+            low, high = spec.rows.bounds(max_images=num_images)
+            assert low <= want <= high
+
+
 def test_batch_coverage_reports_requests_engines_would_reject(repository: Path) -> None:
-    source = gr.read_repository(repository)
+    source = built_repository.read_repository(repository)
     max_images = int(source.pipelines[0].parameters["limit_max_images"])
     wide = {  # cross-request UNet calls are split at max_unet_batch: one request must fit
         "unet": (2, 2, 2 * max_images),
         "vae_decoder": (1, 1, max_images),
         "text_encoder": (1, 2, 2),
     }
-    problems = gr.batch_coverage_problems(source, gr.engine_targets(source, batch_overrides=wide))
+    problems = engine_targets.batch_coverage_problems(
+        source, engine_targets.engine_targets(source, batch_overrides=wide)
+    )
     assert len(problems) == 1 and "unet" in problems[0]  # guidance <= 1 sends odd batches
     assert "batch 1.." in problems[0]
     narrow = {**wide, "unet": (2, 2, 2 * max_images - 2)}  # one request's 2N rows: too many
-    problems = gr.batch_coverage_problems(source, gr.engine_targets(source, batch_overrides=narrow))
+    problems = engine_targets.batch_coverage_problems(
+        source, engine_targets.engine_targets(source, batch_overrides=narrow)
+    )
     assert len(problems) == 1 and f"1..{2 * max_images}" in problems[0]
 
 
@@ -604,52 +708,60 @@ def test_ensure_engines_builds_missing_plans_once(
 
     def fake_parity(plan, onnx_file, spec, profiles, **kwargs):
         checked.append(kwargs["component"])
-        return [te.EngineParity(kwargs["component"], profiles[0].name, 0.0, 1.0, 1e-3)]
+        return [engine_parity.EngineParity(kwargs["component"], profiles[0].name, 0.0, 1.0, 1e-3)]
 
-    monkeypatch.setattr(gr, "tensorrt_version", lambda: "10.5.0")
-    monkeypatch.setattr(gr, "gpu_compute_capability", lambda: (9, 0))
-    monkeypatch.setattr(gr, "build_engine", fake_build)
-    monkeypatch.setattr(gr, "check_engine_parity", fake_parity)
-    source = gr.read_repository(repository)
-    settings = gr.EngineSettings(tmp_path / "engines", buckets=(te.SizeBucket(512, 512),))
+    monkeypatch.setattr(engine_store, "tensorrt_version", lambda: "10.5.0")
+    monkeypatch.setattr(engine_store, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(engine_store, "build_engine", fake_build)
+    monkeypatch.setattr(engine_store, "check_engine_parity", fake_parity)
+    source = built_repository.read_repository(repository)
+    settings = engine_store.EngineSettings(
+        tmp_path / "engines", buckets=(SizeBucket(height=512, width=512),)
+    )
 
-    plans = gr.ensure_engines(source, settings, log=lambda _m: None)
+    plans = engine_store.ensure_engines(source, settings, log=lambda _m: None)
     assert (
         sorted(checked) == sorted(plans) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
     )
     assert plans["unet"].profiles == ("128x128", "512x512")
-    assert te.EngineKey.parse(plans["unet"].path.name).compute_capability == (9, 0)
-    assert gr.ensure_engines(source, settings, log=lambda _m: None) == plans
+    assert plan_names.EngineKey.parse(plans["unet"].path.name).compute_capability == (9, 0)
+    assert engine_store.ensure_engines(source, settings, log=lambda _m: None) == plans
     assert len(built) == 4  # the second call found every plan by name
 
-    no_build = gr.EngineSettings(tmp_path / "empty", build_missing=False)
-    with pytest.raises(gr.RepositoryError, match="no engine"):
-        gr.ensure_engines(source, no_build, log=lambda _m: None)
+    no_build = engine_store.EngineSettings(tmp_path / "empty", build_missing=False)
+    with pytest.raises(built_repository.RepositoryError, match="no engine"):
+        engine_store.ensure_engines(source, no_build, log=lambda _m: None)
 
 
 def test_a_plan_failing_parity_is_deleted(repository: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(gr, "tensorrt_version", lambda: "10.5.0")
-    monkeypatch.setattr(gr, "gpu_compute_capability", lambda: (8, 9))
-    monkeypatch.setattr(gr, "build_engine", lambda o, p, out, *a: out.write_bytes(b"x") and out)
+    monkeypatch.setattr(engine_store, "tensorrt_version", lambda: "10.5.0")
+    monkeypatch.setattr(engine_store, "gpu_compute_capability", lambda: (8, 9))
     monkeypatch.setattr(
-        gr,
-        "check_engine_parity",
-        lambda *a, **k: [te.EngineParity(k["component"], "static", float("nan"), 1.0, 1e-3)],
+        engine_store, "build_engine", lambda o, p, out, *a: out.write_bytes(b"x") and out
     )
-    settings = gr.EngineSettings(tmp_path / "engines")
-    with pytest.raises(gr.RepositoryError, match="parity failed"):
-        gr.ensure_engines(gr.read_repository(repository), settings, log=lambda _m: None)
+    monkeypatch.setattr(
+        engine_store,
+        "check_engine_parity",
+        lambda *a, **k: [
+            engine_parity.EngineParity(k["component"], "static", float("nan"), 1.0, 1e-3)
+        ],
+    )
+    settings = engine_store.EngineSettings(tmp_path / "engines")
+    with pytest.raises(built_repository.RepositoryError, match="parity failed"):
+        engine_store.ensure_engines(
+            built_repository.read_repository(repository), settings, log=lambda _m: None
+        )
     assert list((tmp_path / "engines").glob("*.plan")) == []
 
 
 def test_tensorrt_runtime_version_check(tmp_path: Path) -> None:
     (tmp_path / "libnvinfer.so.10").write_bytes(b"")
     (tmp_path / "libnvinfer.so.10.5.0").write_bytes(b"")
-    assert gr.triton_tensorrt_version([tmp_path / "missing", tmp_path]) == "10.5.0"
-    assert gr.triton_tensorrt_version([tmp_path / "missing"]) is None
-    assert gr.check_tensorrt_match("10.5.0", "10.5.0") is None
-    assert gr.check_tensorrt_match("10.5.0", None) is None
-    assert "tensorrt==10.5.0" in gr.check_tensorrt_match("10.6.0", "10.5.0")
+    assert tensorrt_build.triton_tensorrt_version([tmp_path / "missing", tmp_path]) == "10.5.0"
+    assert tensorrt_build.triton_tensorrt_version([tmp_path / "missing"]) is None
+    assert tensorrt_build.check_tensorrt_match("10.5.0", "10.5.0") is None
+    assert tensorrt_build.check_tensorrt_match("10.5.0", None) is None
+    assert "tensorrt==10.5.0" in tensorrt_build.check_tensorrt_match("10.6.0", "10.5.0")
 
 
 def test_exported_onnx_loads_in_the_image_backends(repository: Path) -> None:
@@ -664,50 +776,65 @@ def test_exported_onnx_loads_in_the_image_backends(repository: Path) -> None:
 
 
 def test_buckets_are_per_architecture_on_the_latent_grid() -> None:
-    sdxl = {b.name for b in te.default_buckets("sdxl")}
+    sdxl = {b.name for b in engine_profiles.default_buckets("sdxl")}
     assert sdxl == {
         "1024x1024", "1152x896", "896x1152", "1216x832", "832x1216",
         "1344x768", "768x1344", "1536x640", "640x1536",
     }  # fmt: skip
-    assert {b.name for b in te.default_buckets("sd15")} == {
+    assert {b.name for b in engine_profiles.default_buckets("sd15")} == {
         "512x512",
         "768x768",
         "768x512",
         "512x768",
     }
-    for bucket in te.default_buckets("sdxl"):  # about one megapixel, latents divisible by 8
+    for bucket in engine_profiles.default_buckets(
+        "sdxl"
+    ):  # about one megapixel, latents divisible by 8
         assert 0.9e6 < bucket.width * bucket.height < 1.1e6
         assert all(side % 8 == 0 for side in bucket.latent(8))
     with pytest.raises(ValueError, match="unknown architecture"):
-        te.default_buckets("sd3")
+        engine_profiles.default_buckets("sd3")
 
 
 def test_sdxl_unet_profiles_carry_pooled_embeds_and_time_ids() -> None:
-    profiles = te.derive_profiles(UNET_XL, SDXL_SIZES, te.SDXL_BUCKETS, vae_scale_factor=8)
-    assert [p.name for p in profiles] == [b.name for b in sorted(te.SDXL_BUCKETS)]
+    profiles = engine_profiles.derive_profiles(
+        UNET_XL, SDXL_SIZES, engine_profiles.SDXL_BUCKETS, vae_scale_factor=8
+    )
+    assert [p.name for p in profiles] == [  # by width, as plans have always been named
+        "640x1536", "768x1344", "832x1216", "896x1152", "1024x1024",
+        "1152x896", "1216x832", "1344x768", "1536x640",
+    ]  # fmt: skip
     by_name = {p.name: p for p in profiles}
     square = by_name["1024x1024"]
     assert list(square.shapes) == UNET_XL.input_names
-    assert square.shapes["sample"] == te.ShapeRange(
+    assert square.shapes["sample"] == engine_profiles.ShapeRange(
         (2, 9, 128, 128), (2, 9, 128, 128), (8, 9, 128, 128)
     )
     assert square.shapes["encoder_hidden_states"].opt == (2, 77, 2048)
-    assert square.shapes["text_embeds"] == te.ShapeRange((2, 1280), (2, 1280), (8, 1280))
+    assert square.shapes["text_embeds"] == engine_profiles.ShapeRange(
+        (2, 1280), (2, 1280), (8, 1280)
+    )
     assert square.shapes["time_ids"].max == (8, 6)
     assert by_name["1536x640"].shapes["sample"].opt == (2, 9, 80, 192)  # (B, C, H/8, W/8)
     assert by_name["640x1536"].shapes["sample"].opt == (2, 9, 192, 80)
 
 
 def test_sdxl_text_encoders_have_one_static_profile() -> None:
-    (first,) = te.derive_profiles(TEXT_ENCODER_XL, SDXL_SIZES, te.SDXL_BUCKETS)
-    (second,) = te.derive_profiles(TEXT_ENCODER_2, SDXL_SIZES, te.SDXL_BUCKETS)
+    (first,) = engine_profiles.derive_profiles(
+        TEXT_ENCODER_XL, SDXL_SIZES, engine_profiles.SDXL_BUCKETS
+    )
+    (second,) = engine_profiles.derive_profiles(
+        TEXT_ENCODER_2, SDXL_SIZES, engine_profiles.SDXL_BUCKETS
+    )
     for profile in (first, second):
-        assert profile.name == te.STATIC_PROFILE
-        assert profile.shapes == {"input_ids": te.ShapeRange((1, 77), (1, 77), (4, 77))}
+        assert profile.name == engine_profiles.STATIC_PROFILE
+        assert profile.shapes == {
+            "input_ids": engine_profiles.ShapeRange((1, 77), (1, 77), (4, 77))
+        }
 
 
 def test_repository_with_sd15_and_sdxl_pipelines_reads_both(xl_repository: Path) -> None:
-    source = gr.read_repository(xl_repository)
+    source = built_repository.read_repository(xl_repository)
     pipelines = {p.name: p for p in source.pipelines}
     assert {n: p.architecture for n, p in pipelines.items()} == {
         "inpaint": "sd15",
@@ -725,14 +852,17 @@ def test_repository_with_sd15_and_sdxl_pipelines_reads_both(xl_repository: Path)
 
 
 def test_sdxl_engine_targets_use_sdxl_buckets_and_fp32_vae(xl_repository: Path) -> None:
-    source = gr.read_repository(xl_repository)
-    targets = {t.component.name: t for t in gr.engine_targets(source)}
-    sd15 = sorted({*te.SD_BUCKETS, SQUARE_128})
-    sdxl = sorted({*te.SDXL_BUCKETS, SQUARE_128})
+    source = built_repository.read_repository(xl_repository)
+    targets = {t.component.name: t for t in engine_targets.engine_targets(source)}
+    order = engine_profiles.profile_order
+    sd15 = sorted({*engine_profiles.SD_BUCKETS, SQUARE_128}, key=order)
+    sdxl = sorted({*engine_profiles.SDXL_BUCKETS, SQUARE_128}, key=order)
     for role in ("unet", "vae_encoder", "vae_decoder"):
         assert [p.name for p in targets[role].profiles] == [b.name for b in sd15]
         assert [p.name for p in targets[f"xl_{role}"].profiles] == [b.name for b in sdxl]
-    assert [p.name for p in targets["xl_text_encoder_2"].profiles] == [te.STATIC_PROFILE]
+    assert [p.name for p in targets["xl_text_encoder_2"].profiles] == [
+        engine_profiles.STATIC_PROFILE
+    ]
     assert {name: t.precision for name, t in targets.items() if t.precision == "fp32"} == {
         "xl_vae_encoder": "fp32",
         "xl_vae_decoder": "fp32",
@@ -741,19 +871,21 @@ def test_sdxl_engine_targets_use_sdxl_buckets_and_fp32_vae(xl_repository: Path) 
     assert set(xl_unet.profiles[0].shapes) == {*UNET_XL.input_names}
     key = xl_unet.key("10.5.0", (9, 0), "0" * 12)
     assert key.filename.startswith("xl_unet.trt10.5.0.sm90.fp16.b2-8.")
-    assert te.EngineKey.parse(key.filename) == key
-    problems = gr.batch_coverage_problems(source, list(targets.values()))
+    assert plan_names.EngineKey.parse(key.filename) == key
+    problems = engine_targets.batch_coverage_problems(source, list(targets.values()))
     assert any("xl_unet" in p for p in problems)  # as SD 1.5's: odd batches without CFG
     assert not any("text_encoder_2" in p for p in problems)  # 1 or 2 rows, within (1, 4)
 
-    chosen = gr.engine_targets(
-        source, buckets=[te.SizeBucket(512, 512)], xl_buckets=[te.SizeBucket(1216, 832)]
+    chosen = engine_targets.engine_targets(
+        source,
+        buckets=[SizeBucket(height=512, width=512)],
+        xl_buckets=[SizeBucket(height=832, width=1216)],
     )
     names = {t.component.name: [p.name for p in t.profiles] for t in chosen}
     assert names["unet"] == ["128x128", "512x512"]
     assert names["xl_unet"] == ["128x128", "1216x832"]
-    only = {t.component.name: [p.name for p in t.profiles] for t in gr.engine_targets(
-        source, buckets=[te.SizeBucket(512, 512)]
+    only = {t.component.name: [p.name for p in t.profiles] for t in engine_targets.engine_targets(
+        source, buckets=[SizeBucket(height=512, width=512)]
     )}  # fmt: skip
     assert only["xl_unet"] == ["128x128", "512x512"]  # --buckets alone: every pipeline
 
@@ -763,7 +895,9 @@ def test_tensorrt_variant_of_sd15_and_sdxl_writes_each_pipelines_buckets(
 ) -> None:
     plans = _dummy_plans(xl_repository, tmp_path)
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(xl_repository, out, gr.TENSORRT, plans, log=lambda _m: None)
+    gpu_variant.write_gpu_repository(
+        xl_repository, out, gpu_variant.TENSORRT, plans, log=lambda _m: None
+    )
 
     for path in sorted(out.glob("*/config.pbtxt")):  # every config parses as a ModelConfig
         config = _parse(path)
@@ -775,46 +909,51 @@ def test_tensorrt_variant_of_sd15_and_sdxl_writes_each_pipelines_buckets(
         profiles = len(plans[name].profiles)
         assert len(group.profile) == (profiles if profiles > 1 else 0)
     expected = {
-        "inpaint": {*te.SD_BUCKETS, SQUARE_128},
-        "inpaint_xl": {*te.SDXL_BUCKETS, SQUARE_128},
+        "inpaint": {*engine_profiles.SD_BUCKETS, SQUARE_128},
+        "inpaint_xl": {*engine_profiles.SDXL_BUCKETS, SQUARE_128},
     }
     for pipeline, buckets in expected.items():
         config = _parse(out / pipeline / "config.pbtxt")
         assert config.backend == "python"
         written = config.parameters["size_buckets"].string_value
-        assert parse_size_buckets(written) == tuple(sorted((b.height, b.width) for b in buckets))
-        assert te.parse_buckets(written) == tuple(sorted(buckets))  # one format both sides
+        assert parse_buckets(written) == tuple(sorted((b.height, b.width) for b in buckets))
+        assert parse_buckets(written) == tuple(sorted(buckets))  # one format both sides
         assert config.parameters["max_unet_batch"].string_value == str(UNET_XL.trt_batch[2])
     assert _parse(out / "xl_text_encoder_2" / "config.pbtxt").input[0].name == "input_ids"
 
 
 def test_pipeline_buckets_come_from_the_plans(xl_repository: Path, tmp_path: Path) -> None:
-    source = gr.read_repository(xl_repository)
+    source = built_repository.read_repository(xl_repository)
     xl = next(p for p in source.pipelines if p.name == "inpaint_xl")
     plans = _dummy_plans(xl_repository, tmp_path)
-    plans["xl_vae_decoder"] = gr.EnginePlan(
+    plans["xl_vae_decoder"] = gpu_variant.EnginePlan(
         plans["xl_vae_decoder"].path, ("1024x1024", "1152x896"), (1, 1, 4)
     )
-    plans["xl_unet"] = gr.EnginePlan(plans["xl_unet"].path, plans["xl_unet"].profiles, (2, 4, 16))
-    parameters = gr.tensorrt_pipeline_parameters(xl, plans)
+    plans["xl_unet"] = gpu_variant.EnginePlan(
+        plans["xl_unet"].path, plans["xl_unet"].profiles, (2, 4, 16)
+    )
+    parameters = gpu_variant.tensorrt_pipeline_parameters(xl, plans)
     assert parameters["max_unet_batch"] == "16"  # the plan's batch, not the spec's
     assert parameters["max_vae_decoder_batch"] == "4"
     assert parameters["max_text_encoder_2_batch"] == str(TEXT_ENCODER_2.trt_batch[2])
-    assert parse_size_buckets(parameters["size_buckets"]) == ((896, 1152), (1024, 1024))
+    assert parse_buckets(parameters["size_buckets"]) == ((896, 1152), (1024, 1024))
 
-    plans["xl_vae_encoder"] = gr.EnginePlan(plans["xl_vae_encoder"].path, ("640x1536",))
-    with pytest.raises(gr.RepositoryError, match="share no size bucket"):
-        gr.served_buckets(xl, plans)
+    plans["xl_vae_encoder"] = gpu_variant.EnginePlan(plans["xl_vae_encoder"].path, ("640x1536",))
+    with pytest.raises(built_repository.RepositoryError, match="share no size bucket"):
+        gpu_variant.served_buckets(xl, plans)
 
 
 def test_cli_takes_sdxl_buckets() -> None:
-    args = gr.parse_args(
-        ["--repository", "r", "--platform", "tensorrt_plan", "--out", "o",
+    args = cli.parse_args(
+        ["gpu-repository", "--repository", "r", "--platform", "tensorrt_plan", "--out", "o",
          "--xl-buckets", "1024x1024,1536x640"]
     )  # fmt: skip
     assert args.buckets is None  # per architecture
-    assert args.xl_buckets == (te.SizeBucket(1024, 1024), te.SizeBucket(1536, 640))
-    settings = gr._engine_settings(args)
+    assert args.xl_buckets == (  # sorted by (height, width)
+        SizeBucket(height=640, width=1536),
+        SizeBucket(height=1024, width=1024),
+    )
+    settings = cli.engine_settings(args)
     assert settings.buckets is None and settings.xl_buckets == args.xl_buckets
 
 
@@ -963,7 +1102,7 @@ def test_entrypoint_exports_once_then_execs_tritonserver(tmp_path: Path) -> None
     assert [c[:4] for c in first[:3]] == [
         ["python", "-m", "sdserve_export", "demo-pipeline"],
         ["python", "-m", "sdserve_export", "repository"],
-        ["python", "-m", "sdserve_export.gpu_repository", "--repository"],
+        ["python", "-m", "sdserve_export", "gpu-repository"],
     ]
     assert first[1][4:] == [
         "--source", f"{build}/demo-pipeline", "--out", f"{build}/model_repository",
@@ -977,23 +1116,21 @@ def test_entrypoint_exports_once_then_execs_tritonserver(tmp_path: Path) -> None
         for kind, port in zip(("http", "grpc", "metrics"), (8000, 8001, 8002), strict=True)
     } <= set(triton)
 
-    args = gr.parse_args(first[2][3:])  # the entrypoint's flags are the CLI's
+    args = cli.parse_args(first[2][3:])  # the entrypoint's flags are the CLI's
     assert args.platform == "tensorrt_plan" and args.out == build / "model_repository_gpu"
     assert args.engines == build / "engines"
 
     second = _run_entrypoint(
         tmp_path, SDSERVE_PLATFORM="onnxruntime_onnx", SDSERVE_BUCKETS="512x512"
     )
-    assert [c[2] for c in second[:-1]] == ["sdserve_export.gpu_repository"]  # no re-export
-    assert gr.parse_args(second[0][3:]).buckets == (te.SizeBucket(512, 512),)
+    assert [c[2:4] for c in second[:-1]] == [["sdserve_export", "gpu-repository"]]  # no re-export
+    assert cli.parse_args(second[0][3:]).buckets == (SizeBucket(height=512, width=512),)
 
     third = _run_entrypoint(tmp_path, SDSERVE_SOURCE="/models/other")
     assert third[0][3:6] == ["repository", "--source", "/models/other"]  # source changed
 
 
 def test_entrypoint_commands_parse_in_the_export_cli(tmp_path: Path, monkeypatch) -> None:
-    from sdserve_export import cli
-
     seen = []
     monkeypatch.setattr(cli, "save_demo_pipeline", lambda *a: seen.append(("demo", a)) or a[0])
     monkeypatch.setattr(cli, "build_repository", lambda *a, **k: seen.append(("repo", a, k)))
@@ -1151,17 +1288,19 @@ def gpu() -> None:
 def test_demo_engines_match_onnxruntime(
     gpu, repository: Path, tmp_path: Path, precision: str
 ) -> None:
-    source = gr.read_repository(repository)
-    buckets = [te.SizeBucket(192, 128)]
+    source = built_repository.read_repository(repository)
+    buckets = [SizeBucket(height=128, width=192)]
     fp32 = {"text_encoder", "unet", "vae_encoder", "vae_decoder"} if precision == "fp32" else set()
-    for target in gr.engine_targets(source, buckets, fp32_components=fp32):
+    for target in engine_targets.engine_targets(source, buckets, fp32_components=fp32):
         component = target.component
-        options = te.BuildOptions(fp16=precision == "fp16", timing_cache=tmp_path / "timing.cache")
-        plan = te.build_engine(
+        options = tensorrt_build.BuildOptions(
+            fp16=precision == "fp16", timing_cache=tmp_path / "timing.cache"
+        )
+        plan = tensorrt_build.build_engine(
             component.onnx_file, target.profiles, tmp_path / f"{component.name}.plan", options
         )
         rtol = 5e-3 if precision == "fp32" else 5e-2  # fp32 engines use TF32 kernels
-        for result in te.check_engine_parity(
+        for result in engine_parity.check_engine_parity(
             plan, component.onnx_file, component.spec, target.profiles, rtol=rtol
         ):
             print(f"[{precision}] {result}")
@@ -1173,20 +1312,20 @@ def test_demo_engines_match_onnxruntime(
 def test_tensorrt_repository_builds_once_and_reuses_engines(
     gpu, repository: Path, tmp_path: Path
 ) -> None:
-    source = gr.read_repository(repository)
-    settings = gr.EngineSettings(
-        engine_dir=tmp_path / "engines", buckets=(te.SizeBucket(128, 128),)
+    source = built_repository.read_repository(repository)
+    settings = engine_store.EngineSettings(
+        engine_dir=tmp_path / "engines", buckets=(SizeBucket(height=128, width=128),)
     )
-    plans = gr.ensure_engines(source, settings, log=print)
+    plans = engine_store.ensure_engines(source, settings, log=print)
     stamps = {name: plan.path.stat().st_mtime_ns for name, plan in plans.items()}
-    again = gr.ensure_engines(source, settings, log=print)
+    again = engine_store.ensure_engines(source, settings, log=print)
     assert {name: plan.path.stat().st_mtime_ns for name, plan in again.items()} == stamps
     for plan in plans.values():
-        key = te.EngineKey.parse(plan.path.name)
-        assert key.trt_version == te.tensorrt_version()
-        assert key.compute_capability == te.gpu_compute_capability()
+        key = plan_names.EngineKey.parse(plan.path.name)
+        assert key.trt_version == tensorrt_build.tensorrt_version()
+        assert key.compute_capability == tensorrt_build.gpu_compute_capability()
     out = tmp_path / "gpu"
-    gr.write_gpu_repository(repository, out, gr.TENSORRT, plans, log=print)
+    gpu_variant.write_gpu_repository(repository, out, gpu_variant.TENSORRT, plans, log=print)
     assert _parse(out / "unet" / "config.pbtxt").platform == "tensorrt_plan"
     pipeline = _parse(out / "inpaint" / "config.pbtxt")  # requests snap to the engines' size
     assert pipeline.parameters["size_buckets"].string_value == "128x128"

@@ -14,8 +14,9 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from sdserve_pipeline.components import CLIP_VOCAB_SIZE as VOCAB_SIZE
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-VOCAB_SIZE = 49408
 N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # byte tokens, byte</w> tokens, start/end of text
 
 

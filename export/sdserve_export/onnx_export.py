@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from sdserve_pipeline.components import (
+    CLIP_VOCAB_SIZE,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TEXT_ENCODER_XL,
@@ -21,6 +23,8 @@ from sdserve_pipeline.components import (
     VAE_DECODER,
     VAE_ENCODER,
     ComponentSpec,
+    example_inputs,
+    image_dims,
 )
 
 OPSET = 17
@@ -110,14 +114,35 @@ class VaeDecoderExport(nn.Module):
 
 @dataclass(frozen=True)
 class ExportTarget:
-    """A module to export, its spec, and a maker of example inputs at a given size.
+    """A module to export, its spec, and what its example inputs need.
 
-    `example(batch, latent_height, latent_width)` returns inputs in the spec's order.
+    Args:
+        spec: the component declaration.
+        module: the module to trace (inputs and outputs in the spec's order).
+        sizes: values of the checkpoint-fixed dims of its tensors (`checkpoint_sizes`).
+        vae_scale_factor: pixels per latent.
+        rng: draws every example input of a checkpoint's targets, in the order asked.
+        vocab_size: tokens of the text encoder's vocabulary.
     """
 
     spec: ComponentSpec
     module: nn.Module
-    example: Callable[[int, int, int], tuple[torch.Tensor, ...]]
+    sizes: Mapping[str, int]
+    vae_scale_factor: int
+    rng: np.random.Generator
+    vocab_size: int = CLIP_VOCAB_SIZE
+
+    def example(
+        self, batch: int, latent_height: int, latent_width: int
+    ) -> tuple[torch.Tensor, ...]:
+        """`example_inputs` at a latent size, in the spec's input order."""
+        scale = self.vae_scale_factor
+        dims = {
+            **self.sizes,
+            **image_dims(batch, latent_height * scale, latent_width * scale, scale),
+        }
+        inputs = example_inputs(self.spec, dims, self.rng, self.vocab_size)
+        return tuple(torch.from_numpy(array) for array in inputs.values())
 
 
 # Traced at a latent size that is not a multiple of the UNet's total upsampling (8), so
@@ -126,93 +151,79 @@ TRACE_SIZE = (2, 12, 10)
 CHECK_SIZES = (TRACE_SIZE, (1, 8, 16))
 
 
+def checkpoint_sizes(
+    text_encoder: nn.Module,
+    unet: nn.Module,
+    vae: nn.Module,
+    text_encoder_2: nn.Module | None = None,
+) -> dict[str, int]:
+    """Values of the fixed symbolic dims of the component specs, from the module configs."""
+    te, vae_config = text_encoder.config, vae.config
+    sizes = {
+        "sequence_length": te.max_position_embeddings,
+        "hidden_size": te.hidden_size,
+        "unet_in_channels": unet.config.in_channels,
+        "latent_channels": vae_config.latent_channels,
+        "image_channels": vae_config.in_channels,
+    }
+    if text_encoder_2 is not None:
+        te2 = text_encoder_2.config
+        sizes |= {
+            "hidden_size_2": te2.hidden_size,
+            "projection_dim": te2.projection_dim,
+            "cross_attention_dim": te.hidden_size + te2.hidden_size,
+            "time_ids": 6,  # original size, crop top-left, target size
+        }
+    return sizes
+
+
 def sd15_targets(text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> list[ExportTarget]:
-    """The four SD 1.5 components with example-input makers derived from their configs."""
-    seq, hidden = text_encoder.config.max_position_embeddings, text_encoder.config.hidden_size
-    vocab = text_encoder.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
+    """The four SD 1.5 components, their example inputs sized from their configs."""
+    target = _target_maker(checkpoint_sizes(text_encoder, unet, vae), text_encoder, vae)
+    vae = vae.to(torch.float32)
     return [
-        ExportTarget(
-            TEXT_ENCODER,
-            TextEncoderExport(text_encoder),
-            lambda b, h, w: (torch.randint(0, vocab, (b, seq), generator=gen),),
-        ),
-        ExportTarget(
-            UNET,
-            UNetExport(unet),
-            lambda b, h, w: (
-                randn(b, unet.config.in_channels, h, w),
-                torch.full((b,), 981.0),
-                randn(b, seq, hidden),
-            ),
-        ),
-        *vae_targets(vae, gen),
+        target(TEXT_ENCODER, TextEncoderExport(text_encoder)),
+        target(UNET, UNetExport(unet)),
+        target(VAE_ENCODER, VaeEncoderExport(vae)),
+        target(VAE_DECODER, VaeDecoderExport(vae)),
     ]
 
 
 def sdxl_targets(
     text_encoder: nn.Module, text_encoder_2: nn.Module, unet: nn.Module, vae: nn.Module
 ) -> list[ExportTarget]:
-    """The five SDXL components (the VAE ones as SD 1.5's, kept fp32)."""
-    seq = text_encoder.config.max_position_embeddings
-    vocab = text_encoder.config.vocab_size
-    cross_dim = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-    projection = text_encoder_2.config.projection_dim
-    gen = torch.Generator().manual_seed(0)
-
-    def ids(b: int, h: int, w: int) -> tuple[torch.Tensor]:
-        return (torch.randint(0, vocab, (b, seq), generator=gen),)
-
-    def unet_inputs(b: int, h: int, w: int) -> tuple[torch.Tensor, ...]:
-        size = torch.tensor([h * 8.0, w * 8.0, 0.0, 0.0, h * 8.0, w * 8.0])  # pixels, crop, target
-        return (
-            torch.randn(b, unet.config.in_channels, h, w, generator=gen),
-            torch.full((b,), 981.0),
-            torch.randn(b, seq, cross_dim, generator=gen),
-            torch.randn(b, projection, generator=gen),
-            size.repeat(b, 1),
-        )
-
-    return [
-        ExportTarget(TEXT_ENCODER_XL, PenultimateTextEncoderExport(text_encoder, False), ids),
-        ExportTarget(TEXT_ENCODER_2, PenultimateTextEncoderExport(text_encoder_2, True), ids),
-        ExportTarget(UNET_XL, UNetXLExport(unet), unet_inputs),
-        *vae_targets(vae, gen),
-    ]
-
-
-def vae_targets(vae: nn.Module, gen: torch.Generator) -> list[ExportTarget]:
-    """VAE encoder (posterior mean, logvar) and decoder, always exported in fp32."""
+    """The five SDXL components (the VAE ones as SD 1.5's, exported in fp32)."""
+    sizes = checkpoint_sizes(text_encoder, unet, vae, text_encoder_2)
+    target = _target_maker(sizes, text_encoder, vae)
     vae = vae.to(torch.float32)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_channels = vae.config.latent_channels
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
     return [
-        ExportTarget(
-            VAE_ENCODER,
-            VaeEncoderExport(vae),
-            lambda b, h, w: (randn(b, vae.config.in_channels, h * vae_scale, w * vae_scale),),
-        ),
-        ExportTarget(
-            VAE_DECODER,
-            VaeDecoderExport(vae),
-            lambda b, h, w: (randn(b, latent_channels, h, w),),
-        ),
+        target(TEXT_ENCODER_XL, PenultimateTextEncoderExport(text_encoder, False)),
+        target(TEXT_ENCODER_2, PenultimateTextEncoderExport(text_encoder_2, True)),
+        target(UNET_XL, UNetXLExport(unet)),
+        target(VAE_ENCODER, VaeEncoderExport(vae)),
+        target(VAE_DECODER, VaeDecoderExport(vae)),
     ]
+
+
+def _target_maker(
+    sizes: Mapping[str, int], text_encoder: nn.Module, vae: nn.Module
+) -> Callable[[ComponentSpec, nn.Module], ExportTarget]:
+    """Makes the targets of one checkpoint, all drawing from one generator (seed 0)."""
+    rng = np.random.default_rng(0)
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vocab_size = text_encoder.config.vocab_size
+
+    def target(spec: ComponentSpec, module: nn.Module) -> ExportTarget:
+        return ExportTarget(spec, module, sizes, vae_scale_factor, rng, vocab_size)
+
+    return target
 
 
 def export_onnx(target: ExportTarget, out_file: Path, force_external_data: bool = False) -> Path:
     """Export `target` to `out_file`; weights over 2 GB go to one `<file>.data` beside it.
 
     Args:
-        target: the module, spec and example-input maker.
+        target: the module, its spec and what its example inputs need.
         out_file: destination `.onnx` path (its folder is created).
         force_external_data: write the weights externally whatever their size.
     """

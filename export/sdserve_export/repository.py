@@ -25,8 +25,10 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from sdserve_export.built_repository import CONFIG_FILE
 from sdserve_export.onnx_export import (
     ExportTarget,
+    checkpoint_sizes,
     export_onnx,
     sd15_targets,
     sdxl_targets,
@@ -38,13 +40,12 @@ from sdserve_export.triton_configs import (
     pipeline_config,
     to_pbtxt,
 )
-from sdserve_pipeline.assets import ASSETS_DIR, CheckpointFacts, PipelineAssets
+from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.outpaint import OutpaintSettings
 from sdserve_pipeline.request import Limits
 
 DEFAULT_REPOSITORY = Path("build/model_repository")
-VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -57,23 +58,7 @@ class LoadedPipeline:
 
     def sizes(self) -> dict[str, int]:
         """Values of the fixed symbolic dims of the component specs."""
-        te, vae = self.text_encoder.config, self.vae.config
-        sizes = {
-            "sequence_length": te.max_position_embeddings,
-            "hidden_size": te.hidden_size,
-            "unet_in_channels": self.unet.config.in_channels,
-            "latent_channels": vae.latent_channels,
-            "image_channels": vae.in_channels,
-        }
-        if self.text_encoder_2 is not None:
-            te2 = self.text_encoder_2.config
-            sizes |= {
-                "hidden_size_2": te2.hidden_size,
-                "projection_dim": te2.projection_dim,
-                "cross_attention_dim": te.hidden_size + te2.hidden_size,
-                "time_ids": 6,  # original size, crop top-left, target size
-            }
-        return sizes
+        return checkpoint_sizes(self.text_encoder, self.unet, self.vae, self.text_encoder_2)
 
     def targets(self) -> list[ExportTarget]:
         """What to export for this checkpoint's architecture."""
@@ -207,7 +192,7 @@ def build_repository(
 
 def _write_config(model_dir: Path, text: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.pbtxt").write_text(text)
+    (model_dir / CONFIG_FILE).write_text(text)
 
 
 def _copy_model_py(kind: str, version_dir: Path) -> None:

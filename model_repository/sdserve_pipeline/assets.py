@@ -19,6 +19,7 @@ SCHEDULER_JSON = "scheduler_config.json"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (pads with "!")
 ASSETS_DIR = "assets"  # inside the pipeline model's version folder
+VERSION = "1"  # the model version folder the export writes and the servers load
 
 
 @dataclass(frozen=True)

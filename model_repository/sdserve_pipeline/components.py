@@ -7,14 +7,26 @@ derived from the `ComponentSpec`s below, so names cannot drift between them.
 Dims are symbolic names. A name that the checkpoint fixes (channels, hidden size,
 sequence length) is resolved from the checkpoint's configs when the repository is
 built; every other name is a dynamic axis (-1 in Triton, a dynamic axis in ONNX).
+
+Each spec also says how many rows (batch entries) one request's call has (`CallRows`), which
+the TensorRT export checks its engines' batch ranges against, and `example_inputs` makes
+random inputs for any spec: the ONNX export traces and checks with them, the TensorRT parity
+check and the benchmarks run on them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 # Axes that stay dynamic everywhere (batch, spatial sizes).
 DYNAMIC_AXES = frozenset({"batch", "height", "width", "latent_height", "latent_width"})
+# Tokens of the CLIP BPE vocabulary, which every SD 1.5 and SDXL text encoder reads.
+CLIP_VOCAB_SIZE = 49408
+MAX_TIMESTEP = 1000  # training timesteps of SD 1.5 and SDXL schedulers
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,33 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class CallRows:
+    """How many rows (batch entries) one request's call of a component has.
+
+    Calls of several requests are batched together, but one request's rows always go in
+    one call, so an engine must accept `count(n, guidance)` rows for every `n` up to the
+    request limit.
+
+    Args:
+        per_image: one row per requested image (`num_images`), else one per request.
+        guidance_pair: doubled under classifier-free guidance (an unconditional row per
+            conditional one).
+    """
+
+    per_image: bool = False
+    guidance_pair: bool = False
+
+    def count(self, num_images: int, guidance: bool) -> int:
+        """Rows of one request's call: `num_images` images, guidance on or off."""
+        rows = num_images if self.per_image else 1
+        return 2 * rows if guidance and self.guidance_pair else rows
+
+    def bounds(self, max_images: int) -> tuple[int, int]:
+        """(fewest, most) rows of one request's call, up to `max_images` images."""
+        return self.count(1, guidance=False), self.count(max_images, guidance=True)
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     """An exported model: its tensors, parity tolerance and TensorRT shape profile.
 
@@ -50,6 +89,7 @@ class ComponentSpec:
         outputs: output tensors, in the order the module returns them.
         atol: max abs difference ONNX vs PyTorch (fp32) allowed by the export's parity check.
         trt_batch: TensorRT (min, opt, max) batch for the profile, in the component's units.
+        rows: how many rows one request's call has (default: one row).
     """
 
     name: str
@@ -57,6 +97,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     atol: float = 1e-4
     trt_batch: tuple[int, int, int] = (1, 1, 4)
+    rows: CallRows = field(default_factory=CallRows)
 
     @property
     def input_names(self) -> list[str]:
@@ -76,10 +117,14 @@ def _fixed(sizes: dict[str, int], dim: str, tensor: str) -> int:
     return sizes[dim]
 
 
+# One row per prompt: [negative, prompt] under guidance.
+PROMPT_ROWS = CallRows(guidance_pair=True)
+
 TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
     inputs=(TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),),
     outputs=(TensorSpec("last_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size")),),
+    rows=PROMPT_ROWS,
 )
 
 UNET = ComponentSpec(
@@ -97,6 +142,7 @@ UNET = ComponentSpec(
         ),
     ),
     trt_batch=(2, 2, 8),  # [uncond, cond] pairs
+    rows=CallRows(per_image=True, guidance_pair=True),
 )
 
 VAE_ENCODER = ComponentSpec(
@@ -120,6 +166,7 @@ VAE_DECODER = ComponentSpec(
         ),
     ),
     outputs=(TensorSpec("image", "FP32", ("batch", "image_channels", "height", "width")),),
+    rows=CallRows(per_image=True),
 )
 
 SD15_COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
@@ -135,6 +182,7 @@ TEXT_ENCODER_XL = ComponentSpec(
     outputs=(
         TensorSpec("penultimate_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size")),
     ),
+    rows=PROMPT_ROWS,
 )
 
 TEXT_ENCODER_2 = ComponentSpec(
@@ -146,6 +194,7 @@ TEXT_ENCODER_2 = ComponentSpec(
         ),
         TensorSpec("text_embeds", "FP32", ("batch", "projection_dim")),
     ),
+    rows=PROMPT_ROWS,
 )
 
 UNET_XL = ComponentSpec(
@@ -163,6 +212,7 @@ UNET_XL = ComponentSpec(
     ),
     outputs=UNET.outputs,
     trt_batch=UNET.trt_batch,
+    rows=UNET.rows,
 )
 
 SDXL_COMPONENTS: tuple[ComponentSpec, ...] = (
@@ -182,3 +232,67 @@ def components_for(architecture: str) -> tuple[ComponentSpec, ...]:
             f"unknown architecture {architecture!r}; known: {', '.join(COMPONENTS_BY_ARCHITECTURE)}"
         )
     return COMPONENTS_BY_ARCHITECTURE[architecture]
+
+
+def image_dims(batch: int, height: int, width: int, vae_scale_factor: int) -> dict[str, int]:
+    """Values of the dynamic dims for `batch` images of `height` x `width` pixels.
+
+    Raises:
+        ValueError: a side is not a multiple of `vae_scale_factor`.
+    """
+    if height % vae_scale_factor or width % vae_scale_factor:
+        raise ValueError(
+            f"image size {width}x{height} (WIDTHxHEIGHT) is not a multiple of the VAE scale "
+            f"factor {vae_scale_factor}"
+        )
+    return {
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "latent_height": height // vae_scale_factor,
+        "latent_width": width // vae_scale_factor,
+    }
+
+
+def example_inputs(
+    spec: ComponentSpec,
+    dims: Mapping[str, int],
+    rng: np.random.Generator,
+    vocab_size: int = CLIP_VOCAB_SIZE,
+) -> dict[str, npt.NDArray[np.generic]]:
+    """Random inputs of a component, in its input order, drawn from `rng` in that order.
+
+    Token ids are uniform below `vocab_size`, timesteps uniform in [0, 1000), SDXL's
+    `time_ids` are the image's (height, width, crop top 0, crop left 0, height, width) as the
+    pipeline sends them, and every other input is standard normal (fp32).
+
+    Args:
+        spec: the component declaration.
+        dims: the value of every symbolic dim of its inputs: the checkpoint's fixed sizes
+            and `image_dims(...)` (`time_ids` also needs `height` and `width`).
+        rng: the random source.
+        vocab_size: tokens of the text encoder's vocabulary.
+
+    Raises:
+        ValueError: a dim has no value.
+    """
+    inputs: dict[str, npt.NDArray[np.generic]] = {}
+    for tensor in spec.inputs:
+        shape = tuple(_dim(dims, d, tensor.name) for d in tensor.dims)
+        if tensor.dtype == "INT64":
+            inputs[tensor.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
+        elif tensor.name == "timestep":
+            inputs[tensor.name] = rng.uniform(0, MAX_TIMESTEP, size=shape).astype(np.float32)
+        elif tensor.name == "time_ids":
+            height, width = (_dim(dims, d, tensor.name) for d in ("height", "width"))
+            row = np.array([height, width, 0, 0, height, width], dtype=np.float32)
+            inputs[tensor.name] = np.broadcast_to(row, shape).copy()
+        else:
+            inputs[tensor.name] = rng.standard_normal(size=shape, dtype=np.float32)
+    return inputs
+
+
+def _dim(dims: Mapping[str, int], dim: str, tensor: str) -> int:
+    if dim not in dims:
+        raise ValueError(f"dim {dim!r} of input {tensor!r} has no value in {dict(dims)}")
+    return dims[dim]

@@ -11,14 +11,12 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from sdserve_pipeline.assets import ASSETS_DIR
+from sdserve_pipeline.assets import ASSETS_DIR, VERSION
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import create_session
 from sdserve_pipeline.ort_runner import OrtRunner
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.triton_params import flag
-
-VERSION = "1"
 
 
 def read_parameters(model_dir: Path) -> dict[str, str]:
