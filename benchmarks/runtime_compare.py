@@ -59,12 +59,21 @@ from common import (
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdserve_export.clip_tokenizer import VOCAB_SIZE
+from sdserve_export.built_repository import read_repository
+from sdserve_pipeline.components import (
+    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ComponentSpec,
+    example_inputs,
+    image_dims,
+)
 from sdserve_pipeline.onnx_runtime import create_session
 
 THREADS = 2
 IMAGE_SIZE = 256  # pixels, square
-LATENT_SIZE = IMAGE_SIZE // 8
+VAE_SCALE = 8  # pixels per latent of the SD 1.5 VAE
 BATCH = 2  # UNet and text encoder: the CFG pair
 TORCH, ORT, OPENVINO = "PyTorch", "ONNX Runtime", "OpenVINO"
 RUNTIMES = (TORCH, ORT, OPENVINO)
@@ -83,19 +92,30 @@ Runner = Callable[[], list[np.ndarray]]
 
 @dataclass(frozen=True)
 class Component:
-    """One exported component: how to load its PyTorch module and make its inputs.
+    """One exported component: how to load its PyTorch module and what inputs it gets.
 
     Args:
-        name (`str`): folder name in the repository.
+        spec (`ComponentSpec`): its declaration; its inputs are `example_inputs` of it, with
+            the checkpoint's fixed dims read from the repository's config.
         load_torch (`Callable[[Path], nn.Module]`): the exported module, from the diffusers
             pipeline folder.
-        feeds (`Callable[[np.random.Generator], dict[str, np.ndarray]]`): named inputs, in
-            the module's argument order.
+        batch (`int`): rows per call (2 for the UNet and text encoder: the CFG pair).
     """
 
-    name: str
+    spec: ComponentSpec
     load_torch: Callable[[Path], nn.Module]
-    feeds: Callable[[np.random.Generator], dict[str, np.ndarray]]
+    batch: int = 1
+
+    @property
+    def name(self) -> str:
+        """Folder name in the repository."""
+        return self.spec.name
+
+    def feeds(self, repository: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Its named inputs at `IMAGE_SIZE`, in the module's argument order."""
+        (model,) = (c for c in read_repository(repository).components if c.name == self.name)
+        dims = {**model.sizes, **image_dims(self.batch, IMAGE_SIZE, IMAGE_SIZE, VAE_SCALE)}
+        return example_inputs(self.spec, dims, rng)
 
 
 def _text_encoder(folder: Path) -> nn.Module:
@@ -125,35 +145,14 @@ def _vae(folder: Path, wrapper: str) -> nn.Module:
     return getattr(onnx_export, wrapper)(model)
 
 
-def _randn(rng: np.random.Generator, *shape: int) -> np.ndarray:
-    return rng.standard_normal(shape, dtype=np.float32)
-
-
 COMPONENT_SPECS = {
-    "text_encoder": Component(
-        "text_encoder",
-        _text_encoder,
-        lambda rng: {"input_ids": rng.integers(0, VOCAB_SIZE, (BATCH, 77), dtype=np.int64)},
-    ),
-    "vae_encoder": Component(
-        "vae_encoder",
-        lambda folder: _vae(folder, "VaeEncoderExport"),
-        lambda rng: {"image": _randn(rng, 1, 3, IMAGE_SIZE, IMAGE_SIZE)},
-    ),
-    "unet": Component(
-        "unet",
-        _unet,
-        lambda rng: {
-            "sample": _randn(rng, BATCH, 9, LATENT_SIZE, LATENT_SIZE),
-            "timestep": np.full((BATCH,), 500.0, np.float32),
-            "encoder_hidden_states": _randn(rng, BATCH, 77, 768),
-        },
-    ),
-    "vae_decoder": Component(
-        "vae_decoder",
-        lambda folder: _vae(folder, "VaeDecoderExport"),
-        lambda rng: {"latent_sample": _randn(rng, 1, 4, LATENT_SIZE, LATENT_SIZE)},
-    ),
+    component.name: component
+    for component in (
+        Component(TEXT_ENCODER, _text_encoder, batch=BATCH),
+        Component(VAE_ENCODER, lambda folder: _vae(folder, "VaeEncoderExport")),
+        Component(UNET, _unet, batch=BATCH),
+        Component(VAE_DECODER, lambda folder: _vae(folder, "VaeDecoderExport")),
+    )
 }
 
 
@@ -311,7 +310,7 @@ def load_runners(
 
 def measure(component: Component, args: argparse.Namespace, ov: Any | None) -> dict[str, Any]:
     """FLOPs, one warm-up and `args.repeats` interleaved timed calls per runtime."""
-    feeds = component.feeds(np.random.default_rng(0))
+    feeds = component.feeds(args.repository, np.random.default_rng(0))
     progress(f"[{component.name}] loading ...")
     runners, info = load_runners(component, args, ov, feeds)
     names = list(runners)
@@ -469,7 +468,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
         "",
         (
             f"Full-size SD 1.5-inpainting architecture (random weights) at {IMAGE_SIZE}² "
-            f"({LATENT_SIZE}² latents); UNet and text encoder batch {BATCH} (CFG), VAE batch 1. "
+            f"({IMAGE_SIZE // VAE_SCALE}² latents); UNet and text encoder batch {BATCH} (CFG), "
+            "VAE batch 1. "
             f"Times: median (min) of {payload['repeats']} calls per runtime after one warm-up, "
             "runtimes interleaved. % of peak and speed use the medians."
         ),
