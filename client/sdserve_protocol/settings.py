@@ -11,6 +11,7 @@ reading any server's config keeps the default instead (`strict=False`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
@@ -94,7 +95,7 @@ class MemoryPolicy:
     the requests it holds (queued and running) past the budget.
 
     Args:
-        budget_mb (`int` or `"auto"`, parameter `memory_budget_mb`): MB the requests taken may
+        budget_mb (`float` or `"auto"`, parameter `memory_budget_mb`): MB the requests taken may
             hold, per pipeline model instance; `"auto"`: half the memory the server may use
             (its cgroup's limit, else the machine's), read when the model loads; 0: no
             admission by memory. Serving several pipeline models from one server, give each
@@ -105,7 +106,7 @@ class MemoryPolicy:
             Runtime (the tiny demo needs ~700).
     """
 
-    budget_mb: int | str = "auto"
+    budget_mb: float | str = "auto"
     bytes_per_pixel: int = 6000
 
 
@@ -114,15 +115,15 @@ class OutpaintSettings:
     """How outpainting bands are cut (parameters `outpaint_<field>`).
 
     Args:
-        native (`int`, *optional*): largest band side in pixels, a multiple of 8; `None`: the
-            checkpoint's default size (512 for SD 1.5, 1024 for SDXL).
+        native (`int`): largest band side in pixels, a multiple of 8; 0: the checkpoint's
+            default size (512 for SD 1.5, 1024 for SDXL).
         overlap (`int`): depth in pixels of the band regenerated inside the original, for a
             seamless edge.
         context (`int`): known pixels each band includes to condition on what is already there.
         fill (`str`): how the new area is pre-filled from the border (`edge` or `blur`).
     """
 
-    native: int | None = None
+    native: int = 0
     overlap: int = 16
     context: int = 128
     fill: str = "edge"
@@ -133,7 +134,8 @@ class PipelineSettings:
     """Every parameter of a pipeline model's config.
 
     Args:
-        architecture (`str`, parameter `architecture`): one of `ARCHITECTURES`.
+        architecture (`str`, parameter `architecture`): one of `ARCHITECTURES`; "" when not
+            recorded (repositories exported before it was: the checkpoint's assets say).
         components (`dict[str, str]`, parameters `<role>_model`): role (`COMPONENT_ROLES`) →
             the Triton model serving it.
         limits (`Limits`, parameters `limit_<field>`): request limits.
@@ -152,7 +154,7 @@ class PipelineSettings:
             component may carry (its engine's limit); absent: no limit.
     """
 
-    architecture: str = "sd15"
+    architecture: str = ""
     components: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     feather_radius: int = 4
@@ -164,7 +166,7 @@ class PipelineSettings:
     max_batch: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("architecture", self.architecture, ("", *ARCHITECTURES))
         for role in (*self.components, *self.max_batch):
             _check_choice("component role", role, COMPONENT_ROLES)
         _check_choice("parameter outpaint_fill", self.outpaint.fill, FILL_MODES)
@@ -175,15 +177,13 @@ class PipelineSettings:
 
     def to_parameters(self) -> dict[str, str]:
         """The config parameters, {key: value as text}."""
-        params = {"architecture": self.architecture}
+        params = {"architecture": self.architecture} if self.architecture else {}
         params |= {f"{role}_model": model for role, model in self.components.items()}
         params |= {f"{LIMIT_PREFIX}{k}": str(v) for k, v in asdict(self.limits).items()}
         params["feather_radius"] = str(self.feather_radius)
         params |= {_QUEUE[k]: _text(v) for k, v in asdict(self.queue).items()}
         params |= {f"memory_{_MEMORY[k]}": str(v) for k, v in asdict(self.memory).items()}
-        params |= {
-            f"outpaint_{k}": str(v) for k, v in asdict(self.outpaint).items() if v is not None
-        }
+        params |= {f"outpaint_{k}": str(v) for k, v in asdict(self.outpaint).items()}
         params["schedulers"] = ",".join(self.schedulers)
         if self.size_buckets:
             params["size_buckets"] = format_buckets(self.size_buckets)
@@ -202,12 +202,11 @@ class PipelineSettings:
         """
         read = _Reader(params, strict)
         default = cls()
-        architecture = read("architecture", str, default.architecture)
         schedulers = read("schedulers", _scheduler_names, default.schedulers)
         if strict:
             _check_schedulers(schedulers, params.get("schedulers", ""))
         return cls(
-            architecture=architecture if architecture in ARCHITECTURES else default.architecture,
+            architecture=read("architecture", _architecture, default.architecture),
             components={r: params[f"{r}_model"] for r in COMPONENT_ROLES if f"{r}_model" in params},
             limits=read.fields(Limits(), lambda name: f"{LIMIT_PREFIX}{name}"),
             feather_radius=read("feather_radius", int, default.feather_radius),
@@ -285,14 +284,19 @@ def _check_schedulers(names: tuple[str, ...], text: str) -> None:
         )
 
 
-def _budget(text: str) -> int | str:
+def _budget(text: str) -> float | str:
     value = text.strip().lower()
-    if value == "auto":
-        return value
-    number = int(value)
-    if number < 0:
-        raise ValueError("negative")
-    return number
+    if value in ("", "auto"):
+        return "auto"
+    number = float(value)
+    if not 0 <= number < math.inf:
+        raise ValueError("a number of MB >= 0 or 'auto'")
+    return int(number) if number.is_integer() else number
+
+
+def _architecture(text: str) -> str:
+    _check_choice("architecture", text, ARCHITECTURES)
+    return text
 
 
 def _fill(text: str) -> str:
@@ -334,6 +338,5 @@ class _Reader:
 
 _PARSERS: dict[tuple[str, str], Callable[[str], Any]] = {
     ("MemoryPolicy", "budget_mb"): _budget,
-    ("OutpaintSettings", "native"): int,
     ("OutpaintSettings", "fill"): _fill,
 }

@@ -34,16 +34,12 @@ from sdserve_export.onnx_export import (
     sdxl_targets,
 )
 from sdserve_export.parity import ParityReport, check_parity, require_parity
-from sdserve_export.triton_configs import (
-    ONNX_FILE,
-    component_config,
-    pipeline_config,
-    to_pbtxt,
-)
+from sdserve_export.triton_configs import component_config, pipeline_config, to_pbtxt
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
 from sdserve_pipeline.components import components_for
-from sdserve_pipeline.outpaint import OutpaintSettings
-from sdserve_pipeline.request import Limits
+from sdserve_pipeline.onnx_runtime import ONNX_FILE
+from sdserve_protocol.rules import Limits
+from sdserve_protocol.settings import OutpaintSettings, PipelineSettings
 
 DEFAULT_REPOSITORY = Path("build/model_repository")
 
@@ -176,8 +172,12 @@ def build_repository(
         config = component_config(target.spec, pipe.sizes(), providers, model_name=name)
         _write_config(staging / name, to_pbtxt(config))
         _copy_model_py("onnx_runner", staging / name / VERSION)
-    outpaint = OutpaintSettings(native=pipe.assets.facts.default_size)
-    config = pipeline_config(pipeline_name, names, limits, outpaint=outpaint)
+    facts = pipe.assets.facts
+    settings = PipelineSettings(
+        architecture=facts.architecture, components=names, limits=limits,
+        outpaint=OutpaintSettings(native=facts.default_size),
+    )  # fmt: skip
+    config = pipeline_config(pipeline_name, settings)
     _write_config(staging / pipeline_name, to_pbtxt(config))
     _copy_model_py("pipeline", staging / pipeline_name / VERSION)
     pipe.assets.save(staging / pipeline_name / VERSION / ASSETS_DIR)

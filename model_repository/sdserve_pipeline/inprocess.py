@@ -13,10 +13,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION
 from sdserve_pipeline.components import ComponentSpec
-from sdserve_pipeline.onnx_runtime import create_session
+from sdserve_pipeline.onnx_runtime import RunnerSettings
 from sdserve_pipeline.ort_runner import OrtRunner
 from sdserve_pipeline.service import PipelineService
-from sdserve_pipeline.triton_params import flag
+from sdserve_protocol.settings import PipelineSettings
 
 
 def read_parameters(model_dir: Path) -> dict[str, str]:
@@ -30,16 +30,9 @@ def load_service(repository: str | Path, pipeline: str = "inpaint") -> PipelineS
     repository = Path(repository)
 
     def make_runner(spec: ComponentSpec, model_name: str) -> OrtRunner:
-        model_dir = repository / model_name
-        params = read_parameters(model_dir)
-        session = create_session(
-            model_dir / VERSION / params["onnx_file"],
-            intra_op_threads=int(params.get("intra_op_threads", "0")),
-            allow_spinning=flag(params, "allow_spinning", default=True),
-        )
-        return OrtRunner(spec, session)
+        settings = RunnerSettings.from_parameters(read_parameters(repository / model_name))
+        return OrtRunner(spec, settings.session(repository / model_name / VERSION))
 
     pipeline_dir = repository / pipeline
-    return PipelineService.from_parameters(
-        read_parameters(pipeline_dir), pipeline_dir / VERSION / ASSETS_DIR, make_runner
-    )
+    settings = PipelineSettings.from_parameters(read_parameters(pipeline_dir))
+    return PipelineService.from_settings(settings, pipeline_dir / VERSION / ASSETS_DIR, make_runner)

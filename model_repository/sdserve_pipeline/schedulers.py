@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import diffusers
@@ -19,7 +18,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from sdserve_client.rules import SCHEDULERS_PARAMETER, scheduler_names
+from sdserve_protocol.settings import SCHEDULER_NAMES
 
 # name → (class, config overrides), as `Class.from_config(checkpoint_config, **overrides)`.
 SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
@@ -35,32 +34,8 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
-SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
-
-
-def served_schedulers(params: Mapping[str, str]) -> tuple[str, ...]:
-    """The scheduler names a pipeline model accepts: its `schedulers` config parameter, or
-    every name of `SCHEDULER_NAMES` when the parameter is absent.
-
-    Args:
-        params: the pipeline config's parameters, {key: string value}.
-
-    Raises:
-        ValueError: the parameter lists no name, or a name not in `SCHEDULER_NAMES` (a
-            load-time error: the model does not load).
-    """
-    if SCHEDULERS_PARAMETER not in params:
-        return SCHEDULER_NAMES
-    value = params[SCHEDULERS_PARAMETER]
-    names = scheduler_names(value)
-    unknown = [name for name in names if name not in SCHEDULERS]
-    if unknown or not names:
-        problem = f"unknown {', '.join(unknown)}" if unknown else "no name"
-        raise ValueError(
-            f"parameter {SCHEDULERS_PARAMETER}: {value!r} lists {problem}; "
-            f"known: {', '.join(SCHEDULER_NAMES)} (absent: all of them)"
-        )
-    return names
+if tuple(SCHEDULERS) != SCHEDULER_NAMES:  # the names the protocol promises, each built here
+    raise ImportError(f"schedulers {tuple(SCHEDULERS)} differ from {SCHEDULER_NAMES}")
 
 
 def make_scheduler(name: str | None, checkpoint_config: dict[str, Any]) -> SchedulerMixin:

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdserve_client.rules import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
+from sdserve_protocol.auth import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
 
 ADMIN_KEY_ENV = "SDSERVE_ADMIN_KEY"
 ADMIN_KEY_FILE_ENV = "SDSERVE_ADMIN_KEY_FILE"

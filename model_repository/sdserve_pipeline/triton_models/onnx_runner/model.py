@@ -1,7 +1,7 @@
 """Triton Python-backend model: one exported component on ONNX Runtime.
 
 Generic: tensor names come from this model's config (generated from the component spec);
-the session from `sdserve_pipeline.onnx_runtime.create_session`.
+the session from its parameters (`sdserve_pipeline.onnx_runtime.RunnerSettings`).
 """
 
 import json
@@ -9,22 +9,15 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from sdserve_client.rules import config_parameters
-from sdserve_pipeline.onnx_runtime import create_session
-from sdserve_pipeline.triton_params import flag
+from sdserve_pipeline.onnx_runtime import RunnerSettings
+from sdserve_protocol.settings import config_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = config_parameters(config)
-        folder = Path(args["model_repository"]) / args["model_version"]
-        self.session = create_session(
-            folder / params["onnx_file"],
-            params["execution_providers"].split(","),
-            int(params.get("intra_op_threads", "0")),
-            flag(params, "allow_spinning", default=True),
-        )
+        settings = RunnerSettings.from_parameters(config_parameters(config))
+        self.session = settings.session(Path(args["model_repository"]) / args["model_version"])
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
 
