@@ -69,6 +69,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sdserve_client import GenerationRequest, InpaintClient, encode_request
+from sdserve_pipeline.batcher import generate_all
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.triton_server import TritonServer
@@ -348,12 +349,12 @@ def run_sweep(server: TritonServer, args: argparse.Namespace, mix: list[MixEntry
 
 
 def batch_ceiling(args: argparse.Namespace, mix: list[MixEntry], repeats: int = 3) -> dict:
-    """Our in-process loop denoising `max(concurrency)` mix requests as one batch."""
+    """Our in-process batcher denoising `max(concurrency)` mix requests as one batch."""
     service = load_service(args.repository)
     batch = max(args.concurrency)
-    wire = [(encode_request(r), None) for r in mix_requests(mix, batch, args.steps, args.seed)]
-    service.generate_many(wire)  # warm-up
-    best = min(timed(lambda: service.generate_many(wire)) for _ in range(repeats))
+    wire = [encode_request(r) for r in mix_requests(mix, batch, args.steps, args.seed)]
+    generate_all(service, wire)  # warm-up
+    best = min(timed(lambda: generate_all(service, wire)) for _ in range(repeats))
     return {"batch": batch, "seconds": best, "images_per_s": batch / best}
 
 

@@ -1,17 +1,20 @@
-"""Helpers shared by the tests: wire requests, a call spy over the loop's components, and
-tiny Triton Python models for launcher and security tests."""
+"""Helpers shared by the tests: wire requests, services with some runners or settings replaced
+(a call spy, a gated UNet), and tiny Triton Python models for launcher and security tests."""
 
 from __future__ import annotations
 
 import textwrap
+import threading
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from sdserve_pipeline.loop import InpaintLoop
+from sdserve_pipeline.generation import GenerationLoop
+from sdserve_pipeline.service import PipelineService
 
 PROMPT = "a red bicycle"
 ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
@@ -32,20 +35,57 @@ def wire(image=None, mask=None, **controls):
     return tensors
 
 
-class Spy:
-    """Records the rows of every call per component; `fail` makes a call raise."""
+WAIT_S = 300  # generous: only a hang fails on it, never a slow machine
 
-    def __init__(self, loop: InpaintLoop, fail=None) -> None:
+
+def variant(
+    service: PipelineService,
+    max_rows: Mapping[str, int] | None = None,
+    size_buckets: Sequence[tuple[int, int]] | None = None,
+    **runners,
+) -> PipelineService:
+    """A copy of `service` whose loop has some component runners (`unet=...`), its rows per
+    call or its size buckets replaced; the rest (limits, outpainting, schedulers) is kept."""
+    loop = service.loop
+    changed = GenerationLoop(
+        replace(loop.components, **runners), loop.assets, feather_radius=loop.feather_radius,
+        max_rows=loop.executor.max_rows if max_rows is None else max_rows,
+        size_buckets=loop.sizing.buckets if size_buckets is None else size_buckets,
+    )  # fmt: skip
+    return PipelineService(changed, service.limits, service.outpaint, service.schedulers)
+
+
+def gated_unet(service: PipelineService, gate: threading.Event, before=None, broken_height=0):
+    """A copy of `service` whose UNet calls first tell `before` (if given), then wait for
+    `gate`, and fail on latents `broken_height` high."""
+    unet = service.loop.components.unet
+
+    def gated(*inputs):
+        if before is not None:
+            before()
+        gate.wait(WAIT_S)
+        if inputs[0].shape[2] == broken_height:
+            raise RuntimeError("unet: engine lost")
+        return unet(*inputs)
+
+    return variant(service, unet=gated)
+
+
+class Spy:
+    """A copy of `service` recording the rows of every call per component; `fail(role, n)`
+    makes the n-th call of `role` raise; `settings` as `variant`'s."""
+
+    def __init__(self, service: PipelineService, fail=None, **settings) -> None:
         self.rows: dict[str, list[int]] = defaultdict(list)
         self._fail = fail or (lambda role, index: False)
+        components = service.loop.components
         wrapped = {
-            role: self._wrap(role, getattr(loop.components, role))
+            role: self._wrap(role, getattr(components, role))
             for role in ROLES
-            if getattr(loop.components, role) is not None
+            if getattr(components, role) is not None
         }
-        self.loop = InpaintLoop(
-            replace(loop.components, **wrapped), loop.assets, size_buckets=loop.size_buckets
-        )
+        self.service = variant(service, **settings, **wrapped)
+        self.loop = self.service.loop
 
     def _wrap(self, role, run):
         def call(*inputs):

@@ -6,19 +6,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from cases import make_case, max_abs
-from helpers import Spy, wire
+from helpers import WAIT_S, Spy, gated_unet, variant, wire
 
 from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
-from sdserve_pipeline.loop import Cancelled, InpaintLoop
+from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService
-
-WAIT_S = 300  # generous: only a hang fails on it, never a slow machine
 
 
 class Outcomes:
@@ -81,8 +78,7 @@ def spied_service(service: PipelineService, on_unet=None):
             on_unet(len(rows))
         return unet(*inputs)
 
-    loop = InpaintLoop(replace(service.loop.components, unet=spy), service.loop.assets)
-    return PipelineService(loop, service.limits, service.outpaint), rows
+    return variant(service, unet=spy), rows
 
 
 @pytest.fixture(scope="module")
@@ -122,16 +118,9 @@ def test_requests_arriving_in_one_turn_share_their_admission_and_decode_calls(se
     alone = [service.generate(r)["images"] for r in (first, *others)]
     outcomes = Outcomes()
     stepping, others_submitted = threading.Event(), threading.Event()
-    spy = Spy(service.loop)
-    unet = spy.loop.components.unet
-
-    def gated(*inputs):  # the first request's first step waits for the other two to arrive
-        stepping.set()
-        others_submitted.wait(WAIT_S)
-        return unet(*inputs)
-
-    loop = InpaintLoop(replace(spy.loop.components, unet=gated), service.loop.assets)
-    batcher = ContinuousBatcher(PipelineService(loop, service.limits, service.outpaint))
+    spy = Spy(service)
+    # the first request's first step waits for the other two to arrive
+    batcher = ContinuousBatcher(gated_unet(spy.service, others_submitted, before=stepping.set))
     try:
         batcher.submit(first, outcomes.callback("0"))
         assert stepping.wait(WAIT_S)
@@ -223,16 +212,8 @@ def test_requests_beyond_max_active_wait_and_beyond_the_queue_are_refused(servic
     outcomes = Outcomes()
     observed = Recorder()
     stepping, release = threading.Event(), threading.Event()
-    unet = service.loop.components.unet
-
-    def gated(*inputs):  # the first request holds the batch until every submit is done
-        stepping.set()
-        release.wait(WAIT_S)
-        return unet(*inputs)
-
-    loop = InpaintLoop(replace(service.loop.components, unet=gated), service.loop.assets)
     batcher = ContinuousBatcher(
-        PipelineService(loop, service.limits, service.outpaint),
+        gated_unet(service, release, before=stepping.set),  # the first holds the batch
         max_active=1,
         max_queued=1,
         observer=observed,
@@ -295,15 +276,7 @@ def test_a_request_waiting_past_its_queue_timeout_is_answered_unstarted(service,
     image, mask = case
     outcomes = Outcomes()
     release = threading.Event()
-    unet = service.loop.components.unet
-
-    def gated(*inputs):
-        release.wait(WAIT_S)
-        return unet(*inputs)
-
-    loop = InpaintLoop(replace(service.loop.components, unet=gated), service.loop.assets)
-    spy = PipelineService(loop, service.limits, service.outpaint)
-    batcher = ContinuousBatcher(spy, max_active=1, queue_timeout_s=WAIT_S)
+    batcher = ContinuousBatcher(gated_unet(service, release), max_active=1, queue_timeout_s=WAIT_S)
     cancelled = threading.Event()
     try:
         batcher.submit(wire(image, mask, steps=2, seed=1), outcomes.callback("running"))
@@ -337,9 +310,8 @@ def test_a_failing_unet_call_fails_its_requests_only(service, case):
             raise RuntimeError("unet: engine lost")
         return unet(*inputs)
 
-    loop = InpaintLoop(replace(service.loop.components, unet=broken_for_tall), service.loop.assets)
     outcomes = Outcomes()
-    batcher = ContinuousBatcher(PipelineService(loop, service.limits, service.outpaint))
+    batcher = ContinuousBatcher(variant(service, unet=broken_for_tall))
     try:
         batcher.submit(wire(tall, tall_mask, steps=3, seed=2), outcomes.callback("tall"))
         batcher.submit(good, outcomes.callback("good"))
@@ -399,26 +371,12 @@ def test_close_finishes_what_was_submitted_then_refuses(service):
 # --- every outcome counted; outstanding steps; admission by memory ----------------------------
 
 
-def gated_service(service: PipelineService, gate: threading.Event, broken_height: int = 0):
-    """The demo service whose UNet waits for `gate` and fails on latents `broken_height` high."""
-    unet = service.loop.components.unet
-
-    def gated(*inputs):
-        gate.wait(WAIT_S)
-        if inputs[0].shape[2] == broken_height:
-            raise RuntimeError("unet: engine lost")
-        return unet(*inputs)
-
-    loop = InpaintLoop(replace(service.loop.components, unet=gated), service.loop.assets)
-    return PipelineService(loop, service.limits, service.outpaint)
-
-
 def test_every_request_is_counted_once_with_its_outcome(service, case):
     image, mask = case
     tall, tall_mask = make_case(96, 64, seed=4)
     outcomes, observed, gate, cancel = Outcomes(), Recorder(), threading.Event(), threading.Event()
     batcher = ContinuousBatcher(
-        gated_service(service, gate, broken_height=12),  # 96 px / 8
+        gated_unet(service, gate, broken_height=12),  # 96 px / 8
         max_active=1, max_queued=2, queue_timeout_s=WAIT_S, observer=observed,
     )  # fmt: skip
     try:
@@ -511,7 +469,7 @@ def test_a_request_past_the_memory_budget_is_refused_at_once_with_the_numbers(se
     one = probe.memory.request_bytes_of(service, service.parse(small))
     outcomes, observed, gate = Outcomes(), Recorder(), threading.Event()
     batcher = ContinuousBatcher(
-        gated_service(service, gate), memory_budget=int(1.5 * one), observer=observed
+        gated_unet(service, gate), memory_budget=int(1.5 * one), observer=observed
     )
     try:
         batcher.submit(small, outcomes.callback("first"))

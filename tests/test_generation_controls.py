@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
-from helpers import wire
+from helpers import Spy, wire
 
+from sdserve_pipeline.batcher import generate_all
 from sdserve_pipeline.inprocess import load_service
 from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES, SCHEDULERS, make_scheduler
@@ -71,17 +71,11 @@ def test_strength_matches_diffusers(service, diffusers_pipe, strength):
 
 def test_guidance_at_most_one_skips_cfg_like_diffusers(service, diffusers_pipe):
     image, mask = make_case(64, 64, seed=8)
-    calls = []
-    real = service.loop.components
-    unet = real.unet
-    service.loop.components = replace(real, unet=lambda *x: calls.append(x[0].shape[0]) or unet(*x))
-    try:
-        ours = service.generate(wire(image, mask, steps=6, seed=4, guidance_scale=1.0))["images"][0]
-    finally:
-        service.loop.components = real
-    assert calls and set(calls) == {1}  # one UNet pass on batch 1 per timestep
+    spy = Spy(service)
+    ours = spy.service.generate(wire(image, mask, steps=6, seed=4, guidance_scale=1.0))
+    assert spy.rows["unet"] and set(spy.rows["unet"]) == {1}  # one pass on batch 1 per step
     reference = diffusers_inpaint(diffusers_pipe, image, mask, seed=4, steps=6, guidance_scale=1.0)
-    assert max_abs(ours, reference) <= 2
+    assert max_abs(ours["images"][0], reference) <= 2
 
 
 def test_num_images_each_equals_diffusers_with_its_own_seed(service, diffusers_pipe):
@@ -141,15 +135,9 @@ def test_batched_requests_respect_the_unet_row_limit_and_match_alone(service):
     image, mask = make_case(64, 64, seed=5)
     requests = [wire(image, mask, steps=4, seed=s, scheduler="euler") for s in (1, 2, 3)]
     alone = [service.generate(r)["images"] for r in requests]
-    rows: list[int] = []
-    real = service.loop.components
-    unet = real.unet
-    service.loop.components = replace(real, unet=lambda *x: rows.append(x[0].shape[0]) or unet(*x))
-    service.loop.max_rows = {"unet": 4}
-    try:
-        together = service.generate_many([(r, None) for r in requests])
-    finally:
-        service.loop.components, service.loop.max_rows = real, {}
-    assert max(rows) == 4 and 2 in rows  # [2 jobs x CFG] then [1 job x CFG], per step
+    spy = Spy(service, max_rows={"unet": 4})
+    together = generate_all(spy.service, requests)
+    rows = spy.rows["unet"]
+    assert rows == [4, 2] * 4  # [2 jobs x CFG] then [1 job x CFG], per step
     for single, batched in zip(alone, together, strict=True):
         assert max_abs(single, batched["images"]) == 0

@@ -3,7 +3,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sdserve_pipeline.images import composite, feather_alpha, pad_to, padded_size
+from sdserve_pipeline.images import composite, feather_alpha, pad_to
+from sdserve_pipeline.sizing import padded_size
 
 
 @given(st.integers(1, 3000), st.integers(1, 3000), st.sampled_from([8, 16, 64]))

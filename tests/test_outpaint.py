@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 from cases import diffusers_inpaint, make_case, max_abs
+from helpers import variant
 
 from sdserve_client.canvas import Extension, build_canvas
 from sdserve_pipeline.outpaint import OutpaintSettings
@@ -52,31 +51,23 @@ def test_user_mask_on_the_original_is_regenerated_too(service):
 
 
 def test_large_extension_runs_in_bands_of_bounded_size(service):
-    banded = PipelineService(service.loop, service.limits, OutpaintSettings(native=64, context=16))
     shapes: list[tuple[int, ...]] = []
-    real = service.loop.components
-    unet = real.unet
-    loop = replace_components(banded, shapes, unet)
-    try:
-        image, _ = make_case(64, 64, seed=6)
-        out = banded.generate(wire(image, (64, 64, 64, 64), steps=2))["images"]
-    finally:
-        loop.components = real
+    unet = service.loop.components.unet
+
+    def spy(*inputs):
+        shapes.append(tuple(inputs[0].shape))
+        return unet(*inputs)
+
+    loop = variant(service, unet=spy).loop
+    banded = PipelineService(loop, service.limits, OutpaintSettings(native=64, context=16))
+    image, _ = make_case(64, 64, seed=6)
+    out = banded.generate(wire(image, (64, 64, 64, 64), steps=2))["images"]
     assert out.shape == (1, 192, 192, 3)
     overlap = banded.outpaint.overlap
     inner = slice(64 + overlap, 128 - overlap)
     np.testing.assert_array_equal(out[0, inner, inner], image[overlap:-overlap, overlap:-overlap])
     assert len(shapes) > 2 * 4  # several bands, 2+ steps each
     assert max(s[2] for s in shapes) * 8 <= 64 and max(s[3] for s in shapes) * 8 <= 64
-
-
-def replace_components(service, shapes, unet):
-    def spy(*inputs):
-        shapes.append(tuple(inputs[0].shape))
-        return unet(*inputs)
-
-    service.loop.components = replace(service.loop.components, unet=spy)
-    return service.loop
 
 
 @pytest.mark.parametrize("extension", [(-1, 0, 0, 0), (0, 0, 0, 0), (5000, 0, 0, 0)])

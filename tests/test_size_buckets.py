@@ -1,6 +1,6 @@
 """Size buckets: requests snapped to the static sizes TensorRT engines serve.
 
-Pure snapping logic (`sdserve_pipeline.images`), the loop with buckets on the tiny demo
+Pure snapping logic (`sdserve_pipeline.sizing`), the loop with buckets on the tiny demo
 pipeline in-process (outputs keep the request's exact size; a request that already is a
 bucket gives what it gives without buckets), oversized requests rejected, and outpainting
 bands planned to fit the buckets.
@@ -17,23 +17,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdserve_client.canvas import Extension, build_canvas, plan_bands
-from sdserve_pipeline.images import (
-    SizeBucketError,
-    check_size_buckets,
-    format_size_buckets,
-    largest_square_side,
-    pad_to,
-    padded_size,
-    parse_size_buckets,
-    snap_to_bucket,
-)
-from sdserve_pipeline.loop import InpaintLoop
+from sdserve_pipeline.generation import GenerationLoop
+from sdserve_pipeline.images import pad_to
 from sdserve_pipeline.outpaint import OutpaintSettings, band_side, outpaint
 from sdserve_pipeline.request import GenerationParams, Limits, RequestError
 from sdserve_pipeline.service import PipelineService
+from sdserve_pipeline.sizing import (
+    SizeBucketError,
+    check_size_buckets,
+    largest_square_side,
+    padded_size,
+    snap_to_bucket,
+)
+from sdserve_protocol.sizes import SizeBucket, format_buckets, parse_buckets
 
 # (height, width) buckets for the tiny demo (native 128²), as a TensorRT variant would have.
-BUCKETS = ((64, 64), (96, 128), (128, 128))
+BUCKETS = check_size_buckets(((64, 64), (96, 128), (128, 128)), 8)
 STEPS = 3
 
 grid_side = st.integers(1, 40).map(lambda n: 8 * n)
@@ -44,16 +43,14 @@ bucket_lists = st.lists(st.tuples(grid_side, grid_side), min_size=1, max_size=8)
 
 
 def test_parse_and_format_round_trip_in_width_x_height() -> None:
-    assert parse_size_buckets("1152x896, 512x512,512x512,") == ((512, 512), (896, 1152))
-    assert parse_size_buckets("") == parse_size_buckets(" , ") == ()
-    assert format_size_buckets([(896, 1152), (512, 512)]) == "512x512,1152x896"
+    assert parse_buckets("1152x896, 512x512,512x512,") == ((512, 512), (896, 1152))
+    assert parse_buckets("") == parse_buckets(" , ") == ()
+    assert format_buckets([SizeBucket(896, 1152), SizeBucket(512, 512)]) == "512x512,1152x896"
     text = "1024x1024,1152x896,896x1152,1536x640"
-    assert parse_size_buckets(format_size_buckets(parse_size_buckets(text))) == (
-        parse_size_buckets(text)
-    )
+    assert parse_buckets(format_buckets(parse_buckets(text))) == parse_buckets(text)
     for bad in ("512", "512x", "x512", "0x512", "512x-8", "512*512"):
         with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-            parse_size_buckets(bad)
+            parse_buckets(bad)
 
 
 def test_buckets_must_lie_on_the_latent_grid() -> None:
@@ -90,7 +87,7 @@ def test_snap_picks_the_smallest_bucket_containing_the_request(
 
 
 def test_snap_examples_and_ties() -> None:
-    sdxl = parse_size_buckets("1024x1024,1152x896,896x1152,1216x832,832x1216")
+    sdxl = parse_buckets("1024x1024,1152x896,896x1152,1216x832,832x1216")
     assert snap_to_bucket(1024, 1024, sdxl, 8) == (1024, 1024)  # a bucket snaps to itself
     assert snap_to_bucket(850, 1100, sdxl, 8) == (896, 1152)  # landscape 1152x896
     assert snap_to_bucket(1100, 850, sdxl, 8) == (1152, 896)  # portrait 896x1152
@@ -112,9 +109,9 @@ def test_largest_square_side() -> None:
 
 
 @pytest.fixture(scope="module")
-def bucketed(service) -> InpaintLoop:
+def bucketed(service) -> GenerationLoop:
     loop = service.loop
-    return InpaintLoop(
+    return GenerationLoop(
         loop.components, loop.assets, feather_radius=loop.feather_radius, size_buckets=BUCKETS
     )
 
@@ -129,22 +126,22 @@ def _txt2img(height: int, width: int) -> GenerationParams:
     return GenerationParams(prompt="a lighthouse", height=height, width=width, seed=3, steps=STEPS)
 
 
-def _spy_sizes(loop: InpaintLoop, monkeypatch) -> list[tuple[int, int]]:
+def _spy_sizes(loop: GenerationLoop, monkeypatch) -> list[tuple[int, int]]:
     sizes: list[tuple[int, int]] = []
-    original = loop.generation_size
+    original = loop.sizing.generation_size
 
     def spy(params: GenerationParams) -> tuple[int, int]:
         sizes.append(original(params))
         return sizes[-1]
 
-    monkeypatch.setattr(loop, "generation_size", spy)
+    monkeypatch.setattr(loop.sizing, "generation_size", spy)
     return sizes
 
 
 @pytest.mark.parametrize("make", [_inpaint, _txt2img], ids=["inpaint", "txt2img"])
 @pytest.mark.parametrize("size", [(128, 128), (96, 128)])
 def test_a_bucket_sized_request_equals_the_unbucketed_run(
-    service, bucketed: InpaintLoop, make, size: tuple[int, int]
+    service, bucketed: GenerationLoop, make, size: tuple[int, int]
 ) -> None:
     params = make(*size)
     assert np.array_equal(bucketed(params), service.loop(params))
@@ -152,7 +149,7 @@ def test_a_bucket_sized_request_equals_the_unbucketed_run(
 
 @pytest.mark.parametrize("make", [_inpaint, _txt2img], ids=["inpaint", "txt2img"])
 def test_other_sizes_run_at_the_bucket_and_come_back_at_their_own_size(
-    service, bucketed: InpaintLoop, make, monkeypatch
+    service, bucketed: GenerationLoop, make, monkeypatch
 ) -> None:
     params = make(50, 70)  # (height, width): fits 96x128 (not 64x64), smaller than 128²
     if params.image is not None:
@@ -173,7 +170,7 @@ def test_other_sizes_run_at_the_bucket_and_come_back_at_their_own_size(
     assert np.array_equal(images, service.loop(padded)[:, :50, :70])
 
 
-def test_kept_pixels_stay_identical_with_buckets(bucketed: InpaintLoop) -> None:
+def test_kept_pixels_stay_identical_with_buckets(bucketed: GenerationLoop) -> None:
     params = _inpaint(50, 70, num_images=2)
     images = bucketed(params)
     assert images.shape == (2, 50, 70, 3)
@@ -183,7 +180,7 @@ def test_kept_pixels_stay_identical_with_buckets(bucketed: InpaintLoop) -> None:
 
 def test_sdxl_loop_with_buckets_keeps_the_request_size(xl_service, monkeypatch) -> None:
     loop = xl_service.loop
-    bucketed = InpaintLoop(loop.components, loop.assets, size_buckets=BUCKETS)
+    bucketed = GenerationLoop(loop.components, loop.assets, size_buckets=BUCKETS)
     params = replace(_inpaint(128, 128), strength=loop.facts.default_strength)
     assert np.array_equal(bucketed(params), loop(params))  # time ids: the bucket = the request
     sizes = _spy_sizes(bucketed, monkeypatch)
@@ -200,10 +197,10 @@ def test_sdxl_loop_with_buckets_keeps_the_request_size(xl_service, monkeypatch) 
     ],
 )
 def test_requests_larger_than_every_bucket_are_rejected(
-    bucketed: InpaintLoop, params: GenerationParams, name: str
+    bucketed: GenerationLoop, params: GenerationParams, name: str
 ) -> None:
     with pytest.raises(RequestError, match=r"fits no size bucket.*largest is 128x128") as info:
-        bucketed.check_size(params)
+        bucketed.sizing.check(params)
     assert info.value.name == name
     with pytest.raises(RequestError):
         bucketed(params)  # and never reach a model call
@@ -228,8 +225,8 @@ def _wire(params: GenerationParams) -> dict[str, np.ndarray]:
 
 
 def test_without_buckets_any_size_is_served(service) -> None:
-    assert service.loop.size_buckets == ()
-    service.loop.check_size(_txt2img(136, 200))  # no bucket, no limit but the pixel limit
+    assert service.loop.sizing.buckets == ()
+    service.loop.sizing.check(_txt2img(136, 200))  # no bucket, no limit but the pixel limit
 
 
 # ------------------------------------------------------------------------- outpainting
@@ -246,9 +243,9 @@ def test_band_side_fits_a_bucket(native: int, buckets: list[tuple[int, int]]) ->
 
 def test_band_side_is_native_when_the_native_square_is_a_bucket() -> None:
     # the GPU repository always adds the checkpoint's own square: nothing changes there
-    assert band_side(1024, parse_size_buckets("1024x1024,1536x640,640x1536")) == 1024
-    assert band_side(512, parse_size_buckets("512x512,768x768,768x512")) == 512
-    assert band_side(1024, parse_size_buckets("1216x832,832x1216")) == 832
+    assert band_side(1024, parse_buckets("1024x1024,1536x640,640x1536")) == 1024
+    assert band_side(512, parse_buckets("512x512,768x768,768x512")) == 512
+    assert band_side(1024, parse_buckets("1216x832,832x1216")) == 832
 
 
 @pytest.mark.parametrize("native", [128, 96])
@@ -263,14 +260,14 @@ def test_every_planned_band_snaps_to_a_bucket(native: int) -> None:
 
 
 def test_outpainting_with_buckets_runs_every_band_at_a_bucket(
-    bucketed: InpaintLoop, monkeypatch
+    bucketed: GenerationLoop, monkeypatch
 ) -> None:
     image, _ = make_case(64, 80, seed=5)
     params = GenerationParams(
         prompt="a wide landscape", height=64 + 24 + 40, width=80 + 48 + 40, seed=11,
         steps=STEPS, image=image, outpaint=(48, 24, 40, 40),
     )  # fmt: skip
-    bucketed.check_size(params)  # the canvas (128x168) fits no bucket; its bands do
+    bucketed.sizing.check(params)  # the canvas (128x168) fits no bucket; its bands do
     sizes = _spy_sizes(bucketed, monkeypatch)
     # native 160 > every bucket's square: bands are capped to 128, the largest square
     out = outpaint(bucketed, params, OutpaintSettings(native=160, overlap=8, context=32))

@@ -5,7 +5,7 @@ One worker thread owns the denoising loop. Each turn it
 1. admits the requests that arrived since the last turn (prompt encoding, latents: their
    text-encoder and VAE-encoder calls batched),
 2. runs one denoising step of every admitted request (one UNet call per latent size, split
-   at the loop's `max_rows["unet"]`; requests may be at different steps of different
+   at the executor's `max_rows["unet"]`; requests may be at different steps of different
    schedules: timesteps are per row),
 3. answers the requests that are done (one VAE-decoder call per latent size, composite)
    or cancelled.
@@ -39,22 +39,24 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+import numpy.typing as npt
 
 from sdserve_pipeline.admission import MemoryBudget, MemoryModel, denoising_steps
-from sdserve_pipeline.loop import Cancelled, Job
+from sdserve_pipeline.executor import Cancelled
+from sdserve_pipeline.generation import Job
 from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
 from sdserve_pipeline.request import GenerationParams
 from sdserve_pipeline.service import PipelineService, wire_outputs
 
-__all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout"]
+__all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout", "generate_all"]
 
 # Receives a request's wire outputs, or the exception that ended it. Called exactly once.
-Done = Callable[[dict[str, np.ndarray] | Exception], None]
+Done = Callable[[dict[str, npt.NDArray[Any]] | Exception], None]
 
 
 @dataclass(eq=False)
@@ -132,7 +134,7 @@ class ContinuousBatcher:
 
     def submit(
         self,
-        inputs: Mapping[str, np.ndarray],
+        inputs: Mapping[str, npt.NDArray[Any]],
         done: Done,
         is_cancelled: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
@@ -301,25 +303,29 @@ class ContinuousBatcher:
     def _turn(self, arrived: list[_Request]) -> int:
         """Admit, step, answer the finished; returns how many were answered."""
         loop = self.service.loop
+        run = loop.executor.run_plans  # merges the calls the plans ask for at the same time
         # 1. Admit the newcomers: prompt encoding and latents (text-encoder and VAE-encoder
         #    calls batched across them)
-        started = loop.start_many([(r.params, r.is_cancelled) for r in arrived])
+        started = run([loop.start_plan(r.params) for r in arrived])
         for request, job in zip(arrived, started, strict=True):
             if isinstance(job, Exception):
                 self._finish(request, job)  # this request fails, not the rest
             else:
                 request.job = job
                 self._active.append(request)
-        # 2. One denoising step of every request still wanted
+        # 2. One denoising step of every request still wanted (one UNet call per latent size;
+        #    a failed call fails only the requests in it)
         for request in [r for r in self._active if r.is_cancelled()]:
             self._finish(request, Cancelled())
-        failed = loop.step_all([self._job(r) for r in self._active])
-        for request in [r for r in self._active if id(r.job) in failed]:
-            self._finish(request, failed[id(request.job)])
+        stepping = list(self._active)
+        stepped = run([loop.step_plan(self._job(r)) for r in stepping])
+        for request, outcome in zip(stepping, stepped, strict=True):
+            if isinstance(outcome, Exception):
+                self._finish(request, outcome)
         self._set_steps_left([(r, _steps_left(self._job(r))) for r in self._active])
         # 3. Decode (one VAE-decoder call per latent size) and answer the finished requests
         done = [r for r in self._active if self._job(r).finished]
-        decoded = loop.finish_many([self._job(r) for r in done])
+        decoded = run([loop.finish_plan(self._job(r)) for r in done])
         for request, images in zip(done, decoded, strict=True):
             if isinstance(images, Exception):
                 self._finish(request, images)
@@ -333,7 +339,7 @@ class ContinuousBatcher:
             raise RuntimeError("request was not admitted")
         return request.job
 
-    def _finish(self, request: _Request, outcome: dict[str, np.ndarray] | Exception) -> None:
+    def _finish(self, request: _Request, outcome: dict[str, npt.NDArray[Any]] | Exception) -> None:
         """Answer a request once and free its slot."""
         if request.answered:
             return
@@ -366,7 +372,7 @@ class ContinuousBatcher:
             self._dequeued(request, now)
             if now > request.deadline:
                 raise QueueTimeout()
-            outcome: dict[str, np.ndarray] | Exception = self.service.outpaint_request(
+            outcome: dict[str, npt.NDArray[Any]] | Exception = self.service.outpaint_request(
                 request.params, step_then_check
             )
         except Exception as err:  # noqa: BLE001
@@ -375,7 +381,7 @@ class ContinuousBatcher:
         self._answer(request.done, outcome, request.queued_at)
 
     def _answer(
-        self, done: Done, outcome: dict[str, np.ndarray] | Exception, taken_at: float
+        self, done: Done, outcome: dict[str, npt.NDArray[Any]] | Exception, taken_at: float
     ) -> None:
         """Report the outcome, then hand it to `done` (once per request)."""
         self._observe(self._observer.answered, outcome_of(outcome), time.monotonic() - taken_at)
@@ -388,3 +394,40 @@ class ContinuousBatcher:
 def _steps_left(job: Job) -> int:
     """Denoising steps (UNet evaluations) left on a running job's schedule."""
     return len(job.timesteps) - job.index
+
+
+def generate_all(
+    service: PipelineService, requests: Sequence[Mapping[str, npt.NDArray[Any]]], **options: Any
+) -> list[dict[str, npt.NDArray[Any]] | Exception]:
+    """Serve wire requests through a `ContinuousBatcher` as if they all arrived at once, and
+    wait for every answer: each request's wire outputs, or the exception that ended it.
+
+    Every request is taken before the worker's first turn, so up to `max_active` (default:
+    all of them) are admitted and denoised together. Tests and the benchmark ceiling use it,
+    so the code that serves is the code they check and measure.
+
+    Args:
+        options: `ContinuousBatcher` arguments (default: room for every request, no queue
+            timeout).
+    """
+    outcomes: list[dict[str, npt.NDArray[Any]] | Exception] = [
+        RuntimeError("the batcher never answered") for _ in requests
+    ]
+
+    def answer(i: int) -> Done:
+        def done(outcome: dict[str, npt.NDArray[Any]] | Exception) -> None:
+            outcomes[i] = outcome
+
+        return done
+
+    settings: dict[str, Any] = {
+        "max_active": max(1, len(requests)), "max_queued": len(requests), "queue_timeout_s": 0,
+    }  # fmt: skip
+    batcher = ContinuousBatcher(service, **(settings | options))
+    try:
+        with batcher._wake:  # the worker waits for this lock: one turn sees every request
+            for i, inputs in enumerate(requests):
+                batcher.submit(inputs, answer(i))
+    finally:
+        batcher.close()  # finishes every request submitted
+    return outcomes

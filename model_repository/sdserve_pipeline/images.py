@@ -7,11 +7,11 @@ and outputs quantised exactly as diffusers does.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter
@@ -39,110 +39,14 @@ class Processors:
         )
 
 
-def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
-    """The smallest (height, width) >= the given one whose sides are multiples of `multiple`."""
-    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
-
-
-# A size bucket as the pipeline uses it: (height, width) in pixels. On the wire (the
-# `size_buckets` config parameter) buckets are written `WIDTHxHEIGHT`, as TensorRT plan
-# names and `sdserve_export.tensorrt_engines.SizeBucket.name` write them.
-Bucket = tuple[int, int]
-
-
-class SizeBucketError(ValueError):
-    """A request larger than every size bucket the model serves."""
-
-
-def parse_size_buckets(text: str) -> tuple[Bucket, ...]:
-    """The `size_buckets` parameter → sorted unique (height, width) buckets.
-
-    Args:
-        text: comma-separated `WIDTHxHEIGHT` sizes, e.g. `"512x512,1152x896"`; empty (or
-            only blanks) means no buckets: requests are padded to the latent grid only.
-
-    Raises:
-        ValueError: an entry is not `WIDTHxHEIGHT` with positive sides.
-    """
-    buckets = set()
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        width, sep, height = part.lower().partition("x")
-        if not (sep and width.isdigit() and height.isdigit() and int(width) and int(height)):
-            raise ValueError(f"size bucket {part!r} is not WIDTHxHEIGHT, e.g. '1152x896'")
-        buckets.add((int(height), int(width)))
-    return tuple(sorted(buckets))
-
-
-def format_size_buckets(buckets: Iterable[Bucket]) -> str:
-    """(height, width) buckets → the `size_buckets` parameter (`WIDTHxHEIGHT,...`, sorted)."""
-    return ",".join(f"{width}x{height}" for height, width in sorted(set(buckets)))
-
-
-def check_size_buckets(buckets: Iterable[Bucket], multiple: int) -> tuple[Bucket, ...]:
-    """Sorted unique buckets, each side a positive multiple of `multiple` (the VAE scale).
-
-    Raises:
-        ValueError: a bucket off the latent grid (a load-time problem of the model config).
-    """
-    checked = tuple(sorted({(int(h), int(w)) for h, w in buckets}))
-    for height, width in checked:
-        if height < 1 or width < 1 or height % multiple or width % multiple:
-            raise ValueError(
-                f"size bucket {width}x{height} (WIDTHxHEIGHT) is not a positive multiple of "
-                f"the VAE scale factor {multiple}"
-            )
-    return checked
-
-
-def snap_to_bucket(
-    height: int, width: int, buckets: Sequence[Bucket], multiple: int
-) -> tuple[int, int]:
-    """The (height, width) a request is generated at.
-
-    Without buckets: the request padded to a multiple of `multiple` (`padded_size`). With
-    buckets: the smallest bucket containing the request (both sides >=); among those of
-    equal area, the one closest to the request's aspect ratio, then the lower one. The
-    request is padded to it with `pad_to` and the output cropped back.
-
-    Args:
-        height: request height in pixels.
-        width: request width in pixels.
-        buckets: (height, width) sizes the model serves (see `check_size_buckets`); empty
-            for any size.
-        multiple: the latent grid (VAE scale factor), used without buckets.
-
-    Raises:
-        SizeBucketError: the request is larger than every bucket.
-    """
-    if not buckets:
-        return padded_size(height, width, multiple)
-    fitting = [(h, w) for h, w in buckets if h >= height and w >= width]
-    if not fitting:
-        largest_h, largest_w = max(buckets, key=lambda b: (b[0] * b[1], b))
-        listed = format_size_buckets(buckets).replace(",", ", ")
-        raise SizeBucketError(
-            f"height {height}, width {width} fits no size bucket of this model; the largest "
-            f"is {largest_w}x{largest_h} (WIDTHxHEIGHT; buckets: {listed})"
-        )
-    aspect = math.log(height / width)
-    return min(fitting, key=lambda b: (b[0] * b[1], abs(math.log(b[0] / b[1]) - aspect), b))
-
-
-def largest_square_side(buckets: Iterable[Bucket]) -> int:
-    """Side of the largest square that fits in some bucket (0 without buckets)."""
-    return max((min(height, width) for height, width in buckets), default=0)
-
-
-def pad_to(array: np.ndarray, height: int, width: int) -> np.ndarray:
+def pad_to(array: npt.NDArray[Any], height: int, width: int) -> npt.NDArray[Any]:
     """Pad an (H, W[, C]) array at the bottom/right to (height, width) by repeating its edge."""
     pad = [(0, height - array.shape[0]), (0, width - array.shape[1])]
     pad += [(0, 0)] * (array.ndim - 2)
     return np.pad(array, pad, mode="edge") if any(p[1] for p in pad) else array
 
 
-def preprocess_image(processors: Processors, image: np.ndarray) -> torch.Tensor:
+def preprocess_image(processors: Processors, image: npt.NDArray[np.uint8]) -> torch.Tensor:
     """(H, W, 3) uint8 → (1, 3, H, W) float32 in [-1, 1], as diffusers' `image_processor`."""
     height, width = image.shape[:2]
     pil = Image.fromarray(image, mode="RGB")
@@ -150,19 +54,21 @@ def preprocess_image(processors: Processors, image: np.ndarray) -> torch.Tensor:
     return out.to(dtype=torch.float32)
 
 
-def preprocess_mask(processors: Processors, mask: np.ndarray) -> torch.Tensor:
+def preprocess_mask(processors: Processors, mask: npt.NDArray[np.uint8]) -> torch.Tensor:
     """(H, W) uint8 → (1, 1, H, W) float32 of {0, 1}, as diffusers' `mask_processor`."""
     height, width = mask.shape
     return processors.mask.preprocess(Image.fromarray(mask, mode="L"), height=height, width=width)
 
 
-def postprocess(processors: Processors, decoded: torch.Tensor) -> np.ndarray:
+def postprocess(processors: Processors, decoded: torch.Tensor) -> npt.NDArray[np.uint8]:
     """(N, 3, H, W) VAE output → (N, H, W, 3) uint8, quantised as diffusers' PIL output."""
-    images = processors.image.postprocess(decoded, output_type="np")  # (N, H, W, 3) in [0, 1]
+    images = cast(
+        npt.NDArray[np.float32], processors.image.postprocess(decoded, output_type="np")
+    )  # in [0, 1]
     return (images * 255).round().astype(np.uint8)
 
 
-def feather_alpha(mask: np.ndarray, radius: int) -> np.ndarray:
+def feather_alpha(mask: npt.NDArray[np.uint8], radius: int) -> npt.NDArray[np.float32]:
     """Blend weight of generated pixels: 0 outside the mask, ramping to 1 inside it.
 
     The ramp lies entirely inside the mask (erode, then blur, then cut at the mask), so
@@ -182,7 +88,11 @@ def feather_alpha(mask: np.ndarray, radius: int) -> np.ndarray:
     return np.where(binary, alpha, 0.0).astype(np.float32)
 
 
-def composite(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def composite(
+    original: npt.NDArray[np.uint8],
+    generated: npt.NDArray[np.uint8],
+    alpha: npt.NDArray[np.float32],
+) -> npt.NDArray[np.uint8]:
     """Paste `original` back where alpha is 0, blend where 0 < alpha < 1.
 
     Args:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 
 from sdserve_client.canvas import (
     Extension,
@@ -28,9 +29,11 @@ from sdserve_client.canvas import (
     plan_bands,
     seam_alpha,
 )
-from sdserve_pipeline.images import Bucket, composite, largest_square_side
-from sdserve_pipeline.loop import InpaintLoop
+from sdserve_pipeline.generation import GenerationLoop
+from sdserve_pipeline.images import composite
 from sdserve_pipeline.request import GenerationParams
+from sdserve_pipeline.sizing import largest_square_side
+from sdserve_protocol.sizes import SizeBucket
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class OutpaintSettings:
 LATENT_GRID = 8  # `plan_bands` needs a band side that is a multiple of 8
 
 
-def band_side(native: int, buckets: Sequence[Bucket]) -> int:
+def band_side(native: int, buckets: Sequence[SizeBucket]) -> int:
     """The largest band side: `native`, capped so that a square band fits a size bucket.
 
     Every band is at most `band_side` pixels on each side, so each fits the bucket holding
@@ -59,7 +62,7 @@ def band_side(native: int, buckets: Sequence[Bucket]) -> int:
 
     Args:
         native: the configured band size (`OutpaintSettings.native`), a multiple of 8.
-        buckets: the loop's (height, width) size buckets; empty means no cap.
+        buckets: the loop's size buckets; empty means no cap.
 
     Raises:
         ValueError: no bucket holds even an 8x8 square.
@@ -74,22 +77,23 @@ def band_side(native: int, buckets: Sequence[Bucket]) -> int:
 
 
 def band_windows(
-    known: np.ndarray, settings: OutpaintSettings, buckets: Sequence[Bucket]
+    known: npt.NDArray[np.bool_], settings: OutpaintSettings, buckets: Sequence[SizeBucket]
 ) -> list[Window]:
     """The bands that generate a canvas whose `known` pixels (H', W') are kept: each at most
     `band_side` on a side (so it fits a size bucket), reaching `context` pixels (at most a
     quarter of a band: a band is mostly new pixels) into what is known by its turn."""
     native = band_side(settings.native, buckets)
     context = min(settings.context, native // 4)
-    return plan_bands(known.shape[0], known.shape[1], known, native, context)
+    windows: list[Window] = plan_bands(known.shape[0], known.shape[1], known, native, context)
+    return windows
 
 
 def outpaint(
-    loop: InpaintLoop,
+    loop: GenerationLoop,
     params: GenerationParams,
     settings: OutpaintSettings,
     is_cancelled: Callable[[], bool] | None = None,
-) -> np.ndarray:
+) -> npt.NDArray[np.uint8]:
     """Extend `params.image` by `params.outpaint`: (N, H', W', 3) uint8."""
     if params.image is None or params.outpaint is None:
         raise ValueError("outpaint needs an image and an extension")
@@ -100,7 +104,7 @@ def outpaint(
         fill=settings.fill,
         user_mask=params.mask,
     )
-    windows = band_windows(canvas.known, settings, loop.size_buckets)
+    windows = band_windows(canvas.known, settings, loop.sizing.buckets)
     images = []
     for seed in params.seeds:
         one = replace(params, seed=seed, num_images=1, preserve_unmasked=False, outpaint=None)
@@ -119,7 +123,7 @@ def outpaint(
                 state[window.slices][regenerated] = generated[regenerated]
             known[window.slices] = True
         images.append(state)
-    out = np.stack(images)  # (N, H', W', 3)
+    out: npt.NDArray[np.uint8] = np.stack(images)  # (N, H', W', 3)
     if params.preserve_unmasked:
         out = composite(canvas.image, out, seam_alpha(canvas))
     return out

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from sdserve_client.rules import limits_from_parameters
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import ComponentSpec, components_for
-from sdserve_pipeline.images import parse_size_buckets
-from sdserve_pipeline.loop import Components, InpaintLoop, Runner
+from sdserve_pipeline.executor import Runner
+from sdserve_pipeline.generation import Components, GenerationLoop
 from sdserve_pipeline.outpaint import OutpaintSettings, outpaint
 from sdserve_pipeline.request import (
     GenerationParams,
@@ -24,6 +26,7 @@ from sdserve_pipeline.request import (
     parse_request,
 )
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES, served_schedulers
+from sdserve_protocol.sizes import parse_buckets
 
 # Makes a runner for a component: (its spec, the Triton model name serving it) → callable.
 RunnerFactory = Callable[[ComponentSpec, str], Runner]
@@ -40,7 +43,7 @@ class PipelineService:
     """
 
     def __init__(
-        self, loop: InpaintLoop, limits: Limits, outpaint: OutpaintSettings | None = None,
+        self, loop: GenerationLoop, limits: Limits, outpaint: OutpaintSettings | None = None,
         schedulers: Sequence[str] = SCHEDULER_NAMES,
     ) -> None:  # fmt: skip
         self.loop = loop
@@ -59,12 +62,12 @@ class PipelineService:
             spec.name: make_runner(spec, params.get(f"{spec.name}_model", spec.name))
             for spec in specs
         }
-        loop = InpaintLoop(
+        loop = GenerationLoop(
             Components(**runners),
             assets,
             feather_radius=int(params.get("feather_radius", 4)),
             max_rows={spec.name: int(params.get(f"max_{spec.name}_batch", 0)) for spec in specs},
-            size_buckets=parse_size_buckets(params.get("size_buckets", "")),
+            size_buckets=parse_buckets(params.get("size_buckets", "")),
         )
         outpaint_settings = OutpaintSettings(
             native=int(params.get("outpaint_native", loop.facts.default_size)),
@@ -76,7 +79,7 @@ class PipelineService:
             loop, limits_from_parameters(params), outpaint_settings, served_schedulers(params)
         )
 
-    def parse(self, inputs: Mapping[str, np.ndarray]) -> GenerationParams:
+    def parse(self, inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationParams:
         """Wire inputs → validated parameters.
 
         Raises:
@@ -87,12 +90,12 @@ class PipelineService:
             dict(inputs), self.limits, facts.default_size, facts.default_strength,
             self.schedulers,
         )  # fmt: skip
-        self.loop.check_size(params)  # larger than every size bucket: RequestError here
+        self.loop.sizing.check(params)  # larger than every size bucket: RequestError here
         return params
 
     def generate(
-        self, inputs: Mapping[str, np.ndarray], is_cancelled: Callable[[], bool] | None = None
-    ) -> dict[str, np.ndarray]:
+        self, inputs: Mapping[str, npt.NDArray[Any]], is_cancelled: Callable[[], bool] | None = None
+    ) -> dict[str, npt.NDArray[Any]]:
         """Wire inputs → wire outputs (`images` (N, H, W, 3) uint8, `seeds` (N,) int64).
 
         Raises:
@@ -106,43 +109,19 @@ class PipelineService:
 
     def outpaint_request(
         self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, npt.NDArray[Any]]:
         """An outpainting request, band after band: its wire outputs."""
         return wire_outputs(outpaint(self.loop, params, self.outpaint, is_cancelled), params)
 
-    def generate_many(
-        self, requests: list[tuple[Mapping[str, np.ndarray], Callable[[], bool] | None]]
-    ) -> list[dict[str, np.ndarray] | Exception]:
-        """Several wire requests at once; each gets its outputs or its own exception.
 
-        Compatible requests (same latent size) are denoised together, one UNet call per
-        step; outpainting requests run band by band on their own.
-        """
-        results: list[dict[str, np.ndarray] | Exception | None] = [None] * len(requests)
-        batch_items: list[tuple[int, GenerationParams, Callable[[], bool] | None]] = []
-        for i, (inputs, is_cancelled) in enumerate(requests):
-            try:
-                params = self.parse(inputs)
-                if params.outpaint is not None:
-                    results[i] = self.outpaint_request(params, is_cancelled)
-                else:
-                    batch_items.append((i, params, is_cancelled))
-            except Exception as err:  # noqa: BLE001 (reported per request)
-                results[i] = err
-        outcomes = self.loop.run_many([(p, c) for _, p, c in batch_items])
-        for (i, params, _), outcome in zip(batch_items, outcomes, strict=True):
-            results[i] = (
-                outcome if isinstance(outcome, Exception) else wire_outputs(outcome, params)
-            )
-        return [r if r is not None else RuntimeError("no result") for r in results]
-
-
-def wire_outputs(images: np.ndarray, params: GenerationParams) -> dict[str, np.ndarray]:
+def wire_outputs(
+    images: npt.NDArray[np.uint8], params: GenerationParams
+) -> dict[str, npt.NDArray[Any]]:
     """Generated images → the wire outputs `images` (N, H, W, 3) uint8 and `seeds` (N,)."""
     return {"images": images, "seeds": np.asarray(params.seeds, dtype=np.int64)}
 
 
-def unbatch(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def unbatch(inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
     """Tensors of a batching pipeline model (a leading dim of 1 per request) → wire items.
 
     Raises:
@@ -161,6 +140,6 @@ def unbatch(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return items
 
 
-def batch(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def batch(outputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
     """Wire outputs → tensors of a batching pipeline model (leading dim of 1)."""
     return {name: array[np.newaxis] for name, array in outputs.items()}

@@ -1,0 +1,390 @@
+"""The diffusion plans: prompt encoding, latents, denoising steps and decoding, on the
+exported components.
+
+They follow `StableDiffusionInpaintPipeline.__call__` (SD 1.5) and
+`StableDiffusionXLInpaintPipeline.__call__` (SDXL: two text encoders, pooled embeddings and
+size/crop time ids as extra UNet inputs) step by step (same random draws in the same
+order, same scheduler calls, same arithmetic), so that with the same weights, seed,
+scheduler and steps the images match diffusers'. The architectures differ only in the
+prompt conditioning; latents, timesteps, the denoising loop and decoding are shared.
+
+Each stage is a plan (`executor.Plan`) for one request; the loop's `Executor` runs one
+request alone (`GenerationLoop.__call__`), the `ContinuousBatcher` runs the plans of many
+together. The same code runs inside Triton (BLS callables) and in-process (ONNX Runtime
+sessions).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
+
+from sdserve_pipeline.assets import PipelineAssets
+from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
+from sdserve_pipeline.images import (
+    Processors,
+    composite,
+    feather_alpha,
+    pad_to,
+    postprocess,
+    preprocess_image,
+    preprocess_mask,
+)
+from sdserve_pipeline.request import GenerationParams
+from sdserve_pipeline.schedulers import make_scheduler
+from sdserve_pipeline.sizing import Sizing
+
+
+@dataclass(frozen=True)
+class Components:
+    text_encoder: Runner
+    unet: Runner
+    vae_encoder: Runner
+    vae_decoder: Runner
+    text_encoder_2: Runner | None = None  # SDXL
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on, [uncond x N, cond x N] (or cond x N without CFG).
+
+    Args:
+        prompt_embeds: (2N, L, D) `encoder_hidden_states`.
+        added: extra UNet inputs in spec order after `encoder_hidden_states`; SDXL:
+            `text_embeds` (2N, P) pooled embeddings and `time_ids` (2N, 6).
+    """
+
+    prompt_embeds: torch.Tensor
+    added: tuple[torch.Tensor, ...] = ()
+
+
+@dataclass
+class LatentState:
+    """Latents entering the loop, plus what the UNet input or the blend step needs.
+
+    Args:
+        latents: (N, 4, h, w) initial latents.
+        unet_extra: (N, 5, h, w) mask and masked-image latents (9-channel UNet).
+        blend_latents: (N, 4, h, w) clean image latents re-noised and blended in outside
+            the mask after each step (4-channel UNet inpainting, as diffusers does).
+        noise: (N, 4, h, w) the initial noise, reused to re-noise `blend_latents`.
+        mask: (N, 1, h, w) latent-resolution mask, 1 = regenerate.
+    """
+
+    latents: torch.Tensor
+    unet_extra: torch.Tensor | None = None
+    blend_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def blend(
+        self, scheduler: Any, latents: torch.Tensor, next_t: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`(1 - mask) * noised_init + mask * latents`, the init noised to the next timestep."""
+        init, mask = self.blend_latents, self.mask
+        if init is None or mask is None:
+            raise RuntimeError("blend() needs blend_latents and mask")
+        if next_t is not None:
+            init = scheduler.add_noise(init, self.noise, torch.tensor([next_t]))
+        return (1 - mask) * init + mask * latents
+
+
+@dataclass
+class Job:
+    """One request between `GenerationLoop.start_plan` and `finish_plan`: its own scheduler
+    and state."""
+
+    params: GenerationParams
+    cfg: bool
+    scheduler: Any
+    timesteps: torch.Tensor
+    state: LatentState
+    conditioning: Conditioning
+    step_kwargs: dict[str, Any]
+    index: int = 0
+
+    @property
+    def prompt_embeds(self) -> torch.Tensor:
+        return self.conditioning.prompt_embeds
+
+    @property
+    def latents(self) -> torch.Tensor:
+        return self.state.latents
+
+    @property
+    def finished(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        """Guidance, scheduler step and (4-channel UNet) blend for this job's noise prediction."""
+        t, params = self.timesteps[self.index], self.params
+        if self.cfg:
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + params.guidance_scale * (noise_text - noise_uncond)
+        latents = self.scheduler.step(
+            noise_pred, t, self.latents, **self.step_kwargs, return_dict=False
+        )[0]
+        if self.state.blend_latents is not None:  # 4-channel UNet inpainting
+            last = self.index == len(self.timesteps) - 1
+            next_t = None if last else self.timesteps[self.index + 1]
+            latents = self.state.blend(self.scheduler, latents, next_t)
+        self.state.latents = latents
+        self.index += 1
+
+
+class GenerationLoop:
+    """Inpainting, text-to-image and SDXL generation on exported components.
+
+    Args:
+        components: the networks as callables.
+        assets: tokenizer, scheduler config and checkpoint facts.
+        feather_radius: width in pixels of the blend ramp inside the mask when the input's
+            pixels are pasted back (`preserve_unmasked`).
+        max_rows: handed to the `Executor` (component → most rows of one call).
+        size_buckets: (height, width) sizes to generate at (see `sizing.Sizing`); empty
+            (default): any size, padded to the latent grid.
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        assets: PipelineAssets,
+        feather_radius: int = 4,
+        max_rows: Mapping[str, int] | None = None,
+        size_buckets: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        self.executor = Executor(components, max_rows)
+        self.assets = assets
+        self.facts = assets.facts
+        self.processors = Processors.for_vae_scale(assets.facts.vae_scale_factor)
+        self.feather_radius = feather_radius
+        self.sizing = Sizing(size_buckets, assets.facts.vae_scale_factor)
+
+    @property
+    def components(self) -> Components:
+        return cast(Components, self.executor.components)
+
+    def __call__(
+        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+    ) -> npt.NDArray[np.uint8]:
+        """Generate `params.num_images` images: (N, H, W, 3) uint8 at the request's size.
+
+        Raises:
+            RequestError: the request fits no size bucket.
+            Cancelled: `is_cancelled` said so before a denoising step.
+        """
+        return self.executor.run(self.plan(params, is_cancelled or (lambda: False)))
+
+    def plan(
+        self, params: GenerationParams, is_cancelled: Callable[[], bool]
+    ) -> Plan[npt.NDArray[np.uint8]]:
+        """One request from start to images, checking `is_cancelled` before each step."""
+        job = yield from self.start_plan(params)
+        while not job.finished:
+            if is_cancelled():
+                raise Cancelled()
+            yield from self.step_plan(job)
+        return (yield from self.finish_plan(job))
+
+    def start_plan(self, params: GenerationParams) -> Plan[Job]:
+        """Everything before the denoising loop: prompt, timesteps, latents, conditioning."""
+        n, cfg = params.num_images, params.guidance_scale > 1.0
+        generators = [torch.Generator().manual_seed(s) for s in params.seeds]
+        height, width = self.sizing.generation_size(params)  # on the grid, or a size bucket
+
+        # 1. Encode input prompt: [uncond x N, cond x N] (one call per text encoder)
+        conditioning = yield from self.condition(params, n, cfg, height, width)
+
+        # 2. Set timesteps, truncated by strength
+        scheduler: Any = make_scheduler(params.scheduler, self.assets.scheduler_config)
+        scheduler.set_timesteps(params.steps)
+        timesteps = truncated_timesteps(scheduler, params.steps, params.strength)
+
+        # 3. Prepare latents and the inpainting conditioning, drawing as diffusers does
+        state = yield from self.prepare_latents(
+            params, scheduler, timesteps, generators, height, width
+        )
+        if cfg and state.unet_extra is not None:
+            state.unet_extra = torch.cat([state.unet_extra] * 2)  # (2N, 5, h, w)
+        return Job(
+            params=params, cfg=cfg, scheduler=scheduler, timesteps=timesteps, state=state,
+            conditioning=conditioning, step_kwargs=extra_step_kwargs(scheduler, generators),
+        )  # fmt: skip
+
+    def step_plan(self, job: Job) -> Plan[None]:
+        """One denoising step of one job: its UNet rows, then its own guidance, scheduler step
+        and blend. Jobs at different steps of different schedules share the UNet call."""
+        # 4. Denoising loop, one step: [latents, mask, masked latents]
+        t = job.timesteps[job.index]
+        model_input = torch.cat([job.latents] * 2) if job.cfg else job.latents
+        model_input = job.scheduler.scale_model_input(model_input, t)
+        if job.state.unet_extra is not None:  # 9-channel UNet
+            model_input = torch.cat([model_input, job.state.unet_extra], dim=1)
+        timestep = t.to(torch.float32).repeat(model_input.shape[0])  # (2N,)
+        (noise_pred,) = yield Call(
+            "unet", (model_input, timestep, job.prompt_embeds, *job.conditioning.added)
+        )
+        job.advance(noise_pred)
+
+    def finish_plan(self, job: Job) -> Plan[npt.NDArray[np.uint8]]:
+        """Decode, crop to the request's size, paste the kept pixels back."""
+        # 5. Decode and postprocess
+        params = job.params
+        (decoded,) = yield Call("vae_decoder", (job.latents / self.facts.vae_scaling_factor,))
+        images = postprocess(self.processors, decoded)[:, : params.height, : params.width]
+        if params.image is not None and params.mask is not None and params.preserve_unmasked:
+            alpha = feather_alpha(params.mask, self.feather_radius)
+            images = composite(params.image, images, alpha)
+        return images
+
+    def prepare_latents(
+        self,
+        params: GenerationParams,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        generators: list[torch.Generator],
+        height: int,
+        width: int,
+    ) -> Plan[LatentState]:
+        """Initial latents and conditioning, with every random draw in diffusers' order.
+
+        Inpainting pipeline order: image latents (strength < 1, or a 4-channel UNet), then
+        the noise, then the masked-image latents. A 4-channel text-to-image request follows
+        `StableDiffusionPipeline`: the noise only.
+        """
+        facts, n = self.facts, params.num_images
+        latent_shape = (1, facts.latent_channels, height // facts.vae_scale_factor,
+                        width // facts.vae_scale_factor)  # fmt: skip
+        nine_channels = facts.unet_in_channels == 9
+        inpainting = params.image is not None
+        if not nine_channels and not inpainting:
+            noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
+            return LatentState(latents=noise * scheduler.init_noise_sigma)
+
+        # Preprocess image and mask (text-to-image: full mask, nothing kept)
+        init_image, mask_condition = self.prepare_image_and_mask(params, height, width)
+        masked_image = init_image * (mask_condition < 0.5)  # (1, 3, H, W)
+        image_latents = None
+        if params.strength < 1.0 or not nine_channels:
+            image_latents = yield from self.encode_image(init_image, generators)  # (N, 4, h, w)
+        noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
+        if params.strength < 1.0:
+            latent_timestep = timesteps[:1].repeat(n)
+            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
+        else:
+            latents = noise * scheduler.init_noise_sigma
+        mask = F.interpolate(mask_condition, size=latent_shape[2:]).repeat(n, 1, 1, 1)
+        masked_image_latents = yield from self.encode_image(masked_image, generators)
+        if nine_channels:
+            extra = torch.cat([mask, masked_image_latents], dim=1)  # (N, 5, h, w)
+            return LatentState(latents=latents, unet_extra=extra)
+        return LatentState(latents=latents, noise=noise, blend_latents=image_latents, mask=mask)
+
+    def condition(
+        self, params: GenerationParams, n: int, cfg: bool, height: int, width: int
+    ) -> Plan[Conditioning]:
+        """The UNet's text (and, SDXL, size) conditioning for the architecture served."""
+        if self.facts.architecture == "sdxl":
+            return (yield from self.encode_prompt_xl(params.prompt, params.negative_prompt, n,
+                                                     cfg, height, width))  # fmt: skip
+        embeds = yield from self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
+        return Conditioning(embeds)
+
+    def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> Plan[torch.Tensor]:
+        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""
+        texts = [negative, prompt] if cfg else [prompt]
+        (embeds,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+        return embeds.repeat_interleave(n, dim=0)
+
+    def encode_prompt_xl(
+        self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int
+    ) -> Plan[Conditioning]:
+        """SDXL conditioning as `StableDiffusionXLInpaintPipeline.encode_prompt` and its
+        step 10 compute it.
+
+        Prompt embeds: both encoders' penultimate hidden states, concatenated on the feature
+        axis; pooled embeds: text_encoder_2's projected output. Without a negative prompt
+        and with `force_zeros_for_empty_prompt`, the negative embeds are zeros (diffusers'
+        default call); otherwise the negative prompt is encoded like the prompt. Time ids:
+        original size, crop top-left (0, 0), target size; both sizes are the padded
+        generation size, for the negative branch too.
+        """
+        tokenizer_2 = self.assets.tokenizer_2
+        if tokenizer_2 is None or self.components.text_encoder_2 is None:
+            raise RuntimeError("an sdxl pipeline needs tokenizer_2 and text_encoder_2")
+        zero_negative = cfg and not negative and self.facts.force_zeros_for_empty_prompt
+        texts = [negative, prompt] if cfg and not zero_negative else [prompt]
+        (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+        hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts),))
+        embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
+        if zero_negative:
+            embeds = torch.cat([torch.zeros_like(embeds), embeds])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype)
+        time_ids = time_ids.repeat(embeds.shape[0], 1)  # (B, 6); negative ids are the same
+        return Conditioning(
+            embeds.repeat_interleave(n, dim=0),
+            (pooled.repeat_interleave(n, dim=0), time_ids.repeat_interleave(n, dim=0)),
+        )
+
+    def prepare_image_and_mask(
+        self, params: GenerationParams, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, H, W) image in [-1, 1] and (1, 1, H, W) binary mask at the padded size."""
+        if params.image is None or params.mask is None:
+            return torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
+        image = preprocess_image(self.processors, pad_to(params.image, height, width))
+        mask = preprocess_mask(self.processors, pad_to(params.mask, height, width))
+        return image, mask
+
+    def encode_image(
+        self, image: torch.Tensor, generators: list[torch.Generator]
+    ) -> Plan[torch.Tensor]:
+        """Sample scaled latents of one image once per generator, as diffusers' VAE encode."""
+        mean, logvar = yield Call("vae_encoder", (image,))
+        posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+        latents = torch.cat([posterior.sample(generator=g) for g in generators])
+        return self.facts.vae_scaling_factor * latents
+
+
+def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
+    """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes."""
+    tokens = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    ids: torch.Tensor = tokens.input_ids
+    return ids.to(torch.int64)
+
+
+def truncated_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps left after skipping the first (1 - strength) of them, as diffusers."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    timesteps: torch.Tensor = scheduler.timesteps[t_start * scheduler.order :]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return timesteps
+
+
+def extra_step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    """`eta` and `generator` for schedulers whose `step` takes them, as diffusers passes them."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators[0] if len(generators) == 1 else generators
+    return kwargs
