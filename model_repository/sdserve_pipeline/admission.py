@@ -28,17 +28,17 @@ Outpainting runs its bands one at a time, one image at a time: the estimate of o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from sdserve_client.canvas import Extension
 from sdserve_pipeline.outcomes import Overloaded
 from sdserve_pipeline.outpaint import band_side, band_windows
-from sdserve_pipeline.request import GenerationParams
 from sdserve_pipeline.service import PipelineService
+from sdserve_protocol.canvas import Extension
+from sdserve_protocol.contract import GenerationParams
+from sdserve_protocol.settings import MemoryPolicy
 
 MB = 1 << 20
 AUTO = "auto"
@@ -97,7 +97,7 @@ class MemoryModel:
 
     architecture: str = "sd15"
     vae_scale_factor: int = 8
-    bytes_per_pixel: float = 6000.0
+    bytes_per_pixel: float = MemoryPolicy.bytes_per_pixel
     request_bytes: int = 16 * MB
     canvas_bytes_per_pixel: int = 64
 
@@ -157,26 +157,16 @@ def outpaint_bands(service: PipelineService, params: GenerationParams) -> int:
     return max(1, len(band_windows(known, settings, service.loop.sizing.buckets)))
 
 
-def budget_bytes(value: str, limit_bytes: int | None = None) -> int:
-    """The memory budget from the `memory_budget_mb` parameter; 0: no budget.
+def budget_bytes(budget_mb: float | str, limit_bytes: int | None = None) -> int:
+    """The memory budget in bytes (`MemoryPolicy.budget_mb`); 0: no budget.
 
     Args:
-        value: MB as a number (`0`: off), or `auto` (and empty): half of `limit_bytes`.
+        budget_mb: MB (`0`: off), or `auto`: half of `limit_bytes`.
         limit_bytes: memory the server may use; by default `memory_limit_bytes()`.
-
-    Raises:
-        ValueError: neither a number >= 0 nor `auto`.
     """
-    text = value.strip().lower()
-    if text in ("", AUTO):
+    if budget_mb == AUTO:
         return int(AUTO_FRACTION * (limit_bytes or memory_limit_bytes()))
-    try:
-        megabytes = float(text)
-    except ValueError:
-        megabytes = -1.0
-    if not megabytes >= 0:
-        raise ValueError(f"memory_budget_mb must be a number of MB >= 0 or 'auto', got {value!r}")
-    return int(megabytes * MB)
+    return int(float(budget_mb) * MB)
 
 
 def memory_limit_bytes(root: Path = Path("/")) -> int:
@@ -200,13 +190,15 @@ def _mem_total(meminfo: Path) -> int:
     raise RuntimeError(f"no MemTotal in {meminfo}")
 
 
-def memory_model_for(service: PipelineService, params: Mapping[str, str]) -> MemoryModel:
-    """The `MemoryModel` of the service's checkpoint (architecture, latent scale), with
-    `bytes_per_pixel` from the `memory_bytes_per_pixel` config parameter where set."""
+def memory_model_for(service: PipelineService, memory: MemoryPolicy) -> MemoryModel:
+    """The `MemoryModel` of the service's checkpoint (architecture, latent scale), with the
+    policy's `bytes_per_pixel`."""
     facts = service.loop.facts
-    model = MemoryModel(architecture=facts.architecture, vae_scale_factor=facts.vae_scale_factor)
-    value = params.get("memory_bytes_per_pixel", "").strip()
-    return replace(model, bytes_per_pixel=float(value)) if value else model
+    return MemoryModel(
+        architecture=facts.architecture,
+        vae_scale_factor=facts.vae_scale_factor,
+        bytes_per_pixel=memory.bytes_per_pixel,
+    )
 
 
 class MemoryBudget:

@@ -15,9 +15,9 @@ from typing import Protocol
 
 import numpy as np
 
-from sdserve_client.rules import RequestError
-from sdserve_client.webui.server_info import OUTCOMES
 from sdserve_pipeline.executor import Cancelled
+from sdserve_protocol.metrics import OUTCOMES
+from sdserve_protocol.rules import RequestError
 
 # The `outcome` label values, declared with the metric names (readers import them there):
 # success; invalid (RequestError: INVALID_ARG, nothing was run); cancelled (by the client);

@@ -16,17 +16,6 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from sdserve_client.rules import config_parameters
-from sdserve_client.webui.server_info import (
-    DURATION_METRIC,
-    MEMORY_BUDGET_METRIC,
-    MEMORY_RESERVED_METRIC,
-    OUTSTANDING_STEPS_METRIC,
-    PENDING_METRIC,
-    QUEUE_DURATION_METRIC,
-    QUEUE_WAIT_METRIC,
-    REQUESTS_METRIC,
-)
 from sdserve_pipeline.admission import MB, budget_bytes, memory_model_for
 from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.batcher import ContinuousBatcher
@@ -38,9 +27,20 @@ from sdserve_pipeline.outcomes import (
     Overloaded,
     QueueTimeout,
 )
-from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService, batch, unbatch
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
+from sdserve_protocol.metrics import (
+    DURATION_METRIC,
+    MEMORY_BUDGET_METRIC,
+    MEMORY_RESERVED_METRIC,
+    OUTSTANDING_STEPS_METRIC,
+    PENDING_METRIC,
+    QUEUE_DURATION_METRIC,
+    QUEUE_WAIT_METRIC,
+    REQUESTS_METRIC,
+)
+from sdserve_protocol.rules import RequestError
+from sdserve_protocol.settings import PipelineSettings, config_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -48,30 +48,30 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = config_parameters(config)
+        settings = PipelineSettings.from_parameters(config_parameters(config))
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.service = PipelineService.from_parameters(
-            params,
+        self.service = PipelineService.from_settings(
+            settings,
             folder / ASSETS_DIR,
             lambda spec, model_name: BlsRunner(spec, model_name, pb_utils),
         )
         self.output_names = [t["name"] for t in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
-        # absent from repositories exported before they existed: as then (no wait, no budget)
-        budget = budget_bytes(params.get("memory_budget_mb", "0"))
+        budget = budget_bytes(settings.memory.budget_mb)
         pb_utils.Logger.log_info(
             f"{args['model_name']}: memory budget " + (f"{budget / MB:.0f} MB" if budget else "off")
         )
         self.metrics = PipelineMetrics(args["model_name"], budget)
+        queue = settings.queue
         self.batcher = ContinuousBatcher(
             self.service,
-            max_active=int(params.get("max_active_requests", 8)),
-            max_queued=int(params.get("max_queue_size", 16)),
-            queue_timeout_s=float(params.get("queue_timeout_s", 120)),
-            join_wait_s=float(params.get("join_wait_ms", 0)) / 1e3,
+            max_active=queue.max_active,
+            max_queued=queue.max_queue_size,
+            queue_timeout_s=queue.timeout_s,
+            join_wait_s=queue.join_wait_ms / 1e3,
             on_callback_error=lambda err: pb_utils.Logger.log_error(f"response not sent: {err}"),
             observer=self.metrics,
-            memory=memory_model_for(self.service, params),
+            memory=memory_model_for(self.service, settings.memory),
             memory_budget=budget,
         )
 
