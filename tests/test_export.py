@@ -7,17 +7,17 @@ import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline
 
-from sdserve_export.clip_tokenizer import VOCAB_SIZE, clip_tokenizer
+from sdserve_export.clip_tokenizer import clip_tokenizer
 from sdserve_export.onnx_export import export_onnx, sd15_targets
 from sdserve_export.parity import ParityError, check_parity, require_parity
 from sdserve_export.triton_configs import parse_pbtxt
-from sdserve_pipeline.components import SD15_COMPONENTS
-from sdserve_pipeline.contract import INPUTS, OUTPUTS
+from sdserve_pipeline.components import CLIP_VOCAB_SIZE, SD15_COMPONENTS
+from sdserve_protocol.contract import INPUTS, OUTPUTS
 
 
 def test_clip_tokenizer_is_the_real_vocabulary():
     tokenizer = clip_tokenizer()
-    assert len(tokenizer) == VOCAB_SIZE == 49408
+    assert len(tokenizer) == CLIP_VOCAB_SIZE == 49408
     # ids of CLIP's published tokenizer for this sentence
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -83,11 +83,3 @@ def test_configs_parse_and_name_the_onnx_tensors(repository: Path):
     assert [t.name for t in pipeline.input] == [t.name for t in INPUTS]
     assert [t.name for t in pipeline.output] == [t.name for t in OUTPUTS]
     assert [t.name for t in pipeline.input if not t.optional] == ["prompt"]
-
-
-def test_client_and_server_agree_on_the_wire_contract():
-    """The SDK (no server imports allowed) keeps its own names; they must equal the server's."""
-    from sdserve_client.request import INPUT_NAMES, OUTPUT_NAMES
-
-    assert tuple(t.name for t in INPUTS) == INPUT_NAMES
-    assert tuple(t.name for t in OUTPUTS) == OUTPUT_NAMES
