@@ -32,9 +32,10 @@ import tritonclient.grpc as grpcclient
 from tqdm import tqdm
 
 from sdserve_client import GenerationRequest, InpaintClient, encode_request, infer_inputs
-from sdserve_client.webui.server_info import QUEUE_DURATION_METRIC, fetch_metrics, metric_value
+from sdserve_client.webui.server_info import fetch_metrics, metric_value
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
+from sdserve_protocol.metrics import QUEUE_DURATION_METRIC
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel

@@ -40,9 +40,10 @@ from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
 from sdserve_client import GenerationRequest, InpaintClient, SdserveError, infer_inputs
-from sdserve_client.webui.server_info import OUTCOMES, fetch_metrics, outcome_counts
+from sdserve_client.webui.server_info import fetch_metrics, outcome_counts
 from sdserve_pipeline.healing import python_stubs
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
+from sdserve_protocol.metrics import OUTCOMES
 
 MODELS = ("inpaint", "inpaint_xl")
 # Request kinds and their share of the mix (one in ten of each rare kind).

@@ -16,9 +16,9 @@ import tritonclient.grpc as grpcclient
 from cases import diffusers_inpaint, make_case, max_abs, served
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from sdserve_client.rules import limit_parameters
-from sdserve_pipeline.request import MAX_SEED, Limits
 from sdserve_pipeline.triton_server import process_group_members
+from sdserve_protocol.rules import MAX_SEED, Limits
+from sdserve_protocol.settings import PipelineSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -269,9 +269,8 @@ def processes_at_start(server, client):
 
 def test_served_limits_are_the_ones_this_table_assumes(client, processes_at_start):
     params = client.get_model_config(MODEL).config.parameters
-    served = {key: params[key].string_value for key in params if key.startswith("limit_")}
-    assumed = limit_parameters(LIMITS)
-    assert {k: float(v) for k, v in served.items()} == {k: float(v) for k, v in assumed.items()}
+    served = {key: params[key].string_value for key in params}
+    assert PipelineSettings.from_parameters(served).limits == LIMITS
 
 
 @pytest.mark.parametrize(("tensors", "name", "expect"), BAD_REQUESTS)

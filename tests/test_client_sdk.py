@@ -11,8 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from sdserve_protocol.contract import INPUTS, OUTPUTS
-from sdserve_protocol.settings import PIPELINE_ROLES
 from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import (
     InferenceServerException,
@@ -33,7 +31,6 @@ from sdserve_client import (
     to_rgb_array,
 )
 from sdserve_client.replicas import (
-    GRPC_ADMIN_KEY_HEADER,
     FailoverPolicy,
     Outcome,
     ReplicaPool,
@@ -42,6 +39,9 @@ from sdserve_client.replicas import (
 from sdserve_client.sdk import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV
 from sdserve_client.tls import TlsSettings, explain, tls_settings
 from sdserve_client.webui.backend import Backend, PoolInfoClient
+from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
+from sdserve_protocol.contract import INPUTS, OUTPUTS
+from sdserve_protocol.settings import PIPELINE_ROLES
 
 # name -> (numpy dtype, Triton datatype, shape without batch dim) for a 6x4 (W x H) image.
 CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import wire
 
-from sdserve_client.canvas import Extension, build_canvas, plan_bands
 from sdserve_pipeline.admission import (
     MB,
     UNET_SCORE_BUFFERS,
@@ -23,6 +21,8 @@ from sdserve_pipeline.admission import (
     outpaint_bands,
 )
 from sdserve_pipeline.outcomes import OVERLOADED, outcome_of
+from sdserve_protocol.canvas import Extension, build_canvas, plan_bands
+from sdserve_protocol.settings import MemoryPolicy, PipelineSettings
 
 
 def test_the_estimate_is_linear_in_pixels_plus_quadratic_attention():
@@ -66,9 +66,11 @@ def test_the_estimate_covers_what_was_measured_on_the_demo_pipeline():
 
 
 def test_the_request_estimate_uses_the_generation_size_and_outpainting_bands(service):
-    model = memory_model_for(service, {"memory_bytes_per_pixel": "700"})
+    model = memory_model_for(service, MemoryPolicy(bytes_per_pixel=700))
     assert model.bytes_per_pixel == 700 and model.architecture == "sd15"
-    assert memory_model_for(service, {}).bytes_per_pixel == MemoryModel().bytes_per_pixel
+    assert (
+        memory_model_for(service, MemoryPolicy()).bytes_per_pixel == MemoryModel().bytes_per_pixel
+    )
     odd = service.parse(wire(steps=2, height=60, width=100))  # padded to 64 x 104
     assert model.request_bytes_of(service, odd) == model.generation_bytes(64, 104, 1, True)
     image = np.zeros((64, 64, 3), np.uint8)
@@ -131,13 +133,14 @@ def test_the_budget_refuses_what_would_pass_it_and_frees_on_release():
      ("AUTO", 4096 * MB), ("", 4096 * MB)],
 )  # fmt: skip
 def test_budget_parameter(value, expected):
-    assert budget_bytes(value, limit_bytes=8192 * MB) == expected
+    budget = PipelineSettings.from_parameters({"memory_budget_mb": value}).memory.budget_mb
+    assert budget_bytes(budget, limit_bytes=8192 * MB) == expected
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", "nan", "1e999x"])
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf", "1e999x"])
 def test_budget_parameter_rejects_what_is_not_a_size(value):
     with pytest.raises(ValueError, match="memory_budget_mb"):
-        budget_bytes(value, limit_bytes=MB)
+        PipelineSettings.from_parameters({"memory_budget_mb": value})
 
 
 def test_memory_limit_is_the_cgroup_limit_when_lower_than_the_machine(tmp_path: Path):
@@ -156,10 +159,10 @@ def test_memory_limit_is_the_cgroup_limit_when_lower_than_the_machine(tmp_path: 
 
 
 def test_config_writes_the_memory_parameters():
-    from sdserve_export.triton_configs import MemoryPolicy, pipeline_config
+    from sdserve_export.triton_configs import pipeline_config
 
-    params = pipeline_config("inpaint", {"unet": "unet"}).parameters
+    params = pipeline_config("inpaint", PipelineSettings()).parameters
     assert params["memory_budget_mb"].string_value == "auto"
     assert params["memory_bytes_per_pixel"].string_value == "6000"
-    custom = pipeline_config("inpaint", {}, memory=replace(MemoryPolicy(), budget_mb=0))
-    assert budget_bytes(custom.parameters["memory_budget_mb"].string_value) == 0
+    custom = pipeline_config("inpaint", PipelineSettings(memory=MemoryPolicy(budget_mb=0)))
+    assert custom.parameters["memory_budget_mb"].string_value == "0"

@@ -15,7 +15,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from sdserve_client.webui.server_info import (
+from sdserve_client.webui.server_info import fetch_metrics, metric_value, outcome_counts
+from sdserve_protocol.metrics import (
     DURATION_METRIC,
     MEMORY_BUDGET_METRIC,
     MEMORY_RESERVED_METRIC,
@@ -23,9 +24,6 @@ from sdserve_client.webui.server_info import (
     OUTSTANDING_STEPS_METRIC,
     PENDING_METRIC,
     QUEUE_WAIT_METRIC,
-    fetch_metrics,
-    metric_value,
-    outcome_counts,
 )
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Outpainting geometry (sdserve_client.canvas): canvas, mask, seam weight and band plan."""
+"""Outpainting geometry (sdserve_protocol.canvas): canvas, mask, seam weight and band plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sdserve_client.canvas import (
+from sdserve_protocol.canvas import (
     Canvas,
     Extension,
     Window,

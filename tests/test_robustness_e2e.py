@@ -17,13 +17,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from sdserve_client import InpaintClient, SdserveError
-from sdserve_client.webui.server_info import (
-    PENDING_METRIC,
-    QUEUE_DURATION_METRIC,
-    fetch_metrics,
-    metric_value,
-)
+from sdserve_client.webui.server_info import fetch_metrics, metric_value
 from sdserve_pipeline.triton_server import TritonServer, process_group_members
+from sdserve_protocol.metrics import PENDING_METRIC, QUEUE_DURATION_METRIC
 
 pytestmark = pytest.mark.e2e
 PROMPT = "a red bicycle"

@@ -10,11 +10,11 @@ import pytest
 from cases import diffusers_inpaint, make_case, max_abs, served
 from helpers import wire
 
-from sdserve_client.canvas import Extension, build_canvas
 from sdserve_export.triton_configs import parse_pbtxt
 from sdserve_pipeline.components import SDXL_COMPONENTS
-from sdserve_pipeline.request import parse_request
 from sdserve_pipeline.schedulers import SCHEDULERS
+from sdserve_protocol.canvas import Extension, build_canvas
+from sdserve_protocol.contract import decode_request
 
 pytestmark = pytest.mark.slow
 PROMPT = "a red bicycle"
@@ -78,11 +78,10 @@ def test_schedulers_match_diffusers_at_a_non_square_size(xl_service, xl_pipe, na
 def test_default_strength_and_size_are_diffusers_sdxl_defaults(xl_service):
     facts, limits = xl_service.loop.facts, xl_service.limits
     image, mask = make_case(32, 32)
-    with_image = parse_request(
-        wire(image, mask), limits, facts.default_size, facts.default_strength
-    )
+    defaults = dict(default_size=facts.default_size, default_strength=facts.default_strength)
+    with_image = decode_request(wire(image, mask), limits, **defaults)
     assert with_image.strength == 0.9999
-    text_only = parse_request(wire(), limits, facts.default_size, facts.default_strength)
+    text_only = decode_request(wire(), limits, **defaults)
     assert text_only.strength == 1.0
     assert (text_only.height, text_only.width) == (128, 128)  # unet sample_size * vae scale
 

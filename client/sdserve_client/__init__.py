@@ -1,6 +1,6 @@
 """sdserve_client: thin gRPC SDK and CLI of the sdserve Stable Diffusion pipeline on Triton."""
 
-from .canvas import (
+from sdserve_protocol.canvas import (
     Canvas,
     Extension,
     Window,
@@ -9,6 +9,7 @@ from .canvas import (
     plan_bands,
     seam_alpha,
 )
+
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike, to_mask_array, to_rgb_array
 from .replicas import FailoverPolicy

@@ -11,7 +11,8 @@ from typing import Any
 
 from PIL import Image
 
-from .canvas import Extension, build_canvas
+from sdserve_protocol.canvas import Extension, build_canvas
+
 from .errors import SdserveError
 from .images import to_mask_array, to_rgb_array
 from .sdk import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, GenerationResult, InpaintClient

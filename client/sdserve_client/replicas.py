@@ -35,8 +35,6 @@ from typing import Any, TypeVar
 
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
-from .rules import ADMIN_KEY_HEADER, GRPC_ADMIN_KEY_HEADER
-
 T = TypeVar("T")
 
 
@@ -393,10 +391,8 @@ class ReplicaPool:
 
 
 __all__ = [
-    "ADMIN_KEY_HEADER",
     "BUSY_MESSAGES",
     "CRASH_MESSAGES",
-    "GRPC_ADMIN_KEY_HEADER",
     "NOT_STARTED_MESSAGES",
     "FailoverPolicy",
     "Outcome",

@@ -21,13 +21,13 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
     np_to_triton_dtype,
 )
 
+from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
 from sdserve_protocol.contract import IMAGES, OUTPUTS, SEEDS
 from sdserve_protocol.settings import PipelineSettings, config_parameters
 
 from .errors import InvalidRequestError, SdserveError
 from .images import ImageLike, MaskLike
 from .replicas import (
-    GRPC_ADMIN_KEY_HEADER,
     FailoverPolicy,
     Outcome,
     Replica,

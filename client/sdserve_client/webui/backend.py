@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
+
 from ..errors import SdserveError
-from ..replicas import GRPC_ADMIN_KEY_HEADER, FailoverPolicy, ReplicaPool, split_urls
+from ..replicas import FailoverPolicy, ReplicaPool, split_urls
 from ..sdk import InpaintClient
 from ..tls import SslOption, connect, explain, tls_settings
 from .server_info import (

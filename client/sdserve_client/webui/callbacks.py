@@ -17,8 +17,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from sdserve_protocol.canvas import Extension, build_canvas
+
 from .. import replicas
-from ..canvas import Extension, build_canvas
 from ..errors import InvalidRequestError, SdserveError
 from .server_info import QueueState
 
@@ -272,7 +273,7 @@ def outpaint_sides(left: float, top: float, right: float, bottom: float) -> tupl
 
 def outpaint_canvas(image: npt.NDArray[Any], sides: Sequence[int]) -> tuple[UInt8Array, UInt8Array]:
     """The enlarged canvas and its mask (255 = generated), as the server builds them: with
-    `sdserve_client.canvas`, the server's own geometry (the overlap band included)."""
+    `sdserve_protocol.canvas`, the server's own geometry (the overlap band included)."""
     canvas = build_canvas(to_rgb(image), Extension(*(int(side) for side in sides)))
     return canvas.image, canvas.mask
 
