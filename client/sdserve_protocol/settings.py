@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from .canvas import FILL_MODES
+from .canvas import FILL_MODES, FillMode
 from .rules import Limits
 from .sizes import SizeBucket, format_buckets, parse_buckets
 
@@ -126,7 +126,7 @@ class OutpaintSettings:
     native: int = 0
     overlap: int = 16
     context: int = 128
-    fill: str = "edge"
+    fill: FillMode = "edge"
 
 
 @dataclass(frozen=True)
@@ -299,9 +299,9 @@ def _architecture(text: str) -> str:
     return text
 
 
-def _fill(text: str) -> str:
+def _fill(text: str) -> FillMode:
     _check_choice("fill", text, FILL_MODES)
-    return text
+    return cast(FillMode, text)
 
 
 def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:

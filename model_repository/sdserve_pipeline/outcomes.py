@@ -11,9 +11,9 @@ the reports to its custom metrics (`sdserve_requests_total`, `sdserve_request_du
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
-import numpy as np
+import numpy.typing as npt
 
 from sdserve_pipeline.executor import Cancelled
 from sdserve_protocol.metrics import OUTCOMES
@@ -54,7 +54,7 @@ class QueueTimeout(Exception):
         super().__init__("Request timeout expired")
 
 
-def outcome_of(result: Mapping[str, np.ndarray] | Exception) -> str:
+def outcome_of(result: Mapping[str, npt.NDArray[Any]] | Exception) -> str:
     """The `outcome` label of a request's answer: outputs are a success, an exception is
     classified by its type (Triton's codes follow the same split: INVALID_ARG, CANCELLED,
     UNAVAILABLE for timeout and overloaded, INTERNAL for failed)."""

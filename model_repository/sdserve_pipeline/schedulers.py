@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from sdserve_protocol.settings import SCHEDULER_NAMES
 
 # name → (class, config overrides), as `Class.from_config(checkpoint_config, **overrides)`.
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+SCHEDULERS: dict[str, tuple[Any, dict[str, Any]]] = {  # (a SchedulerMixin class, ...)
     "pndm": (PNDMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
@@ -46,9 +46,11 @@ def make_scheduler(name: str | None, checkpoint_config: dict[str, Any]) -> Sched
         checkpoint_config: the checkpoint's `scheduler_config.json` contents.
     """
     if name is None:
-        cls = getattr(diffusers, checkpoint_config["_class_name"])
-        return cls.from_config(checkpoint_config)
+        cls: Any = getattr(diffusers, checkpoint_config["_class_name"])
+        scheduler: SchedulerMixin = cls.from_config(checkpoint_config)
+        return scheduler
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULER_NAMES)}")
     cls, overrides = SCHEDULERS[name]
-    return cls.from_config(checkpoint_config, **overrides)
+    scheduler = cls.from_config(checkpoint_config, **overrides)
+    return scheduler

@@ -7,6 +7,7 @@ passed in; tests use a fake.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class BlsRunner:
         )
 
 
-def check_response(response, model_name: str):  # noqa: ANN001, ANN201 (pb_utils types)
+def check_response(response: Any, model_name: str) -> Any:  # a pb_utils response
     """The one check of every BLS response: raise ComponentError naming the model."""
     if response.has_error():
         raise ComponentError(f"{model_name}: {response.error().message()}")

@@ -6,6 +6,7 @@ the session from its parameters (`sdserve_pipeline.onnx_runtime.RunnerSettings`)
 
 import json
 from pathlib import Path
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
@@ -14,17 +15,17 @@ from sdserve_protocol.settings import config_parameters
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         settings = RunnerSettings.from_parameters(config_parameters(config))
         self.session = settings.session(Path(args["model_repository"]) / args["model_version"])
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         return [self._run(request) for request in requests]
 
-    def _run(self, request):
+    def _run(self, request: Any) -> Any:
         try:
             feeds = {
                 name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()

@@ -11,9 +11,12 @@ load change; `PipelineMetrics` publishes those reports as custom metrics.
 
 import json
 import threading
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from sdserve_pipeline.admission import MB, budget_bytes, memory_model_for
@@ -22,7 +25,6 @@ from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.outcomes import (
     DURATION_BUCKETS_US,
-    OUTCOMES,
     QUEUE_WAIT_BUCKETS_US,
     Overloaded,
     QueueTimeout,
@@ -33,6 +35,7 @@ from sdserve_protocol.metrics import (
     DURATION_METRIC,
     MEMORY_BUDGET_METRIC,
     MEMORY_RESERVED_METRIC,
+    OUTCOMES,
     OUTSTANDING_STEPS_METRIC,
     PENDING_METRIC,
     QUEUE_DURATION_METRIC,
@@ -43,10 +46,11 @@ from sdserve_protocol.rules import RequestError
 from sdserve_protocol.settings import PipelineSettings, config_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+Outcome = Mapping[str, npt.NDArray[Any]] | Exception  # what the batcher answers a request with
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         settings = PipelineSettings.from_parameters(config_parameters(config))
         folder = Path(args["model_repository"]) / args["model_version"]
@@ -75,7 +79,7 @@ class TritonPythonModel:
             memory_budget=budget,
         )
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> None:
         """Queue each request for the running batch (never blocks); answer later."""
         for request in requests:
             send = partial(self._send, request.get_response_sender())
@@ -89,14 +93,14 @@ class TritonPythonModel:
             self.batcher.submit(inputs, send, request.is_cancelled, timeout_s)
         return None
 
-    def finalize(self):
+    def finalize(self) -> None:
         """Unloading (or shutdown): finish the requests already taken, then stop."""
         self.batcher.close()
 
-    def _send(self, sender, outcome):
+    def _send(self, sender: Any, outcome: Outcome) -> None:
         sender.send(self._response(outcome), flags=FINAL)
 
-    def _response(self, outcome):
+    def _response(self, outcome: Outcome) -> Any:
         if isinstance(outcome, RequestError):
             return _error(str(outcome), pb_utils.TritonError.INVALID_ARG)
         if isinstance(outcome, Overloaded | QueueTimeout):
@@ -122,7 +126,7 @@ class PipelineMetrics:
     are shared by the model's instances (one series per model): each instance adds its change.
     """
 
-    def __init__(self, model_name, memory_budget):
+    def __init__(self, model_name: str, memory_budget: int) -> None:
         labels = {"model": model_name}
         self._families = {  # kept alive: a family's metrics go when it does
             name: pb_utils.MetricFamily(
@@ -144,18 +148,18 @@ class PipelineMetrics:
         )  # fmt: skip
         self.budget.set(memory_budget)
 
-    def _histogram(self, name, labels, buckets):
+    def _histogram(self, name: str, labels: dict[str, str], buckets: Sequence[float]) -> Any:
         return self._families[name].Metric(labels=labels, buckets=list(buckets))
 
-    def answered(self, outcome, duration_s):
+    def answered(self, outcome: str, duration_s: float) -> None:
         self.requests[outcome].increment(1)
         self.duration.observe(duration_s * 1e6)
 
-    def dequeued(self, waited_s):
+    def dequeued(self, waited_s: float) -> None:
         self.waited_us.increment(waited_s * 1e6)
         self.queue_wait.observe(waited_s * 1e6)
 
-    def load(self, pending, outstanding_steps, reserved_bytes):
+    def load(self, pending: int, outstanding_steps: int, reserved_bytes: int) -> None:
         self.pending.set(pending)
         self.steps.set(outstanding_steps)
         self.reserved.set(reserved_bytes)
@@ -164,12 +168,12 @@ class PipelineMetrics:
 class _SharedGauge:
     """A gauge series the model's instances share: each adds the change of its own value."""
 
-    def __init__(self, metric):
+    def __init__(self, metric: Any) -> None:
         self.metric = metric
-        self._reported = 0
+        self._reported: float = 0
         self._lock = threading.Lock()
 
-    def set(self, value):
+    def set(self, value: float) -> None:
         with self._lock:
             if value != self._reported:
                 self.metric.increment(value - self._reported)
@@ -201,5 +205,5 @@ _METRICS = {
 }
 
 
-def _error(message, code):
+def _error(message: str, code: Any) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
