@@ -86,7 +86,8 @@ lint: $(STAMP) $(UI_STAMP)
 	$(PY) -m pip install -q ruff mypy
 	$(PY) -m ruff check model_repository export client tests benchmarks
 	$(PY) -m ruff format --check model_repository export client tests benchmarks
-	cd client && ../$(PY) -m mypy sdserve_client
+	cd client && ../$(PY) -m mypy sdserve_protocol sdserve_client
+	cd model_repository && ../$(PY) -m mypy sdserve_pipeline
 
 clean:
 	rm -rf build
