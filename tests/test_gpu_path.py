@@ -25,7 +25,6 @@ import yaml
 from cases import make_case
 from google.protobuf import text_format
 from helpers import Spy, wire
-from sdserve_protocol.sizes import SizeBucket, parse_buckets
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_export import (
@@ -50,6 +49,7 @@ from sdserve_pipeline.components import (
     VAE_ENCODER,
     components_for,
 )
+from sdserve_protocol.sizes import SizeBucket, parse_buckets
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

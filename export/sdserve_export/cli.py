@@ -18,8 +18,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sdserve_protocol.sizes import parse_buckets
-
 from sdserve_export.built_repository import ROLES, RepositoryError, read_repository
 from sdserve_export.demo_pipeline import (
     DEFAULT_FOLDER,
@@ -39,6 +37,7 @@ from sdserve_export.tensorrt_build import (
     tensorrt_version,
     triton_tensorrt_version,
 )
+from sdserve_protocol.sizes import parse_buckets
 
 
 def build_parser() -> argparse.ArgumentParser:

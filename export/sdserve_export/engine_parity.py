@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sdserve_protocol.sizes import SizeBucket
 
 from sdserve_export.engine_profiles import STATIC_PROFILE, Profile
 from sdserve_export.tensorrt_build import EngineBuildError, TensorRTUnavailable, require_tensorrt
 from sdserve_pipeline.components import CLIP_VOCAB_SIZE, ComponentSpec, example_inputs
+from sdserve_protocol.sizes import SizeBucket
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sdserve_protocol.sizes import SizeBucket
-
 from sdserve_pipeline.components import ComponentSpec, TensorSpec
+from sdserve_protocol.sizes import SizeBucket
 
 # Symbolic dims set by the size bucket; every other non-batch dim is fixed by the checkpoint.
 PIXEL_DIMS = {"height": "height", "width": "width"}

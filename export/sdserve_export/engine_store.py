@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdserve_protocol.sizes import SizeBucket
-
 from sdserve_export.built_repository import Repository, RepositoryError
 from sdserve_export.engine_parity import check_engine_parity
 from sdserve_export.engine_targets import EngineTarget, batch_coverage_problems, engine_targets
@@ -31,6 +29,7 @@ from sdserve_export.tensorrt_build import (
     gpu_compute_capability,
     tensorrt_version,
 )
+from sdserve_protocol.sizes import SizeBucket
 
 # Parity of a new plan vs ONNX Runtime (fp32, CPU), relative to the largest reference value:
 # fp16 kernels, and TF32 kernels in "fp32" plans on Ampere and later.

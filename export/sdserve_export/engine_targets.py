@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sdserve_protocol.sizes import SizeBucket
-
 from sdserve_export.built_repository import ComponentModel, PipelineModel, Repository
 from sdserve_export.engine_profiles import (
     BatchRange,
@@ -23,6 +21,7 @@ from sdserve_export.engine_profiles import (
     derive_profiles,
 )
 from sdserve_export.plan_names import EngineKey
+from sdserve_protocol.sizes import SizeBucket
 
 
 @dataclass(frozen=True)
