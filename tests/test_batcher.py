@@ -14,8 +14,8 @@ from helpers import WAIT_S, Spy, gated_unet, variant, wire
 
 from sdserve_pipeline.batcher import ContinuousBatcher, Overloaded, QueueTimeout
 from sdserve_pipeline.executor import Cancelled
-from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.service import PipelineService
+from sdserve_protocol.rules import RequestError
 
 
 class Outcomes:

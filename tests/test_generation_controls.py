@@ -12,8 +12,8 @@ from helpers import Spy, wire
 
 from sdserve_pipeline.batcher import generate_all
 from sdserve_pipeline.inprocess import load_service
-from sdserve_pipeline.request import RequestError
 from sdserve_pipeline.schedulers import SCHEDULER_NAMES, SCHEDULERS, make_scheduler
+from sdserve_protocol.rules import RequestError
 
 PROMPT = "a red bicycle"
 

@@ -7,9 +7,9 @@ import pytest
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import variant
 
-from sdserve_client.canvas import Extension, build_canvas
-from sdserve_pipeline.outpaint import OutpaintSettings
 from sdserve_pipeline.service import PipelineService
+from sdserve_protocol.canvas import Extension, build_canvas
+from sdserve_protocol.settings import OutpaintSettings
 
 
 def wire(image, extension, seed=7, steps=8, preserve=True, mask=None):
@@ -72,7 +72,7 @@ def test_large_extension_runs_in_bands_of_bounded_size(service):
 
 @pytest.mark.parametrize("extension", [(-1, 0, 0, 0), (0, 0, 0, 0), (5000, 0, 0, 0)])
 def test_bad_extensions_are_request_errors(service, extension):
-    from sdserve_pipeline.request import RequestError
+    from sdserve_protocol.rules import RequestError
 
     image, _ = make_case(32, 32)
     with pytest.raises(RequestError) as err:

@@ -117,7 +117,9 @@ def test_only_the_models_listed_schedulers_are_accepted():
     with pytest.raises(RequestError) as err:  # known to diffusers, not listed by this model
         decode_request(good(scheduler=text("pndm")), LIMITS, default_size=64, schedulers=allowed)
     assert str(err.value) == "scheduler: 'pndm' is unknown to this model; valid: euler, ddim"
-    assert decode_request(good(), LIMITS, default_size=64, schedulers=allowed).scheduler is None  # its own
+    assert (
+        decode_request(good(), LIMITS, default_size=64, schedulers=allowed).scheduler is None
+    )  # its own
 
 
 def test_schedulers_parameter_absent_means_all_and_a_bad_one_fails_at_load():

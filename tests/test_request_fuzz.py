@@ -174,7 +174,9 @@ def assert_within_limits(params: GenerationParams) -> None:
 @given(requests())
 def test_decode_request_returns_params_or_names_an_input(inputs):
     try:
-        params = decode_request(dict(inputs), LIMITS, default_size=DEFAULT_SIZE, schedulers=SCHEDULER_NAMES)
+        params = decode_request(
+            dict(inputs), LIMITS, default_size=DEFAULT_SIZE, schedulers=SCHEDULER_NAMES
+        )
     except RequestError as err:
         event(f"RequestError naming {err.name}")  # the outcome mix: --hypothesis-show-statistics
         assert err.name in allowed_error_names(inputs), (err.name, str(err), sorted(inputs))

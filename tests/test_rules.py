@@ -2,9 +2,10 @@
 
 Each case is one set of request fields, sent through the SDK's `encode_request` (which raises
 `InvalidRequestError`) and, as wire tensors, through the server's decoder `decode_request`
-(which raises `RequestError`): both must give the same verdict, word for word. The range cases are generated
-from the table itself, at both ends of every range: a value just outside is refused with the
-table's message by both sides, a value just inside is refused by neither for its range.
+(which raises `RequestError`): both must give the same verdict, word for word. The range cases
+are generated from the table itself, at both ends of every range: a value just outside is
+refused with the table's message by both sides, a value just inside is refused by neither for
+its range.
 """
 
 from __future__ import annotations

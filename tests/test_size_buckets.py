@@ -16,11 +16,9 @@ from cases import make_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdserve_client.canvas import Extension, build_canvas, plan_bands
 from sdserve_pipeline.generation import GenerationLoop
 from sdserve_pipeline.images import pad_to
-from sdserve_pipeline.outpaint import OutpaintSettings, band_side, outpaint
-from sdserve_pipeline.request import GenerationParams, Limits, RequestError
+from sdserve_pipeline.outpaint import band_side, outpaint
 from sdserve_pipeline.service import PipelineService
 from sdserve_pipeline.sizing import (
     SizeBucketError,
@@ -29,6 +27,10 @@ from sdserve_pipeline.sizing import (
     padded_size,
     snap_to_bucket,
 )
+from sdserve_protocol.canvas import Extension, build_canvas, plan_bands
+from sdserve_protocol.contract import GenerationParams
+from sdserve_protocol.rules import Limits, RequestError
+from sdserve_protocol.settings import OutpaintSettings
 from sdserve_protocol.sizes import SizeBucket, format_buckets, parse_buckets
 
 # (height, width) buckets for the tiny demo (native 128²), as a TensorRT variant would have.

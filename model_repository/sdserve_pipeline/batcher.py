@@ -50,8 +50,8 @@ from sdserve_pipeline.admission import MemoryBudget, MemoryModel, denoising_step
 from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.generation import Job
 from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
-from sdserve_pipeline.request import GenerationParams
 from sdserve_pipeline.service import PipelineService, wire_outputs
+from sdserve_protocol.contract import GenerationParams
 
 __all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout", "generate_all"]
 

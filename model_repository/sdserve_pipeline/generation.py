@@ -39,9 +39,9 @@ from sdserve_pipeline.images import (
     preprocess_image,
     preprocess_mask,
 )
-from sdserve_pipeline.request import GenerationParams
 from sdserve_pipeline.schedulers import make_scheduler
 from sdserve_pipeline.sizing import Sizing
+from sdserve_protocol.contract import GenerationParams
 
 
 @dataclass(frozen=True)

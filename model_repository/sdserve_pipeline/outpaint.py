@@ -1,7 +1,7 @@
 """Outpainting: the canvas, one inpainting run per band, the seamless composite.
 
 The canvas geometry (placement, pre-fill, overlap band, band plan, seam weights) lives in
-`sdserve_client.canvas`, shared with the SDK so clients can inspect exactly what the server
+`sdserve_protocol.canvas`, shared with the SDK so clients can inspect exactly what the server
 builds. Here each band is an ordinary inpainting request on a window of the canvas, so a
 canvas that fits the model's native size is one run that equals diffusers' inpainting of
 that canvas and mask.
@@ -16,12 +16,15 @@ set above every bucket.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 
-from sdserve_client.canvas import (
+from sdserve_pipeline.generation import GenerationLoop
+from sdserve_pipeline.images import composite
+from sdserve_pipeline.sizing import largest_square_side
+from sdserve_protocol.canvas import (
     Extension,
     Window,
     band_mask,
@@ -29,27 +32,9 @@ from sdserve_client.canvas import (
     plan_bands,
     seam_alpha,
 )
-from sdserve_pipeline.generation import GenerationLoop
-from sdserve_pipeline.images import composite
-from sdserve_pipeline.request import GenerationParams
-from sdserve_pipeline.sizing import largest_square_side
+from sdserve_protocol.contract import GenerationParams
+from sdserve_protocol.settings import OutpaintSettings
 from sdserve_protocol.sizes import SizeBucket
-
-
-@dataclass(frozen=True)
-class OutpaintSettings:
-    """Args:
-    native: largest band side in pixels (the model's working size: 512 for SD 1.5).
-    overlap: depth in pixels of the band regenerated inside the original, for a seamless edge.
-    context: known pixels each band includes to condition on what is already there.
-    fill: how the new area is pre-filled from the border (`edge` or `blur`).
-    """
-
-    native: int = 512
-    overlap: int = 16
-    context: int = 128
-    fill: str = "edge"
-
 
 LATENT_GRID = 8  # `plan_bands` needs a band side that is a multiple of 8
 

@@ -7,26 +7,21 @@ and benchmarks run in-process (with ONNX Runtime runners), from the same paramet
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from sdserve_client.rules import limits_from_parameters
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import ComponentSpec, components_for
 from sdserve_pipeline.executor import Runner
 from sdserve_pipeline.generation import Components, GenerationLoop
-from sdserve_pipeline.outpaint import OutpaintSettings, outpaint
-from sdserve_pipeline.request import (
-    GenerationParams,
-    Limits,
-    RequestError,
-    parse_request,
-)
-from sdserve_pipeline.schedulers import SCHEDULER_NAMES, served_schedulers
-from sdserve_protocol.sizes import parse_buckets
+from sdserve_pipeline.outpaint import outpaint
+from sdserve_protocol.contract import GenerationParams, decode_request
+from sdserve_protocol.rules import Limits, RequestError
+from sdserve_protocol.settings import SCHEDULER_NAMES, OutpaintSettings, PipelineSettings
 
 # Makes a runner for a component: (its spec, the Triton model name serving it) → callable.
 RunnerFactory = Callable[[ComponentSpec, str], Runner]
@@ -52,32 +47,37 @@ class PipelineService:
         self.schedulers = tuple(schedulers)
 
     @classmethod
-    def from_parameters(
-        cls, params: Mapping[str, str], assets_dir: str | Path, make_runner: RunnerFactory
+    def from_settings(
+        cls, settings: PipelineSettings, assets_dir: str | Path, make_runner: RunnerFactory
     ) -> PipelineService:
-        """Build from a pipeline config's parameters (see `triton_configs.pipeline_config`)."""
+        """Build from a pipeline model's settings (its config's parameters, read with
+        `PipelineSettings.from_parameters`) and its assets folder.
+
+        Raises:
+            ValueError: the settings name another architecture than the checkpoint's.
+        """
         assets = PipelineAssets.load(assets_dir)
-        specs = components_for(assets.facts.architecture)
+        facts = assets.facts
+        if settings.architecture and settings.architecture != facts.architecture:
+            raise ValueError(
+                f"parameter architecture: {settings.architecture!r}, but the checkpoint in "
+                f"{assets_dir} is {facts.architecture!r}"
+            )
+        specs = components_for(facts.architecture)
         runners = {
-            spec.name: make_runner(spec, params.get(f"{spec.name}_model", spec.name))
-            for spec in specs
+            spec.name: make_runner(spec, settings.component_model(spec.name)) for spec in specs
         }
         loop = GenerationLoop(
             Components(**runners),
             assets,
-            feather_radius=int(params.get("feather_radius", 4)),
-            max_rows={spec.name: int(params.get(f"max_{spec.name}_batch", 0)) for spec in specs},
-            size_buckets=parse_buckets(params.get("size_buckets", "")),
+            feather_radius=settings.feather_radius,
+            max_rows={spec.name: settings.max_batch.get(spec.name, 0) for spec in specs},
+            size_buckets=settings.size_buckets,
         )
-        outpaint_settings = OutpaintSettings(
-            native=int(params.get("outpaint_native", loop.facts.default_size)),
-            overlap=int(params.get("outpaint_overlap", OutpaintSettings.overlap)),
-            context=int(params.get("outpaint_context", OutpaintSettings.context)),
-            fill=params.get("outpaint_fill", OutpaintSettings.fill),
-        )
-        return cls(
-            loop, limits_from_parameters(params), outpaint_settings, served_schedulers(params)
-        )
+        outpaint_settings = settings.outpaint
+        if not outpaint_settings.native:
+            outpaint_settings = replace(outpaint_settings, native=facts.default_size)
+        return cls(loop, settings.limits, outpaint_settings, settings.schedulers)
 
     def parse(self, inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationParams:
         """Wire inputs → validated parameters.
@@ -86,9 +86,9 @@ class PipelineService:
             RequestError: a bad input, before any model call.
         """
         facts = self.loop.facts
-        params = parse_request(
-            dict(inputs), self.limits, facts.default_size, facts.default_strength,
-            self.schedulers,
+        params = decode_request(
+            inputs, self.limits, default_size=facts.default_size,
+            default_strength=facts.default_strength, schedulers=self.schedulers,
         )  # fmt: skip
         self.loop.sizing.check(params)  # larger than every size bucket: RequestError here
         return params

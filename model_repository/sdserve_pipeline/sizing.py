@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from sdserve_pipeline.request import GenerationParams, RequestError
+from sdserve_protocol.contract import GenerationParams
+from sdserve_protocol.rules import RequestError
 from sdserve_protocol.sizes import SizeBucket, format_buckets
 
 
