@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import pytest
-
 from cases import make_case, max_abs, served
 
 GOLDEN = Path(__file__).parent / "data" / "golden_images.npz"

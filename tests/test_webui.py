@@ -10,8 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from sdserve_protocol.rules import Limits
-from sdserve_protocol.settings import PIPELINE_ROLES, SCHEDULER_NAMES
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
@@ -20,6 +18,8 @@ from sdserve_client import InvalidRequestError, SdserveError
 from sdserve_client.webui import callbacks as cb
 from sdserve_client.webui import server_info as si
 from sdserve_client.webui.backend import Backend, ServerStatus
+from sdserve_protocol.rules import Limits
+from sdserve_protocol.settings import PIPELINE_ROLES, SCHEDULER_NAMES
 
 # --- fakes ------------------------------------------------------------------------------------
 
