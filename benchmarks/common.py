@@ -550,10 +550,10 @@ def sd15_text_encoder() -> CLIPTextModel:
     """CLIP ViT-L/14's text tower, as SD 1.5 uses it (123 M parameters)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdserve_export.clip_tokenizer import VOCAB_SIZE
+    from sdserve_pipeline.components import CLIP_VOCAB_SIZE
 
     config = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,

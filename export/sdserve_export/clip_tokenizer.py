@@ -14,10 +14,10 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from sdserve_pipeline.components import CLIP_VOCAB_SIZE as VOCAB_SIZE
+from sdserve_pipeline.components import CLIP_VOCAB_SIZE
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # byte tokens, byte</w> tokens, start/end of text
+N_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # byte tokens, byte</w> tokens, start/end of text
 
 
 def bpe_vocab_path() -> Path:

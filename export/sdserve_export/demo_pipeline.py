@@ -22,7 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdserve_export.clip_tokenizer import VOCAB_SIZE, clip_tokenizer
+from sdserve_export.clip_tokenizer import clip_tokenizer
+from sdserve_pipeline.components import CLIP_VOCAB_SIZE
 
 DEFAULT_FOLDER = Path("build/demo-pipeline")
 DEFAULT_XL_FOLDER = Path("build/demo-pipeline-xl")
@@ -70,7 +71,7 @@ def tiny_text_config(
     hidden_act: str = "quick_gelu", pad_token_id: int = 49407,
 ) -> CLIPTextConfig:  # fmt: skip
     return CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
