@@ -717,6 +717,21 @@ def test_the_models_image_and_canvas_limits_are_checked_before_inference() -> No
     assert [method for method, _ in fake.calls][-2:] == ["infer", "infer"]
 
 
+def test_the_models_schedulers_are_checked_before_inference() -> None:
+    """The served `schedulers` list, as the server reads it (a newer server's names too)."""
+    fake = FakeTriton(1, parameters={"schedulers": "DDIM, warp_drive"})
+    client = InpaintClient(model="inpaint", client=fake)
+    with pytest.raises(InvalidRequestError) as err:
+        client.text_to_image("a cat", scheduler="euler")
+    assert (
+        err.value.message == "scheduler: 'euler' is unknown to this model; valid: ddim, warp_drive"
+    )
+    assert [method for method, _ in fake.calls] == ["get_model_config"]  # never inferred
+    client.text_to_image("a cat", scheduler="warp_drive")  # unknown to this SDK, served there
+    client.text_to_image("a cat", scheduler=" Ddim")
+    assert [method for method, _ in fake.calls][-2:] == ["infer", "infer"]
+
+
 @pytest.fixture(autouse=True)
 def _no_admin_key_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)

@@ -678,7 +678,7 @@ def test_specs_declare_the_rows_the_pipeline_sends(
 
 def test_batch_coverage_reports_requests_engines_would_reject(repository: Path) -> None:
     source = built_repository.read_repository(repository)
-    max_images = int(source.pipelines[0].parameters["limit_max_images"])
+    max_images = source.pipelines[0].settings.limits.max_images
     wide = {  # cross-request UNet calls are split at max_unet_batch: one request must fit
         "unet": (2, 2, 2 * max_images),
         "vae_decoder": (1, 1, max_images),
@@ -932,11 +932,15 @@ def test_pipeline_buckets_come_from_the_plans(xl_repository: Path, tmp_path: Pat
     plans["xl_unet"] = gpu_variant.EnginePlan(
         plans["xl_unet"].path, plans["xl_unet"].profiles, (2, 4, 16)
     )
-    parameters = gpu_variant.tensorrt_pipeline_parameters(xl, plans)
-    assert parameters["max_unet_batch"] == "16"  # the plan's batch, not the spec's
-    assert parameters["max_vae_decoder_batch"] == "4"
-    assert parameters["max_text_encoder_2_batch"] == str(TEXT_ENCODER_2.trt_batch[2])
-    assert parse_buckets(parameters["size_buckets"]) == ((896, 1152), (1024, 1024))
+    settings = gpu_variant.tensorrt_pipeline_settings(xl.settings, xl, plans)
+    assert settings.max_batch["unet"] == 16  # the plan's batch, not the spec's
+    assert settings.max_batch["vae_decoder"] == 4
+    assert settings.max_batch["text_encoder_2"] == TEXT_ENCODER_2.trt_batch[2]
+    assert settings.size_buckets == ((896, 1152), (1024, 1024))
+    parameters = settings.to_parameters()
+    assert (
+        parameters["max_unet_batch"] == "16" and parameters["size_buckets"] == "1152x896,1024x1024"
+    )
 
     plans["xl_vae_encoder"] = gpu_variant.EnginePlan(plans["xl_vae_encoder"].path, ("640x1536",))
     with pytest.raises(built_repository.RepositoryError, match="share no size bucket"):

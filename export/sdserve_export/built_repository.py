@@ -1,8 +1,9 @@
 """Reading a model repository written by `build_repository`: its pipelines and components.
 
-A pipeline model is recognised by its `<role>_model` parameters (the roles every
-architecture shares); its architecture (`pipeline.json` in its assets) gives the specs of
-its components, whose checkpoint-fixed dims are read back from their configs.
+A pipeline model is recognised by its parameters (`sdserve_protocol.settings.is_pipeline`:
+they name a model for every role all architectures share); its architecture (`pipeline.json`
+in its assets) gives the specs of its components, whose checkpoint-fixed dims are read back
+from their configs.
 """
 
 from __future__ import annotations
@@ -19,17 +20,15 @@ from sdserve_export.triton_configs import parse_pbtxt
 from sdserve_pipeline.assets import ASSETS_DIR, PIPELINE_JSON, VERSION
 from sdserve_pipeline.components import (
     COMPONENTS_BY_ARCHITECTURE,
-    SD15_COMPONENTS,
     ComponentSpec,
     components_for,
 )
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
+from sdserve_protocol.settings import PipelineSettings, is_pipeline
 
 CONFIG_FILE = "config.pbtxt"
-# Component roles of every architecture (`text_encoder_2` is SDXL's); a pipeline model is
-# recognised by the roles all architectures share.
+# Component roles of every architecture (`text_encoder_2` is SDXL's).
 ROLES = frozenset(s.name for specs in COMPONENTS_BY_ARCHITECTURE.values() for s in specs)
-SHARED_ROLES = tuple(s.name for s in SD15_COMPONENTS)
 
 
 class RepositoryError(RuntimeError):
@@ -64,7 +63,7 @@ class PipelineModel:
     Args:
         name: Triton model name (`inpaint`).
         components: role (`unet`, ...) → component model name, from its `<role>_model` parameters.
-        parameters: all its config parameters.
+        settings: its config parameters (`PipelineSettings`).
         vae_scale_factor: pixels per latent, from its assets.
         vae_scaling_factor: the VAE's latent scaling factor, from its assets.
         default_size: the checkpoint's native image size, from its assets.
@@ -75,7 +74,7 @@ class PipelineModel:
 
     name: str
     components: Mapping[str, str]
-    parameters: Mapping[str, str]
+    settings: PipelineSettings
     vae_scale_factor: int
     vae_scaling_factor: float
     default_size: int
@@ -117,7 +116,7 @@ def read_repository(root: Path) -> Repository:
     pipelines = tuple(
         _pipeline_model(root, name, config)
         for name, config in configs.items()
-        if _is_pipeline(config)
+        if is_pipeline(_parameters(config))
     )
     if not pipelines:
         raise RepositoryError(f"{root} has no pipeline model (no config with *_model parameters)")
@@ -133,12 +132,16 @@ def read_repository(root: Path) -> Repository:
     return Repository(root, pipelines, tuple(components.values()), others)
 
 
-def _is_pipeline(config: mc.ModelConfig) -> bool:
-    return all(f"{role}_model" in config.parameters for role in SHARED_ROLES)
+def _parameters(config: mc.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def _pipeline_model(root: Path, name: str, config: mc.ModelConfig) -> PipelineModel:
-    params = {key: value.string_value for key, value in config.parameters.items()}
+    params = _parameters(config)
+    try:
+        settings = PipelineSettings.from_parameters(params)
+    except ValueError as err:
+        raise RepositoryError(f"pipeline {name!r}: {err}") from None
     facts_file = root / name / VERSION / ASSETS_DIR / PIPELINE_JSON
     try:
         facts = json.loads(facts_file.read_text())
@@ -149,13 +152,13 @@ def _pipeline_model(root: Path, name: str, config: mc.ModelConfig) -> PipelineMo
         roles = [spec.name for spec in components_for(architecture)]
     except ValueError as err:
         raise RepositoryError(f"pipeline {name!r}: {err}") from None
-    missing = [f"{role}_model" for role in roles if f"{role}_model" not in params]
+    missing = [f"{role}_model" for role in roles if role not in settings.components]
     if missing:
         raise RepositoryError(f"{architecture} pipeline {name!r} lacks parameters {missing}")
     return PipelineModel(
         name=name,
-        components={role: params[f"{role}_model"] for role in roles},
-        parameters=params,
+        components={role: settings.components[role] for role in roles},
+        settings=settings,
         vae_scale_factor=int(facts["vae_scale_factor"]),
         vae_scaling_factor=float(facts["vae_scaling_factor"]),
         default_size=int(facts["default_size"]),

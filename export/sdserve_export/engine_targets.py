@@ -130,7 +130,7 @@ def batch_coverage_problems(repository: Repository, targets: Sequence[EngineTarg
     by_model = {t.component.name: t for t in targets}
     problems = []
     for pipeline in repository.pipelines:
-        max_images = int(pipeline.parameters.get("limit_max_images", "1"))
+        max_images = pipeline.settings.limits.max_images
         for role, model in pipeline.components.items():
             target = by_model.get(model)
             if target is None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
@@ -49,6 +49,7 @@ from sdserve_export.engine_profiles import is_spatial
 from sdserve_export.triton_configs import component_config, parse_pbtxt, to_pbtxt
 from sdserve_pipeline.assets import VERSION
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
+from sdserve_protocol.settings import PipelineSettings
 from sdserve_protocol.sizes import SizeBucket, format_buckets
 
 ONNXRUNTIME = "onnxruntime_onnx"
@@ -158,36 +159,32 @@ def write_gpu_repository(
     for pipeline in source.pipelines:
         # Admission by memory is calibrated on CPU resident memory; on a GPU the activations
         # live in GPU memory, which the budget does not see: off.
-        parameters = {"memory_budget_mb": "0"}
+        settings = replace(pipeline.settings, memory=replace(pipeline.settings.memory, budget_mb=0))
         if platform == TENSORRT:  # requests must fit the engines' profiles
-            parameters |= tensorrt_pipeline_parameters(pipeline, plans)
-            log(f"[gpu] {pipeline.name}: size_buckets {parameters['size_buckets']}")
-        _set_parameters(staging / pipeline.name / CONFIG_FILE, parameters)
+            settings = tensorrt_pipeline_settings(settings, pipeline, plans)
+            log(f"[gpu] {pipeline.name}: size_buckets {format_buckets(settings.size_buckets)}")
+        _set_parameters(staging / pipeline.name / CONFIG_FILE, settings.to_parameters())
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     log(f"[gpu] repository written to {out}")
     return source
 
 
-def tensorrt_pipeline_parameters(
-    pipeline: PipelineModel, plans: Mapping[str, EnginePlan]
-) -> dict[str, str]:
-    """Pipeline parameters that keep its calls within its engines' profiles.
+def tensorrt_pipeline_settings(
+    settings: PipelineSettings, pipeline: PipelineModel, plans: Mapping[str, EnginePlan]
+) -> PipelineSettings:
+    """`settings` with what keeps the pipeline's calls within its engines' profiles.
 
-    `max_<role>_batch` (every component: `max_unet_batch`, `max_vae_decoder_batch`, ...):
+    `max_batch` (every component, parameters `max_unet_batch`, `max_vae_decoder_batch`, ...):
     calls batched across requests are split to that engine's largest batch.
     `size_buckets`: the sizes every spatial engine of the pipeline has a profile for (read
     from the plans, so the pipeline snaps requests to exactly what the engines accept).
     """
-    max_batches = {}
-    for role, model in pipeline.components.items():
-        plan = plans[model]
-        max_batches[f"max_{role}_batch"] = str((plan.batch or pipeline.spec(role).trt_batch)[2])
-    buckets = served_buckets(pipeline, plans)
-    return {
-        **max_batches,
-        "size_buckets": format_buckets(buckets),
+    max_batch = {
+        role: (plans[model].batch or pipeline.spec(role).trt_batch)[2]
+        for role, model in pipeline.components.items()
     }
+    return replace(settings, max_batch=max_batch, size_buckets=served_buckets(pipeline, plans))
 
 
 def served_buckets(
