@@ -42,6 +42,7 @@ from typing import final
 from sdserve_pipeline.healing import STUB_NAME, StubWatchdog
 from sdserve_pipeline.server_security import AdminKey, TlsConfig, resolve_admin_key
 from sdserve_pipeline.triton_control import ControlClient, ControlError
+from sdserve_protocol.settings import config_parameters, is_pipeline
 
 DEFAULT_HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -735,7 +736,7 @@ class TritonServer:
                 m.name
                 for m in control.index()
                 if m.state == "READY"
-                and "max_active_requests" in control.model_config(m.name).get("parameters", {})
+                and is_pipeline(config_parameters(control.model_config(m.name)))
             ]
             for name in names:
                 control.unload(name)  # returns at once; the model unloads when idle
