@@ -29,6 +29,8 @@ from sdserve_protocol.metrics import (
 pytestmark = pytest.mark.e2e
 PROMPT = "a red bicycle"
 WAIT_S = 120  # only a hang fails on it
+LONG_STEPS = 5000  # cancelled once the others are answered: it must outlast them, even on a
+# loaded machine (150 steps of the tiny demo took under a second too often)
 
 
 def _edit_config(model_dir: Path, **params: str) -> None:
@@ -46,7 +48,8 @@ def server(repository, tmp_path_factory):
     same pipeline calling a VAE decoder that does not exist (every request fails)."""
     repo = tmp_path_factory.mktemp("outcomes") / "repo"
     shutil.copytree(repository, repo)
-    _edit_config(repo / "inpaint", max_active_requests="1", max_queue_size="1")
+    _edit_config(repo / "inpaint", max_active_requests="1", max_queue_size="1",
+                 limit_max_steps=str(LONG_STEPS))  # fmt: skip
     shutil.copytree(repo / "inpaint", repo / "broken")
     _edit_config(repo / "broken", vae_decoder_model="no_such_decoder")
     with served(repo, tmp_path_factory.mktemp("triton-outcomes")) as srv:
@@ -106,7 +109,7 @@ def test_every_outcome_is_counted_once_on_the_metrics_endpoint(server):
     with pytest.raises(InferenceServerException, match="steps"):
         client.infer("inpaint", _request(steps=0))
     # a long request runs; one waits behind it with a 50 ms timeout; the next finds no room
-    long_call = client.async_infer("inpaint", _request(steps=150), answers.callback("long"))
+    long_call = client.async_infer("inpaint", _request(steps=LONG_STEPS), answers.callback("long"))
     deadline = time.monotonic() + WAIT_S
     while metric_value(_metrics(server), OUTSTANDING_STEPS_METRIC, "inpaint") in (None, 0):
         assert time.monotonic() < deadline, "the long request never showed as outstanding"
@@ -116,7 +119,7 @@ def test_every_outcome_is_counted_once_on_the_metrics_endpoint(server):
     answers.wait("full")
     text = _metrics(server)
     outstanding = metric_value(text, OUTSTANDING_STEPS_METRIC, "inpaint")
-    assert outstanding is not None and 2 < outstanding <= 151 + 2  # long's steps left + late's
+    assert outstanding is not None and 2 < outstanding <= LONG_STEPS + 2  # long's left + late's
     assert metric_value(text, PENDING_METRIC, "inpaint") == 1  # late waits
     assert (metric_value(text, MEMORY_RESERVED_METRIC, "inpaint") or 0) > 0
     time.sleep(0.2)  # past late's own timeout (not a timing assertion)
