@@ -25,6 +25,8 @@ import numpy as np
 from onnxruntime.transformers import optimizer
 from onnxruntime.transformers.fusion_options import FusionOptions
 
+from sdserve_export.built_repository import read_repository
+from sdserve_pipeline.components import example_inputs, image_dims
 from sdserve_pipeline.onnx_runtime import create_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,17 +46,22 @@ def optimise(source: Path, out: Path) -> dict[str, int]:
     return {k: int(v) for k, v in model.get_fused_operator_statistics().items()}
 
 
-def time_unet(onnx_file: Path, size: int, reps: int) -> tuple[list[float], np.ndarray]:
-    """Seconds per call (after one warm-up) and the output, on fixed random inputs."""
+def unet_feeds(onnx_file: Path, size: int) -> dict[str, np.ndarray]:
+    """Fixed random inputs of one UNet call (CFG batch 2) at `size`², from the spec of the
+    repository model the file belongs to (`<repository>/<model>/1/model.onnx`)."""
+    model_dir = onnx_file.parent.parent
+    repository = read_repository(model_dir.parent)
+    (model,) = (c for c in repository.components if c.name == model_dir.name)
+    vae_scale = repository.pipeline_of(model.name).vae_scale_factor
+    dims = {**model.sizes, **image_dims(2, size, size, vae_scale)}
+    return example_inputs(model.spec, dims, np.random.default_rng(0))
+
+
+def time_unet(
+    onnx_file: Path, feeds: dict[str, np.ndarray], reps: int
+) -> tuple[list[float], np.ndarray]:
+    """Seconds per call (after one warm-up) and the output, on `feeds`."""
     session = create_session(onnx_file, allow_spinning=False)
-    hidden = session.get_inputs()[2].shape[2]
-    rng = np.random.default_rng(0)
-    latent = size // 8
-    feeds = {
-        "sample": rng.standard_normal((2, 9, latent, latent), dtype=np.float32),
-        "timestep": np.full((2,), 500, np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
-    }
     output = session.run(None, feeds)[0]
     samples = []
     for _ in range(reps):
@@ -75,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     optimised = ROOT / "build" / "optimised" / args.onnx.parent.parent.parent.name / "unet.onnx"
     fused = optimise(args.onnx, optimised)
-    exported_s, exported_out = time_unet(args.onnx, args.size, args.reps)
-    optimised_s, optimised_out = time_unet(optimised, args.size, args.reps)
+    feeds = unet_feeds(args.onnx, args.size)
+    exported_s, exported_out = time_unet(args.onnx, feeds, args.reps)
+    optimised_s, optimised_out = time_unet(optimised, feeds, args.reps)
     result = {
         "onnx": str(args.onnx),
         "size": args.size,
