@@ -15,9 +15,10 @@ import numpy.typing as npt
 
 from sdserve_pipeline.generation import GenerationLoop
 from sdserve_pipeline.service import PipelineService
+from sdserve_protocol.contract import INPUTS_BY_NAME
+from sdserve_protocol.settings import COMPONENT_ROLES as ROLES
 
 PROMPT = "a red bicycle"
-ROLES = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 
 
 def wire(image=None, mask=None, **controls):
@@ -25,13 +26,11 @@ def wire(image=None, mask=None, **controls):
     tensors = {"prompt": np.array([PROMPT.encode()], dtype=object)}
     if image is not None:
         tensors |= {"image": image, "mask": mask, "preserve_unmasked": np.array([False])}
-    dtypes = {"steps": np.int32, "seed": np.int64, "num_images": np.int32, "height": np.int32,
-              "width": np.int32, "guidance_scale": np.float32, "strength": np.float32}  # fmt: skip
     for name, value in controls.items():
-        if name == "scheduler":
+        if isinstance(value, str):
             tensors[name] = np.array([value.encode()], dtype=object)
-        else:
-            tensors[name] = np.array([value], dtype=dtypes[name])
+        else:  # the contract's dtype; outpaint's four sides, any other a scalar
+            tensors[name] = np.array(value, INPUTS_BY_NAME[name].numpy_dtype).reshape(-1)
     return tensors
 
 

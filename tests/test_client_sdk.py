@@ -59,6 +59,7 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "scheduler": (np.object_, "BYTES", (1,)),
     "num_images": (np.int32, "INT32", (1,)),
     "preserve_unmasked": (np.bool_, "BOOL", (1,)),
+    "mask_blur": (np.int32, "INT32", (1,)),
 }
 
 
@@ -83,6 +84,7 @@ def full_request() -> GenerationRequest:
         scheduler="ddim",
         num_images=2,
         preserve_unmasked=False,
+        mask_blur=0,  # a blur > 0 applies to inpainting, not outpainting
     )
 
 
@@ -620,6 +622,39 @@ def test_cli_inpaint_writes_one_png_per_image(
     assert set(np.unique(sent["mask"]).tolist()) == {255}
     assert "strength" not in sent
     assert "scheduler" not in sent
+
+
+def test_cli_inpaint_sends_the_mask_blur(files: tuple[Path, Path], tmp_path: Path) -> None:
+    image, mask = files
+    factory = Factory(FakeTriton())
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    argv += ["--mask-blur", "6", "--out", str(tmp_path / "o.png")]
+    assert cli.main(argv, client_factory=factory) == 0
+    assert decode(factory.fake.sent["mask_blur"]).tolist() == [6]
+
+
+def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path: Path) -> None:
+    """A photo stored sideways with EXIF orientation 6 ("rotate 90° clockwise to show") is
+    sent as it is shown, and its mask drawn on the shown photo matches it."""
+    stored = rgb(4, 6)
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # Orientation
+    path = tmp_path / "photo.png"
+    photo.save(path, exif=exif.tobytes())
+    with Image.open(path) as loaded:
+        assert loaded.size == (6, 4)  # as stored
+        shown = to_rgb_array(loaded)
+    assert np.array_equal(shown, np.rot90(stored, k=-1))  # (6, 4, 3): turned clockwise
+    request = GenerationRequest("p", image=Image.open(path), mask=np.full((6, 4), 255, np.uint8))
+    assert encode_request(request)["image"].shape == (6, 4, 3)
+
+
+def test_sixteen_bit_images_keep_their_top_eight_bits() -> None:
+    wide = Image.fromarray(np.array([[0, 65535], [256, 32768]], dtype=np.uint16))
+    assert wide.mode.startswith("I;16")
+    assert to_mask_array(wide).tolist() == [[0, 255], [1, 128]]
+    assert to_rgb_array(wide)[..., 1].tolist() == [[0, 255], [1, 128]]
 
 
 def test_cli_inpaint_defaults(files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:

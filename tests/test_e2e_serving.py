@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from cases import diffusers_inpaint, make_case, max_abs, served
+from helpers import wire
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from sdserve_client import InpaintClient, SdserveError
@@ -176,6 +177,18 @@ def test_served_schedulers_match_in_process(combined_server, service, scheduler)
         "preserve_unmasked": np.array([False]),
     })  # fmt: skip
     assert max_abs(served.arrays[0], local["images"][0]) <= 1
+
+
+def test_served_mask_blur_matches_in_process_and_is_diffusers_blur(combined_server, service):
+    """The CLI's `--mask-blur` reaches the server, which blurs the mask as diffusers does
+    (parity with diffusers: test_generation_controls)."""
+    image, mask = make_case(64, 64, seed=14)
+    with InpaintClient(combined_server.grpc_url) as client:
+        served = client.inpaint(image, mask, "a red bicycle", steps=4, seed=6, mask_blur=9,
+                                preserve_unmasked=False).arrays[0]  # fmt: skip
+    local = service.generate(wire(image, mask, steps=4, seed=6, mask_blur=9))["images"][0]
+    unblurred = service.generate(wire(image, mask, steps=4, seed=6))["images"][0]
+    assert max_abs(served, local) <= 1 and max_abs(served, unblurred) > 2
 
 
 def test_served_num_images_two_each_reproducible(combined_server):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import Spy, wire
+from PIL import Image
 
 from sdserve_pipeline.batcher import generate_all
 from sdserve_pipeline.inprocess import load_service
@@ -34,6 +35,19 @@ def test_each_scheduler_matches_diffusers(service, fresh_scheduler, name):
     ours = service.generate(wire(image, mask, steps=8, seed=11, scheduler=name))["images"][0]
     reference = diffusers_inpaint(pipe, image, mask, seed=11, steps=8)
     assert max_abs(ours, reference) <= 2
+
+
+@pytest.mark.parametrize("radius", [3, 9])
+def test_mask_blur_is_diffusers_inpainting_of_the_blurred_mask(service, diffusers_pipe, radius):
+    """`mask_blur` = diffusers' `mask_processor.blur` of the mask, then the same pipeline."""
+    image, mask = make_case(64, 64, seed=6)
+    ours = service.generate(wire(image, mask, steps=6, seed=3, mask_blur=radius))["images"][0]
+    blurred = diffusers_pipe.mask_processor.blur(Image.fromarray(mask), blur_factor=radius)
+    reference = diffusers_inpaint(diffusers_pipe, image, np.asarray(blurred), seed=3, steps=6)
+    assert max_abs(ours, reference) <= 2
+    if radius == 9:  # it changes what is regenerated (the corners of the box are rounded)
+        plain = service.generate(wire(image, mask, steps=6, seed=3))["images"][0]
+        assert max_abs(ours, plain) > 2
 
 
 def test_karras_variants_use_karras_sigmas(service):

@@ -85,6 +85,8 @@ def context(name: str, value: Any) -> dict[str, Any]:
         return {**text_to_image, "num_images": LIMITS.max_images, "seed": value}
     if name == "outpaint":
         return {**text_to_image, "image": rgb(), "outpaint": (value, 0, 0, 1)}
+    if name == "mask_blur":
+        return {**inpaint, "mask_blur": value}
     return {**text_to_image, name: value}
 
 
@@ -183,6 +185,10 @@ RELATIONS = [
                  f"seed: {rules.MAX_SEED} out of range [0, {rules.MAX_SEED - 1}]",
                  id="seed-overflows-with-two-images"),
     pytest.param({"prompt": "x" * 65}, "prompt: 65 bytes given, at most 64", id="prompt-bytes"),
+    pytest.param({**PROMPT, "mask_blur": 4}, "mask_blur: applies to inpainting",
+                 id="mask-blur-without-mask"),
+    pytest.param({**PROMPT, "image": rgb(), "outpaint": (8, 0, 0, 0), "mask_blur": 4},
+                 "mask_blur: applies to inpainting", id="mask-blur-outpainting"),
     pytest.param({**PROMPT, "negative_prompt": "é" * 33}, "negative_prompt: 66 bytes given",
                  id="negative-prompt-bytes"),
     pytest.param({**INPAINT, "strength": 0.015625}, "strength: 0.015625 leaves no denoising step "

@@ -240,6 +240,16 @@ def test_run_inpaint_sends_image_mask_and_options_and_returns_seeded_gallery():
     assert generation.summary == "**inpaint**: 2 images of 64×48 · seeds `7`, `8`"
 
 
+def test_run_inpaint_sends_a_mask_blur_only_when_set():
+    client = FakeGenerator()
+    layer = rgba(48, 64, (slice(8, 16), slice(8, 16)))
+    cb.run_inpaint(client, cb.Settings("p"), editor(IMAGE, layer), mask_blur=12.0)
+    cb.run_inpaint(client, cb.Settings("p"), editor(IMAGE, layer), mask_blur=0)
+    assert [options.get("mask_blur") for *_, options in client.calls] == [12, None]
+    with pytest.raises(cb.UIError, match="mask blur must be a whole number >= 0"):
+        cb.run_inpaint(client, cb.Settings("p"), editor(IMAGE, layer), mask_blur=2.5)
+
+
 def test_run_outpaint_and_text_to_image():
     client = FakeGenerator()
     settings = cb.Settings("sky", steps=2)

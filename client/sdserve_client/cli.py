@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint = commands.add_parser("inpaint", parents=[generation], help="inpaint an image")
     inpaint.add_argument("--image", required=True, type=Path, help="input image file")
     inpaint.add_argument("--mask", required=True, type=Path, help="mask file (white=regenerate)")
+    inpaint.add_argument(
+        "--mask-blur", type=int, metavar="PIXELS",
+        help="Gaussian blur radius applied to the mask first (diffusers' mask_processor.blur)",
+    )  # fmt: skip
 
     outpaint = commands.add_parser("outpaint", parents=[generation], help="extend an image")
     outpaint.add_argument("--image", required=True, type=Path, help="input image file")
@@ -180,6 +184,7 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "scheduler": args.scheduler,
         "num_images": args.num_images,
         "preserve_unmasked": args.preserve_unmasked,
+        "mask_blur": getattr(args, "mask_blur", None),  # inpaint only
     }
     connection = {**_connection(args), "model": args.model, "retry_started": args.retry_started}
     with client_factory(**connection) as client:

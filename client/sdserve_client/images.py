@@ -6,7 +6,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import InvalidRequestError
 
@@ -22,14 +22,15 @@ def to_rgb_array(image: ImageLike) -> npt.NDArray[np.uint8]:
 
     Args:
         image (`PIL.Image.Image` or `np.ndarray`):
-            A PIL image of any mode (converted to RGB; alpha is dropped), or a uint8 array of
-            shape (H, W, 3) holding RGB.
+            A PIL image of any mode (turned upright by its EXIF orientation, 16-bit samples
+            scaled to 8 bits, converted to RGB; alpha is dropped), or a uint8 array of shape
+            (H, W, 3) holding RGB.
 
     Returns:
         `np.ndarray`: a C-contiguous uint8 array of shape (H, W, 3).
     """
     if isinstance(image, Image.Image):
-        array = np.asarray(_convert(image, "RGB", "image"))
+        array = np.asarray(_convert(_upright_8bit(image), "RGB", "image"))
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise InvalidRequestError(f"image array must have dtype uint8, got {image.dtype}")
@@ -49,7 +50,8 @@ def to_mask_array(mask: MaskLike) -> npt.NDArray[np.uint8]:
 
     Args:
         mask (`PIL.Image.Image` or `np.ndarray`):
-            A PIL image of any mode (converted to "L"), a uint8 array of shape (H, W), a bool
+            A PIL image of any mode (upright and 8-bit as an image, converted to "L"), a uint8
+            array of shape (H, W), a bool
             array of shape (H, W) (`True` becomes 255), or an array of shape (H, W, 1) or
             (H, W, 3) reduced to one channel the way PIL converts RGB to "L".
 
@@ -57,7 +59,7 @@ def to_mask_array(mask: MaskLike) -> npt.NDArray[np.uint8]:
         `np.ndarray`: a C-contiguous uint8 array of shape (H, W).
     """
     if isinstance(mask, Image.Image):
-        array = np.asarray(_convert(mask, "L", "mask"))
+        array = np.asarray(_convert(_upright_8bit(mask), "L", "mask"))
     elif isinstance(mask, np.ndarray):
         array = _mask_from_array(mask)
     else:
@@ -80,6 +82,21 @@ def _mask_from_array(mask: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
             f"mask array must have shape (H, W), (H, W, 1) or (H, W, 3), got {tuple(mask.shape)}"
         )
     return mask
+
+
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # one channel, more than 8 bits
+
+
+def _upright_8bit(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (phone photos are
+    often stored sideways with a tag saying so), 16-bit samples scaled to 8 bits."""
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode not in _WIDE_MODES:
+        return upright
+    samples = np.asarray(upright).astype(np.uint32)
+    if samples.max(initial=0) > 255:  # 16-bit values: keep the top 8 bits
+        samples >>= 8
+    return Image.fromarray(samples.astype(np.uint8), mode="L")
 
 
 def _convert(image: Image.Image, mode: str, name: str) -> Image.Image:

@@ -51,6 +51,9 @@ class GenerationRequest:
         num_images (`int`, *optional*): images per prompt (server default 1).
         preserve_unmasked (`bool`, *optional*):
             Paste the input's pixels back outside the mask (server default `True`).
+        mask_blur (`int`, *optional*):
+            Gaussian blur radius in pixels applied to the mask before inpainting, as
+            diffusers' `VaeImageProcessor.blur` (server default 0: none). Inpainting only.
     """
 
     prompt: str
@@ -68,6 +71,7 @@ class GenerationRequest:
     scheduler: str | None = None
     num_images: int | None = None
     preserve_unmasked: bool | None = None
+    mask_blur: int | None = None
 
 
 def encode_request(
@@ -160,7 +164,7 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images", "seed"):
+    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur"):
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

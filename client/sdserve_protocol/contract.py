@@ -24,6 +24,7 @@ from .rules import (
     DEFAULT_STEPS,
     FP32_MAX,
     INT32_MAX,
+    MAX_MASK_BLUR,
     MAX_SEED,
     SIDES,
     Limits,
@@ -99,6 +100,8 @@ INPUTS: tuple[WireInput, ...] = (
     WireInput("num_images", "INT32", (1,), default=DEFAULT_NUM_IMAGES,
               rule=Range("num_images", 1, INT32_MAX, "max_images")),
     WireInput("preserve_unmasked", "BOOL", (1,), default=True),
+    WireInput("mask_blur", "INT32", (1,), default=0,
+              rule=Range("mask_blur", 0, MAX_MASK_BLUR)),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -130,6 +133,8 @@ class GenerationParams:
         num_images: images per request.
         preserve_unmasked: paste input pixels back outside the mask.
         outpaint: pixels added (left, top, right, bottom), or None.
+        mask_blur: Gaussian blur radius in pixels applied to the mask before it is used
+            (diffusers' `VaeImageProcessor.blur`); 0: none.
     """
 
     prompt: str
@@ -146,6 +151,7 @@ class GenerationParams:
     num_images: int = DEFAULT_NUM_IMAGES
     preserve_unmasked: bool = True
     outpaint: tuple[int, int, int, int] | None = None
+    mask_blur: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -289,6 +295,9 @@ def _relate(
         seed = check_seed(values["seed"], num_images)
     else:
         seed = secrets.randbelow(MAX_SEED - num_images + 1)
+    mask_blur = values.get("mask_blur", 0)
+    if mask_blur and (mask is None or outpaint is not None):
+        raise RequestError("mask_blur", "applies to inpainting: an image and its mask")
     scheduler = values.get("scheduler")
     if scheduler is not None:
         scheduler = scheduler.strip().lower()
@@ -305,5 +314,5 @@ def _relate(
         height=height or 0, width=width or 0,
         steps=steps, guidance_scale=values.get("guidance_scale", defaults["guidance_scale"]),
         strength=strength, seed=seed, scheduler=scheduler, num_images=num_images,
-        preserve_unmasked=values.get("preserve_unmasked", True),
+        preserve_unmasked=values.get("preserve_unmasked", True), mask_blur=mask_blur,
     )  # fmt: skip

@@ -33,6 +33,9 @@ DEFAULT_NUM_IMAGES = 1
 DEFAULT_GUIDANCE_SCALE = 7.5
 """Classifier-free guidance of a request that gives none."""
 
+MAX_MASK_BLUR = 256
+"""Largest `mask_blur` radius in pixels (a Gaussian blur's cost grows with it)."""
+
 SIDES = ("left", "top", "right", "bottom")
 """Order of the four `outpaint` values."""
 

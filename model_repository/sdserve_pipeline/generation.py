@@ -32,6 +32,7 @@ from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
 from sdserve_pipeline.images import (
     Processors,
+    blur_mask,
     composite,
     feather_alpha,
     pad_to,
@@ -343,8 +344,11 @@ class GenerationLoop:
         if params.image is None or params.mask is None:
             return torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
         image = preprocess_image(self.processors, pad_to(params.image, height, width))
-        mask = preprocess_mask(self.processors, pad_to(params.mask, height, width))
-        return image, mask
+        mask = params.mask
+        if params.mask_blur:  # at the request's size, as a diffusers user blurs their mask
+            mask = blur_mask(self.processors, mask, params.mask_blur)
+        mask_tensor = preprocess_mask(self.processors, pad_to(mask, height, width))
+        return image, mask_tensor
 
     def encode_image(
         self, image: torch.Tensor, generators: list[torch.Generator]

@@ -16,7 +16,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageFilter
 
-MASK_THRESHOLD = 128  # uint8 mask values >= this are regenerated (diffusers binarises at 0.5)
+from sdserve_protocol.canvas import MASK_THRESHOLD  # diffusers binarises at 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,15 @@ def preprocess_image(processors: Processors, image: npt.NDArray[np.uint8]) -> to
     pil = Image.fromarray(image, mode="RGB")
     out = processors.image.preprocess(pil, height=height, width=width)
     return out.to(dtype=torch.float32)
+
+
+def blur_mask(
+    processors: Processors, mask: npt.NDArray[np.uint8], radius: int
+) -> npt.NDArray[np.uint8]:
+    """(H, W) uint8 mask, Gaussian-blurred by diffusers' `VaeImageProcessor.blur` (a request's
+    `mask_blur`; diffusers' inpainting pipelines then binarise it as any mask)."""
+    blurred = processors.mask.blur(Image.fromarray(mask, mode="L"), radius)
+    return np.asarray(blurred, dtype=np.uint8)
 
 
 def preprocess_mask(processors: Processors, mask: npt.NDArray[np.uint8]) -> torch.Tensor:

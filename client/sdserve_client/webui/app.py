@@ -140,8 +140,13 @@ def _inpaint_tab() -> Components:
                 format="png",
                 elem_id="inpaint-mask",
             )
+        mask_blur = gr.Slider(
+            0, 64, value=0, step=1, label="Mask blur (pixels)",
+            info="Gaussian blur of the mask before inpainting (diffusers' mask_processor.blur)",
+            elem_id="inpaint-mask-blur",
+        )  # fmt: skip
         button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-generate")
-    return {"editor": editor, "mask": mask, "button": button}
+    return {"editor": editor, "mask": mask, "mask_blur": mask_blur, "button": button}
 
 
 def _outpaint_tab() -> Components:
@@ -283,7 +288,11 @@ def _wire_generation(
     outputs = [results[name] for name in ("gallery", "summary", "images", "seeds", "selected")]
     model, busy = common[0], results["busy"]
     for button, handler, inputs in (
-        (inpaint["button"], handlers.inpaint, [*common, inpaint["editor"], inpaint["mask"]]),
+        (
+            inpaint["button"],
+            handlers.inpaint,
+            [*common, inpaint["editor"], inpaint["mask"], inpaint["mask_blur"]],
+        ),
         (outpaint["button"], handlers.outpaint, [*common, outpaint["image"], *outpaint["sides"]]),
         (t2i["button"], handlers.text_to_image, [*common, t2i["height"], t2i["width"]]),
     ):
@@ -376,11 +385,12 @@ class _Handlers:
         preserve: bool,
         editor: dict[str, Any] | None,
         mask: Any,
+        mask_blur: float = 0,
     ) -> tuple[Any, ...]:
         settings = _settings(
             prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
         )
-        return self._run(model, lambda c: cb.run_inpaint(c, settings, editor, mask))
+        return self._run(model, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur))
 
     def outpaint(
         self,

@@ -307,10 +307,15 @@ def run_inpaint(
     settings: Settings,
     editor: dict[str, Any] | None,
     mask_upload: npt.NDArray[Any] | None = None,
+    mask_blur: float = 0,
 ) -> Generation:
-    """Inpaints the painted (or uploaded) mask of the editor's image."""
+    """Inpaints the painted (or uploaded) mask of the editor's image, its mask blurred by
+    `mask_blur` pixels first (0: not at all)."""
     image, mask = inpaint_inputs(editor, mask_upload)
-    result = client.inpaint(image, mask, settings.prompt, **settings.options(with_image=True))
+    options = settings.options(with_image=True)
+    if blur := _whole("mask blur", mask_blur, low=0):
+        options["mask_blur"] = blur
+    result = client.inpaint(image, mask, settings.prompt, **options)
     return _generation("inpaint", result)
 
 
