@@ -24,8 +24,10 @@ PROMPT = "a red bicycle"
 def wire(image=None, mask=None, **controls):
     """A wire request (the pipeline's input tensors, no batch dim) with `controls`."""
     tensors = {"prompt": np.array([PROMPT.encode()], dtype=object)}
-    if image is not None:
-        tensors |= {"image": image, "mask": mask, "preserve_unmasked": np.array([False])}
+    if image is not None:  # without a mask: image-to-image
+        tensors |= {"image": image, "preserve_unmasked": np.array([False])}
+    if mask is not None:
+        tensors["mask"] = mask
     for name, value in controls.items():
         if isinstance(value, str):
             tensors[name] = np.array([value.encode()], dtype=object)

@@ -123,7 +123,6 @@ BAD_REQUESTS = [
     bad("negative-100kB", "negative_prompt", {**PROMPT, "negative_prompt": text("n" * 100_000)},
         PROMPT_BYTES),
     # image
-    bad("image-without-mask", "mask", {**PROMPT, "image": rgb(64, 64)}),
     bad("image-fp32", "image", {**INPAINT, "image": rgb(64, 64).astype(np.float32)}, "UINT8"),
     bad("image-rank-2", "image", {**INPAINT, "image": gray(64, 64)}),
     bad("image-rgba", "image", {**INPAINT, "image": rgb(64, 64, channels=4)}),

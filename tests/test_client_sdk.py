@@ -633,6 +633,17 @@ def test_cli_inpaint_sends_the_mask_blur(files: tuple[Path, Path], tmp_path: Pat
     assert decode(factory.fake.sent["mask_blur"]).tolist() == [6]
 
 
+def test_cli_img2img_sends_the_image_without_a_mask(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, _ = files
+    factory = Factory(FakeTriton())
+    argv = ["img2img", "--image", str(image), "--prompt", "p", "--strength", "0.6"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 0
+    assert set(factory.fake.sent) == {"prompt", "image", "strength"}
+    assert decode(factory.fake.sent["strength"]).tolist() == [np.float32(0.6)]
+
+
 def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path: Path) -> None:
     """A photo stored sideways with EXIF orientation 6 ("rotate 90° clockwise to show") is
     sent as it is shown, and its mask drawn on the shown photo matches it."""

@@ -191,6 +191,18 @@ def test_served_mask_blur_matches_in_process_and_is_diffusers_blur(combined_serv
     assert max_abs(served, local) <= 1 and max_abs(served, unblurred) > 2
 
 
+@pytest.mark.parametrize("model", ["sd15_base", "inpaint"])
+def test_served_img2img_matches_in_process(combined_server, service, base_service, model):
+    """`img2img` (an image, no mask) on both checkpoints; parity with diffusers:
+    test_four_channel (StableDiffusionImg2ImgPipeline), test_generation_controls (9-channel)."""
+    image, _ = make_case(64, 96, seed=15)
+    with InpaintClient(combined_server.grpc_url, model=model) as client:
+        served = client.img2img(image, "a red bicycle", steps=5, seed=8, strength=0.6)
+    local = {"sd15_base": base_service, "inpaint": service}[model]
+    expected = local.generate(wire(image, steps=5, seed=8, strength=0.6))["images"][0]
+    assert served.seeds == [8] and max_abs(served.arrays[0], expected) <= 1
+
+
 def test_served_num_images_two_each_reproducible(combined_server):
     image, mask = make_case(64, 64, seed=13)
     with InpaintClient(combined_server.grpc_url) as client:

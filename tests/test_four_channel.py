@@ -7,6 +7,9 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import wire
+from PIL import Image
+
+from sdserve_pipeline.schedulers import SCHEDULERS
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +21,46 @@ def diffusers_base(base_pipeline_dir):
     for pipe in (txt2img, inpaint):
         pipe.set_progress_bar_config(disable=True)
     return txt2img, inpaint
+
+
+@pytest.fixture(scope="module")
+def diffusers_img2img(base_pipeline_dir):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(base_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    original = pipe.scheduler
+    yield pipe
+    pipe.scheduler = original
+
+
+@pytest.mark.parametrize(
+    ("strength", "scheduler"), [(0.6, None), (1.0, None), (0.75, "euler_a"), (0.5, "dpmpp_2m")]
+)
+def test_image_to_image_matches_the_img2img_pipeline(
+    base_service, diffusers_img2img, strength, scheduler
+):
+    pipe = diffusers_img2img
+    image, _ = make_case(64, 96, seed=8)
+    controls = {"steps": 8, "seed": 5, "strength": strength}
+    if scheduler is not None:  # euler_a draws from the generator at each step
+        cls, overrides = SCHEDULERS[scheduler]
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+        controls["scheduler"] = scheduler
+    ours = base_service.generate(wire(image, **controls))["images"][0]
+    reference = pipe(
+        "a red bicycle", image=Image.fromarray(image), strength=strength, num_inference_steps=8,
+        generator=torch.Generator().manual_seed(5),
+    ).images[0]  # fmt: skip
+    assert ours.shape == (64, 96, 3)
+    assert max_abs(ours, np.asarray(reference)) <= 2
+
+
+def test_image_to_image_defaults_to_diffusers_img2img_strength(base_service, service):
+    image, mask = make_case(64, 64, seed=8)
+    assert base_service.parse(wire(image)).strength == 0.8  # StableDiffusionImg2ImgPipeline's
+    assert service.parse(wire(image)).strength == 0.8
+    assert service.parse(wire(image, mask)).strength == 1.0  # inpainting: the checkpoint's
 
 
 def test_repository_holds_both_pipelines_apart(combined_repository):

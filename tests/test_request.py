@@ -65,7 +65,8 @@ BAD = [
     ("prompt", {"prompt": text("x" * 65)}),
     ("prompt", {"prompt": np.array([b"a", b"b"], dtype=object)}),
     ("mask", {"mask": np.zeros((40, 47), np.uint8)}),
-    ("mask", {"mask": None}),
+    ("mask_blur", {"mask": None, "mask_blur": i32(4)}),  # image-to-image: no mask to blur
+    ("mask_blur", {"mask_blur": i32(257)}),
     ("mask", {"mask": np.zeros((40, 48), np.float32)}),
     ("image", {"image": np.zeros((40, 48, 4), np.uint8)}),
     ("image", {"image": np.zeros((0, 0, 3), np.uint8), "mask": np.zeros((0, 0), np.uint8)}),
@@ -89,6 +90,13 @@ BAD = [
     ("outpaint", {"outpaint": np.array([8, 0, 0], np.int32)}),
     ("bogus", {"bogus": i32(1)}),
 ]
+
+
+def test_an_image_without_a_mask_is_image_to_image():
+    inputs = {k: v for k, v in good().items() if k != "mask"}
+    params = parse(inputs)
+    assert params.mask is None and params.strength == 0.8  # diffusers' img2img default
+    assert parse({**inputs, "strength": f32(0.5)}).strength == 0.5
 
 
 @pytest.mark.parametrize(("name", "change"), BAD, ids=[f"{n}-{i}" for i, (n, _) in enumerate(BAD)])

@@ -23,7 +23,8 @@ ClientFactory = Callable[..., InpaintClient]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Builds the parser of the `inpaint`, `outpaint`, `txt2img` and `models` commands."""
+    """Builds the parser of the `inpaint`, `outpaint`, `img2img`, `txt2img` and `models`
+    commands."""
     connection = argparse.ArgumentParser(add_help=False)
     connection.add_argument(
         "--url", "--server", dest="url", default="127.0.0.1:8001",
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-canvas", type=Path,
         help="also write the canvas and mask the server builds (PATH and PATH-mask.png)",
     )  # fmt: skip
+
+    img2img = commands.add_parser("img2img", parents=[generation], help="redraw an image")
+    img2img.add_argument("--image", required=True, type=Path, help="input image file")
 
     txt2img = commands.add_parser("txt2img", parents=[generation], help="text to image")
     txt2img.add_argument("--height", type=int)
@@ -192,6 +196,8 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
             result = client.inpaint(_load(args.image), _load(args.mask), args.prompt, **options)
         elif args.command == "outpaint":
             result = _outpaint(client, args, options)
+        elif args.command == "img2img":
+            result = client.img2img(_load(args.image), args.prompt, **options)
         else:
             result = client.text_to_image(args.prompt, args.height, args.width, **options)
     for path, picture, seed in zip(

@@ -37,7 +37,8 @@ class GenerationRequest:
         prompt (`str`): the text to guide generation.
         negative_prompt (`str`, *optional*): text to steer away from (server default `""`).
         image (`PIL.Image.Image` or `np.ndarray`, *optional*):
-            Input image, any PIL mode or uint8 (H, W, 3). Absent: text-to-image.
+            Input image, any PIL mode or uint8 (H, W, 3). Absent: text-to-image; without a
+            mask or `outpaint`: image-to-image.
         mask (`PIL.Image.Image` or `np.ndarray`, *optional*):
             Same size as `image`; white (255) is regenerated, black (0) kept.
         outpaint (`Sequence[int]`, *optional*): pixels to add (left, top, right, bottom).
@@ -45,7 +46,8 @@ class GenerationRequest:
         width (`int`, *optional*): text-to-image width in pixels.
         steps (`int`, *optional*): number of denoising steps.
         guidance_scale (`float`, *optional*): classifier-free guidance scale (server default 7.5).
-        strength (`float`, *optional*): in [0, 1] (server default 1.0).
+        strength (`float`, *optional*): in (0, 1]: how much of the image to destroy first
+            (server default 1.0; image-to-image 0.8).
         seed (`int`, *optional*): random seed; the seed used is returned either way.
         scheduler (`str`, *optional*): scheduler name, e.g. `"ddim"` or `"euler_a"`.
         num_images (`int`, *optional*): images per prompt (server default 1).

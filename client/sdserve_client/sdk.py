@@ -222,6 +222,29 @@ class InpaintClient:
         request = GenerationRequest(prompt, height=height, width=width, **options)
         return self.generate(request, timeout=timeout)
 
+    def img2img(
+        self,
+        image: ImageLike,
+        prompt: str,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Redraws a whole image guided by text: `strength` (server default 0.8, diffusers'
+        img2img default) is how much of it to destroy first.
+
+        A 4-channel checkpoint runs `StableDiffusionImg2ImgPipeline`'s algorithm; a 9-channel
+        inpainting checkpoint inpaints the image under a full mask.
+
+        Args:
+            image (`PIL.Image.Image` or `np.ndarray`): the image, any PIL mode or uint8 (H, W, 3).
+            prompt (`str`): the text to guide generation.
+            timeout (`float`, *optional*): limit in seconds for this call.
+            **options: any other `GenerationRequest` field (`strength`, `steps`, `seed`, ...).
+        """
+        request = GenerationRequest(prompt, image=image, **options)
+        return self.generate(request, timeout=timeout)
+
     def outpaint(
         self,
         image: ImageLike,

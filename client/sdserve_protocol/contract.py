@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from .rules import (
     DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMG2IMG_STRENGTH,
     DEFAULT_NUM_IMAGES,
     DEFAULT_STEPS,
     FP32_MAX,
@@ -125,7 +126,8 @@ class GenerationParams:
         seed: seed of the first image; image i uses seed + i.
         negative_prompt: text for the unconditional branch.
         image: (H, W, 3) uint8 RGB, or None for text-to-image.
-        mask: (H, W) uint8, >= 128 regenerates; None without an image or when outpainting.
+        mask: (H, W) uint8, >= 128 regenerates; None for text-to-image, outpainting without
+            a mask of the original, and image-to-image (an image without a mask).
         steps: denoising steps.
         guidance_scale: classifier-free guidance scale; <= 1 disables CFG.
         strength: how much of the image to destroy (1.0: start from pure noise).
@@ -175,8 +177,9 @@ def decode_request(
             what holds for every model.
         default_size: text-to-image side when height/width are absent; `None` when unknown
             (such a side is then not checked and decodes as 0).
-        default_strength: strength of a request with an image that gives none (text-to-image
-            always starts from pure noise: 1.0).
+        default_strength: strength of an inpainting or outpainting request that gives none
+            (text-to-image always starts from pure noise: 1.0; image-to-image, an image without
+            a mask, defaults to `DEFAULT_IMG2IMG_STRENGTH`).
         schedulers: the scheduler names the model accepts, in lower case; `None`: unknown,
             not checked.
     """
@@ -274,8 +277,6 @@ def _relate(
     if image is not None:
         height, width = int(image.shape[0]), int(image.shape[1])
         check_pixels("image", height, width, limits)
-        if mask is None and outpaint is None:
-            raise RequestError("mask", "is required with an image (unless outpainting)")
         if mask is not None and mask.shape != (height, width):
             raise RequestError(
                 "mask", f"size {list(mask.shape)} differs from image size {[height, width]}"
@@ -289,7 +290,13 @@ def _relate(
     steps_known = "steps" in values or limits is not None
     steps = values.get("steps", DEFAULT_STEPS if limits is None else default_steps(limits))
     num_images = values.get("num_images", DEFAULT_NUM_IMAGES)
-    strength = values.get("strength", default_strength if image is not None else 1.0)
+    if image is None:
+        strength_default = 1.0  # text-to-image starts from pure noise
+    elif mask is None and outpaint is None:
+        strength_default = DEFAULT_IMG2IMG_STRENGTH  # image to image
+    else:
+        strength_default = default_strength
+    strength = values.get("strength", strength_default)
     check_strength(strength, steps if steps_known else None, has_image=image is not None)
     if "seed" in values:
         seed = check_seed(values["seed"], num_images)

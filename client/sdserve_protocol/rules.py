@@ -33,6 +33,10 @@ DEFAULT_NUM_IMAGES = 1
 DEFAULT_GUIDANCE_SCALE = 7.5
 """Classifier-free guidance of a request that gives none."""
 
+DEFAULT_IMG2IMG_STRENGTH = 0.8
+"""Strength of an image-to-image request (an image, no mask) that gives none: diffusers'
+`StableDiffusionImg2ImgPipeline` default."""
+
 MAX_MASK_BLUR = 256
 """Largest `mask_blur` radius in pixels (a Gaussian blur's cost grows with it)."""
 

@@ -260,16 +260,24 @@ class GenerationLoop:
 
         Inpainting pipeline order: image latents (strength < 1, or a 4-channel UNet), then
         the noise, then the masked-image latents. A 4-channel text-to-image request follows
-        `StableDiffusionPipeline`: the noise only.
+        `StableDiffusionPipeline`: the noise only; a 4-channel image-to-image request (an
+        image, no mask) `StableDiffusionImg2ImgPipeline`: the image latents, then the noise,
+        noised to the first timestep whatever the strength. On a 9-channel UNet, an image
+        without a mask is inpainted under a full mask (what such a checkpoint can do).
         """
         facts, n = self.facts, params.num_images
         latent_shape = (1, facts.latent_channels, height // facts.vae_scale_factor,
                         width // facts.vae_scale_factor)  # fmt: skip
         nine_channels = facts.unet_in_channels == 9
-        inpainting = params.image is not None
-        if not nine_channels and not inpainting:
+        if not nine_channels and params.image is None:
             noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
             return LatentState(latents=noise * scheduler.init_noise_sigma)
+        if not nine_channels and params.mask is None:  # StableDiffusionImg2ImgPipeline
+            init_image, _ = self.prepare_image_and_mask(params, height, width)
+            init_latents = yield from self.encode_image(init_image, generators)
+            noise = torch.cat([randn_tensor(latent_shape, generator=g) for g in generators])
+            noised = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))
+            return LatentState(latents=noised)
 
         # Preprocess image and mask (text-to-image: full mask, nothing kept)
         init_image, mask_condition = self.prepare_image_and_mask(params, height, width)
@@ -340,10 +348,13 @@ class GenerationLoop:
     def prepare_image_and_mask(
         self, params: GenerationParams, height: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 3, H, W) image in [-1, 1] and (1, 1, H, W) binary mask at the padded size."""
-        if params.image is None or params.mask is None:
+        """(1, 3, H, W) image in [-1, 1] and (1, 1, H, W) binary mask at the padded size; a
+        full mask without one (text-to-image: a zero image; image-to-image: the image)."""
+        if params.image is None:
             return torch.zeros(1, 3, height, width), torch.ones(1, 1, height, width)
         image = preprocess_image(self.processors, pad_to(params.image, height, width))
+        if params.mask is None:
+            return image, torch.ones(1, 1, height, width)
         mask = params.mask
         if params.mask_blur:  # at the request's size, as a diffusers user blurs their mask
             mask = blur_mask(self.processors, mask, params.mask_blur)
