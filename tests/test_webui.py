@@ -51,6 +51,10 @@ class FakeGenerator:
         self.calls.append(("text_to_image", (prompt, height, width), options))
         return self._answer(height, width, options)
 
+    def img2img(self, image, prompt, **options):
+        self.calls.append(("img2img", (image, prompt), options))
+        return self._answer(*image.shape[:2], options)
+
 
 def pipeline_config(name: str = "inpaint", **params: str) -> mc.ModelConfig:
     """A pipeline's config: it names the component model of every role."""
@@ -248,6 +252,17 @@ def test_run_inpaint_sends_a_mask_blur_only_when_set():
     assert [options.get("mask_blur") for *_, options in client.calls] == [12, None]
     with pytest.raises(cb.UIError, match="mask blur must be a whole number >= 0"):
         cb.run_inpaint(client, cb.Settings("p"), editor(IMAGE, layer), mask_blur=2.5)
+
+
+def test_run_img2img_sends_the_image_and_its_strength_without_a_mask():
+    client = FakeGenerator()
+    generation = cb.run_img2img(client, cb.Settings("oil", steps=2, strength=0.6), IMAGE)
+    ((mode, (image, prompt), options),) = client.calls
+    assert (mode, prompt, image.shape) == ("img2img", "oil", IMAGE.shape[:2] + (3,))
+    assert options["strength"] == 0.6 and "mask" not in options
+    assert generation.summary.startswith("**img2img**: 1 image of")
+    with pytest.raises(cb.UIError, match="Upload an image to redraw"):
+        cb.run_img2img(client, cb.Settings("oil"), None)
 
 
 def test_run_outpaint_and_text_to_image():

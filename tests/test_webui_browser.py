@@ -301,6 +301,19 @@ def test_outpaint_preview_and_run_give_the_enlarged_size(page, picture):
     assert (shown["w"], shown["h"]) == (80, 72)
 
 
+def test_image_to_image_redraws_the_uploaded_picture_at_its_size(page, picture):
+    page.get_by_role("tab", name="Image to image").click()
+    page.set_input_files("#img2img-image input[type=file]", str(picture))
+    _set_number(page, "img2img-strength", "0.5")
+    _common(page)
+    summary = _generate(page, "img2img-generate")
+    _shot(page, "img2img")
+    assert summary.startswith("img2img: 1 image of"), summary
+    (shown,) = _result_images(page)
+    with Image.open(picture) as original:
+        assert (shown["w"], shown["h"]) == original.size
+
+
 def test_text_to_image_shows_progress_then_two_seeded_images(page):
     page.get_by_role("tab", name="Text to image").click()
     _set_number(page, "t2i-height", "64")

@@ -17,6 +17,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 
 import gradio as gr
 
+from sdserve_protocol.rules import DEFAULT_IMG2IMG_STRENGTH
+
 from ..errors import SdserveError
 from . import callbacks as cb
 from .backend import Backend
@@ -78,12 +80,13 @@ def build_app(config: AppConfig, backend: Backend | None = None) -> gr.Blocks:
                 with gr.Tabs(elem_id="modes"):
                     inpaint = _inpaint_tab()
                     outpaint = _outpaint_tab()
+                    img2img = _img2img_tab()
                     t2i = _text_to_image_tab()
                 settings = _settings_panel(config)
             with gr.Column(scale=2):
                 results = _results_panel()
         common = [settings["model"], *prompts, *(settings[name] for name in _SETTING_NAMES)]
-        _wire_generation(handlers, config, common, inpaint, outpaint, t2i, results, status)
+        _wire_generation(handlers, config, common, inpaint, outpaint, img2img, t2i, results, status)
         _wire_outpaint_preview(outpaint)
         _wire_results(handlers, results, settings, inpaint, outpaint)
         _wire_server(demo, handlers, config, settings, status)
@@ -185,6 +188,26 @@ def _outpaint_tab() -> Components:
     }
 
 
+def _img2img_tab() -> Components:
+    with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+        image = gr.Image(
+            label="Image to redraw",
+            type="numpy",
+            image_mode="RGB",
+            sources=["upload", "clipboard"],
+            format="png",
+            height=280,
+            elem_id="img2img-image",
+        )
+        strength = gr.Slider(
+            0.01, 1.0, value=DEFAULT_IMG2IMG_STRENGTH, step=0.01, label="Redraw strength",
+            info="how much of the image to destroy first (1 = ignore it)",
+            elem_id="img2img-strength",
+        )  # fmt: skip
+        button = gr.Button("Redraw", variant="primary", elem_id="img2img-generate")
+    return {"image": image, "strength": strength, "button": button}
+
+
 def _text_to_image_tab() -> Components:
     with gr.Tab("Text to image", id="text-to-image", elem_id="tab-t2i"):
         with gr.Row():
@@ -280,6 +303,7 @@ def _wire_generation(
     common: list[Any],
     inpaint: Components,
     outpaint: Components,
+    img2img: Components,
     t2i: Components,
     results: Components,
     status: gr.Markdown,
@@ -294,6 +318,7 @@ def _wire_generation(
             [*common, inpaint["editor"], inpaint["mask"], inpaint["mask_blur"]],
         ),
         (outpaint["button"], handlers.outpaint, [*common, outpaint["image"], *outpaint["sides"]]),
+        (img2img["button"], handlers.img2img, [*common, img2img["image"], img2img["strength"]]),
         (t2i["button"], handlers.text_to_image, [*common, t2i["height"], t2i["width"]]),
     ):
         run = button.click(handlers.busy, model, busy, queue=False, show_progress="hidden").then(
@@ -416,6 +441,28 @@ class _Handlers:
         return self._run(
             model, lambda c: cb.run_outpaint(c, settings, image, left, top, right, bottom)
         )
+
+    def img2img(
+        self,
+        model: str,
+        prompt: str,
+        negative: str,
+        scheduler: str,
+        steps: float,
+        guidance: float,
+        strength: float,
+        seed: str | None,
+        num_images: float,
+        preserve: bool,
+        image: Any,
+        redraw_strength: float,
+    ) -> tuple[Any, ...]:
+        """The tab's own strength replaces the shared one (whose default, 1, ignores the image)."""
+        settings = _settings(
+            prompt, negative, scheduler, steps, guidance, redraw_strength, seed, num_images,
+            preserve,
+        )  # fmt: skip
+        return self._run(model, lambda c: cb.run_img2img(c, settings, image))
 
     def text_to_image(
         self,

@@ -50,6 +50,7 @@ class GenerationClient(Protocol):
         self, image: Any, prompt: str, left: int, top: int, right: int, bottom: int, **options: Any
     ) -> Any: ...
     def text_to_image(self, prompt: str, height: int, width: int, **options: Any) -> Any: ...
+    def img2img(self, image: Any, prompt: str, **options: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -337,6 +338,17 @@ def run_outpaint(
     options = settings.options(with_image=True)
     result = client.outpaint(to_rgb(image), settings.prompt, *sides, **options)
     return _generation("outpaint", result)
+
+
+def run_img2img(
+    client: GenerationClient, settings: Settings, image: npt.NDArray[Any] | None
+) -> Generation:
+    """Redraws the whole image (`settings.strength`: how much of it to destroy first)."""
+    if image is None:
+        raise UIError("Upload an image to redraw first.")
+    options = settings.options(with_image=True)
+    result = client.img2img(to_rgb(image), settings.prompt, **options)
+    return _generation("img2img", result)
 
 
 def run_text_to_image(
