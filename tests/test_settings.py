@@ -111,7 +111,8 @@ def test_the_exported_config_holds_exactly_the_settings(export_reports) -> None:
 
     repository, _ = export_reports
     config = parse_pbtxt((repository / "inpaint" / "config.pbtxt").read_text())
-    params = {k: v.string_value for k, v in config.parameters.items()}
+    params = config_parameters(config)  # a ModelConfig protobuf, read as JSON configs are
+    assert params == {k: v.string_value for k, v in config.parameters.items()}
     settings = PipelineSettings.from_parameters(params)
     assert settings.architecture == "sd15" and settings.outpaint.native == 128  # demo size
     assert set(settings.components) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}

@@ -228,14 +228,19 @@ def is_pipeline(params: Mapping[str, str]) -> bool:
     return all(f"{role}_model" in params for role in PIPELINE_ROLES)
 
 
-def config_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
-    """`parameters` of a Triton model config in its JSON form (`get_model_config(as_json=True)`,
-    or the `model_config` a Python backend receives) → {key: string value}.
+def config_parameters(model_config: Any) -> dict[str, str]:
+    """`parameters` of a Triton model config → {key: string value}.
 
-    JSON leaves out an empty `string_value`: such a parameter reads as "".
+    Args:
+        model_config: the config in its JSON form (a mapping: `get_model_config(as_json=True)`,
+            the `model_config` a Python backend receives; JSON leaves out an empty
+            `string_value`, which reads as ""), or a `ModelConfig` protobuf message (a parsed
+            `config.pbtxt`, tritonclient's gRPC `get_model_config().config`).
     """
-    params = model_config.get("parameters", {})
-    return {key: value.get("string_value", "") for key, value in params.items()}
+    if isinstance(model_config, Mapping):
+        params = model_config.get("parameters", {})
+        return {key: value.get("string_value", "") for key, value in params.items()}
+    return {key: value.string_value for key, value in model_config.parameters.items()}
 
 
 def parse_flag(text: str) -> bool:

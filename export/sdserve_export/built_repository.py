@@ -24,7 +24,7 @@ from sdserve_pipeline.components import (
     components_for,
 )
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
-from sdserve_protocol.settings import PipelineSettings, is_pipeline
+from sdserve_protocol.settings import PipelineSettings, config_parameters, is_pipeline
 
 CONFIG_FILE = "config.pbtxt"
 # Component roles of every architecture (`text_encoder_2` is SDXL's).
@@ -116,7 +116,7 @@ def read_repository(root: Path) -> Repository:
     pipelines = tuple(
         _pipeline_model(root, name, config)
         for name, config in configs.items()
-        if is_pipeline(_parameters(config))
+        if is_pipeline(config_parameters(config))
     )
     if not pipelines:
         raise RepositoryError(f"{root} has no pipeline model (no config with *_model parameters)")
@@ -132,12 +132,8 @@ def read_repository(root: Path) -> Repository:
     return Repository(root, pipelines, tuple(components.values()), others)
 
 
-def _parameters(config: mc.ModelConfig) -> dict[str, str]:
-    return {key: value.string_value for key, value in config.parameters.items()}
-
-
 def _pipeline_model(root: Path, name: str, config: mc.ModelConfig) -> PipelineModel:
-    params = _parameters(config)
+    params = config_parameters(config)
     try:
         settings = PipelineSettings.from_parameters(params)
     except ValueError as err:

@@ -16,13 +16,13 @@ from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import RunnerSettings
 from sdserve_pipeline.ort_runner import OrtRunner
 from sdserve_pipeline.service import PipelineService
-from sdserve_protocol.settings import PipelineSettings
+from sdserve_protocol.settings import PipelineSettings, config_parameters
 
 
 def read_parameters(model_dir: Path) -> dict[str, str]:
     """Parameters of the `config.pbtxt` in a Triton model folder."""
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
-    return {k: v.string_value for k, v in config.parameters.items()}
+    return config_parameters(config)
 
 
 def load_service(repository: str | Path, pipeline: str = "inpaint") -> PipelineService:

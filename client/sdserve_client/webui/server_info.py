@@ -39,7 +39,7 @@ from sdserve_protocol.metrics import (
     SUCCESS_METRIC,
 )
 from sdserve_protocol.rules import Limits
-from sdserve_protocol.settings import PipelineSettings, is_pipeline
+from sdserve_protocol.settings import PipelineSettings, config_parameters, is_pipeline
 
 from ..errors import SdserveError
 
@@ -135,15 +135,10 @@ class QueueState:
     memory_budget: int | None = None
 
 
-def proto_parameters(config: Any) -> dict[str, str]:
-    """`parameters` of a `ModelConfig` protobuf as plain {key: string value}."""
-    return {key: param.string_value for key, param in config.parameters.items()}
-
-
 def model_info_from_config(config: Any) -> ModelInfo:
     """A `ModelInfo` from a pipeline `ModelConfig` protobuf, read by `PipelineSettings` as
     the server reads it; a parameter absent (or not valid) keeps its default."""
-    settings = PipelineSettings.from_parameters(proto_parameters(config), strict=False)
+    settings = PipelineSettings.from_parameters(config_parameters(config), strict=False)
     return ModelInfo(name=config.name, schedulers=settings.schedulers, limits=settings.limits)
 
 
@@ -160,7 +155,7 @@ def pipeline_models(client: InfoClient, timeout: float | None = None) -> list[st
     found = []
     for name in names:
         config = _call(client.get_model_config, name, client_timeout=timeout).config
-        if is_pipeline(proto_parameters(config)):
+        if is_pipeline(config_parameters(config)):
             found.append(name)
     return found
 
