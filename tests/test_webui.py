@@ -647,7 +647,7 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
     )
     assert backend.in_flight == 0
     with pytest.raises(gr.Error, match="Paint over the area"):
-        handlers.inpaint(*common, editor(IMAGE), None)
+        handlers.inpaint(*common, editor(IMAGE), None, 0)  # mask upload, mask blur
 
 
 def test_handlers_return_gallery_summary_and_state(app_module):

@@ -396,92 +396,25 @@ class _Handlers:
         self.config = config
         self._recent: dict[str, RecentOutcomes] = {}  # per model, for the status line
 
-    def inpaint(
-        self,
-        model: str,
-        prompt: str,
-        negative: str,
-        scheduler: str,
-        steps: float,
-        guidance: float,
-        strength: float,
-        seed: str | None,
-        num_images: float,
-        preserve: bool,
-        editor: dict[str, Any] | None,
-        mask: Any,
-        mask_blur: float = 0,
-    ) -> tuple[Any, ...]:
-        settings = _settings(
-            prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
-        )
+    # Gradio hands each generate button's inputs positionally: the model, the prompts and the
+    # shared settings (`_SETTING_NAMES`), then the tab's own (`_wire_generation`).
+
+    def inpaint(self, *values: Any) -> tuple[Any, ...]:
+        model, settings, (editor, mask, mask_blur) = _common_values(values)
         return self._run(model, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur))
 
-    def outpaint(
-        self,
-        model: str,
-        prompt: str,
-        negative: str,
-        scheduler: str,
-        steps: float,
-        guidance: float,
-        strength: float,
-        seed: str | None,
-        num_images: float,
-        preserve: bool,
-        image: Any,
-        left: float,
-        top: float,
-        right: float,
-        bottom: float,
-    ) -> tuple[Any, ...]:
-        settings = _settings(
-            prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
-        )
-        return self._run(
-            model, lambda c: cb.run_outpaint(c, settings, image, left, top, right, bottom)
-        )
+    def outpaint(self, *values: Any) -> tuple[Any, ...]:
+        model, settings, (image, *sides) = _common_values(values)
+        return self._run(model, lambda c: cb.run_outpaint(c, settings, image, *sides))
 
-    def img2img(
-        self,
-        model: str,
-        prompt: str,
-        negative: str,
-        scheduler: str,
-        steps: float,
-        guidance: float,
-        strength: float,
-        seed: str | None,
-        num_images: float,
-        preserve: bool,
-        image: Any,
-        redraw_strength: float,
-    ) -> tuple[Any, ...]:
+    def img2img(self, *values: Any) -> tuple[Any, ...]:
         """The tab's own strength replaces the shared one (whose default, 1, ignores the image)."""
-        settings = _settings(
-            prompt, negative, scheduler, steps, guidance, redraw_strength, seed, num_images,
-            preserve,
-        )  # fmt: skip
+        image, redraw_strength = values[-2:]
+        model, settings, _ = _common_values(values, strength=redraw_strength)
         return self._run(model, lambda c: cb.run_img2img(c, settings, image))
 
-    def text_to_image(
-        self,
-        model: str,
-        prompt: str,
-        negative: str,
-        scheduler: str,
-        steps: float,
-        guidance: float,
-        strength: float,
-        seed: str | None,
-        num_images: float,
-        preserve: bool,
-        height: float,
-        width: float,
-    ) -> tuple[Any, ...]:
-        settings = _settings(
-            prompt, negative, scheduler, steps, guidance, strength, seed, num_images, preserve
-        )
+    def text_to_image(self, *values: Any) -> tuple[Any, ...]:
+        model, settings, (height, width) = _common_values(values)
         return self._run(model, lambda c: cb.run_text_to_image(c, settings, height, width))
 
     def busy(self, model: str) -> str:
@@ -543,9 +476,23 @@ class _Handlers:
         return generation.gallery, generation.summary, generation.images, generation.seeds, None
 
 
-def _settings(*values: Any) -> cb.Settings:
-    settings: cb.Settings = _user_errors(cb.make_settings, *values)
-    return settings
+def _common_values(
+    values: tuple[Any, ...], strength: float | None = None
+) -> tuple[str, cb.Settings, tuple[Any, ...]]:
+    """A generate button's inputs → (model, the shared settings, the tab's own inputs).
+
+    Args:
+        values: model, prompt, negative prompt, then `_SETTING_NAMES`' values, then the tab's.
+        strength: replaces the shared strength (a tab with its own).
+    """
+    model, prompt, negative, *rest = values
+    shared = dict(zip(_SETTING_NAMES, rest, strict=False))
+    if strength is not None:
+        shared["strength"] = strength
+    settings: cb.Settings = _user_errors(
+        cb.make_settings, prompt, negative, *(shared[name] for name in _SETTING_NAMES)
+    )
+    return model, settings, tuple(rest[len(_SETTING_NAMES) :])
 
 
 def _scheduler_update(info: ModelInfo, current: str | None) -> Any:
