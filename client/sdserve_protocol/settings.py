@@ -83,8 +83,8 @@ class QueuePolicy:
 
     max_active: int = 8
     max_queue_size: int = 16
-    timeout_s: float = 120.0
-    join_wait_ms: float = 5.0
+    timeout_s: float = 120
+    join_wait_ms: float = 5
 
 
 @dataclass(frozen=True)
@@ -178,16 +178,14 @@ class PipelineSettings:
     def to_parameters(self) -> dict[str, str]:
         """The config parameters, {key: value as text}."""
         params = {"architecture": self.architecture} if self.architecture else {}
-        params |= {f"{role}_model": model for role, model in self.components.items()}
-        params |= {f"{LIMIT_PREFIX}{k}": str(v) for k, v in asdict(self.limits).items()}
+        params |= {_model_key(role): model for role, model in self.components.items()}
         params["feather_radius"] = str(self.feather_radius)
-        params |= {_QUEUE[k]: _text(v) for k, v in asdict(self.queue).items()}
-        params |= {f"memory_{_MEMORY[k]}": str(v) for k, v in asdict(self.memory).items()}
-        params |= {f"outpaint_{k}": str(v) for k, v in asdict(self.outpaint).items()}
+        for group, key_of in _GROUPS.items():
+            params |= {key_of(k): str(v) for k, v in asdict(getattr(self, group)).items()}
         params["schedulers"] = ",".join(self.schedulers)
         if self.size_buckets:
             params["size_buckets"] = format_buckets(self.size_buckets)
-        params |= {f"max_{role}_batch": str(rows) for role, rows in self.max_batch.items()}
+        params |= {_batch_key(role): str(rows) for role, rows in self.max_batch.items()}
         return params
 
     @classmethod
@@ -207,25 +205,27 @@ class PipelineSettings:
             _check_schedulers(schedulers, params.get("schedulers", ""))
         return cls(
             architecture=read("architecture", _architecture, default.architecture),
-            components={r: params[f"{r}_model"] for r in COMPONENT_ROLES if f"{r}_model" in params},
-            limits=read.fields(Limits(), lambda name: f"{LIMIT_PREFIX}{name}"),
+            components={
+                r: params[_model_key(r)] for r in COMPONENT_ROLES if _model_key(r) in params
+            },
             feather_radius=read("feather_radius", int, default.feather_radius),
-            queue=read.fields(QueuePolicy(), _QUEUE.__getitem__),
-            memory=read.fields(MemoryPolicy(), lambda name: f"memory_{_MEMORY[name]}"),
-            outpaint=read.fields(OutpaintSettings(), lambda name: f"outpaint_{name}"),
+            **{
+                group: read.fields(getattr(default, group), key_of)
+                for group, key_of in _GROUPS.items()
+            },
             schedulers=schedulers or default.schedulers,
             size_buckets=read("size_buckets", parse_buckets, default.size_buckets),
             max_batch={
-                role: read(f"max_{role}_batch", int, 0)
+                role: read(_batch_key(role), int, 0)
                 for role in COMPONENT_ROLES
-                if f"max_{role}_batch" in params
+                if _batch_key(role) in params
             },
         )
 
 
 def is_pipeline(params: Mapping[str, str]) -> bool:
     """Whether a model config's parameters are a pipeline's (they name every shared role)."""
-    return all(f"{role}_model" in params for role in PIPELINE_ROLES)
+    return all(_model_key(role) in params for role in PIPELINE_ROLES)
 
 
 def config_parameters(model_config: Any) -> dict[str, str]:
@@ -257,19 +257,36 @@ def parse_flag(text: str) -> bool:
     raise ValueError("not a boolean (true/false)")
 
 
-# Parameter names of the fields of `QueuePolicy` and (after `memory_`) `MemoryPolicy`.
+# Parameter names of the fields of `QueuePolicy`.
 _QUEUE = {
     "max_active": "max_active_requests",
     "max_queue_size": "max_queue_size",
     "timeout_s": "queue_timeout_s",
     "join_wait_ms": "join_wait_ms",
 }
-_MEMORY = {"budget_mb": "budget_mb", "bytes_per_pixel": "bytes_per_pixel"}
+_GROUPS: dict[str, Callable[[str], str]] = {
+    "limits": lambda name: f"{LIMIT_PREFIX}{name}",
+    "queue": _QUEUE.__getitem__,
+    "memory": lambda name: f"memory_{name}",
+    "outpaint": lambda name: f"outpaint_{name}",
+}
+"""The `PipelineSettings` fields that are dataclasses, and the parameter name of each of
+their fields (written by `to_parameters`, read by `from_parameters`)."""
 
 
-def _text(value: float) -> str:
-    """A number as a parameter: whole floats without `.0` (`120`, not `120.0`)."""
-    return str(int(value)) if float(value).is_integer() else str(value)
+def _model_key(role: str) -> str:
+    return f"{role}_model"
+
+
+def _batch_key(role: str) -> str:
+    return f"max_{role}_batch"
+
+
+def _number(text: str) -> float:
+    """A number of seconds or milliseconds: whole ones as ints, so they are written back as
+    they were (`120`, not `120.0`)."""
+    number = float(text)
+    return int(number) if number.is_integer() else number
 
 
 def _scheduler_names(text: str) -> tuple[str, ...]:
@@ -293,10 +310,10 @@ def _budget(text: str) -> float | str:
     value = text.strip().lower()
     if value in ("", "auto"):
         return "auto"
-    number = float(value)
+    number = _number(value)
     if not 0 <= number < math.inf:
         raise ValueError("a number of MB >= 0 or 'auto'")
-    return int(number) if number.is_integer() else number
+    return number
 
 
 def _architecture(text: str) -> str:
@@ -344,4 +361,6 @@ class _Reader:
 _PARSERS: dict[tuple[str, str], Callable[[str], Any]] = {
     ("MemoryPolicy", "budget_mb"): _budget,
     ("OutpaintSettings", "fill"): _fill,
+    ("QueuePolicy", "timeout_s"): _number,
+    ("QueuePolicy", "join_wait_ms"): _number,
 }
