@@ -217,11 +217,11 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def gemm_gflops(size: int = GEMM_SIZE, reps: int = 3) -> float:
-    """Best-of-`reps` fp32 `torch.matmul` throughput on `size`² matrices, in GFLOP/s."""
+def gemm_gflops(size: int = GEMM_SIZE, reps: int = 3, dtype: str = "float32") -> float:
+    """Best-of-`reps` `torch.matmul` throughput on `size`² matrices of `dtype`, in GFLOP/s."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
     torch.matmul(a, b)  # warm-up
     best = min(timed(lambda: torch.matmul(a, b)) for _ in range(reps))
     return 2 * size**3 / best / 1e9
