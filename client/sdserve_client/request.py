@@ -56,6 +56,9 @@ class GenerationRequest:
         mask_blur (`int`, *optional*):
             Gaussian blur radius in pixels applied to the mask before inpainting, as
             diffusers' `VaeImageProcessor.blur` (server default 0: none). Inpainting only.
+        preview_every (`int`, *optional*):
+            Streamed requests (`SdserveClient.stream`): a preview every this many steps
+            (server default 0: none). A unary call ignores it.
     """
 
     prompt: str
@@ -74,6 +77,7 @@ class GenerationRequest:
     num_images: int | None = None
     preserve_unmasked: bool | None = None
     mask_blur: int | None = None
+    preview_every: int | None = None
 
 
 def encode_request(
@@ -166,7 +170,8 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur"):
+    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur",
+                 "preview_every"):
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

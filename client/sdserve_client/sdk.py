@@ -23,6 +23,7 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
 
 from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
 from sdserve_protocol.contract import IMAGES, OUTPUTS, SEEDS
+from sdserve_protocol.events import stream_model_name
 from sdserve_protocol.settings import PipelineSettings, config_parameters
 
 from .errors import InvalidRequestError, SdserveError
@@ -38,6 +39,7 @@ from .replicas import (
     split_urls,
 )
 from .request import GenerationRequest, add_batch_dim, check_tensors, encode_request
+from .streaming import StreamedGeneration
 from .tls import SslOption, TlsSettings, connect, explain, tls_settings
 
 if TYPE_CHECKING:
@@ -172,6 +174,7 @@ class InpaintClient:
                 made.close()
             raise
         self._pool = ReplicaPool(clients, model, failover, partial(explain, tls=self.tls))
+        self._connect = make
         self._batched: bool | None = None
         self._settings: PipelineSettings | None = None  # the model's, read with its config
 
@@ -323,6 +326,34 @@ class InpaintClient:
         )
         submission.send()
         return PendingGeneration(submission.future, submission)
+
+    def stream(
+        self, request: GenerationRequest, *, timeout: float | None = None
+    ) -> StreamedGeneration:
+        """Sends one request to the pipeline's stream model and returns its events as they
+        come: `Queued` (its queue position), `Progress` after each denoising step, `Preview`
+        every `request.preview_every` steps (`sdserve_protocol.events`), then the
+        `GenerationResult` (equal to `generate`'s for the same request)::
+
+            for event in client.stream(request):
+                ...
+
+        `async for` works too. Leaving the loop early or calling `cancel()` cancels the
+        request on the server. A stream goes to one server (no failover once it started).
+
+        Args:
+            request (`GenerationRequest`): the request; checked before anything is sent.
+            timeout (`float`, *optional*): limit in seconds for the whole stream.
+        """
+        inputs, _, batched = self._prepare(request, timeout)
+        replica = self._attempts(request, timeout, False).next()
+        if replica is None:
+            raise SdserveError(f"no healthy server among {self.url}")
+        self._pool.release(replica)
+        return StreamedGeneration(
+            _call(self._connect, replica.url), stream_model_name(self.model), inputs, batched,
+            partial(GenerationResult.from_outputs, batched=False), self._timeout(timeout),
+        )  # fmt: skip
 
     def _attempts(
         self, request: GenerationRequest, timeout: float | None, retry_started: bool | None

@@ -26,6 +26,7 @@ from .rules import (
     FP32_MAX,
     INT32_MAX,
     MAX_MASK_BLUR,
+    MAX_PREVIEW_EVERY,
     MAX_SEED,
     SIDES,
     Limits,
@@ -103,6 +104,8 @@ INPUTS: tuple[WireInput, ...] = (
     WireInput("preserve_unmasked", "BOOL", (1,), default=True),
     WireInput("mask_blur", "INT32", (1,), default=0,
               rule=Range("mask_blur", 0, MAX_MASK_BLUR)),
+    WireInput("preview_every", "INT32", (1,), default=0,
+              rule=Range("preview_every", 0, MAX_PREVIEW_EVERY)),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -137,6 +140,8 @@ class GenerationParams:
         outpaint: pixels added (left, top, right, bottom), or None.
         mask_blur: Gaussian blur radius in pixels applied to the mask before it is used
             (diffusers' `VaeImageProcessor.blur`); 0: none.
+        preview_every: a streamed request gets a preview every this many steps (0: none);
+            a unary call ignores it.
     """
 
     prompt: str
@@ -154,6 +159,7 @@ class GenerationParams:
     preserve_unmasked: bool = True
     outpaint: tuple[int, int, int, int] | None = None
     mask_blur: int = 0
+    preview_every: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -322,4 +328,5 @@ def _relate(
         steps=steps, guidance_scale=values.get("guidance_scale", defaults["guidance_scale"]),
         strength=strength, seed=seed, scheduler=scheduler, num_images=num_images,
         preserve_unmasked=values.get("preserve_unmasked", True), mask_blur=mask_blur,
+        preview_every=values.get("preview_every", 0),
     )  # fmt: skip

@@ -38,6 +38,7 @@ DEFAULT_IMG2IMG_STRENGTH = 0.8
 `StableDiffusionImg2ImgPipeline` default."""
 
 MAX_MASK_BLUR = 256
+MAX_PREVIEW_EVERY = 1000  # steps between streamed previews (0: none)
 """Largest `mask_blur` radius in pixels (a Gaussian blur's cost grows with it)."""
 
 SIDES = ("left", "top", "right", "bottom")

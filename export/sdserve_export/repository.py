@@ -6,6 +6,7 @@
       vae_encoder/   ...
       vae_decoder/   ...
       inpaint/       config.pbtxt  1/model.py  1/assets/       (pipeline, BLS)
+      inpaint_stream/ config.pbtxt  1/model.py                 (its streamed requests)
 
 An SDXL checkpoint (a `text_encoder_2` folder) adds `text_encoder_2/`; built with a
 component prefix (`xl_`) and its own pipeline name (`inpaint_xl`) into the same folder, it
@@ -34,10 +35,16 @@ from sdserve_export.onnx_export import (
     sdxl_targets,
 )
 from sdserve_export.parity import ParityReport, check_parity, require_parity
-from sdserve_export.triton_configs import component_config, pipeline_config, to_pbtxt
+from sdserve_export.triton_configs import (
+    component_config,
+    pipeline_config,
+    stream_config,
+    to_pbtxt,
+)
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
+from sdserve_protocol.events import stream_model_name
 from sdserve_protocol.rules import Limits
 from sdserve_protocol.settings import OutpaintSettings, PipelineSettings
 
@@ -181,6 +188,9 @@ def build_repository(
     _write_config(staging / pipeline_name, to_pbtxt(config))
     _copy_model_py("pipeline", staging / pipeline_name / VERSION)
     pipe.assets.save(staging / pipeline_name / VERSION / ASSETS_DIR)
+    stream_name = stream_model_name(pipeline_name)
+    _write_config(staging / stream_name, to_pbtxt(stream_config(stream_name, pipeline_name)))
+    _copy_model_py("stream", staging / stream_name / VERSION)
     out.mkdir(parents=True, exist_ok=True)
     for model_dir in sorted(staging.iterdir()):
         shutil.rmtree(out / model_dir.name, ignore_errors=True)

@@ -14,6 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import RunnerSettings
 from sdserve_protocol.contract import INPUTS, OUTPUTS
+from sdserve_protocol.events import CANCELLED, EVENT_OUTPUTS, STREAM_ID, STREAM_OUTPUTS
 from sdserve_protocol.settings import PipelineSettings
 
 
@@ -49,7 +50,7 @@ def pipeline_config(name: str, settings: PipelineSettings, instances: int = 1) -
     strips it), and each `execute` call hands one request to the running batch.
     """
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
-    for t in INPUTS:
+    for t in (*INPUTS, STREAM_ID):  # stream_id: set by the stream model only
         config.input.add(
             name=t.name, data_type=_dtype(t.dtype), dims=t.dims, optional=not t.required
         )
@@ -57,6 +58,28 @@ def pipeline_config(name: str, settings: PipelineSettings, instances: int = 1) -
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
     _set_parameters(config, settings.to_parameters())
+    return config
+
+
+def stream_config(name: str, pipeline: str) -> mc.ModelConfig:
+    """Config of a pipeline's stream model (decoupled): the pipeline's wire inputs, and
+    the events the pipeline sends back (`stream_id` and the event tensors, as inputs);
+    the result's and the events' outputs (`sdserve_protocol.events`).
+
+    Args:
+        name: Triton model name (`inpaint_stream`).
+        pipeline: the pipeline model it hands requests to (`inpaint`).
+    """
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
+    config.model_transaction_policy.decoupled = True
+    for t in (*INPUTS, STREAM_ID, *EVENT_OUTPUTS):
+        required = getattr(t, "required", False)
+        config.input.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims,
+                         optional=not required)  # fmt: skip
+    for t in (*STREAM_OUTPUTS, CANCELLED):
+        config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _set_parameters(config, {"pipeline_model": pipeline})
     return config
 
 

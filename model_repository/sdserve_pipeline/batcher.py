@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy.typing as npt
@@ -51,7 +51,9 @@ from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.generation import Job
 from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
 from sdserve_pipeline.service import PipelineService, wire_outputs
+from sdserve_pipeline.streaming import Listener, latent_preview
 from sdserve_protocol.contract import GenerationParams
+from sdserve_protocol.events import Preview, Progress, Queued
 
 __all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout", "generate_all"]
 
@@ -70,6 +72,9 @@ class _Request:
     memory: int = 0  # estimated peak bytes, reserved while it is held
     job: Job | None = None
     answered: bool = False
+    listener: Listener | None = None  # told its queue position, progress and previews
+    position: int = 0  # its last reported queue position
+    started_at: float = 0.0  # time.monotonic() when it started denoising
 
 
 class ContinuousBatcher:
@@ -138,6 +143,7 @@ class ContinuousBatcher:
         done: Done,
         is_cancelled: Callable[[], bool] | None = None,
         timeout_s: float | None = None,
+        listener: Listener | None = None,
     ) -> None:
         """Validate a wire request and queue it; `done` gets its outcome. Never blocks: a bad
         request's `RequestError`, `Overloaded` when the queue is full or `OverMemoryBudget`
@@ -146,6 +152,10 @@ class ContinuousBatcher:
         Args:
             timeout_s: how long this request may wait to start (None or 0: the batcher's
                 `queue_timeout_s`).
+            listener: told the request's events (a streamed request): its queue position
+                when it changes, `Progress` after each denoising step, a `Preview` every
+                `params.preview_every` steps. Called from the batcher's threads: must not
+                block (`streaming.EventPublisher` queues them).
 
         Raises:
             RuntimeError: the batcher is closed.
@@ -160,7 +170,7 @@ class ContinuousBatcher:
             return
         deadline = now + limit if limit > 0 else float("inf")
         request = _Request(params, is_cancelled or (lambda: False), done, now, deadline,
-                           steps_left=steps, memory=memory)  # fmt: skip
+                           steps_left=steps, memory=memory, listener=listener)  # fmt: skip
         with self._wake:
             if self._closing:
                 raise RuntimeError("the batcher is closed")
@@ -171,8 +181,11 @@ class ContinuousBatcher:
                 else:
                     self._waiting.append(request)
                     self._wake.notify()
+                positions = self._positions()
         if refused is not None:
             self.refuse(done, refused, now)
+        else:
+            self._tell_positions(positions)
 
     def refuse(self, done: Done, error: Exception, taken_at: float | None = None) -> None:
         """Answer a request that is not queued (a bad request, refused at once) with `error`;
@@ -256,9 +269,44 @@ class ContinuousBatcher:
             self._pending -= len(arrived) + len(dropped)
             if arrived or dropped:
                 self._publish_load()
+            positions = self._positions()
         for request in [*arrived, *(r for r, _ in dropped)]:
             self._dequeued(request, now)
+        self._tell_positions(positions)
         return arrived, dropped
+
+    def _positions(self) -> list[tuple[_Request, int]]:
+        """The waiting streamed requests whose queue position changed (under the lock)."""
+        moved = []
+        for position, request in enumerate(self._waiting, start=1):
+            if request.listener is not None and request.position != position:
+                request.position = position
+                moved.append((request, position))
+        return moved
+
+    def _tell_positions(self, moved: list[tuple[_Request, int]]) -> None:
+        for request, position in moved:
+            self._tell(request, Queued(position))
+
+    def _tell(self, request: _Request, event: Queued | Progress | Preview) -> None:
+        if request.listener is not None:
+            self._observe(request.listener, event)
+
+    def _tell_progress(self, stepped: list[_Request]) -> None:
+        """`Progress` (and, when due, a `Preview`) for each streamed request that stepped."""
+        now = time.monotonic()
+        architecture = self.service.loop.facts.architecture
+        for request in stepped:
+            if request.listener is None or request.job is None:
+                continue
+            job, total = request.job, len(request.job.timesteps)
+            elapsed = now - request.started_at
+            eta = elapsed / job.index * (total - job.index) if job.index else 0.0
+            self._tell(request, Progress(job.index, total, elapsed, eta))
+            every = request.params.preview_every
+            if every and job.index % every == 0 and not job.finished:
+                images = latent_preview(job.latents, architecture, request.params)
+                self._tell(request, Preview(job.index, total, images))
 
     @property
     def pending(self) -> int:
@@ -312,6 +360,7 @@ class ContinuousBatcher:
                 self._finish(request, job)  # this request fails, not the rest
             else:
                 request.job = job
+                request.started_at = time.monotonic()
                 self._active.append(request)
         # 2. One denoising step of every request still wanted (one UNet call per latent size;
         #    a failed call fails only the requests in it)
@@ -322,6 +371,7 @@ class ContinuousBatcher:
         for request, outcome in zip(stepping, stepped, strict=True):
             if isinstance(outcome, Exception):
                 self._finish(request, outcome)
+        self._tell_progress([r for r in stepping if not r.answered])
         self._set_steps_left([(r, _steps_left(self._job(r))) for r in self._active])
         # 3. Decode (one VAE-decoder call per latent size) and answer the finished requests
         done = [r for r in self._active if self._job(r).finished]
@@ -360,12 +410,22 @@ class ContinuousBatcher:
             self._publish_load()
 
     def _outpaint(self, request: _Request) -> None:
+        total = request.steps_left
+        per_band = denoising_steps(self.service, replace(request.params, outpaint=None))
+        bands = max(1, total // (per_band * request.params.num_images))
+        checks = 0
+
         def step_then_check() -> bool:  # the loop checks once before each step
+            nonlocal checks
+            if checks:  # the step before this check is done
+                self._outpaint_progress(request, checks, total, per_band, bands)
+            checks += 1
             self._set_steps_left([(request, request.steps_left - 1)])
             return request.is_cancelled()
 
         try:
             now = time.monotonic()
+            request.started_at = now
             with self._wake:
                 self._pending -= 1
                 self._publish_load()
@@ -375,10 +435,24 @@ class ContinuousBatcher:
             outcome: dict[str, npt.NDArray[Any]] | Exception = self.service.outpaint_request(
                 request.params, step_then_check
             )
+            self._outpaint_progress(request, checks, total, per_band, bands)  # the last step
         except Exception as err:  # noqa: BLE001
             outcome = err
         self._release(request)
         self._answer(request.done, outcome, request.queued_at)
+
+    def _outpaint_progress(
+        self, request: _Request, done: int, total: int, per_band: int, bands: int
+    ) -> None:
+        """`Progress` after `done` steps of an outpainting request (`bands` bands of
+        `per_band` steps per image; `total` steps: an estimate, so it grows if exceeded)."""
+        if request.listener is None:
+            return
+        total = max(total, done)
+        elapsed = time.monotonic() - request.started_at
+        band = (done - 1) // per_band % bands + 1
+        self._tell(request, Progress(done, total, elapsed, elapsed / done * (total - done),
+                                     band, bands))  # fmt: skip
 
     def _answer(
         self, done: Done, outcome: dict[str, npt.NDArray[Any]] | Exception, taken_at: float

@@ -7,6 +7,9 @@ response sender (one final response, as a non-decoupled model must) when it is d
 request arriving mid-run joins the running batch at the next step. The batcher also
 refuses what does not fit (queue, memory budget) and reports every answer, queue wait and
 load change; `PipelineMetrics` publishes those reports as custom metrics.
+
+A request that carries a `stream_id` comes from the stream model (`<name>_stream`): its
+events go back there through an `EventPublisher` (one BLS call each), then its answer.
 """
 
 import json
@@ -16,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
@@ -30,6 +34,7 @@ from sdserve_pipeline.outcomes import (
     QueueTimeout,
 )
 from sdserve_pipeline.service import PipelineService, batch, unbatch
+from sdserve_pipeline.streaming import EventPublisher, StreamEvent
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
 from sdserve_protocol.metrics import (
     DURATION_METRIC,
@@ -42,6 +47,7 @@ from sdserve_protocol.metrics import (
     QUEUE_WAIT_METRIC,
     REQUESTS_METRIC,
 )
+from sdserve_protocol.events import CANCELLED, STREAM_ID, encode_event, stream_model_name
 from sdserve_protocol.rules import RequestError
 from sdserve_protocol.settings import PipelineSettings, config_parameters
 
@@ -78,24 +84,60 @@ class TritonPythonModel:
             memory=memory_model_for(self.service, settings.memory),
             memory_budget=budget,
         )
+        self.stream_model = stream_model_name(args["model_name"])
+        self.publisher = EventPublisher(
+            self._deliver,
+            on_error=lambda err: pb_utils.Logger.log_error(f"stream event not sent: {err}"),
+        )
 
     def execute(self, requests: list[Any]) -> None:
         """Queue each request for the running batch (never blocks); answer later."""
         for request in requests:
             send = partial(self._send, request.get_response_sender())
+            is_cancelled, listener = request.is_cancelled, None
             try:
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
                 inputs = unbatch(inputs) if self.batched else inputs
+                stream = inputs.pop(STREAM_ID.name, None)
+                if stream is not None:  # from the stream model: events, then the answer
+                    stream_id = _text(stream[0])
+                    listener = self.publisher.open(stream_id)
+                    send = partial(self._send_after_events, stream_id, send)
+                    is_cancelled = partial(self._stream_cancelled, stream_id, request)
             except Exception as err:  # noqa: BLE001 (this request fails, not the others)
                 self.batcher.refuse(send, err)  # answered and counted like any other
                 continue
             timeout_s = request.timeout() / 1e6  # the client's own queue timeout; 0: none
-            self.batcher.submit(inputs, send, request.is_cancelled, timeout_s)
+            self.batcher.submit(inputs, send, is_cancelled, timeout_s, listener)
         return None
+
+    def _stream_cancelled(self, stream_id: str, request: Any) -> bool:
+        return bool(request.is_cancelled()) or self.publisher.cancelled(stream_id)
+
+    def _send_after_events(self, stream_id: str, send: Any, outcome: Outcome) -> None:
+        self.publisher.finish(stream_id, partial(send, outcome))
+
+    def _deliver(self, stream_id: str, event: StreamEvent) -> bool:
+        """One event to the stream model (BLS); returns whether the stream is cancelled."""
+        tensors = {STREAM_ID.name: np.asarray([stream_id.encode()], dtype=np.object_)}
+        tensors |= encode_event(event)
+        inputs = [pb_utils.Tensor(name, array[np.newaxis]) for name, array in tensors.items()]
+        infer = pb_utils.InferenceRequest(
+            model_name=self.stream_model, inputs=inputs, requested_output_names=[CANCELLED.name]
+        )
+        cancelled = False
+        for response in infer.exec(decoupled=True):
+            if response.has_error():
+                raise RuntimeError(response.error().message())
+            tensor = pb_utils.get_output_tensor_by_name(response, CANCELLED.name)
+            if tensor is not None:
+                cancelled = bool(tensor.as_numpy().reshape(-1)[0])
+        return cancelled
 
     def finalize(self) -> None:
         """Unloading (or shutdown): finish the requests already taken, then stop."""
         self.batcher.close()
+        self.publisher.close()
 
     def _send(self, sender: Any, outcome: Outcome) -> None:
         sender.send(self._response(outcome), flags=FINAL)
@@ -207,3 +249,7 @@ _METRICS = {
 
 def _error(message: str, code: Any) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

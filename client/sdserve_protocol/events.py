@@ -1,0 +1,143 @@
+"""The events of a streamed request (README.md, "Streaming"), declared once.
+
+A streamed request (the pipeline's `<name>_stream` model, over Triton's gRPC bidirectional
+stream) gets small typed responses while it runs, then its result:
+
+- `Queued`: its place in the queue (1: next to start), when it changes;
+- `Progress`: after each denoising step, the step, the total, seconds since it started and
+  an estimate of the seconds left (outpainting: which band of how many);
+- `Preview`: every `preview_every` steps, an approximate image of the request's size (a
+  linear projection of the latents, the generated region over the input elsewhere);
+- the result: the unary call's outputs (`images`, `seeds`) with `event` = "result".
+
+Each event is one response whose `event` output names its kind; `EVENT_OUTPUTS` declares the
+tensors (the stream model's config, the server's encoder and the SDK's decoder read them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .contract import OUTPUTS, WireInput, WireTensor
+
+Array = npt.NDArray[Any]
+
+EVENT_OUTPUTS: tuple[WireTensor, ...] = (
+    WireTensor("event", "BYTES", (1,)),  # "queued", "progress", "preview" or "result"
+    WireTensor("queue_position", "INT32", (1,)),
+    WireTensor("step", "INT32", (1,)),
+    WireTensor("total_steps", "INT32", (1,)),
+    WireTensor("band", "INT32", (2,)),  # (band from 1, bands); (1, 1) but for outpainting
+    WireTensor("elapsed_s", "FP32", (1,)),
+    WireTensor("eta_s", "FP32", (1,)),
+    WireTensor("preview", "UINT8", (-1, -1, -1, 3)),
+)
+STREAM_OUTPUTS: tuple[WireTensor, ...] = (*OUTPUTS, *EVENT_OUTPUTS)
+"""Outputs of the stream model: the result's and the events'."""
+
+STREAM_ID = WireInput("stream_id", "BYTES", (1,))
+"""Set by the stream model when it hands a request to the pipeline model (and on the events
+the pipeline sends back): the stream's random id. Not a client input."""
+CANCELLED = WireTensor("cancelled", "BOOL", (1,))
+"""The stream model's answer to an event: the client has gone or cancelled."""
+
+STREAM_SUFFIX = "_stream"
+RESULT = "result"
+
+
+def stream_model_name(pipeline: str) -> str:
+    """The decoupled model that streams `pipeline`'s requests."""
+    return pipeline + STREAM_SUFFIX
+
+
+@dataclass(frozen=True)
+class Queued:
+    """Waiting to start; `position` 1 is next."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A denoising step done: `step` of `total_steps` (over every band and image of an
+    outpainting request), `band` of `bands`."""
+
+    step: int
+    total_steps: int
+    elapsed_s: float
+    eta_s: float
+    band: int = 1
+    bands: int = 1
+
+
+@dataclass(frozen=True)
+class Preview:
+    """An approximate image after `step` of `total_steps`: (N, H, W, 3) uint8."""
+
+    step: int
+    total_steps: int
+    images: Array = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The request's outputs, as a unary call returns them."""
+
+    outputs: Mapping[str, Array] = field(repr=False)
+
+
+Event = Queued | Progress | Preview | Result
+
+
+def encode_event(event: Queued | Progress | Preview) -> dict[str, Array]:
+    """An event → its response tensors (no leading batch dim)."""
+
+    def one(value: float, dtype: type) -> Array:
+        return np.asarray([value], dtype=dtype)
+
+    if isinstance(event, Queued):
+        kind, fields = "queued", {"queue_position": one(event.position, np.int32)}
+    elif isinstance(event, Progress):
+        kind, fields = "progress", {
+            "step": one(event.step, np.int32), "total_steps": one(event.total_steps, np.int32),
+            "band": np.asarray([event.band, event.bands], dtype=np.int32),
+            "elapsed_s": one(event.elapsed_s, np.float32), "eta_s": one(event.eta_s, np.float32),
+        }  # fmt: skip
+    else:
+        kind, fields = "preview", {
+            "step": one(event.step, np.int32), "total_steps": one(event.total_steps, np.int32),
+            "preview": np.ascontiguousarray(event.images, dtype=np.uint8),
+        }  # fmt: skip
+    return {"event": np.asarray([kind.encode()], dtype=np.object_), **fields}
+
+
+def decode_event(outputs: Mapping[str, Array]) -> Event:
+    """A stream response's tensors (no leading batch dim) → its event.
+
+    Raises:
+        ValueError: the response names no known event.
+    """
+    raw = outputs.get("event")
+    kind = _text(raw[0]) if raw is not None and len(raw) else RESULT
+    if kind == RESULT:
+        return Result({k: v for k, v in outputs.items() if k in {t.name for t in OUTPUTS}})
+    if kind == "queued":
+        return Queued(int(outputs["queue_position"][0]))
+    if kind == "progress":
+        band, bands = (int(v) for v in outputs["band"])
+        return Progress(
+            int(outputs["step"][0]), int(outputs["total_steps"][0]),
+            float(outputs["elapsed_s"][0]), float(outputs["eta_s"][0]), band, bands,
+        )  # fmt: skip
+    if kind == "preview":
+        return Preview(int(outputs["step"][0]), int(outputs["total_steps"][0]), outputs["preview"])
+    raise ValueError(f"unknown stream event {kind!r}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,184 @@
+"""Streamed requests: events from the batcher to a client, without slowing the batch.
+
+A streamed request reaches the pipeline model from its stream model (`<name>_stream`, a
+decoupled Triton model) with a random `stream_id`. The batcher tells the request's listener
+about each event; the pipeline model's `EventPublisher` queues it and returns at once, and
+its own thread delivers the events in order to the stream model (a BLS call each), which
+sends them to the client. The request's answer goes through the same queue, after its
+events, so the result is always the stream's last response.
+
+A stream whose events cannot be delivered as fast as they come never grows without bound:
+past `max_pending` queued events, the oldest progress and preview events of that stream are
+dropped (the newest progress is kept). A delivery that reports the stream cancelled (the
+client closed it or went away) marks it, and the batcher drops the request at its next step.
+Previews (`latent_preview`) are a linear projection of the latents per model family, drawn
+over the input image outside the region being generated.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+
+from sdserve_protocol.contract import GenerationParams
+from sdserve_protocol.events import Preview, Progress, Queued
+
+StreamEvent = Queued | Progress | Preview
+# Delivers one event to a stream; returns whether that stream is cancelled.
+Deliver = Callable[[str, StreamEvent], bool]
+Listener = Callable[[StreamEvent], None]
+
+
+@dataclass
+class _Stream:
+    events: deque[StreamEvent | Callable[[], None]] = field(default_factory=deque)
+    cancelled: bool = False
+
+
+class EventPublisher:
+    """Delivers the events of every open stream, in order per stream, on its own thread.
+
+    Args:
+        deliver: sends one event to its stream (a BLS call to the stream model in Triton).
+        max_pending: most events queued per stream; beyond, older progress/preview events
+            of that stream are dropped.
+        on_error: told when a delivery or an answer raises (the thread keeps going).
+    """
+
+    def __init__(
+        self,
+        deliver: Deliver,
+        max_pending: int = 64,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self._deliver = deliver
+        self.max_pending = max_pending
+        self._on_error = on_error or (lambda err: None)
+        self._streams: dict[str, _Stream] = {}
+        self._ready: deque[str] = deque()  # streams with something to send, in arrival order
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="sdserve-events", daemon=True)
+        self._thread.start()
+
+    def open(self, stream_id: str) -> Listener:
+        """Start a stream; returns the listener the batcher tells its events."""
+        with self._wake:
+            self._streams[stream_id] = _Stream()
+        return lambda event: self._put(stream_id, event)
+
+    def cancelled(self, stream_id: str) -> bool:
+        """The stream model said the client has gone or cancelled."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.cancelled
+
+    def finish(self, stream_id: str, answer: Callable[[], None]) -> None:
+        """Run `answer` (send the request's response) after the stream's queued events; the
+        stream then closes."""
+        self._put(stream_id, answer)
+
+    def pending(self) -> int:
+        """Streams open (tests: nothing is left behind)."""
+        with self._wake:
+            return len(self._streams)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Deliver what is queued, then stop."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout_s)
+
+    def _put(self, stream_id: str, item: StreamEvent | Callable[[], None]) -> None:
+        with self._wake:
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                return  # closed: a late event
+            if not stream.events:
+                self._ready.append(stream_id)
+            stream.events.append(item)
+            if len(stream.events) > self.max_pending:
+                _drop_oldest_event(stream.events)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._ready:
+                    if self._closing:
+                        return
+                    self._wake.wait()
+                stream_id = self._ready.popleft()
+                stream = self._streams[stream_id]
+                item = stream.events.popleft()
+                if not isinstance(item, Queued | Progress | Preview):
+                    del self._streams[stream_id]  # its answer, after its events: done
+                elif stream.events:
+                    self._ready.append(stream_id)  # round robin: one item per stream per turn
+            try:
+                if not isinstance(item, Queued | Progress | Preview):
+                    item()
+                elif not stream.cancelled and self._deliver(stream_id, item):
+                    stream.cancelled = True
+            except Exception as err:  # noqa: BLE001 (one stream's failure is not the others')
+                self._on_error(err)
+
+
+def _drop_oldest_event(events: deque[StreamEvent | Callable[[], None]]) -> None:
+    """Drop the oldest event that is not the newest progress and not the answer."""
+    newest_progress = max(
+        (i for i, e in enumerate(events) if isinstance(e, Progress)), default=-1
+    )
+    for i, event in enumerate(events):
+        if isinstance(event, Queued | Preview) or (isinstance(event, Progress) and i != newest_progress):
+            del events[i]
+            return
+
+
+# Latent → RGB projections (ComfyUI's `latent_rgb_factors`, as their live previews use).
+_RGB_FACTORS = {
+    "sd15": (
+        ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+         (-0.2120, -0.2616, -0.7177)),
+        (0.0, 0.0, 0.0),
+    ),
+    "sdxl": (
+        ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362),
+         (-0.3165, -0.2492, -0.2188)),
+        (0.1084, -0.0175, -0.0011),
+    ),
+}  # fmt: skip
+
+
+def latent_preview(
+    latents: torch.Tensor, architecture: str, params: GenerationParams
+) -> npt.NDArray[np.uint8]:
+    """An approximate image of each latent: (N, H, W, 3) uint8 at the request's size, the
+    input image outside the mask of an inpainting request.
+
+    Args:
+        latents: (N, 4, h, w) denoising latents (unscaled).
+        architecture: `sd15` or `sdxl` (picks the projection).
+        params: the request (its size, image and mask).
+    """
+    factors, bias = _RGB_FACTORS[architecture]
+    rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), torch.tensor(factors))
+    rgb = ((rgb + torch.tensor(bias) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    height, width = params.height, params.width
+    out = np.stack([
+        np.asarray(Image.fromarray(one).resize((width, height), Image.Resampling.BILINEAR))
+        for one in rgb
+    ])  # fmt: skip
+    if params.image is not None and params.mask is not None and params.image.shape[:2] == (
+        height, width
+    ):  # fmt: skip
+        keep = params.mask < 128
+        out[:, keep] = params.image[keep]
+    return out

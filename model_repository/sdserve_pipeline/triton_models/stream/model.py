@@ -1,0 +1,91 @@
+"""Triton Python-backend model (decoupled): a pipeline model's requests, streamed.
+
+A client's request (the pipeline's wire inputs, over gRPC's bidirectional stream) is handed
+to the pipeline model (`parameters.pipeline_model`) by BLS with a random `stream_id`, so the
+pipeline's continuous batcher serves it beside unary requests. The pipeline sends the
+request's events back here, one BLS request each carrying the `stream_id` (`Queued`,
+`Progress`, `Preview`: `sdserve_protocol.events`); each is forwarded to the client at once
+and answered with `cancelled` (the client closed the stream or cancelled), which stops the
+request at its next step. The pipeline's answer is the stream's last response: the images
+with `event` = "result", or its error.
+"""
+
+import json
+import secrets
+import threading
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from sdserve_protocol.contract import OUTPUTS
+from sdserve_protocol.events import CANCELLED, RESULT, STREAM_ID
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        self.pipeline = config["parameters"]["pipeline_model"]["string_value"]
+        self.streams: dict[str, tuple[Any, Any]] = {}  # stream_id → (sender, request)
+        self.lock = threading.Lock()
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            stream = pb_utils.get_input_tensor_by_name(request, STREAM_ID.name)
+            if stream is None:
+                threading.Thread(target=self._forward, args=(request, sender), daemon=True).start()
+            else:
+                self._event(request, sender, _text(stream.as_numpy().reshape(-1)[0]))
+        return None
+
+    def _event(self, request: Any, sender: Any, stream_id: str) -> None:
+        """An event from the pipeline: to its client, if the stream is still there."""
+        with self.lock:
+            client = self.streams.get(stream_id)
+        cancelled = client is None or bool(client[1].is_cancelled())
+        if not cancelled:
+            tensors = [t for t in request.inputs() if t.name() != STREAM_ID.name]
+            try:
+                client[0].send(pb_utils.InferenceResponse(tensors))
+            except Exception:  # noqa: BLE001 (the client went away)
+                cancelled = True
+        answer = pb_utils.Tensor(CANCELLED.name, np.asarray([[cancelled]], dtype=np.bool_))
+        sender.send(pb_utils.InferenceResponse([answer]), flags=FINAL)
+
+    def _forward(self, request: Any, sender: Any) -> None:
+        """The client's request through the pipeline; its answer is the stream's last."""
+        stream_id = secrets.token_hex(16)
+        with self.lock:
+            self.streams[stream_id] = (sender, request)
+        try:
+            inputs = [pb_utils.Tensor(t.name(), t.as_numpy()) for t in request.inputs()]
+            inputs.append(
+                pb_utils.Tensor(STREAM_ID.name, np.asarray([[stream_id.encode()]], np.object_))
+            )
+            response = pb_utils.InferenceRequest(
+                model_name=self.pipeline,
+                inputs=inputs,
+                requested_output_names=[t.name for t in OUTPUTS],
+                timeout=request.timeout(),
+            ).exec()
+        except Exception as err:  # noqa: BLE001
+            response = pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(str(err), pb_utils.TritonError.INTERNAL)
+            )
+        finally:
+            with self.lock:
+                self.streams.pop(stream_id, None)
+        if response.has_error():
+            sender.send(pb_utils.InferenceResponse(error=response.error()), flags=FINAL)
+            return
+        kind = pb_utils.Tensor("event", np.asarray([[RESULT.encode()]], dtype=np.object_))
+        sender.send(
+            pb_utils.InferenceResponse([*response.output_tensors(), kind]), flags=FINAL
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
