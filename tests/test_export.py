@@ -13,6 +13,7 @@ from sdserve_export.parity import ParityError, check_parity, require_parity
 from sdserve_export.triton_configs import parse_pbtxt
 from sdserve_pipeline.components import CLIP_VOCAB_SIZE, SD15_COMPONENTS
 from sdserve_protocol.contract import INPUTS, OUTPUTS
+from sdserve_protocol.events import STREAM_OUTPUTS
 
 
 def test_clip_tokenizer_is_the_real_vocabulary():
@@ -80,6 +81,12 @@ def test_configs_parse_and_name_the_onnx_tensors(repository: Path):
             [t.name for t in config.output] == spec.output_names == [o.name for o in graph.output]
         )
     pipeline = parse_pbtxt((repository / "inpaint/config.pbtxt").read_text())
-    assert [t.name for t in pipeline.input] == [t.name for t in INPUTS]
+    assert [t.name for t in pipeline.input] == [t.name for t in INPUTS] + ["stream_id"]
     assert [t.name for t in pipeline.output] == [t.name for t in OUTPUTS]
     assert [t.name for t in pipeline.input if not t.optional] == ["prompt"]
+    stream = parse_pbtxt((repository / "inpaint_stream/config.pbtxt").read_text())
+    assert stream.model_transaction_policy.decoupled
+    assert stream.parameters["pipeline_model"].string_value == "inpaint"
+    assert [t.name for t in stream.input][: len(INPUTS)] == [t.name for t in INPUTS]
+    assert [t.name for t in stream.input if not t.optional] == ["prompt"]
+    assert {t.name for t in STREAM_OUTPUTS} <= {t.name for t in stream.output}

@@ -170,8 +170,7 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur",
-                 "preview_every"):
+    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur", "preview_every"):
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

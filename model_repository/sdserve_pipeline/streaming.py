@@ -133,11 +133,11 @@ class EventPublisher:
 
 def _drop_oldest_event(events: deque[StreamEvent | Callable[[], None]]) -> None:
     """Drop the oldest event that is not the newest progress and not the answer."""
-    newest_progress = max(
-        (i for i, e in enumerate(events) if isinstance(e, Progress)), default=-1
-    )
+    newest_progress = max((i for i, e in enumerate(events) if isinstance(e, Progress)), default=-1)
     for i, event in enumerate(events):
-        if isinstance(event, Queued | Preview) or (isinstance(event, Progress) and i != newest_progress):
+        if isinstance(event, Queued | Preview) or (
+            isinstance(event, Progress) and i != newest_progress
+        ):
             del events[i]
             return
 
@@ -169,12 +169,12 @@ def latent_preview(
         params: the request (its size, image and mask).
     """
     factors, bias = _RGB_FACTORS[architecture]
-    rgb = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), torch.tensor(factors))
-    rgb = ((rgb + torch.tensor(bias) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    projected = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), torch.tensor(factors))
+    projected = ((projected + torch.tensor(bias) + 1) * 127.5).clamp(0, 255)
     height, width = params.height, params.width
-    out = np.stack([
+    out: npt.NDArray[np.uint8] = np.stack([
         np.asarray(Image.fromarray(one).resize((width, height), Image.Resampling.BILINEAR))
-        for one in rgb
+        for one in projected.to(torch.uint8).numpy()
     ])  # fmt: skip
     if params.image is not None and params.mask is not None and params.image.shape[:2] == (
         height, width

@@ -36,6 +36,7 @@ from sdserve_pipeline.outcomes import (
 from sdserve_pipeline.service import PipelineService, batch, unbatch
 from sdserve_pipeline.streaming import EventPublisher, StreamEvent
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
+from sdserve_protocol.events import CANCELLED, STREAM_ID, encode_event, stream_model_name
 from sdserve_protocol.metrics import (
     DURATION_METRIC,
     MEMORY_BUDGET_METRIC,
@@ -47,7 +48,6 @@ from sdserve_protocol.metrics import (
     QUEUE_WAIT_METRIC,
     REQUESTS_METRIC,
 )
-from sdserve_protocol.events import CANCELLED, STREAM_ID, encode_event, stream_model_name
 from sdserve_protocol.rules import RequestError
 from sdserve_protocol.settings import PipelineSettings, config_parameters
 

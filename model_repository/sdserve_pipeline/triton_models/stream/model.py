@@ -46,7 +46,7 @@ class TritonPythonModel:
         with self.lock:
             client = self.streams.get(stream_id)
         cancelled = client is None or bool(client[1].is_cancelled())
-        if not cancelled:
+        if client is not None and not cancelled:
             tensors = [t for t in request.inputs() if t.name() != STREAM_ID.name]
             try:
                 client[0].send(pb_utils.InferenceResponse(tensors))
@@ -82,9 +82,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=response.error()), flags=FINAL)
             return
         kind = pb_utils.Tensor("event", np.asarray([[RESULT.encode()]], dtype=np.object_))
-        sender.send(
-            pb_utils.InferenceResponse([*response.output_tensors(), kind]), flags=FINAL
-        )
+        sender.send(pb_utils.InferenceResponse([*response.output_tensors(), kind]), flags=FINAL)
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,246 @@
+"""Streamed requests in-process: the batcher's events (`ContinuousBatcher(listener=...)`),
+the `EventPublisher` that delivers them (ordered, bounded, cancellable), the latent previews
+and the event wire encoding."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from cases import make_case, max_abs
+from helpers import WAIT_S, gated_unet, wire
+
+from sdserve_pipeline.batcher import ContinuousBatcher
+from sdserve_pipeline.executor import Cancelled
+from sdserve_pipeline.streaming import EventPublisher, latent_preview
+from sdserve_protocol.contract import GenerationParams, decode_request
+from sdserve_protocol.events import (
+    Preview,
+    Progress,
+    Queued,
+    Result,
+    decode_event,
+    encode_event,
+)
+from sdserve_protocol.rules import RequestError
+
+
+class Answers:
+    """Collects outcomes by name; waits for a count."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, object] = {}
+        self._cond = threading.Condition()
+
+    def callback(self, name: str):
+        def done(outcome) -> None:
+            with self._cond:
+                self.by_name[name] = outcome
+                self._cond.notify_all()
+
+        return done
+
+    def wait(self, count: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.by_name) >= count, WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case(64, 64, seed=21)
+
+
+def test_one_progress_per_step_in_order_and_previews_every_k(service, case):
+    image, mask = case
+    request = wire(image, mask, steps=5, seed=3, scheduler="euler", preview_every=2)
+    alone = service.generate(request)
+    events: list = []
+    answers = Answers()
+    batcher = ContinuousBatcher(service)
+    try:
+        batcher.submit(request, answers.callback("r"), listener=events.append)
+        answers.wait(1)
+    finally:
+        batcher.close()
+    assert max_abs(answers.by_name["r"]["images"], alone["images"]) == 0  # unchanged
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5]
+    assert {p.total_steps for p in progress} == {5}
+    assert progress[-1].eta_s == 0 and all(p.elapsed_s >= 0 for p in progress)
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in previews] == [2, 4]  # none after the last step: the result comes
+    assert all(p.images.shape == (1, 64, 64, 3) and p.images.dtype == np.uint8 for p in previews)
+    keep = mask < 128  # outside the mask a preview shows the input
+    assert all((p.images[0][keep] == image[keep]).all() for p in previews)
+    assert events.index(previews[0]) == events.index(progress[1]) + 1  # after its step
+
+
+def test_waiting_requests_hear_their_queue_position_as_it_changes(service, case):
+    image, mask = case
+    gate = threading.Event()
+    gated = gated_unet(service, gate)
+    heard: dict[str, list] = {"b": [], "c": []}
+    answers = Answers()
+    batcher = ContinuousBatcher(gated, max_active=1, max_queued=4)
+    try:
+        batcher.submit(wire(image, mask, steps=2, seed=1, scheduler="euler"), answers.callback("a"))
+        batcher.submit(wire(image, mask, steps=2, seed=2, scheduler="euler"), answers.callback("b"),
+                       listener=heard["b"].append)  # fmt: skip
+        batcher.submit(wire(image, mask, steps=2, seed=3, scheduler="euler"), answers.callback("c"),
+                       listener=heard["c"].append)  # fmt: skip
+        gate.set()
+        answers.wait(3)
+    finally:
+        batcher.close()
+    queued = {name: [e.position for e in events if isinstance(e, Queued)]
+              for name, events in heard.items()}  # fmt: skip
+    assert queued["b"][0] in (1, 2) and queued["b"][-1] == 1
+    assert queued["c"][:1] in ([2], [3]) and queued["c"][-1] == 1
+    assert all(
+        a > b for a, b in zip(queued["c"], queued["c"][1:], strict=False)
+    )  # only moves forward
+    for name in ("b", "c"):
+        assert [e.step for e in heard[name] if isinstance(e, Progress)] == [1, 2]
+
+
+def test_outpainting_progress_counts_every_band_step(service, case):
+    image, _ = case
+    request = wire(image, steps=2, seed=4, scheduler="euler", outpaint=[0, 0, 128, 0])
+    events: list = []
+    answers = Answers()
+    batcher = ContinuousBatcher(service)
+    try:
+        batcher.submit(request, answers.callback("o"), listener=events.append)
+        answers.wait(1)
+    finally:
+        batcher.close()
+    assert not isinstance(answers.by_name["o"], Exception)
+    progress = [e for e in events if isinstance(e, Progress)]
+    bands = progress[-1].bands
+    assert bands == 2  # 64 + 128 wide at 128-pixel bands
+    assert [p.step for p in progress] == list(range(1, 2 * bands + 1))
+    assert [p.band for p in progress] == [b for b in range(1, bands + 1) for _ in range(2)]
+
+
+class SlowDeliver:
+    """A stream model that takes its time (or says the client has gone)."""
+
+    def __init__(self, gate: threading.Event, cancelled: bool = False) -> None:
+        self.gate, self.cancelled = gate, cancelled
+        self.delivered: list[tuple[str, object]] = []
+
+    def __call__(self, stream_id: str, event) -> bool:
+        self.gate.wait(WAIT_S)
+        self.delivered.append((stream_id, event))
+        return self.cancelled
+
+
+def test_publisher_delivers_in_order_then_answers_and_forgets_the_stream():
+    gate = threading.Event()
+    gate.set()
+    deliver = SlowDeliver(gate)
+    publisher = EventPublisher(deliver)
+    answered = threading.Event()
+    tell = publisher.open("s")
+    for step in range(1, 4):
+        tell(Progress(step, 3, 0.1 * step, 0.0))
+    publisher.finish("s", answered.set)
+    assert answered.wait(WAIT_S)
+    publisher.close(WAIT_S)
+    assert [e.step for _, e in deliver.delivered] == [1, 2, 3]
+    assert publisher.pending() == 0
+    tell(Progress(4, 3, 1.0, 0.0))  # late: dropped, not queued
+    assert len(deliver.delivered) == 3
+
+
+def test_a_stream_that_does_not_read_is_bounded_and_keeps_the_newest_progress():
+    gate = threading.Event()  # the stream model is stuck: nothing is delivered
+    deliver = SlowDeliver(gate)
+    publisher = EventPublisher(deliver, max_pending=4)
+    other = publisher.open("fast")
+    slow = publisher.open("slow")
+    for step in range(1, 101):
+        slow(Progress(step, 100, 0.0, 0.0))
+        if step % 10 == 0:
+            slow(Preview(step, 100, np.zeros((1, 2, 2, 3), np.uint8)))
+    answered = threading.Event()
+    other(Queued(1))
+    publisher.finish("fast", answered.set)
+    gate.set()
+    assert answered.wait(WAIT_S)
+    publisher.finish("slow", lambda: None)
+    publisher.close(WAIT_S)
+    slow_events = [e for s, e in deliver.delivered if s == "slow"]
+    assert len(slow_events) <= 5  # at most max_pending queued, plus the one in delivery
+    assert [e.step for e in slow_events if isinstance(e, Progress)][-1] == 100
+    assert [e for s, e in deliver.delivered if s == "fast"] == [Queued(1)]
+
+
+def test_a_cancelled_stream_is_marked_and_stops_receiving():
+    gate = threading.Event()
+    gate.set()
+    deliver = SlowDeliver(gate, cancelled=True)
+    publisher = EventPublisher(deliver)
+    tell = publisher.open("gone")
+    tell(Progress(1, 3, 0.0, 0.0))
+    answered = threading.Event()
+    tell(Progress(2, 3, 0.0, 0.0))
+    publisher.finish("gone", answered.set)
+    assert answered.wait(WAIT_S)
+    publisher.close(WAIT_S)
+    assert len(deliver.delivered) == 1  # the first said cancelled: the second is not sent
+
+
+def test_a_cancelled_stream_stops_its_request_at_the_next_step(service, case):
+    image, mask = case
+    gate = threading.Event()
+    gate.set()
+    publisher = EventPublisher(SlowDeliver(gate, cancelled=True))
+    answers = Answers()
+    batcher = ContinuousBatcher(service)
+    try:
+        batcher.submit(wire(image, mask, steps=50, seed=1), answers.callback("s"),
+                       is_cancelled=lambda: publisher.cancelled("s"),
+                       listener=publisher.open("s"))  # fmt: skip
+        answers.wait(1)
+    finally:
+        batcher.close()
+        publisher.close(WAIT_S)
+    assert isinstance(answers.by_name["s"], Cancelled)
+    assert batcher.outstanding_steps == 0 and batcher.pending == 0
+
+
+def test_event_encoding_round_trips():
+    preview = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
+    for event in (Queued(3), Progress(2, 10, 1.5, 6.0, 2, 3)):
+        assert decode_event(encode_event(event)) == event
+    back = decode_event(encode_event(Preview(4, 10, preview)))
+    assert isinstance(back, Preview) and back.step == 4 and (back.images == preview).all()
+    images = np.zeros((1, 4, 4, 3), np.uint8)
+    result = decode_event(
+        {"images": images, "seeds": np.array([1]), "event": np.array([b"result"], object)}
+    )
+    assert isinstance(result, Result) and set(result.outputs) == {"images", "seeds"}
+    with pytest.raises(ValueError, match="unknown stream event"):
+        decode_event({"event": np.array([b"bogus"], object)})
+
+
+def test_latent_preview_is_the_request_size_with_the_input_outside_the_mask(case):
+    image, mask = case
+    params = GenerationParams("x", 64, 64, 0, image=image, mask=mask)
+    latents = torch.zeros(2, 4, 8, 8)
+    out = latent_preview(latents, "sd15", params)
+    assert out.shape == (2, 64, 64, 3)
+    inside = mask >= 128
+    assert (out[:, inside] == 127).all()  # zero latents project to mid gray
+    assert (out[:, ~inside] == image[~inside]).all()
+    xl = latent_preview(latents, "sdxl", GenerationParams("x", 32, 48, 0))
+    assert xl.shape == (2, 32, 48, 3)
+
+
+@pytest.mark.parametrize("value", [-1, 1001])
+def test_preview_every_out_of_range_names_the_input(value):
+    with pytest.raises(RequestError, match="preview_every"):
+        decode_request(wire(preview_every=value), None)
