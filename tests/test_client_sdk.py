@@ -41,6 +41,7 @@ from sdserve_client.tls import TlsSettings, explain, tls_settings
 from sdserve_client.webui.backend import Backend, PoolInfoClient
 from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
 from sdserve_protocol.contract import INPUTS, OUTPUTS
+from sdserve_protocol.events import Preview, Progress, encode_event
 from sdserve_protocol.settings import PIPELINE_ROLES
 
 # name -> (numpy dtype, Triton datatype, shape without batch dim) for a 6x4 (W x H) image.
@@ -60,6 +61,7 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "num_images": (np.int32, "INT32", (1,)),
     "preserve_unmasked": (np.bool_, "BOOL", (1,)),
     "mask_blur": (np.int32, "INT32", (1,)),
+    "preview_every": (np.int32, "INT32", (1,)),
 }
 
 
@@ -85,6 +87,7 @@ def full_request() -> GenerationRequest:
         num_images=2,
         preserve_unmasked=False,
         mask_blur=0,  # a blur > 0 applies to inpainting, not outpainting
+        preview_every=2,
     )
 
 
@@ -149,6 +152,43 @@ class FakeTriton:
 
     def infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> FakeResult:
         self._record("infer", model_name=model_name, **kwargs)
+        return self._respond(inputs)
+
+    def start_stream(self, callback: Any, **kwargs: Any) -> None:
+        self._record("start_stream", **kwargs)
+        self.stream_callback = callback
+
+    def async_stream_infer(self, model_name: str, inputs: list[Any], **kwargs: Any) -> None:
+        """Like the stream model: a progress event per step, then the result."""
+        self._record("async_stream_infer", model_name=model_name, **kwargs)
+        if "stream" in self.fail:  # a stream's errors come through its callback
+            self.stream_callback(None, self.fail["stream"])
+            return
+        result = self._respond(inputs)
+        steps = int(decode(self.sent["steps"]).reshape(-1)[0]) if "steps" in self.sent else 2
+        batch = (lambda a: a[np.newaxis]) if self.max_batch_size else (lambda a: a)
+        every = int(decode(self.sent["preview_every"]).reshape(-1)[0]) if (
+            "preview_every" in self.sent) else 0  # fmt: skip
+        for step in range(1, steps + 1):
+            events = [Progress(step, steps, 0.1 * step, 0.1 * (steps - step))]
+            if every and step % every == 0 and step < steps:
+                events.append(
+                    Preview(
+                        step,
+                        steps,
+                        result.outputs["images"].reshape(-1, *result.outputs["images"].shape[-3:]),
+                    )
+                )
+            for event in events:
+                tensors = encode_event(event)
+                self.stream_callback(FakeResult({k: batch(v) for k, v in tensors.items()}), None)
+        kind = batch(np.array([b"result"], dtype=np.object_))
+        self.stream_callback(FakeResult({**result.outputs, "event": kind}), None)
+
+    def stop_stream(self, cancel_requests: bool = False) -> None:
+        self._record("stop_stream", cancel_requests=cancel_requests)
+
+    def _respond(self, inputs: list[Any]) -> FakeResult:
         self.sent = {i.name(): i for i in inputs}
         if self.outputs is not None:
             return FakeResult(self.outputs)
@@ -687,13 +727,15 @@ def test_cli_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == "inpaint\ntext_encoder\n"
 
 
+@pytest.mark.parametrize("call", ["stream", "infer"])
 def test_cli_server_error_exits_1_without_traceback(
-    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], call: str
 ) -> None:
     image, mask = files
     error = InferenceServerException("steps must be >= 1, got 0", "StatusCode.INVALID_ARGUMENT")
-    factory = Factory(FakeTriton(fail={"infer": error}))
+    factory = Factory(FakeTriton(fail={call: error}))
     argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    argv += ["--no-progress"] if call == "infer" else []
     assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -1309,3 +1351,65 @@ def test_the_admin_key_is_read_as_the_server_reads_it(
     other.write_text("\n")
     with pytest.raises(SdserveError, match="is empty"):
         cli.admin_key_from(other)
+
+
+def test_cli_streams_with_a_progress_bar_and_saves_previews(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, mask = files
+    fake = FakeTriton(max_batch_size=1)
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p", "--steps", "4"]
+    argv += ["--previews", str(tmp_path / "previews"), "--preview-every", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=Factory(fake)) == 0
+    assert [kw["model_name"] for m, kw in fake.calls if m == "async_stream_infer"] == [
+        "inpaint_stream"
+    ]
+    assert "infer" not in [m for m, _ in fake.calls]
+    assert int(decode(fake.sent["preview_every"])[0, 0]) == 2
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["step-2.png"]
+    assert "4/4" in capsys.readouterr().err  # the bar reached the last step
+    assert Image.open(tmp_path / "o.png").size == (6, 4)
+
+
+def test_cli_no_progress_is_a_plain_unary_call(
+    files: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image, mask = files
+    fake = FakeTriton()
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    argv += ["--no-progress", "--out", str(tmp_path / "o.png")]
+    assert cli.main(argv, client_factory=Factory(fake)) == 0
+    assert [m for m, _ in fake.calls if "infer" in m] == ["infer"]
+    assert capsys.readouterr().err == ""
+
+
+def test_sdk_stream_generate_on_event_and_submit_on_event_agree() -> None:
+    fake = FakeTriton(max_batch_size=1)
+    request = GenerationRequest("p", height=8, width=8, steps=3, seed=5, preview_every=1)
+    with InpaintClient(client=fake, connect=lambda url: fake) as client:
+        events = list(client.stream(request))
+        heard: list[Any] = []
+        generated = client.generate(request, on_event=heard.append)
+        pending = client.submit(request, on_event=heard.append)
+        submitted = pending.result(timeout=30)
+    *steps, result = events
+    assert [type(e).__name__ for e in steps] == ["Progress", "Preview", "Progress", "Preview",
+                                                 "Progress"]  # fmt: skip
+    assert result.seeds == generated.seeds == submitted.seeds == [5]
+    assert np.array_equal(result.arrays, generated.arrays)
+    assert [e.step for e in heard if isinstance(e, Progress)] == [1, 2, 3, 1, 2, 3]
+    assert ("stop_stream", {"cancel_requests": True}) in fake.calls  # closed once done
+
+
+def test_sdk_stream_works_with_async_for() -> None:
+    import asyncio
+
+    fake = FakeTriton()
+    request = GenerationRequest("p", height=8, width=8, steps=2)
+
+    async def collect() -> list[Any]:
+        with InpaintClient(client=fake, connect=lambda url: fake) as client:
+            return [event async for event in client.stream(request)]
+
+    events = asyncio.run(collect())
+    assert [type(e).__name__ for e in events] == ["Progress", "Progress", "GenerationResult"]

@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from sdserve_protocol.canvas import Extension, build_canvas
+from sdserve_protocol.events import Preview, Progress, Queued
 
 from .errors import SdserveError
 from .images import to_mask_array, to_rgb_array
-from .sdk import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, GenerationResult, InpaintClient
+from .sdk import (
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE_ENV,
+    EventCallback,
+    GenerationResult,
+    InpaintClient,
+)
 from .tls import TlsSettings
 
 PROG = "sdserve-client"
@@ -56,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not paste the input's pixels back outside the mask",
     )
     generation.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG path")
+    generation.add_argument(
+        "--no-progress", dest="progress", action="store_false",
+        help="no progress bar: a plain (unary) call, as to a server without stream models",
+    )  # fmt: skip
+    generation.add_argument(
+        "--previews", type=Path, metavar="DIR",
+        help="save live previews into DIR (step-<n>.png; every --preview-every steps)",
+    )  # fmt: skip
+    generation.add_argument(
+        "--preview-every", type=int, default=None,
+        help="steps between previews with --previews (default 5)",
+    )  # fmt: skip
     generation.add_argument(
         "--retry-started", action="store_true",
         help="with --seed, resend the request to another server even when the connection "
@@ -190,8 +210,11 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "preserve_unmasked": args.preserve_unmasked,
         "mask_blur": getattr(args, "mask_blur", None),  # inpaint only
     }
+    if args.previews is not None or args.preview_every is not None:
+        options["preview_every"] = args.preview_every or DEFAULT_PREVIEW_EVERY
     connection = {**_connection(args), "model": args.model, "retry_started": args.retry_started}
-    with client_factory(**connection) as client:
+    with client_factory(**connection) as client, _progress(args) as on_event:
+        options["on_event"] = on_event
         if args.command == "inpaint":
             result = client.inpaint(_load(args.image), _load(args.mask), args.prompt, **options)
         elif args.command == "outpaint":
@@ -228,6 +251,45 @@ def _outpaint(
     if mask is not None:
         options = {**options, "mask": mask}
     return client.outpaint(image, args.prompt, **sides, **options)
+
+
+DEFAULT_PREVIEW_EVERY = 5
+
+
+@contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[EventCallback | None]:
+    """A progress bar on stderr (tqdm) fed by the request's stream, and the previews saved
+    into `--previews`; None with `--no-progress` (a unary call)."""
+    if not args.progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bars: list[Any] = []  # made at the first event: nothing is drawn for a refused request
+
+    def on_event(event: Queued | Progress | Preview) -> None:
+        if not bars:
+            bars.append(tqdm(total=None, unit="step", leave=False, dynamic_ncols=True))
+        bar = bars[0]
+        if isinstance(event, Queued):
+            bar.set_description(f"queued: {event.position}")
+        elif isinstance(event, Progress):
+            bar.set_description("outpainting band {}/{}".format(event.band, event.bands)
+                                if event.bands > 1 else "generating")  # fmt: skip
+            bar.total = event.total_steps
+            bar.n = event.step
+            bar.refresh()
+        elif args.previews is not None:
+            args.previews.mkdir(parents=True, exist_ok=True)
+            for i, array in enumerate(event.images):
+                suffix = f"-{i}" if i else ""
+                Image.fromarray(array).save(args.previews / f"step-{event.step}{suffix}.png")
+
+    try:
+        yield on_event
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _load(path: Path) -> Image.Image:

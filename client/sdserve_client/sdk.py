@@ -23,7 +23,7 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
 
 from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
 from sdserve_protocol.contract import IMAGES, OUTPUTS, SEEDS
-from sdserve_protocol.events import stream_model_name
+from sdserve_protocol.events import Preview, Progress, Queued, stream_model_name
 from sdserve_protocol.settings import PipelineSettings, config_parameters
 
 from .errors import InvalidRequestError, SdserveError
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 P = ParamSpec("P")
+EventCallback = Callable[[Queued | Progress | Preview], None]
 T = TypeVar("T")
 Array = npt.NDArray[Any]
 
@@ -190,6 +191,7 @@ class InpaintClient:
         prompt: str,
         *,
         timeout: float | None = None,
+        on_event: EventCallback | None = None,
         **options: Any,
     ) -> GenerationResult:
         """Regenerates the masked part of an image.
@@ -199,10 +201,11 @@ class InpaintClient:
             mask (`PIL.Image.Image` or `np.ndarray`): same size; white (255) is regenerated.
             prompt (`str`): the text to guide generation.
             timeout (`float`, *optional*): limit in seconds for this call.
+            on_event (`Callable`, *optional*): told the request's progress (see `generate`).
             **options: any other `GenerationRequest` field (`steps`, `seed`, ...).
         """
         request = GenerationRequest(prompt, image=image, mask=mask, **options)
-        return self.generate(request, timeout=timeout)
+        return self.generate(request, timeout=timeout, on_event=on_event)
 
     def text_to_image(
         self,
@@ -211,6 +214,7 @@ class InpaintClient:
         width: int | None = None,
         *,
         timeout: float | None = None,
+        on_event: EventCallback | None = None,
         **options: Any,
     ) -> GenerationResult:
         """Generates images from text alone.
@@ -220,10 +224,11 @@ class InpaintClient:
             height (`int`, *optional*): image height in pixels (server default).
             width (`int`, *optional*): image width in pixels (server default).
             timeout (`float`, *optional*): limit in seconds for this call.
+            on_event (`Callable`, *optional*): told the request's progress (see `generate`).
             **options: any other `GenerationRequest` field.
         """
         request = GenerationRequest(prompt, height=height, width=width, **options)
-        return self.generate(request, timeout=timeout)
+        return self.generate(request, timeout=timeout, on_event=on_event)
 
     def img2img(
         self,
@@ -231,6 +236,7 @@ class InpaintClient:
         prompt: str,
         *,
         timeout: float | None = None,
+        on_event: EventCallback | None = None,
         **options: Any,
     ) -> GenerationResult:
         """Redraws a whole image guided by text: `strength` (server default 0.8, diffusers'
@@ -243,10 +249,11 @@ class InpaintClient:
             image (`PIL.Image.Image` or `np.ndarray`): the image, any PIL mode or uint8 (H, W, 3).
             prompt (`str`): the text to guide generation.
             timeout (`float`, *optional*): limit in seconds for this call.
+            on_event (`Callable`, *optional*): told the request's progress (see `generate`).
             **options: any other `GenerationRequest` field (`strength`, `steps`, `seed`, ...).
         """
         request = GenerationRequest(prompt, image=image, **options)
-        return self.generate(request, timeout=timeout)
+        return self.generate(request, timeout=timeout, on_event=on_event)
 
     def outpaint(
         self,
@@ -258,6 +265,7 @@ class InpaintClient:
         bottom: int = 0,
         *,
         timeout: float | None = None,
+        on_event: EventCallback | None = None,
         **options: Any,
     ) -> GenerationResult:
         """Extends an image by the given number of pixels on each side.
@@ -267,13 +275,14 @@ class InpaintClient:
             prompt (`str`): the text to guide generation.
             left, top, right, bottom (`int`, *optional*, default to 0): pixels to add.
             timeout (`float`, *optional*): limit in seconds for this call.
+            on_event (`Callable`, *optional*): told the request's progress (see `generate`).
             **options: any other `GenerationRequest` field.
         """
         sides = (left, top, right, bottom)
         if sides == (0, 0, 0, 0):
             raise InvalidRequestError("outpaint needs left, top, right or bottom > 0, got all 0")
         request = GenerationRequest(prompt, image=image, outpaint=sides, **options)
-        return self.generate(request, timeout=timeout)
+        return self.generate(request, timeout=timeout, on_event=on_event)
 
     def generate(
         self,
@@ -281,6 +290,7 @@ class InpaintClient:
         *,
         timeout: float | None = None,
         retry_started: bool | None = None,
+        on_event: EventCallback | None = None,
     ) -> GenerationResult:
         """Sends one request to the pipeline model (to another replica when one cannot take it).
 
@@ -288,7 +298,11 @@ class InpaintClient:
             request (`GenerationRequest`): the request; checked before anything is sent.
             timeout (`float`, *optional*): limit in seconds for this call, retries included.
             retry_started (`bool`, *optional*): this call's `retry_started` (the client's).
+            on_event (`Callable`, *optional*): stream the request instead (`stream`) and tell
+                this its `Queued`, `Progress` and `Preview` events; same images.
         """
+        if on_event is not None:
+            return self.stream(request, timeout=timeout).result(on_event)
         inputs, outputs, batched = self._prepare(request, timeout)
         attempts = self._attempts(request, timeout, retry_started)
         while (replica := attempts.next()) is not None:
@@ -309,6 +323,7 @@ class InpaintClient:
         *,
         timeout: float | None = None,
         retry_started: bool | None = None,
+        on_event: EventCallback | None = None,
     ) -> PendingGeneration:
         """Sends one request without waiting; the handle can be awaited or cancelled.
 
@@ -319,7 +334,21 @@ class InpaintClient:
             request (`GenerationRequest`): the request; checked before anything is sent.
             timeout (`float`, *optional*): deadline in seconds for this call, retries included.
             retry_started (`bool`, *optional*): this call's `retry_started` (the client's).
+            on_event (`Callable`, *optional*): stream the request (`stream`, one server, no
+                retries) and tell this its events, from a thread of the handle's own.
         """
+        if on_event is not None:
+            stream = self.stream(request, timeout=timeout)
+            future: Future[GenerationResult] = Future()
+
+            def consume() -> None:
+                try:
+                    future.set_result(stream.result(on_event))
+                except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+                    future.set_exception(exc)
+
+            threading.Thread(target=consume, name="sdserve-stream", daemon=True).start()
+            return PendingGeneration(future, stream)
         inputs, outputs, batched = self._prepare(request, timeout)
         submission = _Submission(
             self, self._attempts(request, timeout, retry_started), inputs, outputs, batched

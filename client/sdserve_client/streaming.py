@@ -54,6 +54,7 @@ class StreamedGeneration:
         self._make_result = make_result
         self._responses: queue.Queue[tuple[Any, Any]] = queue.Queue()
         self._finished = False
+        self._cancelled = False
         try:
             client.start_stream(callback=self._on_response, stream_timeout=timeout)
             client.async_stream_infer(model, inputs)
@@ -97,15 +98,18 @@ class StreamedGeneration:
                 return event  # type: ignore[no-any-return]
             if on_event is not None:
                 on_event(event)
+        if self._cancelled:
+            raise SdserveError("cancelled", "StatusCode.CANCELLED")
         raise SdserveError("the stream ended without a result")
 
     def cancel(self) -> None:
         """Cancel the request: the server stops it at its next step."""
-        self._finished = True
+        self._finished = self._cancelled = True
         self._responses.put((None, None))  # wakes a reader
         self.close()
 
     def close(self) -> None:
+        """Close the stream and its connection (cancelling the request if it still runs)."""
         try:
             self._client.stop_stream(cancel_requests=True)
         finally:
