@@ -263,7 +263,7 @@ def _progress(args: argparse.Namespace) -> Iterator[EventCallback | None]:
     if not args.progress:
         yield None
         return
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     bars: list[Any] = []  # made at the first event: nothing is drawn for a refused request
 
@@ -274,8 +274,8 @@ def _progress(args: argparse.Namespace) -> Iterator[EventCallback | None]:
         if isinstance(event, Queued):
             bar.set_description(f"queued: {event.position}")
         elif isinstance(event, Progress):
-            bar.set_description("outpainting band {}/{}".format(event.band, event.bands)
-                                if event.bands > 1 else "generating")  # fmt: skip
+            band = f"band {event.band}/{event.bands}" if event.bands > 1 else ""
+            bar.set_description(f"outpainting {band}" if band else "generating")
             bar.total = event.total_steps
             bar.n = event.step
             bar.refresh()
