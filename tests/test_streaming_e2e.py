@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -136,3 +138,23 @@ def test_streaming_a_model_without_a_stream_model_says_so(server):
         pytest.raises(SdserveError),
     ):
         list(client.stream(GenerationRequest(PROMPT, height=64, width=64)))
+
+
+def test_http_generate_stream_carries_the_same_events_and_images(server):
+    """Triton's HTTP `generate_stream` endpoint (server-sent events) on the stream model: a
+    plain HTTP client gets the events as JSON and the images as a flat row-major list."""
+    fields = dict(height=64, width=64, steps=3, seed=4, scheduler="euler")
+    body = {"prompt": PROMPT, "preview_every": 2, **fields}
+    url = f"http://{server.http_url}/v2/models/inpaint_stream/generate_stream"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        lines = response.read().decode().splitlines()
+    events = [json.loads(line[len("data:") :]) for line in lines if line.startswith("data:")]
+    kinds = [e["event"] for e in events]
+    assert kinds == ["queued", "progress", "progress", "preview", "progress", "result"]
+    assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2, 3]
+    with InpaintClient(server.grpc_url) as client:
+        unary = client.generate(GenerationRequest(PROMPT, **fields))
+    images = np.asarray(events[-1]["images"], np.uint8).reshape(unary.arrays.shape)
+    assert np.array_equal(images, unary.arrays)
+    assert len(events[3]["preview"]) == unary.arrays.size
