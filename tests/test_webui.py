@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from sdserve_client import InvalidRequestError, SdserveError
 from sdserve_client.webui import callbacks as cb
 from sdserve_client.webui import server_info as si
 from sdserve_client.webui.backend import Backend, ServerStatus
+from sdserve_protocol.events import Preview, Progress
 from sdserve_protocol.rules import Limits
 from sdserve_protocol.settings import PIPELINE_ROLES, SCHEDULER_NAMES
 
@@ -34,6 +36,13 @@ class FakeGenerator:
     def _answer(self, height: int, width: int, options: dict) -> SimpleNamespace:
         if self.error is not None:
             raise self.error
+        on_event = options.get("on_event")  # streamed, as the page calls it
+        if on_event is not None:
+            steps, every = options.get("steps", 2), options.get("preview_every", 0)
+            for step in range(1, steps + 1):
+                on_event(Progress(step, steps, 0.1 * step, 0.1 * (steps - step)))
+                if every and step % every == 0 and step < steps:
+                    on_event(Preview(step, steps, np.zeros((1, height, width, 3), np.uint8)))
         first = options.get("seed", 1000)
         count = options.get("num_images", 1)
         images = [Image.new("RGB", (width, height), (i * 40, 128, 128)) for i in range(count)]
@@ -641,23 +650,28 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True)
     with pytest.raises(gr.Error) as raised:
-        handlers.text_to_image(*common, 64, 64)
+        list(handlers.text_to_image(*common, 64, 64, "session"))
     assert raised.value.message == (
         "The server rejected the request: scheduler: 'warp' is unknown; valid: pndm"
     )
     assert backend.in_flight == 0
     with pytest.raises(gr.Error, match="Paint over the area"):
-        handlers.inpaint(*common, editor(IMAGE), None, 0)  # mask upload, mask blur
+        list(handlers.inpaint(*common, editor(IMAGE), None, 0, "s"))  # mask upload, mask blur
 
 
 def test_handlers_return_gallery_summary_and_state(app_module):
     info = FakeTriton([pipeline_config(schedulers="ddim,euler")])
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(), info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
-    gallery, _, images, seeds, selected = handlers.text_to_image(
-        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, 64, 72
+    *updates, final = handlers.text_to_image(
+        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, 64, 72, "session"
     )
+    gallery, _, images, seeds, selected, _ = final
     assert [caption for _, caption in gallery] == ["seed 5 · 72×64", "seed 6 · 72×64"]
+    bars = [update[-1] for update in updates if isinstance(update[-1], str)]
+    assert len(bars) == 2 and "Step 2/2" in bars[-1] and "--done: 100%" in bars[-1]
+    previews = [update[0] for update in updates if isinstance(update[0], list)]
+    assert [caption for _, caption in previews[0]] == ["preview · step 1/2"]
     assert seeds == [5, 6] and selected is None and images[1].shape == (64, 72, 3)
     assert handlers.reuse_seed(seeds, 1) == "6"
     value, image = handlers.use_as_input(images, 1)
@@ -697,3 +711,34 @@ def test_command_line_defaults():
     )  # fmt: skip
     with pytest.raises(SystemExit):
         parse_args(["--concurrency", "0"])
+
+
+def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
+    import gradio as gr
+
+    class Stepping(FakeGenerator):
+        """Tells a step, then waits to be let go: the page cancels meanwhile."""
+
+        def text_to_image(self, prompt, height, width, **options):
+            on_event = options["on_event"]
+            for step in range(1, 101):
+                on_event(Progress(step, 100, 0.0, 0.0))
+                self.calls.append(("step", (step,), {}))
+                let_go.wait(10)
+            return self._answer(height, width, options)
+
+    let_go = threading.Event()
+    fake = Stepping()
+    info = FakeTriton([pipeline_config()])
+    backend = Backend("h:1", client_factory=lambda url, model: fake, info_client=info)
+    handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
+    run = handlers.text_to_image(
+        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 100, 7.5, 1.0, "5", 1, True, 64, 64, "page"
+    )
+    next(run)  # the first step's bar
+    assert handlers.cancel("page") == ("", "Cancelled.")
+    let_go.set()
+    with pytest.raises(gr.Error, match="Cancelled"):
+        list(run)
+    assert len([c for c in fake.calls if c[0] == "step"]) == 1  # the next event stopped it
+    assert backend.in_flight == 0

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import html
 import os
-from collections.abc import Callable
+import queue
+import secrets
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from the page server
 
 import gradio as gr
 
+from sdserve_protocol.events import Preview, Progress, Queued
 from sdserve_protocol.rules import DEFAULT_IMG2IMG_STRENGTH
 
 from ..errors import SdserveError
@@ -34,6 +39,7 @@ CSS = """
 .sd-bar::before { content: ""; position: absolute; inset: 0 auto 0 -40%; width: 40%;
                   background: var(--color-accent); animation: sd-slide 1.2s ease-in-out infinite; }
 @keyframes sd-slide { from { left: -40%; } to { left: 100%; } }
+.sd-bar.sd-steps::before { animation: none; left: 0; width: var(--done); transition: width 0.2s; }
 #server-status { min-height: 1.5em; }
 footer { display: none !important; }
 """
@@ -86,7 +92,11 @@ def build_app(config: AppConfig, backend: Backend | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 results = _results_panel()
         common = [settings["model"], *prompts, *(settings[name] for name in _SETTING_NAMES)]
-        _wire_generation(handlers, config, common, inpaint, outpaint, img2img, t2i, results, status)
+        session = gr.State("")  # this page's id: its Cancel button stops its own run
+        demo.load(lambda: secrets.token_hex(8), None, session, queue=False)
+        _wire_generation(
+            handlers, config, common, session, inpaint, outpaint, img2img, t2i, results, status
+        )
         _wire_outpaint_preview(outpaint)
         _wire_results(handlers, results, settings, inpaint, outpaint)
         _wire_server(demo, handlers, config, settings, status)
@@ -281,11 +291,13 @@ def _results_panel() -> Components:
         elem_id="results",
     )
     busy = gr.HTML("", elem_id="busy")
+    cancel = gr.Button("Cancel", size="sm", variant="stop", elem_id="cancel")
     summary = gr.Markdown("Results and their seeds appear here.", elem_id="seeds")
     use_as_input = gr.Button("Use as input (inpaint / outpaint)", elem_id="use-as-input")
     return {
         "gallery": gallery,
         "busy": busy,
+        "cancel": cancel,
         "summary": summary,
         "use_as_input": use_as_input,
         "images": gr.State([]),
@@ -301,6 +313,7 @@ def _wire_generation(
     handlers: _Handlers,
     config: AppConfig,
     common: list[Any],
+    session: gr.State,
     inpaint: Components,
     outpaint: Components,
     img2img: Components,
@@ -308,9 +321,13 @@ def _wire_generation(
     results: Components,
     status: gr.Markdown,
 ) -> None:
-    """Generate buttons: show the busy bar at once, run (queued), then hide it either way."""
-    outputs = [results[name] for name in ("gallery", "summary", "images", "seeds", "selected")]
+    """Generate buttons: show the busy bar at once, run (queued, streaming its progress and
+    previews into the bar and the gallery), then hide it either way. Cancel stops the run on
+    the server at its next step."""
+    names = ("gallery", "summary", "images", "seeds", "selected", "busy")
+    outputs = [results[name] for name in names]
     model, busy = common[0], results["busy"]
+    runs = []
     for button, handler, inputs in (
         (
             inpaint["button"],
@@ -323,15 +340,19 @@ def _wire_generation(
     ):
         run = button.click(handlers.busy, model, busy, queue=False, show_progress="hidden").then(
             handler,
-            inputs,
+            [*inputs, session],
             outputs,
             concurrency_limit=config.concurrency,
             concurrency_id="generate",
-            show_progress="full",
+            show_progress="hidden",
         )
         # Not `.then`: Gradio 6.31's page skips `.then` listeners after an error.
         run.success(handlers.finish, model, [busy, status], show_progress="hidden")
         run.failure(handlers.finish, model, [busy, status], show_progress="hidden")
+        runs.append(run)
+    results["cancel"].click(
+        handlers.cancel, session, [busy, results["summary"]], queue=False, cancels=runs
+    )
 
 
 def _wire_outpaint_preview(outpaint: Components) -> None:
@@ -395,34 +416,49 @@ class _Handlers:
         self.backend = backend
         self.config = config
         self._recent: dict[str, RecentOutcomes] = {}  # per model, for the status line
+        self._stops: dict[str, threading.Event] = {}  # per page session: its Cancel
 
     # Gradio hands each generate button's inputs positionally: the model, the prompts and the
     # shared settings (`_SETTING_NAMES`), then the tab's own (`_wire_generation`).
 
-    def inpaint(self, *values: Any) -> tuple[Any, ...]:
-        model, settings, (editor, mask, mask_blur) = _common_values(values)
-        return self._run(model, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur))
+    # Each also gets the page's session id last (its Cancel button's); each is a generator of
+    # (gallery, summary, images, seeds, selected, busy) updates (`_run`).
 
-    def outpaint(self, *values: Any) -> tuple[Any, ...]:
-        model, settings, (image, *sides) = _common_values(values)
-        return self._run(model, lambda c: cb.run_outpaint(c, settings, image, *sides))
+    def inpaint(self, *values: Any) -> Iterator[tuple[Any, ...]]:
+        model, settings, (editor, mask, mask_blur, session) = _common_values(values)
+        yield from self._run(
+            model, session, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur)
+        )
 
-    def img2img(self, *values: Any) -> tuple[Any, ...]:
+    def outpaint(self, *values: Any) -> Iterator[tuple[Any, ...]]:
+        model, settings, (image, *sides, session) = _common_values(values)
+        yield from self._run(model, session, lambda c: cb.run_outpaint(c, settings, image, *sides))
+
+    def img2img(self, *values: Any) -> Iterator[tuple[Any, ...]]:
         """The tab's own strength replaces the shared one (whose default, 1, ignores the image)."""
-        image, redraw_strength = values[-2:]
+        image, redraw_strength, session = values[-3:]
         model, settings, _ = _common_values(values, strength=redraw_strength)
-        return self._run(model, lambda c: cb.run_img2img(c, settings, image))
+        yield from self._run(model, session, lambda c: cb.run_img2img(c, settings, image))
 
-    def text_to_image(self, *values: Any) -> tuple[Any, ...]:
-        model, settings, (height, width) = _common_values(values)
-        return self._run(model, lambda c: cb.run_text_to_image(c, settings, height, width))
+    def text_to_image(self, *values: Any) -> Iterator[tuple[Any, ...]]:
+        model, settings, (height, width, session) = _common_values(values)
+        yield from self._run(
+            model, session, lambda c: cb.run_text_to_image(c, settings, height, width)
+        )
+
+    def cancel(self, session: str) -> tuple[str, str]:
+        """Stops this page's run: the server drops it at its next step."""
+        stop = self._stops.get(session)
+        if stop is not None:
+            stop.set()
+        return "", "Cancelled."
 
     def busy(self, model: str) -> str:
-        """The indeterminate bar shown while a generation runs (the server streams no steps)."""
+        """The indeterminate bar shown until the server's first event."""
         where = html.escape(f"{model or self.config.model} on {self.backend.url}")
         return (
             '<div class="sd-busy"><div class="sd-bar"></div>'
-            f"<span>Generating with {where}… images appear when the server answers.</span></div>"
+            f"<span>Generating with {where}…</span></div>"
         )
 
     def finish(self, model: str) -> tuple[str, str]:
@@ -467,13 +503,85 @@ class _Handlers:
         recent = self._recent.setdefault(model, RecentOutcomes()).update(state.queue.outcomes)
         return state.markdown(recent)
 
-    def _run(self, model: str, run: Callable[[Any], cb.Generation]) -> tuple[Any, ...]:
+    def _run(
+        self, model: str, session: str, run: Callable[[Any], cb.Generation]
+    ) -> Iterator[tuple[Any, ...]]:
+        """Runs a generation streamed (on a thread of its own): yields the progress bar and
+        previews as they come, then the images. A Cancel of this page (or Gradio closing the
+        generator) makes the next event end the stream, which cancels it on the server."""
+        stop = self._stops.setdefault(session, threading.Event())
+        stop.clear()
+        events: queue.Queue[Queued | Progress | Preview | None] = queue.Queue()
+        outcome: dict[str, Any] = {}
+
+        def on_event(event: Queued | Progress | Preview) -> None:
+            if stop.is_set():
+                raise cb.UIError("Cancelled.")
+            events.put(event)
+
+        def work() -> None:
+            try:
+                with self.backend.track():
+                    client = _Streamed(self.backend.client(model or self.config.model), on_event)
+                    outcome["generation"] = run(client)
+            except Exception as exc:  # noqa: BLE001 (shown below, on the page's thread)
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        threading.Thread(target=work, name="sdserve-ui-generate", daemon=True).start()
         try:
-            with self.backend.track():
-                generation = run(self.backend.client(model or self.config.model))
-        except (cb.UIError, SdserveError) as exc:
-            raise _toast(exc, self.backend.url) from None
-        return generation.gallery, generation.summary, generation.images, generation.seeds, None
+            while (event := events.get()) is not None:
+                yield _progress_update(event)
+        finally:
+            stop.set()  # also when Gradio closes this generator: the stream ends
+        error = outcome.get("error")
+        if isinstance(error, cb.UIError | SdserveError):
+            raise _toast(error, self.backend.url) from None
+        if error is not None:
+            raise error
+        generation: cb.Generation = outcome["generation"]
+        yield (generation.gallery, generation.summary, generation.images, generation.seeds,
+               None, gr.skip())  # fmt: skip
+
+
+class _Streamed:
+    """An SDK client whose generation calls stream (`on_event`), with previews about every
+    eighth of the steps."""
+
+    def __init__(self, client: Any, on_event: Callable[[Any], None]) -> None:
+        self._client = client
+        self._on_event = on_event
+
+    def __getattr__(self, name: str) -> Any:
+        return partial(self._call, getattr(self._client, name))
+
+    def _call(self, method: Callable[..., Any], *args: Any, **options: Any) -> Any:
+        steps = options.get("steps") or 25
+        options.setdefault("preview_every", max(1, steps // PREVIEWS_PER_RUN))
+        return method(*args, on_event=self._on_event, **options)
+
+
+PREVIEWS_PER_RUN = 8
+
+
+def _progress_update(event: Queued | Progress | Preview) -> tuple[Any, ...]:
+    """The outputs one event changes: the bar (queue position or steps), or the gallery."""
+    skip = gr.skip()
+    if isinstance(event, Preview):
+        gallery = [(image, f"preview · step {event.step}/{event.total_steps}")
+                   for image in event.images]  # fmt: skip
+        return gallery, skip, skip, skip, skip, skip
+    if isinstance(event, Queued):
+        line, done = f"Waiting in the server's queue: position {event.position}…", 0.0
+    else:
+        band = f" · band {event.band}/{event.bands}" if event.bands > 1 else ""
+        line = (f"Step {event.step}/{event.total_steps}{band} · {event.elapsed_s:.1f} s, "
+                f"about {event.eta_s:.1f} s left")  # fmt: skip
+        done = 100 * event.step / max(event.total_steps, 1)
+    bar = (f'<div class="sd-busy"><div class="sd-bar sd-steps" style="--done: {done:.0f}%">'
+           f"</div><span>{html.escape(line)}</span></div>")  # fmt: skip
+    return skip, skip, skip, skip, skip, bar
 
 
 def _common_values(
