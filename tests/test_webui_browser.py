@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 VIEWPORT = {"width": 1400, "height": 1100}
+_SHOTS: set[str] = set()
 STEPS = "3"
 
 
@@ -322,9 +323,20 @@ def test_text_to_image_shows_progress_then_two_seeded_images(page):
     page.locator("#seed input, #seed textarea").fill("1234")
     _common(page, "a lighthouse at dusk", steps="12")
     page.locator("#t2i-generate").click()
-    page.locator("#busy .sd-bar").wait_for(timeout=10_000)  # indeterminate bar while running
-    assert "Generating with inpaint" in page.locator("#busy").inner_text()
-    _shot(page, "text-to-image-running")
+    page.locator("#busy .sd-bar").wait_for(timeout=10_000)  # the bar while running
+    seen_steps: set[str] = set()
+    saw_preview = False
+    deadline = time.monotonic() + 180
+    while page.locator("#busy .sd-bar").count() and time.monotonic() < deadline:
+        text = page.locator("#busy").inner_text()
+        seen_steps.update(re.findall(r"Step (\d+)/", text))
+        saw_preview = saw_preview or "preview · step" in page.locator("#results").inner_text()
+        if seen_steps and saw_preview and "text-to-image-running" not in _SHOTS:
+            _SHOTS.add("text-to-image-running")
+            _shot(page, "text-to-image-running")
+        time.sleep(0.05)
+    assert len(seen_steps) >= 2, seen_steps  # the bar moved step by step
+    assert saw_preview  # a live preview showed in the gallery
     page.locator("#busy .sd-bar").wait_for(state="detached", timeout=180_000)
     summary = page.locator("#seeds").inner_text()
     assert summary.startswith("text-to-image: 2 images of 96×64"), summary
@@ -334,7 +346,38 @@ def test_text_to_image_shows_progress_then_two_seeded_images(page):
     assert [(i["w"], i["h"]) for i in images] == [(96, 64), (96, 64)]
     results = page.locator("#results").inner_text()
     assert "seed 1234 · 96×64" in results and "seed 1235 · 96×64" in results
+    assert "preview" not in results  # the images replaced the previews
     _shot(page, "text-to-image")
+
+
+def _cancelled_count(stack) -> float:
+    from sdserve_client.webui.server_info import fetch_metrics, metric_value
+    from sdserve_protocol.metrics import REQUESTS_METRIC
+
+    text = fetch_metrics(stack["server"].metrics_url) or ""
+    return metric_value(text, REQUESTS_METRIC, "inpaint", outcome="cancelled") or 0
+
+
+def test_cancel_stops_a_running_generation_on_the_server(page, stack):
+    before = _cancelled_count(stack)
+    page.get_by_role("tab", name="Text to image").click()
+    _set_number(page, "t2i-height", "64")
+    _set_number(page, "t2i-width", "64")
+    _common(page, "a long walk", steps="150")
+    page.locator("#t2i-generate").click()
+    page.locator("#busy", has_text="Step").wait_for(timeout=60_000)
+    page.locator("#cancel").click()
+    page.locator("#busy .sd-bar").wait_for(state="detached", timeout=60_000)
+    assert page.locator("#seeds").inner_text() == "Cancelled."
+    _shot(page, "cancelled")
+    deadline = time.monotonic() + 60
+    while _cancelled_count(stack) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _cancelled_count(stack) == before + 1  # the server dropped it, not just the page
+    _dismiss_toasts(page)
+    # the page (and the server) go on: the next run gives its image
+    _common(page, steps="2")
+    assert _generate(page, "t2i-generate").startswith("text-to-image: 1 image of 64×64")
 
 
 def test_bad_setting_shows_the_refusal_with_the_served_list(page):
