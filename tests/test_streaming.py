@@ -214,7 +214,7 @@ def test_a_cancelled_stream_stops_its_request_at_the_next_step(service, case):
 
 def test_event_encoding_round_trips():
     preview = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
-    for event in (Queued(3), Progress(2, 10, 1.5, 6.0, 2, 3)):
+    for event in (Queued(3), Progress(2, 10, 1.5, 6.0, 2, 3, time_s=1_764_500_000.25)):
         assert decode_event(encode_event(event)) == event
     back = decode_event(encode_event(Preview(4, 10, preview)))
     assert isinstance(back, Preview) and back.step == 4 and (back.images == preview).all()

@@ -60,6 +60,7 @@ def test_streamed_equals_unary_with_one_progress_per_step_then_the_result(server
     steps = [e for e in progress_events if isinstance(e, Progress)]
     total = steps[-1].total_steps
     assert [e.step for e in steps] == list(range(1, total + 1))  # each step once, in order
+    assert all(0 <= time.time() - e.time_s < 600 for e in steps)  # when each step ended
     assert all(isinstance(e, Queued | Progress | Preview) for e in progress_events)
     every = fields.get("preview_every", 0)
     previews = [e for e in progress_events if isinstance(e, Preview)]

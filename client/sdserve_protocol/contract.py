@@ -49,6 +49,7 @@ NUMPY_DTYPES: dict[str, type] = {
     "INT32": np.int32,
     "INT64": np.int64,
     "FP32": np.float32,
+    "FP64": np.float64,
     "BOOL": np.bool_,
 }
 

@@ -35,6 +35,7 @@ EVENT_OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("band", "INT32", (2,)),  # (band from 1, bands); (1, 1) but for outpainting
     WireTensor("elapsed_s", "FP32", (1,)),
     WireTensor("eta_s", "FP32", (1,)),
+    WireTensor("time_s", "FP64", (1,)),  # Unix time the step ended (server clock)
     WireTensor("preview", "UINT8", (-1, -1, -1, 3)),
 )
 STREAM_OUTPUTS: tuple[WireTensor, ...] = (*OUTPUTS, *EVENT_OUTPUTS)
@@ -65,7 +66,8 @@ class Queued:
 @dataclass(frozen=True)
 class Progress:
     """A denoising step done: `step` of `total_steps` (over every band and image of an
-    outpainting request), `band` of `bands`."""
+    outpainting request), `band` of `bands`; `time_s`: the Unix time it ended, on the
+    server's clock (0: not told)."""
 
     step: int
     total_steps: int
@@ -73,6 +75,7 @@ class Progress:
     eta_s: float
     band: int = 1
     bands: int = 1
+    time_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ def encode_event(event: Queued | Progress | Preview) -> dict[str, Array]:
             "step": one(event.step, np.int32), "total_steps": one(event.total_steps, np.int32),
             "band": np.asarray([event.band, event.bands], dtype=np.int32),
             "elapsed_s": one(event.elapsed_s, np.float32), "eta_s": one(event.eta_s, np.float32),
+            "time_s": one(event.time_s, np.float64),
         }  # fmt: skip
     else:
         kind, fields = "preview", {
@@ -133,6 +137,7 @@ def decode_event(outputs: Mapping[str, Array]) -> Event:
         return Progress(
             int(outputs["step"][0]), int(outputs["total_steps"][0]),
             float(outputs["elapsed_s"][0]), float(outputs["eta_s"][0]), band, bands,
+            float(outputs["time_s"][0]) if "time_s" in outputs else 0.0,
         )  # fmt: skip
     if kind == "preview":
         return Preview(int(outputs["step"][0]), int(outputs["total_steps"][0]), outputs["preview"])

@@ -294,7 +294,7 @@ class ContinuousBatcher:
 
     def _tell_progress(self, stepped: list[_Request]) -> None:
         """`Progress` (and, when due, a `Preview`) for each streamed request that stepped."""
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         architecture = self.service.loop.facts.architecture
         for request in stepped:
             if request.listener is None or request.job is None:
@@ -302,7 +302,7 @@ class ContinuousBatcher:
             job, total = request.job, len(request.job.timesteps)
             elapsed = now - request.started_at
             eta = elapsed / job.index * (total - job.index) if job.index else 0.0
-            self._tell(request, Progress(job.index, total, elapsed, eta))
+            self._tell(request, Progress(job.index, total, elapsed, eta, time_s=wall))
             every = request.params.preview_every
             if every and job.index % every == 0 and not job.finished:
                 images = latent_preview(job.latents, architecture, request.params)
@@ -451,8 +451,8 @@ class ContinuousBatcher:
         total = max(total, done)
         elapsed = time.monotonic() - request.started_at
         band = (done - 1) // per_band % bands + 1
-        self._tell(request, Progress(done, total, elapsed, elapsed / done * (total - done),
-                                     band, bands))  # fmt: skip
+        eta = elapsed / done * (total - done)
+        self._tell(request, Progress(done, total, elapsed, eta, band, bands, time.time()))
 
     def _answer(
         self, done: Done, outcome: dict[str, npt.NDArray[Any]] | Exception, taken_at: float
