@@ -1413,3 +1413,15 @@ def test_sdk_stream_works_with_async_for() -> None:
 
     events = asyncio.run(collect())
     assert [type(e).__name__ for e in events] == ["Progress", "Progress", "GenerationResult"]
+
+
+def test_cli_falls_back_to_a_unary_call_on_a_server_without_stream_models(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, mask = files
+    missing = InferenceServerException("Request for unknown model: 'inpaint_stream' is not found")
+    fake = FakeTriton(fail={"stream": missing})
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=Factory(fake)) == 0
+    assert [m for m, _ in fake.calls if "infer" in m] == ["async_stream_infer", "infer"]
+    assert (tmp_path / "o.png").exists()

@@ -299,10 +299,18 @@ class InpaintClient:
             timeout (`float`, *optional*): limit in seconds for this call, retries included.
             retry_started (`bool`, *optional*): this call's `retry_started` (the client's).
             on_event (`Callable`, *optional*): stream the request instead (`stream`) and tell
-                this its `Queued`, `Progress` and `Preview` events; same images.
+                this its `Queued`, `Progress` and `Preview` events; same images. A server
+                without the stream model (a repository exported before it existed) gets the
+                plain call, and `on_event` hears nothing.
         """
         if on_event is not None:
-            return self.stream(request, timeout=timeout).result(on_event)
+            try:
+                return self.stream(request, timeout=timeout).result(on_event)
+            except SdserveError as exc:
+                if stream_model_name(self.model) not in exc.message or "unknown model" not in (
+                    exc.message
+                ):
+                    raise
         inputs, outputs, batched = self._prepare(request, timeout)
         attempts = self._attempts(request, timeout, retry_started)
         while (replica := attempts.next()) is not None:
