@@ -136,7 +136,7 @@ def test_a_unary_call_ignores_preview_every(server):
 def test_streaming_a_model_without_a_stream_model_says_so(server):
     with (
         InpaintClient(server.grpc_url, model="text_encoder") as client,
-        pytest.raises(SdserveError),
+        pytest.raises(SdserveError, match="unknown model: .text_encoder_stream."),
     ):
         list(client.stream(GenerationRequest(PROMPT, height=64, width=64)))
 
