@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 
@@ -159,3 +160,34 @@ def test_http_generate_stream_carries_the_same_events_and_images(server):
     images = np.asarray(events[-1]["images"], np.uint8).reshape(unary.arrays.shape)
     assert np.array_equal(images, unary.arrays)
     assert len(events[3]["preview"]) == unary.arrays.size
+
+
+@pytest.mark.slow
+def test_a_stream_client_that_stops_reading_does_not_stall_the_others(server):
+    """A client whose stream callback blocks (it reads nothing more) while its request runs
+    with a preview every step: unary and streamed requests of other clients still finish."""
+    image, mask = make_case(64, 64, seed=35)
+    stuck = threading.Event()
+    let_go = threading.Event()
+
+    def never_reads(result, error) -> None:
+        stuck.set()
+        let_go.wait(300)
+
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    raw.start_stream(callback=never_reads)
+    tensors = {"prompt": np.array([[PROMPT.encode()]], object), "image": image[np.newaxis],
+               "mask": mask[np.newaxis], "steps": np.array([[150]], np.int32),
+               "preview_every": np.array([[1]], np.int32)}  # fmt: skip
+    try:
+        raw.async_stream_infer("inpaint_stream", infer_inputs(tensors))
+        assert stuck.wait(120)
+        small = GenerationRequest(PROMPT, image=image, mask=mask, steps=3, seed=10)
+        with InpaintClient(server.grpc_url) as client:
+            assert client.generate(small).arrays.shape == (1, 64, 64, 3)
+            assert list(client.stream(small))[-1].arrays.shape == (1, 64, 64, 3)
+        assert not let_go.is_set()  # all of that while the first client read nothing
+    finally:
+        let_go.set()
+        raw.stop_stream(cancel_requests=True)
+        raw.close()
