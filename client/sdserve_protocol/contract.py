@@ -103,6 +103,7 @@ INPUTS: tuple[WireInput, ...] = (
     WireInput("preserve_unmasked", "BOOL", (1,), default=True),
     WireInput("mask_blur", "INT32", (1,), default=0,
               rule=Range("mask_blur", 0, MAX_MASK_BLUR)),
+    WireInput("prompt_weighting", "BOOL", (1,), default=False),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -137,6 +138,9 @@ class GenerationParams:
         outpaint: pixels added (left, top, right, bottom), or None.
         mask_blur: Gaussian blur radius in pixels applied to the mask before it is used
             (diffusers' `VaeImageProcessor.blur`); 0: none.
+        prompt_weighting: read `prompt` and `negative_prompt` in compel's weighting syntax
+            (`(word)1.3`, `word++`, `(a, b).blend(...)`); off, parentheses are plain text.
+            Prompts longer than one text-encoder window are chunked either way.
     """
 
     prompt: str
@@ -154,6 +158,7 @@ class GenerationParams:
     preserve_unmasked: bool = True
     outpaint: tuple[int, int, int, int] | None = None
     mask_blur: int = 0
+    prompt_weighting: bool = False
 
     @property
     def seeds(self) -> list[int]:
@@ -322,4 +327,5 @@ def _relate(
         steps=steps, guidance_scale=values.get("guidance_scale", defaults["guidance_scale"]),
         strength=strength, seed=seed, scheduler=scheduler, num_images=num_images,
         preserve_unmasked=values.get("preserve_unmasked", True), mask_blur=mask_blur,
+        prompt_weighting=values.get("prompt_weighting", False),
     )  # fmt: skip
