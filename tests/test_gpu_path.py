@@ -101,11 +101,13 @@ def test_unet_profiles_are_static_buckets_with_cfg_batches() -> None:
     )
     assert wide.shapes["sample"].max == (8, 9, 112, 144)  # (B, C, H/8, W/8)
     assert square.shapes["timestep"] == engine_profiles.ShapeRange((2,), (2,), (8,))
-    assert square.shapes["encoder_hidden_states"].min == (2, 77, 768)
+    text = engine_profiles.ShapeRange((2, 77, 768), (2, 77, 768), (8, 77 * 4, 768))
+    assert square.shapes["encoder_hidden_states"] == text  # one to limit_max_prompt_chunks
     for profile in profiles:
         assert list(profile.shapes) == UNET.input_names
-        for shape in profile.shapes.values():
-            assert shape.min[1:] == shape.opt[1:] == shape.max[1:]  # only the batch varies
+        for name, shape in profile.shapes.items():
+            fixed = 2 if name == "encoder_hidden_states" else 1  # batch (and text length) vary
+            assert shape.min[fixed:] == shape.opt[fixed:] == shape.max[fixed:]
             assert all(b % 2 == 0 for b in (shape.min[0], shape.opt[0], shape.max[0]))
 
 
@@ -511,7 +513,8 @@ def test_read_repository_finds_pipeline_and_components(repository: Path) -> None
         name: name for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
     }
     unet = next(c for c in source.components if c.name == "unet")
-    assert unet.sizes["unet_in_channels"] == 9 and unet.sizes["sequence_length"] == 77
+    assert unet.sizes["unet_in_channels"] == 9 and unet.sizes["hidden_size"] == 64
+    assert "text_length" not in unet.sizes  # dynamic: one window per chunk of the prompt
 
 
 def test_prefixed_component_names_keep_their_roles(repository: Path, tmp_path: Path) -> None:

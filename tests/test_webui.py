@@ -254,6 +254,13 @@ def test_run_inpaint_sends_a_mask_blur_only_when_set():
         cb.run_inpaint(client, cb.Settings("p"), editor(IMAGE, layer), mask_blur=2.5)
 
 
+def test_prompt_weighting_is_sent_only_when_checked():
+    values = ("a (red)1.3 fox", "", cb.DEFAULT_SCHEDULER, 4, 7.5, 1, "-1", 1, True)
+    on, off = cb.make_settings(*values, True), cb.make_settings(*values)
+    assert on.options(with_image=False)["prompt_weighting"] is True
+    assert "prompt_weighting" not in off.options(with_image=True)
+
+
 def test_run_img2img_sends_the_image_and_its_strength_without_a_mask():
     client = FakeGenerator()
     generation = cb.run_img2img(client, cb.Settings("oil", steps=2, strength=0.6), IMAGE)

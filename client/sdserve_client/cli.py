@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="do not paste the input's pixels back outside the mask",
     )
+    generation.add_argument(
+        "--prompt-weighting", action="store_const", const=True,
+        help="read the prompts in compel's weighting syntax, e.g. 'a (red)1.3 bicycle++'",
+    )  # fmt: skip
     generation.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG path")
     generation.add_argument(
         "--retry-started", action="store_true",
@@ -189,6 +193,7 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "num_images": args.num_images,
         "preserve_unmasked": args.preserve_unmasked,
         "mask_blur": getattr(args, "mask_blur", None),  # inpaint only
+        "prompt_weighting": args.prompt_weighting,
     }
     connection = {**_connection(args), "model": args.model, "retry_started": args.retry_started}
     with client_factory(**connection) as client:

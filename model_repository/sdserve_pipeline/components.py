@@ -277,15 +277,15 @@ def example_inputs(
         spec: the component declaration.
         dims: the value of every symbolic dim of its inputs: the checkpoint's fixed sizes
             and `image_dims(...)` (`time_ids` also needs `height` and `width`);
-            `text_length` defaults to `sequence_length` (one text window).
+            `text_length` defaults to one text window (`sequence_length`, else 77).
         rng: the random source.
         vocab_size: tokens of the text encoder's vocabulary.
 
     Raises:
         ValueError: a dim has no value.
     """
-    if "sequence_length" in dims and TEXT_LENGTH not in dims:  # one text window
-        dims = {**dims, TEXT_LENGTH: dims["sequence_length"]}
+    if TEXT_LENGTH not in dims:  # one text window
+        dims = {**dims, TEXT_LENGTH: dims.get("sequence_length", CLIP_TEXT_WINDOW)}
     inputs: dict[str, npt.NDArray[np.generic]] = {}
     for tensor in spec.inputs:
         shape = tuple(_dim(dims, d, tensor.name) for d in tensor.dims)
