@@ -653,6 +653,26 @@ def test_engine_targets_for_the_demo_repository(repository: Path) -> None:
     assert {t.component.name: t.precision for t in fp32}["vae_decoder"] == "fp32"
 
 
+def test_unet_engines_take_as_many_text_windows_as_the_pipeline_allows(repository: Path) -> None:
+    """The UNet's text length runs from one window to `limit_max_prompt_chunks` windows."""
+    from dataclasses import replace
+
+    source = built_repository.read_repository(repository)
+
+    def text_range(repo: built_repository.Repository) -> tuple[int, int, int]:
+        unet = next(t for t in engine_targets.engine_targets(repo) if t.component.name == "unet")
+        shapes = {p.shapes["encoder_hidden_states"] for p in unet.profiles}
+        assert len({(s.min[1], s.opt[1], s.max[1]) for s in shapes}) == 1
+        shape = shapes.pop()
+        return shape.min[1], shape.opt[1], shape.max[1]
+
+    assert text_range(source) == (77, 77, 4 * 77)
+    pipeline = source.pipelines[0]
+    limits = replace(pipeline.settings.limits, max_prompt_chunks=2)
+    two = replace(pipeline, settings=replace(pipeline.settings, limits=limits))
+    assert text_range(replace(source, pipelines=(two,))) == (77, 77, 2 * 77)
+
+
 @pytest.mark.parametrize("num_images", [1, 2])
 @pytest.mark.parametrize("guidance_scale", [7.5, 1.0])
 def test_specs_declare_the_rows_the_pipeline_sends(

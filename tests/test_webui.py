@@ -646,7 +646,7 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(error),
                       info_client=FakeTriton([pipeline_config()]))  # fmt: skip
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
-    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True)
+    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True, False)
     with pytest.raises(gr.Error) as raised:
         handlers.text_to_image(*common, 64, 64)
     assert raised.value.message == (
@@ -662,7 +662,7 @@ def test_handlers_return_gallery_summary_and_state(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(), info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     gallery, _, images, seeds, selected = handlers.text_to_image(
-        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, 64, 72
+        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, False, 64, 72
     )
     assert [caption for _, caption in gallery] == ["seed 5 · 72×64", "seed 6 · 72×64"]
     assert seeds == [5, 6] and selected is None and images[1].shape == (64, 72, 3)

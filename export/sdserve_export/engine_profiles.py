@@ -213,6 +213,7 @@ def derive_profiles(
     buckets: Iterable[SizeBucket] = DEFAULT_BUCKETS,
     vae_scale_factor: int = 8,
     batch: BatchRange | None = None,
+    text_chunks: int = DEFAULT_LIMITS.max_prompt_chunks,
 ) -> tuple[Profile, ...]:
     """Optimisation profiles of a component: one per size bucket (one in all without spatial dims).
 
@@ -222,15 +223,17 @@ def derive_profiles(
         buckets: image sizes to serve; latent sizes follow from `vae_scale_factor`.
         vae_scale_factor: pixels per latent (8 for SD 1.5 and SDXL).
         batch: batch range; defaults to `batch_range(spec)`.
+        text_chunks: most text-encoder windows of the UNet's text (the pipeline's
+            `limit_max_prompt_chunks`).
     """
     batch = batch or batch_range(spec)
     if not is_spatial(spec):
-        shapes = {t.name: input_range(t, sizes, batch, {}) for t in spec.inputs}
+        shapes = {t.name: input_range(t, sizes, batch, {}, text_chunks) for t in spec.inputs}
         return (Profile(STATIC_PROFILE, shapes),)
     profiles = []
     for bucket in sorted(set(buckets), key=profile_order):
         spatial = bucket_dims(bucket, vae_scale_factor)
-        shapes = {t.name: input_range(t, sizes, batch, spatial) for t in spec.inputs}
+        shapes = {t.name: input_range(t, sizes, batch, spatial, text_chunks) for t in spec.inputs}
         profiles.append(Profile(bucket.name, shapes))
     if not profiles:
         raise ValueError(f"{spec.name}: no size bucket given")
