@@ -24,6 +24,7 @@ pipeline's own one-call encoding (`GenerationLoop.encode_prompt`), so its images
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,15 @@ class _RecordedEncoder:
         return result
 
 
+@functools.lru_cache(maxsize=256)
+def _parse(text: str) -> Conjunction:
+    """compel's parse of a weighted prompt, cached: pyparsing takes about 0.5 s for 400
+    characters here, and a prompt is parsed when the request is checked (`PromptEncoder.check`,
+    in the submitting thread) and again when it is encoded (in the batcher's loop, which must
+    not stall). compel only reads the result."""
+    return PromptParser().parse_conjunction(text)
+
+
 def with_calls(run: Callable[[_CallLog], T]) -> Plan[T]:
     """`run(log)`'s result, where `run` is synchronous compel code whose text encoders answer
     from `log`: each call it stops for is made (one `Call`) and `run` is started again."""
@@ -179,7 +189,7 @@ class PromptEncoder:
                 "(word:1.3) and (word)0.9 or word- for [word]",
             )
         try:
-            conjunction = PromptParser().parse_conjunction(text)
+            conjunction = _parse(text)
         except Exception as err:  # noqa: BLE001 (pyparsing's and compel's own errors)
             raise RequestError(name, f"weighting cannot be parsed: {err}") from None
         if not conjunction.prompts:
