@@ -118,9 +118,9 @@ class _RecordedEncoder:
 @functools.lru_cache(maxsize=256)
 def _parse(text: str) -> Conjunction:
     """compel's parse of a weighted prompt, cached: pyparsing took 0.3 s for 420 characters
-    on the 2-core dev machine, and a prompt is parsed when the request is checked (`PromptEncoder.check`,
-    in the submitting thread) and again when it is encoded (in the batcher's loop, which must
-    not stall). compel only reads the result."""
+    on the 2-core dev machine, and a prompt is parsed when the request is checked
+    (`PromptEncoder.check`, in the submitting thread) and again when it is encoded (in the
+    batcher's loop, which must not stall). compel only reads the result."""
     return PromptParser().parse_conjunction(text)
 
 
