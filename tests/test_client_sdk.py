@@ -62,6 +62,7 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "preserve_unmasked": (np.bool_, "BOOL", (1,)),
     "mask_blur": (np.int32, "INT32", (1,)),
     "preview_every": (np.int32, "INT32", (1,)),
+    "prompt_weighting": (np.bool_, "BOOL", (1,)),
 }
 
 
@@ -88,6 +89,7 @@ def full_request() -> GenerationRequest:
         preserve_unmasked=False,
         mask_blur=0,  # a blur > 0 applies to inpainting, not outpainting
         preview_every=2,
+        prompt_weighting=True,
     )
 
 
@@ -682,6 +684,21 @@ def test_cli_img2img_sends_the_image_without_a_mask(
     assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 0
     assert set(factory.fake.sent) == {"prompt", "image", "strength"}
     assert decode(factory.fake.sent["strength"]).tolist() == [np.float32(0.6)]
+
+
+def test_cli_sends_prompt_weighting_only_when_asked(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, mask = files
+    sent = []
+    for extra in ([], ["--prompt-weighting"]):
+        factory = Factory(FakeTriton())
+        argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "a (red)1.3 fox"]
+        assert cli.main([*argv, *extra, "--out", str(tmp_path / "o.png")], factory) == 0
+        sent.append(factory.fake.sent.get("prompt_weighting"))
+    assert sent[0] is None and decode(sent[1]).tolist() == [True]
+    with pytest.raises(InvalidRequestError, match="prompt_weighting must be a bool, got str"):
+        encode_request(GenerationRequest("p", prompt_weighting="yes"))  # type: ignore[arg-type]
 
 
 def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path: Path) -> None:

@@ -101,11 +101,13 @@ def test_unet_profiles_are_static_buckets_with_cfg_batches() -> None:
     )
     assert wide.shapes["sample"].max == (8, 9, 112, 144)  # (B, C, H/8, W/8)
     assert square.shapes["timestep"] == engine_profiles.ShapeRange((2,), (2,), (8,))
-    assert square.shapes["encoder_hidden_states"].min == (2, 77, 768)
+    text = engine_profiles.ShapeRange((2, 77, 768), (2, 77, 768), (8, 77 * 4, 768))
+    assert square.shapes["encoder_hidden_states"] == text  # one to limit_max_prompt_chunks
     for profile in profiles:
         assert list(profile.shapes) == UNET.input_names
-        for shape in profile.shapes.values():
-            assert shape.min[1:] == shape.opt[1:] == shape.max[1:]  # only the batch varies
+        for name, shape in profile.shapes.items():
+            fixed = 2 if name == "encoder_hidden_states" else 1  # batch (and text length) vary
+            assert shape.min[fixed:] == shape.opt[fixed:] == shape.max[fixed:]
             assert all(b % 2 == 0 for b in (shape.min[0], shape.opt[0], shape.max[0]))
 
 
@@ -511,7 +513,8 @@ def test_read_repository_finds_pipeline_and_components(repository: Path) -> None
         name: name for name in ("text_encoder", "unet", "vae_encoder", "vae_decoder")
     }
     unet = next(c for c in source.components if c.name == "unet")
-    assert unet.sizes["unet_in_channels"] == 9 and unet.sizes["sequence_length"] == 77
+    assert unet.sizes["unet_in_channels"] == 9 and unet.sizes["hidden_size"] == 64
+    assert "text_length" not in unet.sizes  # dynamic: one window per chunk of the prompt
 
 
 def test_prefixed_component_names_keep_their_roles(repository: Path, tmp_path: Path) -> None:
@@ -648,6 +651,26 @@ def test_engine_targets_for_the_demo_repository(repository: Path) -> None:
     assert [p.name for p in targets["text_encoder"].profiles] == ["static"]
     fp32 = engine_targets.engine_targets(source, fp32_components={"vae_decoder"})
     assert {t.component.name: t.precision for t in fp32}["vae_decoder"] == "fp32"
+
+
+def test_unet_engines_take_as_many_text_windows_as_the_pipeline_allows(repository: Path) -> None:
+    """The UNet's text length runs from one window to `limit_max_prompt_chunks` windows."""
+    from dataclasses import replace
+
+    source = built_repository.read_repository(repository)
+
+    def text_range(repo: built_repository.Repository) -> tuple[int, int, int]:
+        unet = next(t for t in engine_targets.engine_targets(repo) if t.component.name == "unet")
+        shapes = {p.shapes["encoder_hidden_states"] for p in unet.profiles}
+        assert len({(s.min[1], s.opt[1], s.max[1]) for s in shapes}) == 1
+        shape = shapes.pop()
+        return shape.min[1], shape.opt[1], shape.max[1]
+
+    assert text_range(source) == (77, 77, 4 * 77)
+    pipeline = source.pipelines[0]
+    limits = replace(pipeline.settings.limits, max_prompt_chunks=2)
+    two = replace(pipeline, settings=replace(pipeline.settings, limits=limits))
+    assert text_range(replace(source, pipelines=(two,))) == (77, 77, 2 * 77)
 
 
 @pytest.mark.parametrize("num_images", [1, 2])

@@ -263,6 +263,13 @@ def test_run_inpaint_sends_a_mask_blur_only_when_set():
         cb.run_inpaint(client, cb.Settings("p"), editor(IMAGE, layer), mask_blur=2.5)
 
 
+def test_prompt_weighting_is_sent_only_when_checked():
+    values = ("a (red)1.3 fox", "", cb.DEFAULT_SCHEDULER, 4, 7.5, 1, "-1", 1, True)
+    on, off = cb.make_settings(*values, True), cb.make_settings(*values)
+    assert on.options(with_image=False)["prompt_weighting"] is True
+    assert "prompt_weighting" not in off.options(with_image=True)
+
+
 def test_run_img2img_sends_the_image_and_its_strength_without_a_mask():
     client = FakeGenerator()
     generation = cb.run_img2img(client, cb.Settings("oil", steps=2, strength=0.6), IMAGE)
@@ -648,7 +655,7 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(error),
                       info_client=FakeTriton([pipeline_config()]))  # fmt: skip
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
-    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True)
+    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True, False)
     with pytest.raises(gr.Error) as raised:
         list(handlers.text_to_image(*common, 64, 64, "session"))
     assert raised.value.message == (
@@ -664,7 +671,20 @@ def test_handlers_return_gallery_summary_and_state(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(), info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     *updates, final = handlers.text_to_image(
-        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 2, True, 64, 72, "session"
+        "inpaint",
+        "x",
+        "",
+        cb.DEFAULT_SCHEDULER,
+        2,
+        7.5,
+        1.0,
+        "5",
+        2,
+        True,
+        False,
+        64,
+        72,
+        "session",
     )
     gallery, _, images, seeds, selected, _ = final
     assert [caption for _, caption in gallery] == ["seed 5 · 72×64", "seed 6 · 72×64"]
@@ -733,7 +753,7 @@ def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: fake, info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     run = handlers.text_to_image(
-        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 100, 7.5, 1.0, "5", 1, True, 64, 64, "page"
+        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 100, 7.5, 1.0, "5", 1, True, False, 64, 64, "page"
     )
     next(run)  # the first step's bar
     assert handlers.cancel("page") == ("", "Cancelled.")

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         const=False,
         help="do not paste the input's pixels back outside the mask",
     )
+    generation.add_argument(
+        "--prompt-weighting", action="store_const", const=True,
+        help="read the prompts in compel's weighting syntax, e.g. 'a (red)1.3 bicycle++'",
+    )  # fmt: skip
     generation.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG path")
     generation.add_argument(
         "--no-progress", dest="progress", action="store_false",
@@ -209,6 +213,7 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "num_images": args.num_images,
         "preserve_unmasked": args.preserve_unmasked,
         "mask_blur": getattr(args, "mask_blur", None),  # inpaint only
+        "prompt_weighting": args.prompt_weighting,
     }
     if args.previews is not None or args.preview_every is not None:
         options["preview_every"] = args.preview_every or DEFAULT_PREVIEW_EVERY

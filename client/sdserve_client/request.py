@@ -59,6 +59,10 @@ class GenerationRequest:
         preview_every (`int`, *optional*):
             Streamed requests (`SdserveClient.stream`): a preview every this many steps
             (server default 0: none). A unary call ignores it.
+        prompt_weighting (`bool`, *optional*):
+            Read `prompt` and `negative_prompt` in compel's weighting syntax, e.g.
+            `"a (red)1.3 bicycle++"` (server default `False`: parentheses are plain text).
+            Prompts over 75 tokens are encoded in chunks either way.
     """
 
     prompt: str
@@ -78,6 +82,7 @@ class GenerationRequest:
     preserve_unmasked: bool | None = None
     mask_blur: int | None = None
     preview_every: int | None = None
+    prompt_weighting: bool | None = None
 
 
 def encode_request(
@@ -178,10 +183,10 @@ def _check_types(request: GenerationRequest) -> None:
         value = getattr(request, name)
         if value is not None and not _is_real(value):
             raise _bad_type(name, value, "a float")
-    if request.preserve_unmasked is not None and not isinstance(
-        request.preserve_unmasked, (bool, np.bool_)
-    ):
-        raise _bad_type("preserve_unmasked", request.preserve_unmasked, "a bool")
+    for name in ("preserve_unmasked", "prompt_weighting"):
+        value = getattr(request, name)
+        if value is not None and not isinstance(value, (bool, np.bool_)):
+            raise _bad_type(name, value, "a bool")
     if request.outpaint is not None:
         _check_outpaint_type(request.outpaint)
 

@@ -107,6 +107,7 @@ INPUTS: tuple[WireInput, ...] = (
               rule=Range("mask_blur", 0, MAX_MASK_BLUR)),
     WireInput("preview_every", "INT32", (1,), default=0,
               rule=Range("preview_every", 0, MAX_PREVIEW_EVERY)),
+    WireInput("prompt_weighting", "BOOL", (1,), default=False),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -143,6 +144,9 @@ class GenerationParams:
             (diffusers' `VaeImageProcessor.blur`); 0: none.
         preview_every: a streamed request gets a preview every this many steps (0: none);
             a unary call ignores it.
+        prompt_weighting: read `prompt` and `negative_prompt` in compel's weighting syntax
+            (`(word)1.3`, `word++`, `(a, b).blend(...)`); off, parentheses are plain text.
+            Prompts longer than one text-encoder window are chunked either way.
     """
 
     prompt: str
@@ -161,6 +165,7 @@ class GenerationParams:
     outpaint: tuple[int, int, int, int] | None = None
     mask_blur: int = 0
     preview_every: int = 0
+    prompt_weighting: bool = False
 
     @property
     def seeds(self) -> list[int]:
@@ -330,4 +335,5 @@ def _relate(
         strength=strength, seed=seed, scheduler=scheduler, num_images=num_images,
         preserve_unmasked=values.get("preserve_unmasked", True), mask_blur=mask_blur,
         preview_every=values.get("preview_every", 0),
+        prompt_weighting=values.get("prompt_weighting", False),
     )  # fmt: skip

@@ -71,6 +71,9 @@ class Limits:
         max_guidance_scale (`float`, *optional*, defaults to 50.0): classifier-free guidance.
         max_outpaint (`int`, *optional*, defaults to 2048): pixels added to one side.
         max_canvas_pixels (`int`, *optional*, defaults to 16777216): pixels of an outpaint canvas.
+        max_prompt_chunks (`int`, *optional*, defaults to 4): text-encoder windows (75 tokens
+            each) a long or weighted prompt may take, each of `prompt` and `negative_prompt`;
+            TensorRT UNet engines are built for up to this many.
     """
 
     max_pixels: int = 1024 * 1024
@@ -80,6 +83,7 @@ class Limits:
     max_guidance_scale: float = 50.0
     max_outpaint: int = 2048
     max_canvas_pixels: int = 4096 * 4096
+    max_prompt_chunks: int = 4
 
 
 DEFAULT_LIMITS = Limits()

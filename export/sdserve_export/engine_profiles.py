@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sdserve_pipeline.components import ComponentSpec, TensorSpec
+from sdserve_pipeline.components import CLIP_TEXT_WINDOW, TEXT_LENGTH, ComponentSpec, TensorSpec
+from sdserve_protocol.rules import DEFAULT_LIMITS
 from sdserve_protocol.sizes import SizeBucket
 
 # Symbolic dims set by the size bucket; every other non-batch dim is fixed by the checkpoint.
@@ -183,13 +184,21 @@ def bucket_dims(bucket: SizeBucket, vae_scale_factor: int) -> dict[str, int]:
 
 
 def input_range(
-    tensor: TensorSpec, sizes: Mapping[str, int], batch: BatchRange, spatial: Mapping[str, int]
+    tensor: TensorSpec,
+    sizes: Mapping[str, int],
+    batch: BatchRange,
+    spatial: Mapping[str, int],
+    text_chunks: int = DEFAULT_LIMITS.max_prompt_chunks,
 ) -> ShapeRange:
-    """(min, opt, max) of one input: batch from `batch`, every other dim fixed."""
+    """(min, opt, max) of one input: batch from `batch`, the UNet's text length from one
+    window to `text_chunks` windows (the pipeline's `limit_max_prompt_chunks`), every other
+    dim fixed."""
     lows, opts, highs = [], [], []
     for dim in tensor.dims:
         if dim == BATCH_DIM:
             low, opt, high = batch.as_tuple()
+        elif dim == TEXT_LENGTH:  # one text window up to the most chunks of a prompt
+            low, opt, high = CLIP_TEXT_WINDOW, CLIP_TEXT_WINDOW, CLIP_TEXT_WINDOW * text_chunks
         else:
             low = opt = high = _fixed_dim(dim, tensor.name, sizes, spatial)
         lows.append(low)
@@ -204,6 +213,7 @@ def derive_profiles(
     buckets: Iterable[SizeBucket] = DEFAULT_BUCKETS,
     vae_scale_factor: int = 8,
     batch: BatchRange | None = None,
+    text_chunks: int = DEFAULT_LIMITS.max_prompt_chunks,
 ) -> tuple[Profile, ...]:
     """Optimisation profiles of a component: one per size bucket (one in all without spatial dims).
 
@@ -213,15 +223,17 @@ def derive_profiles(
         buckets: image sizes to serve; latent sizes follow from `vae_scale_factor`.
         vae_scale_factor: pixels per latent (8 for SD 1.5 and SDXL).
         batch: batch range; defaults to `batch_range(spec)`.
+        text_chunks: most text-encoder windows of the UNet's text (the pipeline's
+            `limit_max_prompt_chunks`).
     """
     batch = batch or batch_range(spec)
     if not is_spatial(spec):
-        shapes = {t.name: input_range(t, sizes, batch, {}) for t in spec.inputs}
+        shapes = {t.name: input_range(t, sizes, batch, {}, text_chunks) for t in spec.inputs}
         return (Profile(STATIC_PROFILE, shapes),)
     profiles = []
     for bucket in sorted(set(buckets), key=profile_order):
         spatial = bucket_dims(bucket, vae_scale_factor)
-        shapes = {t.name: input_range(t, sizes, batch, spatial) for t in spec.inputs}
+        shapes = {t.name: input_range(t, sizes, batch, spatial, text_chunks) for t in spec.inputs}
         profiles.append(Profile(bucket.name, shapes))
     if not profiles:
         raise ValueError(f"{spec.name}: no size bucket given")

@@ -112,6 +112,7 @@ def engine_targets(
             serving_buckets(pipeline, requested, xl_requested),
             pipeline.vae_scale_factor,
             batch,
+            pipeline.settings.limits.max_prompt_chunks,  # the UNet's text length
         )
         precision = "fp32" if spec.name in fp32 else "fp16"
         targets.append(EngineTarget(component, profiles, batch, precision))

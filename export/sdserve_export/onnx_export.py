@@ -18,6 +18,7 @@ from sdserve_pipeline.components import (
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TEXT_ENCODER_XL,
+    TEXT_LENGTH,
     UNET,
     UNET_XL,
     VAE_DECODER,
@@ -133,22 +134,25 @@ class ExportTarget:
     vocab_size: int = CLIP_VOCAB_SIZE
 
     def example(
-        self, batch: int, latent_height: int, latent_width: int
+        self, batch: int, latent_height: int, latent_width: int, text_chunks: int = 1
     ) -> tuple[torch.Tensor, ...]:
-        """`example_inputs` at a latent size, in the spec's input order."""
+        """`example_inputs` at a latent size (and the UNet's text at `text_chunks` windows),
+        in the spec's input order."""
         scale = self.vae_scale_factor
         dims = {
             **self.sizes,
             **image_dims(batch, latent_height * scale, latent_width * scale, scale),
+            TEXT_LENGTH: self.sizes["sequence_length"] * text_chunks,
         }
         inputs = example_inputs(self.spec, dims, self.rng, self.vocab_size)
         return tuple(torch.from_numpy(array) for array in inputs.values())
 
 
 # Traced at a latent size that is not a multiple of the UNet's total upsampling (8), so
-# the UNet records its size-matching upsample path, which is exact at every size.
+# the UNet records its size-matching upsample path, which is exact at every size; and at one
+# text window, checked also at two (the UNet's `text_length` axis is dynamic: long prompts).
 TRACE_SIZE = (2, 12, 10)
-CHECK_SIZES = (TRACE_SIZE, (1, 8, 16))
+CHECK_SIZES = (TRACE_SIZE, (1, 8, 16, 2))
 
 
 def checkpoint_sizes(

@@ -22,10 +22,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-# Axes that stay dynamic everywhere (batch, spatial sizes).
-DYNAMIC_AXES = frozenset({"batch", "height", "width", "latent_height", "latent_width"})
+# Axes that stay dynamic everywhere (batch, spatial sizes, the UNet's text length).
+DYNAMIC_AXES = frozenset(
+    {"batch", "height", "width", "latent_height", "latent_width", "text_length"}
+)
+# The UNet's `encoder_hidden_states` are as long as the prompt's embeddings: one text-encoder
+# window (`sequence_length`, 77) per chunk of a long or weighted prompt (`sdserve_pipeline.
+# prompts`), so `text_length` is a multiple of `sequence_length`.
+TEXT_LENGTH = "text_length"
 # Tokens of the CLIP BPE vocabulary, which every SD 1.5 and SDXL text encoder reads.
 CLIP_VOCAB_SIZE = 49408
+# Tokens of one CLIP text-encoder window (position embeddings), the same for every SD 1.5 and
+# SDXL text encoder: a long prompt is encoded in chunks of this many.
+CLIP_TEXT_WINDOW = 77
 MAX_TIMESTEP = 1000  # training timesteps of SD 1.5 and SDXL schedulers
 
 
@@ -134,7 +143,7 @@ UNET = ComponentSpec(
             "sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")
         ),
         TensorSpec("timestep", "FP32", ("batch",)),
-        TensorSpec("encoder_hidden_states", "FP32", ("batch", "sequence_length", "hidden_size")),
+        TensorSpec("encoder_hidden_states", "FP32", ("batch", TEXT_LENGTH, "hidden_size")),
     ),
     outputs=(
         TensorSpec(
@@ -204,9 +213,7 @@ UNET_XL = ComponentSpec(
             "sample", "FP32", ("batch", "unet_in_channels", "latent_height", "latent_width")
         ),
         TensorSpec("timestep", "FP32", ("batch",)),
-        TensorSpec(
-            "encoder_hidden_states", "FP32", ("batch", "sequence_length", "cross_attention_dim")
-        ),
+        TensorSpec("encoder_hidden_states", "FP32", ("batch", TEXT_LENGTH, "cross_attention_dim")),
         TensorSpec("text_embeds", "FP32", ("batch", "projection_dim")),
         TensorSpec("time_ids", "FP32", ("batch", "time_ids")),
     ),
@@ -269,13 +276,16 @@ def example_inputs(
     Args:
         spec: the component declaration.
         dims: the value of every symbolic dim of its inputs: the checkpoint's fixed sizes
-            and `image_dims(...)` (`time_ids` also needs `height` and `width`).
+            and `image_dims(...)` (`time_ids` also needs `height` and `width`);
+            `text_length` defaults to one text window (`sequence_length`, else 77).
         rng: the random source.
         vocab_size: tokens of the text encoder's vocabulary.
 
     Raises:
         ValueError: a dim has no value.
     """
+    if TEXT_LENGTH not in dims:  # one text window
+        dims = {**dims, TEXT_LENGTH: dims.get("sequence_length", CLIP_TEXT_WINDOW)}
     inputs: dict[str, npt.NDArray[np.generic]] = {}
     for tensor in spec.inputs:
         shape = tuple(_dim(dims, d, tensor.name) for d in tensor.dims)

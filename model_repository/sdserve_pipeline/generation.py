@@ -29,6 +29,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve_pipeline.assets import PipelineAssets
+from sdserve_pipeline.components import components_for
 from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
 from sdserve_pipeline.images import (
     Processors,
@@ -40,6 +41,7 @@ from sdserve_pipeline.images import (
     preprocess_image,
     preprocess_mask,
 )
+from sdserve_pipeline.prompts import PromptEncoder
 from sdserve_pipeline.schedulers import make_scheduler
 from sdserve_pipeline.sizing import Sizing
 from sdserve_protocol.contract import GenerationParams
@@ -169,6 +171,10 @@ class GenerationLoop:
         self.processors = Processors.for_vae_scale(assets.facts.vae_scale_factor)
         self.feather_radius = feather_radius
         self.sizing = Sizing(size_buckets, assets.facts.vae_scale_factor)
+        encoders = [
+            s for s in components_for(assets.facts.architecture) if "input_ids" in s.input_names
+        ]
+        self.prompts = PromptEncoder(assets, {s.name: s.output_names for s in encoders})
 
     @property
     def components(self) -> Components:
@@ -304,19 +310,28 @@ class GenerationLoop:
         """The UNet's text (and, SDXL, size) conditioning for the architecture served."""
         if self.facts.architecture == "sdxl":
             return (yield from self.encode_prompt_xl(params.prompt, params.negative_prompt, n,
-                                                     cfg, height, width))  # fmt: skip
-        embeds = yield from self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
+                                                     cfg, height, width,
+                                                     params.prompt_weighting))  # fmt: skip
+        embeds = yield from self.encode_prompt(params.prompt, params.negative_prompt, n, cfg,
+                                               params.prompt_weighting)  # fmt: skip
         return Conditioning(embeds)
 
-    def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> Plan[torch.Tensor]:
-        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""
+    def encode_prompt(
+        self, prompt: str, negative: str, n: int, cfg: bool, weighting: bool = False
+    ) -> Plan[torch.Tensor]:
+        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG; L is one
+        window, or several for long or weighted prompts (compel: `prompts.PromptEncoder`)."""
         texts = [negative, prompt] if cfg else [prompt]
-        (embeds,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+        if self.prompts.applies(texts, weighting):
+            embeds, _ = yield from self.prompts.encode(texts, weighting)
+        else:
+            (embeds,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
         return embeds.repeat_interleave(n, dim=0)
 
     def encode_prompt_xl(
-        self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int
-    ) -> Plan[Conditioning]:
+        self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int,
+        weighting: bool = False,
+    ) -> Plan[Conditioning]:  # fmt: skip
         """SDXL conditioning as `StableDiffusionXLInpaintPipeline.encode_prompt` and its
         step 10 compute it.
 
@@ -325,16 +340,21 @@ class GenerationLoop:
         and with `force_zeros_for_empty_prompt`, the negative embeds are zeros (diffusers'
         default call); otherwise the negative prompt is encoded like the prompt. Time ids:
         original size, crop top-left (0, 0), target size; both sizes are the padded
-        generation size, for the negative branch too.
+        generation size, for the negative branch too. Long or weighted prompts: compel
+        (`prompts.PromptEncoder`), as `CompelForSDXL`.
         """
         tokenizer_2 = self.assets.tokenizer_2
         if tokenizer_2 is None or self.components.text_encoder_2 is None:
             raise RuntimeError("an sdxl pipeline needs tokenizer_2 and text_encoder_2")
         zero_negative = cfg and not negative and self.facts.force_zeros_for_empty_prompt
         texts = [negative, prompt] if cfg and not zero_negative else [prompt]
-        (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
-        hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts),))
-        embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
+        if self.prompts.applies(texts, weighting):
+            embeds, xl_pooled = yield from self.prompts.encode(texts, weighting)
+            pooled = cast(torch.Tensor, xl_pooled)  # an SDXL encoding has pooled embeddings
+        else:
+            (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+            hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts),))
+            embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
         if zero_negative:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])

@@ -91,6 +91,8 @@ class PipelineService:
             default_strength=facts.default_strength, schedulers=self.schedulers,
         )  # fmt: skip
         self.loop.sizing.check(params)  # larger than every size bucket: RequestError here
+        self.loop.prompts.check(params.prompt, params.negative_prompt, params.prompt_weighting,
+                                self.limits.max_prompt_chunks)  # fmt: skip
         return params
 
     def generate(

@@ -120,7 +120,9 @@ def launch(demo: gr.Blocks, host: str, port: int, **kwargs: Any) -> Any:
 # --- layout -----------------------------------------------------------------------------------
 
 Components = dict[str, Any]
-_SETTING_NAMES = ("scheduler", "steps", "guidance", "strength", "seed", "num_images", "preserve")
+_SETTING_NAMES = (
+    "scheduler", "steps", "guidance", "strength", "seed", "num_images", "preserve", "weighting",
+)  # fmt: skip
 
 
 def _prompts() -> tuple[gr.Textbox, gr.Textbox]:
@@ -265,6 +267,10 @@ def _settings_panel(config: AppConfig) -> Components:
             reuse_seed = gr.Button("Reuse last", size="sm", elem_id="seed-reuse")
             num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
             preserve = gr.Checkbox(value=True, label="Keep unmasked pixels", elem_id="preserve")
+            weighting = gr.Checkbox(
+                value=False, label="Prompt weighting", elem_id="prompt-weighting",
+                info="compel syntax: (word)1.3, word++, word-",
+            )  # fmt: skip
     return {
         "model": model,
         "scheduler": scheduler,
@@ -277,6 +283,7 @@ def _settings_panel(config: AppConfig) -> Components:
         "reuse_seed": reuse_seed,
         "num_images": num_images,
         "preserve": preserve,
+        "weighting": weighting,
     }
 
 

@@ -67,6 +67,8 @@ class Settings:
         seed (`int`, *optional*): `None` lets the server draw one.
         num_images (`int`): images per request.
         preserve_unmasked (`bool`): paste the input back outside the mask.
+        prompt_weighting (`bool`): read the prompts in compel's weighting syntax (sent only
+            when on).
     """
 
     prompt: str
@@ -78,6 +80,7 @@ class Settings:
     seed: int | None = None
     num_images: int = 1
     preserve_unmasked: bool = True
+    prompt_weighting: bool = False
 
     def options(self, *, with_image: bool) -> dict[str, Any]:
         """Keyword arguments for the SDK call (`strength` and `preserve_unmasked` need an image)."""
@@ -92,6 +95,8 @@ class Settings:
             options["scheduler"] = self.scheduler
         if self.seed is not None:
             options["seed"] = self.seed
+        if self.prompt_weighting:
+            options["prompt_weighting"] = True
         if with_image:
             options["strength"] = self.strength
             options["preserve_unmasked"] = self.preserve_unmasked
@@ -143,6 +148,7 @@ def make_settings(
     seed: float | str | None,
     num_images: float,
     preserve_unmasked: bool = True,
+    prompt_weighting: bool = False,
 ) -> Settings:
     """Converts raw control values (sliders give floats) into `Settings`; raises `UIError`."""
     return Settings(
@@ -155,6 +161,7 @@ def make_settings(
         seed=parse_seed(seed),
         num_images=_whole("number of images", num_images),
         preserve_unmasked=bool(preserve_unmasked),
+        prompt_weighting=bool(prompt_weighting),
     )
 
 
