@@ -180,10 +180,11 @@ def test_cancelled_request_stops_and_the_others_finish(service, case):
     outcomes = Outcomes()
     batcher = ContinuousBatcher(spied)
     try:
-        batcher.submit(
-            wire(image, mask, steps=50, seed=2), outcomes.callback("gone"), cancel.is_set
-        )
-        batcher.submit(keep, outcomes.callback("kept"))
+        with batcher._wake:  # the worker's first turn sees both (as `generate_all` does)
+            batcher.submit(
+                wire(image, mask, steps=50, seed=2), outcomes.callback("gone"), cancel.is_set
+            )
+            batcher.submit(keep, outcomes.callback("kept"))
         outcomes.wait(2)
     finally:
         batcher.close()
