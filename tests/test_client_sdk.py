@@ -60,6 +60,7 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "num_images": (np.int32, "INT32", (1,)),
     "preserve_unmasked": (np.bool_, "BOOL", (1,)),
     "mask_blur": (np.int32, "INT32", (1,)),
+    "padding_mask_crop": (np.int32, "INT32", (1,)),
 }
 
 
@@ -209,8 +210,11 @@ def text_to_image_request() -> GenerationRequest:
 def test_encode_full_request_dtypes_shapes_and_values() -> None:
     tensors = encode_request(full_request())
     sizes = encode_request(text_to_image_request())
-    assert set(tensors) | set(sizes) == set(CONTRACT)
+    crop = encode_request(GenerationRequest("a", image=rgb(), mask=np.full((4, 6), 255, np.uint8),
+                                            padding_mask_crop=2))  # fmt: skip
+    assert set(tensors) | set(sizes) | {"padding_mask_crop"} == set(CONTRACT)
     tensors |= {name: sizes[name] for name in ("height", "width")}
+    tensors["padding_mask_crop"] = crop["padding_mask_crop"]
     for name, (dtype, _, shape) in CONTRACT.items():
         assert tensors[name].dtype == dtype, name
         assert tensors[name].shape == shape, name
@@ -642,6 +646,26 @@ def test_cli_img2img_sends_the_image_without_a_mask(
     assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 0
     assert set(factory.fake.sent) == {"prompt", "image", "strength"}
     assert decode(factory.fake.sent["strength"]).tolist() == [np.float32(0.6)]
+
+
+def test_cli_inpaint_sends_the_crop_and_its_size(files: tuple[Path, Path], tmp_path: Path) -> None:
+    image, mask = files
+    factory = Factory(FakeTriton())
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    argv += ["--padding-mask-crop", "2", "--height", "64", "--width", "48"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 0
+    sent = {name: decode(factory.fake.sent[name]).tolist() for name in ("height", "width")}
+    assert decode(factory.fake.sent["padding_mask_crop"]).tolist() == [2]
+    assert sent == {"height": [64], "width": [48]}
+
+
+def test_sdk_refuses_a_crop_without_a_mask_before_sending() -> None:
+    with pytest.raises(InvalidRequestError, match="^padding_mask_crop: needs an image and its"):
+        encode_request(GenerationRequest("p", image=rgb(), padding_mask_crop=4))
+    with pytest.raises(InvalidRequestError, match="^padding_mask_crop: -1 out of range"):
+        encode_request(
+            GenerationRequest("p", image=rgb(), mask=rgb()[..., 0], padding_mask_crop=-1)
+        )
 
 
 def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path: Path) -> None:

@@ -42,8 +42,9 @@ class GenerationRequest:
         mask (`PIL.Image.Image` or `np.ndarray`, *optional*):
             Same size as `image`; white (255) is regenerated, black (0) kept.
         outpaint (`Sequence[int]`, *optional*): pixels to add (left, top, right, bottom).
-        height (`int`, *optional*): text-to-image height in pixels.
-        width (`int`, *optional*): text-to-image width in pixels.
+        height (`int`, *optional*): text-to-image height in pixels; with `padding_mask_crop`,
+            the height the crop is generated at (server default: the model's size).
+        width (`int`, *optional*): likewise, the width.
         steps (`int`, *optional*): number of denoising steps.
         guidance_scale (`float`, *optional*): classifier-free guidance scale (server default 7.5).
         strength (`float`, *optional*): in (0, 1]: how much of the image to destroy first
@@ -56,6 +57,11 @@ class GenerationRequest:
         mask_blur (`int`, *optional*):
             Gaussian blur radius in pixels applied to the mask before inpainting, as
             diffusers' `VaeImageProcessor.blur` (server default 0: none). Inpainting only.
+        padding_mask_crop (`int`, *optional*):
+            Inpaint only the masked area, as diffusers' `padding_mask_crop`: the box around
+            the mask plus this many pixels, widened to the aspect of height x width, is
+            generated at that size and pasted back into the image, which keeps its size
+            (absent: the whole image is generated). Inpainting only.
     """
 
     prompt: str
@@ -74,6 +80,7 @@ class GenerationRequest:
     num_images: int | None = None
     preserve_unmasked: bool | None = None
     mask_blur: int | None = None
+    padding_mask_crop: int | None = None
 
 
 def encode_request(
@@ -166,7 +173,15 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur"):
+    for name in (
+        "height",
+        "width",
+        "steps",
+        "num_images",
+        "seed",
+        "mask_blur",
+        "padding_mask_crop",
+    ):
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

@@ -148,8 +148,19 @@ def _inpaint_tab() -> Components:
             info="Gaussian blur of the mask before inpainting (diffusers' mask_processor.blur)",
             elem_id="inpaint-mask-blur",
         )  # fmt: skip
+        with gr.Row():
+            crop = gr.Checkbox(
+                False, label="Only the masked area", elem_id="inpaint-crop",
+                info="generate the box around the mask at the model's size, paste it back "
+                "(diffusers' padding_mask_crop): for large photos",
+            )  # fmt: skip
+            crop_padding = gr.Slider(
+                0, 256, value=32, step=1, label="Padding around the mask (pixels)",
+                elem_id="inpaint-crop-padding",
+            )  # fmt: skip
         button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-generate")
-    return {"editor": editor, "mask": mask, "mask_blur": mask_blur, "button": button}
+    return {"editor": editor, "mask": mask, "mask_blur": mask_blur, "crop": crop,
+            "crop_padding": crop_padding, "button": button}  # fmt: skip
 
 
 def _outpaint_tab() -> Components:
@@ -315,7 +326,10 @@ def _wire_generation(
         (
             inpaint["button"],
             handlers.inpaint,
-            [*common, inpaint["editor"], inpaint["mask"], inpaint["mask_blur"]],
+            [
+                *common,
+                *(inpaint[n] for n in ("editor", "mask", "mask_blur", "crop", "crop_padding")),
+            ],
         ),
         (outpaint["button"], handlers.outpaint, [*common, outpaint["image"], *outpaint["sides"]]),
         (img2img["button"], handlers.img2img, [*common, img2img["image"], img2img["strength"]]),
@@ -400,8 +414,10 @@ class _Handlers:
     # shared settings (`_SETTING_NAMES`), then the tab's own (`_wire_generation`).
 
     def inpaint(self, *values: Any) -> tuple[Any, ...]:
-        model, settings, (editor, mask, mask_blur) = _common_values(values)
-        return self._run(model, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur))
+        model, settings, (editor, mask, mask_blur, *crop) = _common_values(values)
+        return self._run(
+            model, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur, *crop)
+        )
 
     def outpaint(self, *values: Any) -> tuple[Any, ...]:
         model, settings, (image, *sides) = _common_values(values)
