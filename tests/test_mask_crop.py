@@ -150,7 +150,7 @@ def test_batcher_batches_a_cropped_request_with_a_plain_one(service):
     alone = [service.generate(r)["images"] for r in requests]
     spy = Spy(service)
     together = generate_all(spy.service, requests)
-    assert spy.rows["unet"] == [4] * 4  # both requests, CFG, in each of the 4 steps
+    assert spy.rows["unet"] == [4] * 5  # both requests, CFG, in each call (PNDM: 4 steps, 5 calls)
     assert together[0]["images"].shape == (1, 160, 240, 3)
     for single, batched in zip(alone, together, strict=True):
         assert max_abs(single, batched["images"]) == 0
