@@ -63,6 +63,7 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "mask_blur": (np.int32, "INT32", (1,)),
     "preview_every": (np.int32, "INT32", (1,)),
     "prompt_weighting": (np.bool_, "BOOL", (1,)),
+    "padding_mask_crop": (np.int32, "INT32", (1,)),
 }
 
 
@@ -251,8 +252,11 @@ def text_to_image_request() -> GenerationRequest:
 def test_encode_full_request_dtypes_shapes_and_values() -> None:
     tensors = encode_request(full_request())
     sizes = encode_request(text_to_image_request())
-    assert set(tensors) | set(sizes) == set(CONTRACT)
+    crop = encode_request(GenerationRequest("a", image=rgb(), mask=np.full((4, 6), 255, np.uint8),
+                                            padding_mask_crop=2))  # fmt: skip
+    assert set(tensors) | set(sizes) | {"padding_mask_crop"} == set(CONTRACT)
     tensors |= {name: sizes[name] for name in ("height", "width")}
+    tensors["padding_mask_crop"] = crop["padding_mask_crop"]
     for name, (dtype, _, shape) in CONTRACT.items():
         assert tensors[name].dtype == dtype, name
         assert tensors[name].shape == shape, name
@@ -699,6 +703,26 @@ def test_cli_sends_prompt_weighting_only_when_asked(
     assert sent[0] is None and decode(sent[1]).tolist() == [True]
     with pytest.raises(InvalidRequestError, match="prompt_weighting must be a bool, got str"):
         encode_request(GenerationRequest("p", prompt_weighting="yes"))  # type: ignore[arg-type]
+
+
+def test_cli_inpaint_sends_the_crop_and_its_size(files: tuple[Path, Path], tmp_path: Path) -> None:
+    image, mask = files
+    factory = Factory(FakeTriton())
+    argv = ["inpaint", "--image", str(image), "--mask", str(mask), "--prompt", "p"]
+    argv += ["--padding-mask-crop", "2", "--height", "64", "--width", "48"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 0
+    sent = {name: decode(factory.fake.sent[name]).tolist() for name in ("height", "width")}
+    assert decode(factory.fake.sent["padding_mask_crop"]).tolist() == [2]
+    assert sent == {"height": [64], "width": [48]}
+
+
+def test_sdk_refuses_a_crop_without_a_mask_before_sending() -> None:
+    with pytest.raises(InvalidRequestError, match="^padding_mask_crop: needs an image and its"):
+        encode_request(GenerationRequest("p", image=rgb(), padding_mask_crop=4))
+    with pytest.raises(InvalidRequestError, match="^padding_mask_crop: -1 out of range"):
+        encode_request(
+            GenerationRequest("p", image=rgb(), mask=rgb()[..., 0], padding_mask_crop=-1)
+        )
 
 
 def test_phone_photos_are_turned_upright_by_their_exif_orientation(tmp_path: Path) -> None:

@@ -85,8 +85,8 @@ def context(name: str, value: Any) -> dict[str, Any]:
         return {**text_to_image, "num_images": LIMITS.max_images, "seed": value}
     if name == "outpaint":
         return {**text_to_image, "image": rgb(), "outpaint": (value, 0, 0, 1)}
-    if name == "mask_blur":
-        return {**inpaint, "mask_blur": value}
+    if name in ("mask_blur", "padding_mask_crop"):
+        return {**inpaint, name: value}
     return {**text_to_image, name: value}
 
 
@@ -148,6 +148,9 @@ def test_value_just_inside_a_range_is_refused_by_neither(rule: Range, value: Any
     if rule.name == "strength" and value < 1:
         # The smallest strength above 0 is in range, but leaves no step: both say so alike.
         assert verdict == f"strength: {value} leaves no denoising step out of {LIMITS.max_steps}"
+    elif rule.name == "padding_mask_crop" and value > 8:
+        # In range, but larger than the 8x8 image of its context: both say so alike.
+        assert verdict == f"padding_mask_crop: {value} is larger than the image (8x8)"
     else:
         assert verdict is None
 
@@ -216,11 +219,13 @@ def test_a_valid_request_passes_both_sides() -> None:
 def test_without_limits_the_sdk_keeps_only_the_wire_bounds() -> None:
     """A client that has not read the model's config refuses nothing another config allows."""
     big = GenerationRequest(
-        "x", steps=10_000, num_images=64, guidance_scale=1000.0, height=5000, width=5000,
-        seed=rules.MAX_SEED - 63,
+        "x", steps=10_000, num_images=16, guidance_scale=1000.0, height=5000, width=5000,
+        seed=rules.MAX_SEED - 15,
     )  # fmt: skip
     assert set(encode_request(big)) == {"prompt", "steps", "num_images", "guidance_scale",
                                         "height", "width", "seed"}  # fmt: skip
+    with pytest.raises(InvalidRequestError, match=r"num_images: 64 images of 5000x5000 are 4800"):
+        encode_request(GenerationRequest("x", num_images=64, height=5000, width=5000))  # gRPC's
     with pytest.raises(InvalidRequestError, match=r"steps: 0 out of range \[1, 2147483647\]"):
         encode_request(GenerationRequest("x", steps=0))
     with pytest.raises(InvalidRequestError, match=r"steps: 2147483648 out of range"):

@@ -281,6 +281,24 @@ def test_run_img2img_sends_the_image_and_its_strength_without_a_mask():
         cb.run_img2img(client, cb.Settings("oil"), None)
 
 
+def test_run_inpaint_crops_a_large_photo_only_when_asked():
+    """The "only the masked area" box sends `padding_mask_crop` with the padding slider's value; the
+    photo goes as it is (4032x3024, upright as the editor shows it) and comes back whole."""
+    client = FakeGenerator()
+    photo = np.zeros((3024, 4032, 4), np.uint8)
+    photo[..., 3] = 255
+    layer = rgba(3024, 4032, (slice(1500, 1564), slice(2000, 2064)))
+    generation = cb.run_inpaint(client, cb.Settings("p"), editor(photo, layer), crop=True,
+                                crop_padding=48.0)  # fmt: skip
+    cb.run_inpaint(client, cb.Settings("p"), editor(photo, layer), crop=False, crop_padding=48)
+    (_, (image, mask, _), options), (*_, plain) = client.calls
+    assert image.shape == (3024, 4032, 3) and mask.shape == (3024, 4032)
+    assert options["padding_mask_crop"] == 48 and "padding_mask_crop" not in plain
+    assert generation.images[0].shape == (3024, 4032, 3)
+    with pytest.raises(cb.UIError, match="crop padding must be a whole number >= 0"):
+        cb.run_inpaint(client, cb.Settings("p"), editor(photo, layer), crop=True, crop_padding=-1)
+
+
 def test_run_outpaint_and_text_to_image():
     client = FakeGenerator()
     settings = cb.Settings("sky", steps=2)

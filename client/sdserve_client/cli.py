@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-blur", type=int, metavar="PIXELS",
         help="Gaussian blur radius applied to the mask first (diffusers' mask_processor.blur)",
     )  # fmt: skip
+    inpaint.add_argument(
+        "--padding-mask-crop", type=int, metavar="PIXELS",
+        help="inpaint only the masked area: the box around the mask plus PIXELS, generated "
+        "at --height x --width (model default) and pasted back (diffusers' padding_mask_crop)",
+    )  # fmt: skip
+    inpaint.add_argument("--height", type=int, help="with --padding-mask-crop: crop height")
+    inpaint.add_argument("--width", type=int, help="with --padding-mask-crop: crop width")
 
     outpaint = commands.add_parser("outpaint", parents=[generation], help="extend an image")
     outpaint.add_argument("--image", required=True, type=Path, help="input image file")
@@ -217,6 +224,8 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
     }
     if args.previews is not None or args.preview_every is not None:
         options["preview_every"] = args.preview_every or DEFAULT_PREVIEW_EVERY
+    if args.command == "inpaint":  # the crop and the size it is generated at
+        options |= {name: getattr(args, name) for name in ("padding_mask_crop", "height", "width")}
     connection = {**_connection(args), "model": args.model, "retry_started": args.retry_started}
     with client_factory(**connection) as client, _progress(args) as on_event:
         options["on_event"] = on_event

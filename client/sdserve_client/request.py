@@ -42,8 +42,9 @@ class GenerationRequest:
         mask (`PIL.Image.Image` or `np.ndarray`, *optional*):
             Same size as `image`; white (255) is regenerated, black (0) kept.
         outpaint (`Sequence[int]`, *optional*): pixels to add (left, top, right, bottom).
-        height (`int`, *optional*): text-to-image height in pixels.
-        width (`int`, *optional*): text-to-image width in pixels.
+        height (`int`, *optional*): text-to-image height in pixels; with `padding_mask_crop`,
+            the height the crop is generated at (server default: the model's size).
+        width (`int`, *optional*): likewise, the width.
         steps (`int`, *optional*): number of denoising steps.
         guidance_scale (`float`, *optional*): classifier-free guidance scale (server default 7.5).
         strength (`float`, *optional*): in (0, 1]: how much of the image to destroy first
@@ -63,6 +64,11 @@ class GenerationRequest:
             Read `prompt` and `negative_prompt` in compel's weighting syntax, e.g.
             `"a (red)1.3 bicycle++"` (server default `False`: parentheses are plain text).
             Prompts over 75 tokens are encoded in chunks either way.
+        padding_mask_crop (`int`, *optional*):
+            Inpaint only the masked area, as diffusers' `padding_mask_crop`: the box around
+            the mask plus this many pixels, widened to the aspect of height x width, is
+            generated at that size and pasted back into the image, which keeps its size
+            (absent: the whole image is generated). Inpainting only.
     """
 
     prompt: str
@@ -83,6 +89,7 @@ class GenerationRequest:
     mask_blur: int | None = None
     preview_every: int | None = None
     prompt_weighting: bool | None = None
+    padding_mask_crop: int | None = None
 
 
 def encode_request(
@@ -175,7 +182,8 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur", "preview_every"):
+    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur",
+                 "preview_every", "padding_mask_crop"):  # fmt: skip
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

@@ -26,6 +26,7 @@ from .rules import (
     FP32_MAX,
     INT32_MAX,
     MAX_MASK_BLUR,
+    MAX_PADDING_MASK_CROP,
     MAX_PREVIEW_EVERY,
     MAX_SEED,
     SIDES,
@@ -33,7 +34,10 @@ from .rules import (
     Range,
     RequestError,
     check_canvas,
+    check_input_pixels,
+    check_mask_crop,
     check_mask_has_image,
+    check_message_bytes,
     check_pixels,
     check_size_needs_no_image,
     check_strength,
@@ -108,6 +112,8 @@ INPUTS: tuple[WireInput, ...] = (
     WireInput("preview_every", "INT32", (1,), default=0,
               rule=Range("preview_every", 0, MAX_PREVIEW_EVERY)),
     WireInput("prompt_weighting", "BOOL", (1,), default=False),
+    WireInput("padding_mask_crop", "INT32", (1,),
+              rule=Range("padding_mask_crop", 0, MAX_PADDING_MASK_CROP)),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -120,14 +126,40 @@ RANGES: dict[str, Range] = {t.name: t.rule for t in INPUTS if t.rule is not None
 
 
 @dataclass(frozen=True)
+class MaskCrop:
+    """Where the generated crop of a `padding_mask_crop` request goes back.
+
+    Args:
+        box: (x1, y1, x2, y2) of the crop on the image (diffusers' `get_crop_region`).
+        image: (H, W, 3) uint8, the image as sent.
+        overlay_mask: (H, W) uint8, the mask as diffusers sees it (blurred by `mask_blur`):
+            what the paste-back (diffusers' `apply_overlay`) blends with.
+        keep_mask: (H, W) uint8, the mask as sent: with `preserve_unmasked`, every pixel
+            outside it is the input's.
+    """
+
+    box: tuple[int, int, int, int]
+    image: Array = field(repr=False)
+    overlay_mask: Array = field(repr=False)
+    keep_mask: Array = field(repr=False)
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        """(rows, columns) of the box."""
+        x1, y1, x2, y2 = self.box
+        return slice(y1, y2), slice(x1, x2)
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """One decoded, valid generation request.
 
     Args:
         prompt: text to condition on.
-        height: output height (the canvas's when outpainting; 0 when the decoder did not know
-            the model's default size).
-        width: output width (likewise).
+        height: generated height: the output's (the canvas's when outpainting), except with
+            `padding_mask_crop`, where the crop is generated at this size and the output keeps
+            the image's; 0 when the decoder did not know the model's default size.
+        width: generated width (likewise).
         seed: seed of the first image; image i uses seed + i.
         negative_prompt: text for the unconditional branch.
         image: (H, W, 3) uint8 RGB, or None for text-to-image.
@@ -147,6 +179,11 @@ class GenerationParams:
         prompt_weighting: read `prompt` and `negative_prompt` in compel's weighting syntax
             (`(word)1.3`, `word++`, `(a, b).blend(...)`); off, parentheses are plain text.
             Prompts longer than one text-encoder window are chunked either way.
+        padding_mask_crop: inpaint only the masked area (diffusers' `padding_mask_crop`): the
+            box around the mask plus this padding, widened to the aspect of height x width, is
+            generated at height x width and pasted back; None: the whole image.
+        crop: set by the server when it crops (`sdserve_pipeline.crop`): `image`, `mask`,
+            `height` and `width` are then the crop's, as generated; None before or without.
     """
 
     prompt: str
@@ -166,6 +203,8 @@ class GenerationParams:
     mask_blur: int = 0
     preview_every: int = 0
     prompt_weighting: bool = False
+    padding_mask_crop: int | None = None
+    crop: MaskCrop | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -281,24 +320,38 @@ def _relate(
         check_mask_has_image(has_image=image is not None)
     if outpaint is not None and image is None:
         raise RequestError("outpaint", "needs an input image to extend")
+    crop = values.get("padding_mask_crop")
+    if crop is not None:
+        size = None if image is None else (int(image.shape[0]), int(image.shape[1]))
+        check_mask_crop(crop, size, mask is not None, outpaint is not None)
     for name in ("height", "width"):
-        if name in values:
+        if name in values and crop is None:  # with a crop: the size the crop is generated at
             check_size_needs_no_image(name, has_image=image is not None)
     height: int | None
     width: int | None
     if image is not None:
         height, width = int(image.shape[0]), int(image.shape[1])
-        check_pixels("image", height, width, limits)
+        if crop is None:  # generated at its own size
+            check_pixels("image", height, width, limits)
+        check_input_pixels(height, width, limits)
         if mask is not None and mask.shape != (height, width):
             raise RequestError(
                 "mask", f"size {list(mask.shape)} differs from image size {[height, width]}"
             )
+        if crop is not None:
+            _check_crop_mask(mask)
+            check_message_bytes(height, width, values.get("num_images", DEFAULT_NUM_IMAGES))
+            height, width = (values.get(n, default_size) for n in ("height", "width"))
+            if height is not None and width is not None:
+                check_pixels("height" if "height" in values else "width", height, width, limits)
     else:
         height, width = (values.get(n, default_size) for n in ("height", "width"))
         if height is not None and width is not None:
             check_pixels("height" if "height" in values else "width", height, width, limits)
     if outpaint is not None and height is not None and width is not None:
         height, width = check_canvas(height, width, outpaint, limits)
+    if height is not None and width is not None:
+        check_message_bytes(height, width, values.get("num_images", DEFAULT_NUM_IMAGES))
     steps_known = "steps" in values or limits is not None
     steps = values.get("steps", DEFAULT_STEPS if limits is None else default_steps(limits))
     num_images = values.get("num_images", DEFAULT_NUM_IMAGES)
@@ -336,4 +389,11 @@ def _relate(
         preserve_unmasked=values.get("preserve_unmasked", True), mask_blur=mask_blur,
         preview_every=values.get("preview_every", 0),
         prompt_weighting=values.get("prompt_weighting", False),
+        padding_mask_crop=crop,
     )  # fmt: skip
+
+
+def _check_crop_mask(mask: Array | None) -> None:
+    """`padding_mask_crop` crops around the mask's non-zero pixels: there must be some."""
+    if mask is not None and not mask.any():
+        raise RequestError("mask", "is empty (all 0): padding_mask_crop crops around the mask")

@@ -41,6 +41,13 @@ MAX_MASK_BLUR = 256
 MAX_PREVIEW_EVERY = 1000  # steps between streamed previews (0: none)
 """Largest `mask_blur` radius in pixels (a Gaussian blur's cost grows with it)."""
 
+MAX_PADDING_MASK_CROP = 65536
+"""Largest `padding_mask_crop` in pixels (a padding must also be no larger than the image)."""
+
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1
+"""Largest gRPC message tritonclient and Triton's gRPC frontend accept (both set INT32_MAX):
+bounds a request's images and a response's `images` tensor."""
+
 SIDES = ("left", "top", "right", "bottom")
 """Order of the four `outpaint` values."""
 
@@ -64,7 +71,10 @@ class Limits:
     """Per-model request limits, from the pipeline model's `limit_*` config parameters.
 
     Args:
-        max_pixels (`int`, *optional*, defaults to 1048576): pixels of an input or output image.
+        max_pixels (`int`, *optional*, defaults to 1048576): pixels of a generated image (an
+            input image is generated at its own size, except with `padding_mask_crop`).
+        max_input_pixels (`int`, *optional*, defaults to 12192768, a 4032x3024 phone photo):
+            pixels of an input image and mask, whatever is generated from them.
         max_steps (`int`, *optional*, defaults to 150): denoising steps.
         max_images (`int`, *optional*, defaults to 8): images per request.
         max_prompt_bytes (`int`, *optional*, defaults to 4096): UTF-8 bytes of a text input.
@@ -77,6 +87,7 @@ class Limits:
     """
 
     max_pixels: int = 1024 * 1024
+    max_input_pixels: int = 4032 * 3024
     max_steps: int = 150
     max_images: int = 8
     max_prompt_bytes: int = 4096
@@ -178,6 +189,56 @@ def check_pixels(name: str, height: int, width: int, limits: Limits | None) -> N
         raise RequestError(
             name, f"size {height}x{width} = {height * width} pixels exceeds {limits.max_pixels}"
         )
+
+
+def check_input_pixels(height: int, width: int, limits: Limits | None) -> None:
+    """Checks the size of an input image (and its mask) against `max_input_pixels`."""
+    if limits is not None and height * width > limits.max_input_pixels:
+        raise RequestError(
+            "image",
+            f"size {height}x{width} = {height * width} pixels exceeds the input limit "
+            f"{limits.max_input_pixels}",
+        )
+
+
+def check_message_bytes(height: int, width: int, num_images: int) -> None:
+    """The response's `images` tensor, (num_images, height, width, 3) uint8, must fit one gRPC
+    message (`GRPC_MAX_MESSAGE_BYTES`)."""
+    size = num_images * height * width * 3
+    if size > GRPC_MAX_MESSAGE_BYTES:
+        raise RequestError(
+            "num_images",
+            f"{num_images} images of {height}x{width} are {size} bytes, over gRPC's message "
+            f"limit of {GRPC_MAX_MESSAGE_BYTES} bytes",
+        )
+
+
+def check_mask_crop(
+    padding: int, image_size: tuple[int, int] | None, has_mask: bool, outpainting: bool
+) -> None:
+    """Relations of `padding_mask_crop` (already >= 0): an inpainting request (an image and
+    its mask), a padding no larger than the image.
+
+    Args:
+        padding (`int`): the crop's padding in pixels.
+        image_size (`tuple[int, int]`, *optional*): the input image's (height, width).
+        has_mask (`bool`): whether the request carries a mask.
+        outpainting (`bool`): whether it carries `outpaint`.
+    """
+    name = "padding_mask_crop"
+    if outpainting:
+        raise RequestError(
+            name, "applies to inpainting, not outpainting (outpainting already generates "
+            "band by band at the model's size)",
+        )  # fmt: skip
+    if image_size is None or not has_mask:
+        raise RequestError(
+            name, "needs an image and its mask: it crops around the masked area (an image "
+            "without a mask is image-to-image, generated whole)",
+        )  # fmt: skip
+    height, width = image_size
+    if padding > max(height, width):
+        raise RequestError(name, f"{padding} is larger than the image ({width}x{height})")
 
 
 def check_size_needs_no_image(name: str, has_image: bool) -> None:

@@ -93,6 +93,8 @@ class MemoryModel:
         request_bytes: fixed cost per request (prompt encoding, scheduler, buffers).
         canvas_bytes_per_pixel: outpainting: per image per canvas pixel (the canvas, its
             state and masks, the composite).
+        crop_bytes_per_pixel: `padding_mask_crop`: per image per pixel of the image the crop
+            goes back into (the input, its masks and their copies, the output images).
     """
 
     architecture: str = "sd15"
@@ -100,6 +102,7 @@ class MemoryModel:
     bytes_per_pixel: float = MemoryPolicy.bytes_per_pixel
     request_bytes: int = 16 * MB
     canvas_bytes_per_pixel: int = 64
+    crop_bytes_per_pixel: int = 16
 
     def generation_bytes(self, height: int, width: int, images: int, cfg: bool) -> int:
         """One run of `images` images at `height` x `width` (the generation size)."""
@@ -116,7 +119,11 @@ class MemoryModel:
         cfg = params.guidance_scale > 1.0
         if params.outpaint is None:
             height, width = service.loop.sizing.generation_size(params)
-            return self.generation_bytes(height, width, params.num_images, cfg)
+            generation = self.generation_bytes(height, width, params.num_images, cfg)
+            if params.crop is None:
+                return generation
+            full_h, full_w = params.crop.keep_mask.shape
+            return generation + self.crop_bytes_per_pixel * full_h * full_w * params.num_images
         canvas_h, canvas_w = canvas_size(params)
         side = band_side(service.outpaint.native, service.loop.sizing.buckets)
         band = self.generation_bytes(min(side, canvas_h), min(side, canvas_w), 1, cfg)

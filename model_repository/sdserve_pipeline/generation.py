@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import components_for
+from sdserve_pipeline.crop import paste_back
 from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
 from sdserve_pipeline.images import (
     Processors,
@@ -243,11 +244,17 @@ class GenerationLoop:
         job.advance(noise_pred)
 
     def finish_plan(self, job: Job) -> Plan[npt.NDArray[np.uint8]]:
-        """Decode, crop to the request's size, paste the kept pixels back."""
+        """Decode, crop to the request's size, paste the kept pixels back (a cropped request:
+        the crop back into its image)."""
         # 5. Decode and postprocess
         params = job.params
         (decoded,) = yield Call("vae_decoder", (job.latents / self.facts.vae_scaling_factor,))
         images = postprocess(self.processors, decoded)[:, : params.height, : params.width]
+        if params.crop is not None:  # padding_mask_crop: back into the image as sent
+            return paste_back(
+                self.processors, params.crop, images, params.preserve_unmasked,
+                self.feather_radius,
+            )  # fmt: skip
         if params.image is not None and params.mask is not None and params.preserve_unmasked:
             alpha = feather_alpha(params.mask, self.feather_radius)
             images = composite(params.image, images, alpha)

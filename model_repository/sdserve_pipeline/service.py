@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from sdserve_pipeline.assets import PipelineAssets
 from sdserve_pipeline.components import ComponentSpec, components_for
+from sdserve_pipeline.crop import crop_request
 from sdserve_pipeline.executor import Runner
 from sdserve_pipeline.generation import Components, GenerationLoop
 from sdserve_pipeline.outpaint import outpaint
@@ -80,7 +81,9 @@ class PipelineService:
         return cls(loop, settings.limits, outpaint_settings, settings.schedulers)
 
     def parse(self, inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationParams:
-        """Wire inputs → validated parameters.
+        """Wire inputs → validated parameters; a `padding_mask_crop` request comes back as
+        the inpainting of its crop (`crop.crop_request`), so that what follows sees the size
+        generated.
 
         Raises:
             RequestError: a bad input, before any model call.
@@ -90,6 +93,8 @@ class PipelineService:
             inputs, self.limits, default_size=facts.default_size,
             default_strength=facts.default_strength, schedulers=self.schedulers,
         )  # fmt: skip
+        if params.padding_mask_crop is not None:
+            params = crop_request(self.loop.processors, params)
         self.loop.sizing.check(params)  # larger than every size bucket: RequestError here
         self.loop.prompts.check(params.prompt, params.negative_prompt, params.prompt_weighting,
                                 self.limits.max_prompt_chunks)  # fmt: skip

@@ -121,9 +121,10 @@ class Sizing:
             self.generation_size(params)
 
     def _size_input(self, params: GenerationParams) -> str:
-        """The wire input a size error concerns: `image`; text-to-image: `width` when the
-        width alone exceeds every bucket, else `height`."""
-        if params.image is not None:
+        """The wire input a size error concerns: `image`; text-to-image and a cropped request
+        (generated at height x width): `width` when the width alone exceeds every bucket, else
+        `height`."""
+        if params.image is not None and params.padding_mask_crop is None:
             return "image"
         if all(bucket.width < params.width for bucket in self.buckets):
             return "width"

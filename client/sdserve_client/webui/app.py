@@ -160,8 +160,19 @@ def _inpaint_tab() -> Components:
             info="Gaussian blur of the mask before inpainting (diffusers' mask_processor.blur)",
             elem_id="inpaint-mask-blur",
         )  # fmt: skip
+        with gr.Row():
+            crop = gr.Checkbox(
+                False, label="Only the masked area", elem_id="inpaint-crop",
+                info="generate the box around the mask at the model's size, paste it back "
+                "(diffusers' padding_mask_crop): for large photos",
+            )  # fmt: skip
+            crop_padding = gr.Slider(
+                0, 256, value=32, step=1, label="Padding around the mask (pixels)",
+                elem_id="inpaint-crop-padding",
+            )  # fmt: skip
         button = gr.Button("Inpaint", variant="primary", elem_id="inpaint-generate")
-    return {"editor": editor, "mask": mask, "mask_blur": mask_blur, "button": button}
+    return {"editor": editor, "mask": mask, "mask_blur": mask_blur, "crop": crop,
+            "crop_padding": crop_padding, "button": button}  # fmt: skip
 
 
 def _outpaint_tab() -> Components:
@@ -339,7 +350,10 @@ def _wire_generation(
         (
             inpaint["button"],
             handlers.inpaint,
-            [*common, inpaint["editor"], inpaint["mask"], inpaint["mask_blur"]],
+            [
+                *common,
+                *(inpaint[n] for n in ("editor", "mask", "mask_blur", "crop", "crop_padding")),
+            ],
         ),
         (outpaint["button"], handlers.outpaint, [*common, outpaint["image"], *outpaint["sides"]]),
         (img2img["button"], handlers.img2img, [*common, img2img["image"], img2img["strength"]]),
@@ -432,9 +446,9 @@ class _Handlers:
     # (gallery, summary, images, seeds, selected, busy) updates (`_run`).
 
     def inpaint(self, *values: Any) -> Iterator[tuple[Any, ...]]:
-        model, settings, (editor, mask, mask_blur, session) = _common_values(values)
+        model, settings, (editor, mask, mask_blur, *crop, session) = _common_values(values)
         yield from self._run(
-            model, session, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur)
+            model, session, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur, *crop)
         )
 
     def outpaint(self, *values: Any) -> Iterator[tuple[Any, ...]]:

@@ -316,13 +316,18 @@ def run_inpaint(
     editor: dict[str, Any] | None,
     mask_upload: npt.NDArray[Any] | None = None,
     mask_blur: float = 0,
+    crop: bool = False,
+    crop_padding: float = 32,
 ) -> Generation:
     """Inpaints the painted (or uploaded) mask of the editor's image, its mask blurred by
-    `mask_blur` pixels first (0: not at all)."""
+    `mask_blur` pixels first (0: not at all); with `crop`, only the box around the mask plus
+    `crop_padding` pixels is generated (`padding_mask_crop`) and the image keeps its size."""
     image, mask = inpaint_inputs(editor, mask_upload)
     options = settings.options(with_image=True)
     if blur := _whole("mask blur", mask_blur, low=0):
         options["mask_blur"] = blur
+    if crop:
+        options["padding_mask_crop"] = _whole("crop padding", crop_padding, low=0)
     result = client.inpaint(image, mask, settings.prompt, **options)
     return _generation("inpaint", result)
 
