@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--scheduler", help="e.g. pndm, ddim, euler_a, dpmpp_2m")
     generation.add_argument("--num-images", type=int)
     generation.add_argument(
+        "--clip-skip", type=int, metavar="LAYERS",
+        help="text-encoder layers to skip for the prompt (diffusers' clip_skip; default 0)",
+    )  # fmt: skip
+    generation.add_argument(
         "--no-preserve-unmasked",
         dest="preserve_unmasked",
         action="store_const",
@@ -189,6 +193,7 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "num_images": args.num_images,
         "preserve_unmasked": args.preserve_unmasked,
         "mask_blur": getattr(args, "mask_blur", None),  # inpaint only
+        "clip_skip": args.clip_skip,
     }
     connection = {**_connection(args), "model": args.model, "retry_started": args.retry_started}
     with client_factory(**connection) as client:

@@ -56,6 +56,9 @@ class GenerationRequest:
         mask_blur (`int`, *optional*):
             Gaussian blur radius in pixels applied to the mask before inpainting, as
             diffusers' `VaeImageProcessor.blur` (server default 0: none). Inpainting only.
+        clip_skip (`int`, *optional*):
+            Text-encoder layers to skip for the prompt, as diffusers' `clip_skip` (server
+            default 0: none; at most the model's `limit_max_clip_skip`, its layer count).
     """
 
     prompt: str
@@ -74,6 +77,7 @@ class GenerationRequest:
     num_images: int | None = None
     preserve_unmasked: bool | None = None
     mask_blur: int | None = None
+    clip_skip: int | None = None
 
 
 def encode_request(
@@ -166,7 +170,7 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a str")
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
-    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur"):
+    for name in ("height", "width", "steps", "num_images", "seed", "mask_blur", "clip_skip"):
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

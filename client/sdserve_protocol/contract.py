@@ -103,6 +103,8 @@ INPUTS: tuple[WireInput, ...] = (
     WireInput("preserve_unmasked", "BOOL", (1,), default=True),
     WireInput("mask_blur", "INT32", (1,), default=0,
               rule=Range("mask_blur", 0, MAX_MASK_BLUR)),
+    WireInput("clip_skip", "INT32", (1,), default=0,
+              rule=Range("clip_skip", 0, INT32_MAX, "max_clip_skip")),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -137,6 +139,8 @@ class GenerationParams:
         outpaint: pixels added (left, top, right, bottom), or None.
         mask_blur: Gaussian blur radius in pixels applied to the mask before it is used
             (diffusers' `VaeImageProcessor.blur`); 0: none.
+        clip_skip: text-encoder layers to skip for the prompt (diffusers' `clip_skip`; the
+            negative prompt keeps the default layer, as in diffusers); 0: none.
     """
 
     prompt: str
@@ -154,6 +158,7 @@ class GenerationParams:
     preserve_unmasked: bool = True
     outpaint: tuple[int, int, int, int] | None = None
     mask_blur: int = 0
+    clip_skip: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -322,4 +327,5 @@ def _relate(
         steps=steps, guidance_scale=values.get("guidance_scale", defaults["guidance_scale"]),
         strength=strength, seed=seed, scheduler=scheduler, num_images=num_images,
         preserve_unmasked=values.get("preserve_unmasked", True), mask_blur=mask_blur,
+        clip_skip=values.get("clip_skip", 0),
     )  # fmt: skip

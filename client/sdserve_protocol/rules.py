@@ -70,6 +70,9 @@ class Limits:
         max_guidance_scale (`float`, *optional*, defaults to 50.0): classifier-free guidance.
         max_outpaint (`int`, *optional*, defaults to 2048): pixels added to one side.
         max_canvas_pixels (`int`, *optional*, defaults to 16777216): pixels of an outpaint canvas.
+        max_clip_skip (`int`, *optional*, defaults to 0): text-encoder layers a request may skip
+            (`clip_skip`); the export writes the checkpoint's layer count (12 for SD 1.5, 11 for
+            SDXL), and the server refuses a larger value at load.
     """
 
     max_pixels: int = 1024 * 1024
@@ -79,6 +82,7 @@ class Limits:
     max_guidance_scale: float = 50.0
     max_outpaint: int = 2048
     max_canvas_pixels: int = 4096 * 4096
+    max_clip_skip: int = 0
 
 
 DEFAULT_LIMITS = Limits()

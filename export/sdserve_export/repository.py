@@ -18,7 +18,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from sdserve_export.onnx_export import (
     ExportTarget,
     checkpoint_sizes,
     export_onnx,
+    max_clip_skip,
     sd15_targets,
     sdxl_targets,
 )
@@ -105,6 +106,11 @@ def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipel
         default_strength=0.9999 if sdxl else 1.0,
         force_zeros_for_empty_prompt=sdxl
         and bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
+        max_clip_skip=min(
+            max_clip_skip(encoder, from_last=2 if sdxl else 1)
+            for encoder in (text_encoder, text_encoder_2)
+            if encoder is not None
+        ),
     )
     if facts.unet_in_channels not in (4, 9):
         raise ValueError(
@@ -145,7 +151,8 @@ def build_repository(
         component_prefix: prefix of the component model names (`<prefix>unet`, ...), to
             keep a second checkpoint's components apart from the first's.
         providers: ONNX Runtime execution providers in order of preference.
-        limits: request limits written into the pipeline config.
+        limits: request limits written into the pipeline config; `max_clip_skip` is the
+            checkpoint's (`CheckpointFacts.max_clip_skip`), whatever `limits` says.
         allow_pickle: also load pickle weights (see `load_pipeline`).
         log: progress sink.
 
@@ -174,7 +181,8 @@ def build_repository(
         _copy_model_py("onnx_runner", staging / name / VERSION)
     facts = pipe.assets.facts
     settings = PipelineSettings(
-        architecture=facts.architecture, components=names, limits=limits,
+        architecture=facts.architecture, components=names,
+        limits=replace(limits, max_clip_skip=facts.max_clip_skip),
         outpaint=OutpaintSettings(native=facts.default_size),
     )  # fmt: skip
     config = pipeline_config(pipeline_name, settings)

@@ -302,28 +302,33 @@ class GenerationLoop:
         self, params: GenerationParams, n: int, cfg: bool, height: int, width: int
     ) -> Plan[Conditioning]:
         """The UNet's text (and, SDXL, size) conditioning for the architecture served."""
+        prompt, negative, skip = params.prompt, params.negative_prompt, params.clip_skip
         if self.facts.architecture == "sdxl":
-            return (yield from self.encode_prompt_xl(params.prompt, params.negative_prompt, n,
-                                                     cfg, height, width))  # fmt: skip
-        embeds = yield from self.encode_prompt(params.prompt, params.negative_prompt, n, cfg)
-        return Conditioning(embeds)
+            return (yield from self.encode_prompt_xl(prompt, negative, n, cfg, height, width, skip))
+        return Conditioning((yield from self.encode_prompt(prompt, negative, n, cfg, skip)))
 
-    def encode_prompt(self, prompt: str, negative: str, n: int, cfg: bool) -> Plan[torch.Tensor]:
-        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG."""
+    def encode_prompt(
+        self, prompt: str, negative: str, n: int, cfg: bool, clip_skip: int = 0
+    ) -> Plan[torch.Tensor]:
+        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG; the prompt
+        read `clip_skip` layers before the last (diffusers' semantics)."""
         texts = [negative, prompt] if cfg else [prompt]
-        (embeds,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+        inputs = (tokenize(self.assets.tokenizer, texts), clip_skips(len(texts), clip_skip))
+        (embeds,) = yield Call("text_encoder", inputs)
         return embeds.repeat_interleave(n, dim=0)
 
     def encode_prompt_xl(
-        self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int
-    ) -> Plan[Conditioning]:
+        self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int,
+        clip_skip: int = 0,
+    ) -> Plan[Conditioning]:  # fmt: skip
         """SDXL conditioning as `StableDiffusionXLInpaintPipeline.encode_prompt` and its
         step 10 compute it.
 
-        Prompt embeds: both encoders' penultimate hidden states, concatenated on the feature
-        axis; pooled embeds: text_encoder_2's projected output. Without a negative prompt
-        and with `force_zeros_for_empty_prompt`, the negative embeds are zeros (diffusers'
-        default call); otherwise the negative prompt is encoded like the prompt. Time ids:
+        Prompt embeds: both encoders' penultimate hidden states (the prompt's `clip_skip`
+        layers earlier), concatenated on the feature axis; pooled embeds: text_encoder_2's
+        projected output. Without a negative prompt and with `force_zeros_for_empty_prompt`,
+        the negative embeds are zeros (diffusers' default call); otherwise the negative prompt
+        is encoded like the prompt (at clip_skip 0, as diffusers). Time ids:
         original size, crop top-left (0, 0), target size; both sizes are the padded
         generation size, for the negative branch too.
         """
@@ -332,8 +337,9 @@ class GenerationLoop:
             raise RuntimeError("an sdxl pipeline needs tokenizer_2 and text_encoder_2")
         zero_negative = cfg and not negative and self.facts.force_zeros_for_empty_prompt
         texts = [negative, prompt] if cfg and not zero_negative else [prompt]
-        (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
-        hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts),))
+        skips = clip_skips(len(texts), clip_skip)
+        (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts), skips))
+        hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts), skips))
         embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
         if zero_negative:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
@@ -382,6 +388,14 @@ def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     )
     ids: torch.Tensor = tokens.input_ids
     return ids.to(torch.int64)
+
+
+def clip_skips(rows: int, clip_skip: int) -> torch.Tensor:
+    """(rows,) int64 `clip_skip` input of the text encoders: the prompt's (last row) skips
+    `clip_skip` layers; a negative prompt keeps 0, as diffusers encodes it."""
+    skips = torch.zeros(rows, dtype=torch.int64)
+    skips[-1] = clip_skip
+    return skips
 
 
 def truncated_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:

@@ -54,7 +54,8 @@ class PipelineService:
         `PipelineSettings.from_parameters`) and its assets folder.
 
         Raises:
-            ValueError: the settings name another architecture than the checkpoint's.
+            ValueError: the settings name another architecture than the checkpoint's, or
+                allow a `clip_skip` beyond its text encoders' layers.
         """
         assets = PipelineAssets.load(assets_dir)
         facts = assets.facts
@@ -62,6 +63,11 @@ class PipelineService:
             raise ValueError(
                 f"parameter architecture: {settings.architecture!r}, but the checkpoint in "
                 f"{assets_dir} is {facts.architecture!r}"
+            )
+        if settings.limits.max_clip_skip > facts.max_clip_skip:
+            raise ValueError(
+                f"parameter limit_max_clip_skip: {settings.limits.max_clip_skip}, but the text "
+                f"encoders in {assets_dir} have layers to skip up to {facts.max_clip_skip}"
             )
         specs = components_for(facts.architecture)
         runners = {

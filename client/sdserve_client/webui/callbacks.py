@@ -67,6 +67,7 @@ class Settings:
         seed (`int`, *optional*): `None` lets the server draw one.
         num_images (`int`): images per request.
         preserve_unmasked (`bool`): paste the input back outside the mask.
+        clip_skip (`int`): text-encoder layers to skip for the prompt (0: none, not sent).
     """
 
     prompt: str
@@ -78,6 +79,7 @@ class Settings:
     seed: int | None = None
     num_images: int = 1
     preserve_unmasked: bool = True
+    clip_skip: int = 0
 
     def options(self, *, with_image: bool) -> dict[str, Any]:
         """Keyword arguments for the SDK call (`strength` and `preserve_unmasked` need an image)."""
@@ -92,6 +94,8 @@ class Settings:
             options["scheduler"] = self.scheduler
         if self.seed is not None:
             options["seed"] = self.seed
+        if self.clip_skip:
+            options["clip_skip"] = self.clip_skip
         if with_image:
             options["strength"] = self.strength
             options["preserve_unmasked"] = self.preserve_unmasked
@@ -143,6 +147,7 @@ def make_settings(
     seed: float | str | None,
     num_images: float,
     preserve_unmasked: bool = True,
+    clip_skip: float = 0,
 ) -> Settings:
     """Converts raw control values (sliders give floats) into `Settings`; raises `UIError`."""
     return Settings(
@@ -155,6 +160,7 @@ def make_settings(
         seed=parse_seed(seed),
         num_images=_whole("number of images", num_images),
         preserve_unmasked=bool(preserve_unmasked),
+        clip_skip=_whole("clip skip", clip_skip, low=0),
     )
 
 
