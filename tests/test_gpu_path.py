@@ -168,7 +168,7 @@ def test_size_bucket_parsing_and_latent_checks() -> None:
 
 
 def test_sizes_from_config_reads_fixed_dims_and_rejects_drift() -> None:
-    dims = {"input_ids": [-1, 77], "last_hidden_state": [-1, 77, 768]}
+    dims = {"input_ids": [-1, 77], "clip_skip": [-1], "last_hidden_state": [-1, 77, 768]}
     assert engine_profiles.sizes_from_config(TEXT_ENCODER, dims) == {
         "sequence_length": 77,
         "hidden_size": 768,

@@ -26,6 +26,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdserve_export.built_repository import CONFIG_FILE
+from sdserve_export.embeddings import (
+    EmbeddingError,
+    add_embeddings,
+    copy_embeddings,
+    read_embeddings,
+)
 from sdserve_export.onnx_export import (
     ExportTarget,
     checkpoint_sizes,
@@ -140,6 +146,7 @@ def build_repository(
     limits: Limits = Limits(),
     allow_pickle: bool = False,
     log: Callable[[str], None] = print,
+    embeddings: Path | None = None,
 ) -> list[ParityReport]:
     """Export every component with a parity check, then write configs and the pipeline model.
 
@@ -155,13 +162,22 @@ def build_repository(
             checkpoint's (`CheckpointFacts.max_clip_skip`), whatever `limits` says.
         allow_pickle: also load pickle weights (see `load_pipeline`).
         log: progress sink.
+        embeddings: a folder of textual inversion `.safetensors` files whose tokens the
+            exported text encoder and tokenizer gain (`sdserve_export.embeddings`; SD 1.5).
 
     Raises:
+        EmbeddingError: an embedding file is refused (before anything is exported).
         ParityError: an exported component drifted past its tolerance (nothing is left
             half-written: the models are assembled in a temporary folder first).
     """
     log(f"[load] {source}")
     pipe = load_pipeline(source, allow_pickle)
+    added = read_embeddings(embeddings) if embeddings is not None else []
+    if added:
+        if pipe.text_encoder_2 is not None:
+            raise EmbeddingError("textual inversion embeddings are served on SD 1.5 only so far")
+        tokens = add_embeddings(added, pipe.text_encoder, pipe.assets.tokenizer)
+        log(f"[embeddings] {', '.join(tokens)}")
     staging = out.with_name(out.name + ".partial")
     specs = components_for(pipe.assets.facts.architecture)
     names = {spec.name: component_prefix + spec.name for spec in specs}
@@ -189,6 +205,7 @@ def build_repository(
     _write_config(staging / pipeline_name, to_pbtxt(config))
     _copy_model_py("pipeline", staging / pipeline_name / VERSION)
     pipe.assets.save(staging / pipeline_name / VERSION / ASSETS_DIR)
+    copy_embeddings(added, staging / pipeline_name / VERSION / ASSETS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     for model_dir in sorted(staging.iterdir()):
         shutil.rmtree(out / model_dir.name, ignore_errors=True)

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -377,10 +378,15 @@ class GenerationLoop:
         return self.facts.vae_scaling_factor * latents
 
 
+class _TextualInversion(TextualInversionLoaderMixin):
+    """diffusers' `maybe_convert_prompt`, on its own."""
+
+
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes."""
+    """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes
+    (a multi-vector textual inversion token first expanded to its tokens, `tok tok_1 ...`)."""
     tokens = tokenizer(
-        texts,
+        _TextualInversion().maybe_convert_prompt(texts, tokenizer),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
