@@ -17,13 +17,14 @@ import torch
 from cases import diffusers_inpaint, make_case, max_abs, served
 from helpers import wire
 
-from sdserve_export.demo_pipeline import TEXT_HIDDEN
+from sdserve_export.demo_pipeline import TEXT_HIDDEN, XL_TEXT_HIDDEN
 from sdserve_export.embeddings import EmbeddingError, read_embeddings
 from sdserve_export.repository import build_repository
 
 pytestmark = pytest.mark.slow
 CAT, GRUMPY = "<sks-cat>", "grumpy"  # diffusers' format (1 vector), A1111's (3 vectors)
 PROMPT = f"a photo of {CAT} on a bike, {GRUMPY} style"
+XL_TOKEN = "xl-style"  # an SDXL file: named by its stem
 
 
 def _write_embeddings(folder: Path, width: int = TEXT_HIDDEN) -> Path:
@@ -117,10 +118,61 @@ def test_pickle_and_malformed_files_are_refused(tmp_path):
         read_embeddings(folder)
     (folder / "fake.safetensors").unlink()
     safetensors.torch.save_file(
-        {"clip_l": torch.zeros(1, 8), "clip_g": torch.zeros(1, 8)}, folder / "xl.safetensors"
+        {"a": torch.zeros(1, 8), "b": torch.zeros(1, 8)}, folder / "ab.safetensors"
     )
-    with pytest.raises(EmbeddingError, match=r"xl.safetensors: holds \['clip_g', 'clip_l'\]"):
+    with pytest.raises(EmbeddingError, match=r"ab.safetensors: holds \['a', 'b'\]"):
         read_embeddings(folder)
+
+
+def test_files_for_the_other_architecture_are_refused(demo_pipeline_dir, tmp_path):
+    folder = _write_xl_embeddings(tmp_path / "xl")
+    with pytest.raises(EmbeddingError, match=r"an SDXL embedding \(clip_l and clip_g\), but the "
+                       r"checkpoint is SD 1.5"):  # fmt: skip
+        build_repository(demo_pipeline_dir, tmp_path / "repo", embeddings=folder,
+                         log=lambda _msg: None)  # fmt: skip
+
+
+# SDXL: one file holds both encoders' vectors
+
+
+def _write_xl_embeddings(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(1)
+    keys = ("clip_l", "clip_g")
+    vectors = {key: torch.randn(2, width, generator=generator) * 0.5
+               for key, width in zip(keys, XL_TEXT_HIDDEN, strict=True)}  # fmt: skip
+    safetensors.torch.save_file(vectors, folder / f"{XL_TOKEN}.safetensors")
+    return folder
+
+
+def test_sdxl_prompt_with_the_token_matches_diffusers(
+    demo_xl_pipeline_dir, diffusers_xl_pipe, xl_service, tmp_path
+):
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from sdserve_pipeline.inprocess import load_service
+
+    folder = _write_xl_embeddings(tmp_path / "embeddings")
+    out = tmp_path / "model_repository"
+    build_repository(demo_xl_pipeline_dir, out, pipeline_name="inpaint_xl", embeddings=folder,
+                     log=lambda _msg: None)  # fmt: skip
+    ours = load_service(out, "inpaint_xl")
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(demo_xl_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    state = safetensors.torch.load_file(folder / f"{XL_TOKEN}.safetensors")
+    for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):  # fmt: skip
+        pipe.load_textual_inversion(
+            state[key], token=XL_TOKEN, text_encoder=encoder, tokenizer=tokenizer
+        )
+    image, mask = make_case(64, 64, seed=2)
+    prompt = f"a {XL_TOKEN} bicycle"
+    tensors = wire(image, mask, steps=6, seed=4)
+    tensors["prompt"] = np.array([prompt.encode()], dtype=object)
+    got = ours.generate(tensors)["images"][0]
+    reference = diffusers_inpaint(pipe, image, mask, prompt=prompt, seed=4, steps=6)
+    assert max_abs(got, reference) <= 2
+    assert max_abs(got, xl_service.generate(tensors)["images"][0]) > 2
 
 
 @pytest.mark.e2e

@@ -2,7 +2,9 @@
 
 Every `.safetensors` file of a folder is read as diffusers' `load_textual_inversion` reads it:
 diffusers' format holds one tensor under its token; A1111's (`emb_params`) is named by its
-file's stem; a tensor of several rows is a multi-vector embedding (`tok`, `tok_1`, ...). The
+file's stem; an SDXL file holds `clip_l` and `clip_g`, one per text encoder, and is named by its
+stem (as diffusers' documentation loads one: each tensor into its encoder, with `token=`); a
+tensor of several rows is a multi-vector embedding (`tok`, `tok_1`, ...). The
 tokens are added to the tokenizer and their vectors appended to the text encoder's token table,
 diffusers' own steps, so the export traces the text encoder with the larger table: the served
 encoder reads the new tokens like any other, with no input or cost added per call, and the
@@ -27,6 +29,7 @@ from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 A1111_KEY = "emb_params"  # A1111 saves a .safetensors embedding under this key
+SDXL_KEYS = ("clip_l", "clip_g")  # text_encoder's and text_encoder_2's vectors
 EMBEDDINGS_DIR = "embeddings"  # copies of the files, beside the pipeline's other assets
 
 
@@ -42,11 +45,13 @@ class Embedding:
         path: the `.safetensors` file.
         token: the prompt word that calls it.
         vectors: (n, D): one row per token it becomes (`token`, `token_1`, ...).
+        vectors_2: (n, D2): SDXL's second text encoder's (`clip_g`); None for SD 1.5.
     """
 
     path: Path
     token: str
     vectors: torch.Tensor
+    vectors_2: torch.Tensor | None = None
 
 
 def read_embeddings(folder: Path) -> list[Embedding]:
@@ -69,36 +74,73 @@ def read_embeddings(folder: Path) -> list[Embedding]:
             state = safetensors.torch.load_file(path, device="cpu")
         except Exception as err:  # noqa: BLE001 (any unreadable file is the user's to fix)
             raise EmbeddingError(f"{path}: not a readable .safetensors file ({err})") from None
+        if sorted(state) == sorted(SDXL_KEYS):
+            first, second = (_rows(state[key]) for key in SDXL_KEYS)
+            embeddings.append(Embedding(path, path.stem, first, second))
+            continue
         if len(state) != 1:
             raise EmbeddingError(
                 f"{path}: holds {sorted(state)}; a textual inversion file holds one tensor, "
-                f"under its token (diffusers) or {A1111_KEY!r} (A1111)"
+                f"under its token (diffusers) or {A1111_KEY!r} (A1111), or SDXL's "
+                f"{' and '.join(SDXL_KEYS)}"
             )
         ((key, tensor),) = state.items()
         token = path.stem if key == A1111_KEY else key
-        embeddings.append(Embedding(path, token, tensor.reshape(-1, tensor.shape[-1])))
+        embeddings.append(Embedding(path, token, _rows(tensor)))
     return embeddings
 
 
-def add_embeddings(embeddings: list[Embedding], text_encoder: Any, tokenizer: Any) -> list[str]:
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def check_architecture(embeddings: list[Embedding], sdxl: bool) -> None:
+    """SDXL checkpoints take SDXL files (`clip_l` and `clip_g`), SD 1.5 ones single tensors.
+
+    Raises:
+        EmbeddingError: a file made for the other architecture.
+    """
+    for embedding in embeddings:
+        if sdxl and embedding.vectors_2 is None:
+            raise EmbeddingError(
+                f"{embedding.path}: one text encoder's vectors, but an SDXL checkpoint needs "
+                f"both ({' and '.join(SDXL_KEYS)})"
+            )
+        if not sdxl and embedding.vectors_2 is not None:
+            raise EmbeddingError(
+                f"{embedding.path}: an SDXL embedding ({' and '.join(SDXL_KEYS)}), but the "
+                "checkpoint is SD 1.5"
+            )
+
+
+def add_embeddings(
+    embeddings: list[Embedding], text_encoder: Any, tokenizer: Any, second: bool = False
+) -> list[str]:
     """Adds each embedding's tokens to `tokenizer` and its vectors to `text_encoder`'s token
     table, as `load_textual_inversion` does. Returns the tokens added.
+
+    Args:
+        second: SDXL's text_encoder_2 (the files' `clip_g` vectors).
 
     Raises:
         EmbeddingError: a vector of another width than the encoder's, or a token the
             tokenizer already has.
     """
     width = int(text_encoder.get_input_embeddings().weight.shape[-1])
-    for embedding in embeddings:
-        if embedding.vectors.shape[-1] != width:
+    rows = [e.vectors_2 if second else e.vectors for e in embeddings]
+    for embedding, vectors in zip(embeddings, rows, strict=True):
+        if vectors is None or vectors.shape[-1] != width:
+            got = "none" if vectors is None else vectors.shape[-1]
             raise EmbeddingError(
-                f"{embedding.path}: vectors of width {embedding.vectors.shape[-1]}, but this "
-                f"checkpoint's text encoder takes {width}"
+                f"{embedding.path}: vectors of width {got}, but this checkpoint's "
+                f"text encoder{'_2' if second else ''} takes {width}"
             )
     loader = TextualInversionLoaderMixin
     try:
         tokens, vectors = loader._retrieve_tokens_and_embeddings(
-            [e.token for e in embeddings], [{e.token: e.vectors} for e in embeddings], tokenizer
+            [e.token for e in embeddings],
+            [{e.token: v} for e, v in zip(embeddings, rows, strict=True)],
+            tokenizer,
         )
         tokens, vectors = loader._extend_tokens_and_embeddings(tokens, vectors, tokenizer)
     except ValueError as err:

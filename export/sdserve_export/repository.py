@@ -27,8 +27,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from sdserve_export.built_repository import CONFIG_FILE
 from sdserve_export.embeddings import (
-    EmbeddingError,
     add_embeddings,
+    check_architecture,
     copy_embeddings,
     read_embeddings,
 )
@@ -163,7 +163,7 @@ def build_repository(
         allow_pickle: also load pickle weights (see `load_pipeline`).
         log: progress sink.
         embeddings: a folder of textual inversion `.safetensors` files whose tokens the
-            exported text encoder and tokenizer gain (`sdserve_export.embeddings`; SD 1.5).
+            exported text encoder(s) and tokenizer(s) gain (`sdserve_export.embeddings`).
 
     Raises:
         EmbeddingError: an embedding file is refused (before anything is exported).
@@ -174,9 +174,10 @@ def build_repository(
     pipe = load_pipeline(source, allow_pickle)
     added = read_embeddings(embeddings) if embeddings is not None else []
     if added:
-        if pipe.text_encoder_2 is not None:
-            raise EmbeddingError("textual inversion embeddings are served on SD 1.5 only so far")
+        check_architecture(added, sdxl=pipe.text_encoder_2 is not None)
         tokens = add_embeddings(added, pipe.text_encoder, pipe.assets.tokenizer)
+        if pipe.text_encoder_2 is not None:
+            add_embeddings(added, pipe.text_encoder_2, pipe.assets.tokenizer_2, second=True)
         log(f"[embeddings] {', '.join(tokens)}")
     staging = out.with_name(out.name + ".partial")
     specs = components_for(pipe.assets.facts.architecture)
