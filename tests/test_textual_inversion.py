@@ -100,7 +100,7 @@ def test_a_prompt_without_the_tokens_is_unchanged(ti_service, service):
 
 def test_an_embedding_of_the_wrong_width_is_refused(demo_pipeline_dir, tmp_path):
     folder = _write_embeddings(tmp_path / "wide", width=TEXT_HIDDEN + 16)
-    with pytest.raises(EmbeddingError, match=r"sks-cat.safetensors: vectors of width 80, but "
+    with pytest.raises(EmbeddingError, match=r"grumpy.safetensors: vectors of width 80, but "
                        r"this checkpoint's text encoder takes 64"):  # fmt: skip
         build_repository(demo_pipeline_dir, tmp_path / "repo", embeddings=folder,
                          log=lambda _msg: None)  # fmt: skip

@@ -79,7 +79,7 @@ def select_layer(
     """
     stacked = torch.stack(hidden_states, dim=1)  # (B, layers + 1, L, D)
     top = len(hidden_states) - from_last
-    index = top - clip_skip  # (B,); Max/Min, not Clip: TensorRT clips floats only
+    index = top - clip_skip  # (B,), kept within the stack by Max/Min (not exported as Clip)
     index = torch.minimum(
         torch.maximum(index, torch.zeros_like(index)), torch.full_like(index, top)
     )
