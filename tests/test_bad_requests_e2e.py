@@ -23,7 +23,9 @@ from sdserve_protocol.settings import PipelineSettings
 pytestmark = pytest.mark.e2e
 
 MODEL = "inpaint"
-LIMITS = Limits()  # the exported repository's limits; checked against the served config below
+# The exported repository's limits; checked against the served config below. The demo text
+# encoder has 2 layers: clip_skip may skip both (diffusers' hidden_states[-3], the embeddings).
+LIMITS = Limits(max_clip_skip=2)
 NAN, INF = float("nan"), float("inf")
 TIMEOUT_S = 120  # a bad request wrongly accepted must fail the test, not hang it
 
@@ -97,6 +99,7 @@ PIXELS = f"exceeds {LIMITS.max_pixels}"
 PROMPT_BYTES = f"at most {LIMITS.max_prompt_bytes}"
 OUTPAINT_RANGE = f"[0, {LIMITS.max_outpaint}]"
 CANVAS = f"exceeds {LIMITS.max_canvas_pixels}"
+CLIP_SKIP_RANGE = f"[0, {LIMITS.max_clip_skip}]"
 
 
 def bad(case_id: str, name: str, tensors: dict, expect: str | None = None, xfail: str = ""):
@@ -219,6 +222,11 @@ BAD_REQUESTS = [
         {**INPAINT, "preserve_unmasked": text("false")}, "BOOL"),
     bad("preserve-two-values", "preserve_unmasked",
         {**INPAINT, "preserve_unmasked": np.array([True, False])}),
+    # clip_skip
+    bad("clip-skip-beyond-the-layers", "clip_skip",
+        {**INPAINT, "clip_skip": i32(LIMITS.max_clip_skip + 1)}, CLIP_SKIP_RANGE),
+    bad("clip-skip-negative", "clip_skip", {**PROMPT, "clip_skip": i32(-1)}, CLIP_SKIP_RANGE),
+    bad("clip-skip-int64", "clip_skip", {**PROMPT, "clip_skip": i64(1)}, "INT32"),
     # names outside the contract
     bad("unknown-input", "sharpness", {**PROMPT, "sharpness": f32(1.0)}),
     bad("input-name-wrong-case", "Prompt", {"Prompt": text("a red bicycle")}),

@@ -64,6 +64,7 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "preview_every": (np.int32, "INT32", (1,)),
     "prompt_weighting": (np.bool_, "BOOL", (1,)),
     "padding_mask_crop": (np.int32, "INT32", (1,)),
+    "clip_skip": (np.int32, "INT32", (1,)),
 }
 
 
@@ -91,6 +92,7 @@ def full_request() -> GenerationRequest:
         mask_blur=0,  # a blur > 0 applies to inpainting, not outpainting
         preview_every=2,
         prompt_weighting=True,
+        clip_skip=0,  # a skip > 0 needs the model's limit_max_clip_skip (its layer count)
     )
 
 
@@ -679,6 +681,13 @@ def test_cli_inpaint_sends_the_mask_blur(files: tuple[Path, Path], tmp_path: Pat
     assert decode(factory.fake.sent["mask_blur"]).tolist() == [6]
 
 
+def test_cli_sends_the_clip_skip(files: tuple[Path, Path], tmp_path: Path) -> None:
+    factory = Factory(FakeTriton(parameters={"limit_max_clip_skip": "2"}))
+    argv = ["txt2img", "--prompt", "p", "--clip-skip", "2", "--out", str(tmp_path / "o.png")]
+    assert cli.main(argv, client_factory=factory) == 0
+    assert decode(factory.fake.sent["clip_skip"]).tolist() == [2]
+
+
 def test_cli_img2img_sends_the_image_without_a_mask(
     files: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -827,6 +836,23 @@ def test_the_models_own_limits_are_checked_before_inference() -> None:
     assert [method for method, _ in fake.calls] == ["get_model_config"]  # never inferred
     client.inpaint(rgb(), Image.new("L", (6, 4), 255), "a cat", steps=10, num_images=2)
     assert [method for method, _ in fake.calls][-1] == "infer"
+
+
+def test_clip_skip_beyond_the_models_layers_is_refused_before_inference() -> None:
+    """`limit_max_clip_skip` (the export writes the text encoder's layer count) bounds
+    `clip_skip` with the server's own message; a config without it allows no skip."""
+    fake = FakeTriton(1, parameters={"limit_max_clip_skip": "12"})
+    client = InpaintClient(model="inpaint", client=fake)
+    with pytest.raises(InvalidRequestError, match=r"^clip_skip: 13 out of range \[0, 12\]$"):
+        client.text_to_image("a cat", 64, 64, clip_skip=13)
+    assert [method for method, _ in fake.calls] == ["get_model_config"]  # never inferred
+    client.text_to_image("a cat", 64, 64, clip_skip=12)
+    assert [method for method, _ in fake.calls][-1] == "infer"
+    bare = InpaintClient(model="inpaint", client=FakeTriton(1))
+    with pytest.raises(InvalidRequestError, match=r"^clip_skip: 1 out of range \[0, 0\]$"):
+        bare.text_to_image("a cat", 64, 64, clip_skip=1)
+    with pytest.raises(InvalidRequestError, match="clip_skip must be an int"):
+        encode_request(GenerationRequest("a cat", clip_skip=1.5))  # type: ignore[arg-type]
 
 
 def test_the_models_image_and_canvas_limits_are_checked_before_inference() -> None:

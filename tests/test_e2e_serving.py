@@ -9,7 +9,7 @@ from cases import diffusers_inpaint, make_case, max_abs, served
 from helpers import wire
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from sdserve_client import InpaintClient, SdserveError
+from sdserve_client import GenerationRequest, InpaintClient, SdserveError
 from sdserve_export.triton_configs import parse_pbtxt
 
 pytestmark = pytest.mark.e2e
@@ -201,6 +201,41 @@ def test_served_img2img_matches_in_process(combined_server, service, base_servic
     local = {"sd15_base": base_service, "inpaint": service}[model]
     expected = local.generate(wire(image, steps=5, seed=8, strength=0.6))["images"][0]
     assert served.seeds == [8] and max_abs(served.arrays[0], expected) <= 1
+
+
+@pytest.mark.parametrize("model", ["inpaint", "sd15_base"])
+def test_served_clip_skip_matches_in_process_and_shares_the_text_encoder_call(
+    combined_server, service, base_service, model
+):
+    """`clip_skip` from the SDK reaches each checkpoint's exported text encoder (parity with
+    diffusers' clip_skip: test_clip_skip); two requests skipping different layers, sent
+    together, each equal their in-process result."""
+    local_service = service if model == "inpaint" else base_service
+    image, mask = make_case(64, 64, seed=15)
+    controls = dict(steps=4, seed=8, preserve_unmasked=False)
+    with InpaintClient(combined_server.grpc_url, model=model) as client:
+        handles = [client.submit(GenerationRequest("a red bicycle", image=image, mask=mask,
+                                                   clip_skip=k, **controls))
+                   for k in (1, 2)]  # fmt: skip
+        served = [handle.result(300).arrays[0] for handle in handles]
+    for k, image_served in zip((1, 2), served, strict=True):
+        local = local_service.generate(wire(image, mask, clip_skip=k, **controls))["images"][0]
+        assert max_abs(image_served, local) <= 1
+    assert max_abs(served[0], served[1]) > 2
+
+
+def test_clip_skip_beyond_the_layers_is_refused_alike_by_server_and_sdk(combined_server):
+    """The export recorded the demo encoder's 2 layers: 3 is INVALID_ARG naming `clip_skip`,
+    and the SDK refuses it before sending, with the same message."""
+    tensors = {"prompt": np.array([b"x"], np.object_), "clip_skip": np.array([3], np.int32)}
+    raw = grpcclient.InferenceServerClient(combined_server.grpc_url)
+    with pytest.raises(InferenceServerException) as err:
+        raw.infer("inpaint", _raw_inputs(tensors))
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with InpaintClient(combined_server.grpc_url) as client, pytest.raises(SdserveError) as sdk:
+        client.text_to_image("x", 64, 64, clip_skip=3)
+    assert sdk.value.message == "clip_skip: 3 out of range [0, 2]"
+    assert sdk.value.message in err.value.message()
 
 
 def test_served_num_images_two_each_reproducible(combined_server):

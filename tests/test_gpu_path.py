@@ -40,6 +40,7 @@ from sdserve_export import (
 )
 from sdserve_pipeline.components import (
     CLIP_VOCAB_SIZE,
+    EXAMPLE_MAX_CLIP_SKIP,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TEXT_ENCODER_XL,
@@ -139,7 +140,10 @@ def test_text_encoder_has_one_static_profile_with_fixed_sequence() -> None:
         TEXT_ENCODER, SD15_SIZES, engine_profiles.DEFAULT_BUCKETS
     )
     assert profile.name == engine_profiles.STATIC_PROFILE
-    assert profile.shapes == {"input_ids": engine_profiles.ShapeRange((1, 77), (1, 77), (4, 77))}
+    assert profile.shapes == {
+        "input_ids": engine_profiles.ShapeRange((1, 77), (1, 77), (4, 77)),
+        "clip_skip": engine_profiles.ShapeRange((1,), (1,), (4,)),  # one per row
+    }
 
 
 def test_default_buckets_are_sd_and_sdxl_sizes_on_the_latent_grid() -> None:
@@ -166,7 +170,7 @@ def test_size_bucket_parsing_and_latent_checks() -> None:
 
 
 def test_sizes_from_config_reads_fixed_dims_and_rejects_drift() -> None:
-    dims = {"input_ids": [-1, 77], "last_hidden_state": [-1, 77, 768]}
+    dims = {"input_ids": [-1, 77], "clip_skip": [-1], "last_hidden_state": [-1, 77, 768]}
     assert engine_profiles.sizes_from_config(TEXT_ENCODER, dims) == {
         "sequence_length": 77,
         "hidden_size": 768,
@@ -198,6 +202,12 @@ def test_profile_inputs_follow_the_spec() -> None:
     (static,) = engine_profiles.derive_profiles(TEXT_ENCODER, SD15_SIZES)
     ids = engine_parity.profile_inputs(TEXT_ENCODER, static)["input_ids"]
     assert ids.shape == (1, 77) and ids.dtype == np.int64 and ids.max() < CLIP_VOCAB_SIZE
+    (max_batch,) = engine_profiles.derive_profiles(
+        TEXT_ENCODER, SD15_SIZES, batch=engine_profiles.BatchRange(64, 64, 64)
+    )
+    skips = engine_parity.profile_inputs(TEXT_ENCODER, max_batch)["clip_skip"]
+    assert skips.shape == (64,) and skips.dtype == np.int64  # per row, within the layers
+    assert set(skips.tolist()) == set(range(EXAMPLE_MAX_CLIP_SKIP + 1))
     (wide,) = engine_profiles.derive_profiles(
         UNET_XL, SDXL_SIZES, [SizeBucket(height=640, width=1536)]
     )
@@ -852,7 +862,8 @@ def test_sdxl_text_encoders_have_one_static_profile() -> None:
     for profile in (first, second):
         assert profile.name == engine_profiles.STATIC_PROFILE
         assert profile.shapes == {
-            "input_ids": engine_profiles.ShapeRange((1, 77), (1, 77), (4, 77))
+            "input_ids": engine_profiles.ShapeRange((1, 77), (1, 77), (4, 77)),
+            "clip_skip": engine_profiles.ShapeRange((1,), (1,), (4,)),
         }
 
 

@@ -186,6 +186,20 @@ def test_served_sdxl_inpaint_matches_diffusers(xl_server, diffusers_xl_pipe):
 
 
 @pytest.mark.e2e
+def test_served_sdxl_clip_skip_matches_diffusers(xl_server, xl_service, diffusers_xl_pipe):
+    from sdserve_client import InpaintClient
+
+    image, mask = make_case(64, 96, seed=4)
+    with InpaintClient(xl_server.grpc_url, model="inpaint_xl") as client:
+        result = client.inpaint(image, mask, PROMPT, steps=6, seed=12, clip_skip=1,
+                                preserve_unmasked=False)  # fmt: skip
+    local = xl_service.generate(wire(image, mask, steps=6, seed=12, clip_skip=1))["images"][0]
+    assert max_abs(result.arrays[0], local) <= 1
+    reference = diffusers_inpaint(diffusers_xl_pipe, image, mask, seed=12, steps=6, clip_skip=1)
+    assert max_abs(result.arrays[0], reference) <= 2
+
+
+@pytest.mark.e2e
 def test_served_sdxl_outpaint_matches_in_process_and_diffusers(
     xl_server, xl_service, diffusers_xl_pipe
 ):

@@ -673,7 +673,7 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(error),
                       info_client=FakeTriton([pipeline_config()]))  # fmt: skip
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
-    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True, False)
+    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True, False, 0)  # weighting, skip
     with pytest.raises(gr.Error) as raised:
         list(handlers.text_to_image(*common, 64, 64, "session"))
     assert raised.value.message == (
@@ -700,6 +700,7 @@ def test_handlers_return_gallery_summary_and_state(app_module):
         2,
         True,
         False,
+        0,
         64,
         72,
         "session",
@@ -717,6 +718,27 @@ def test_handlers_return_gallery_summary_and_state(app_module):
     _, scheduler, steps, *_ = handlers.refresh("inpaint", "euler", 500, 1)
     assert scheduler["choices"] == [cb.DEFAULT_SCHEDULER, "ddim", "euler"]
     assert scheduler["value"] == "euler" and steps["maximum"] == 150 and steps["value"] == 150
+
+
+def test_clip_skip_is_sent_when_set_and_its_slider_follows_the_models_layers(app_module):
+    import gradio as gr
+
+    generator = FakeGenerator()
+    info = FakeTriton([pipeline_config(limit_max_clip_skip="2")])
+    backend = Backend("h:1", client_factory=lambda url, model: generator, info_client=info)
+    handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
+    common = ("inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 1, True, False)
+    list(handlers.text_to_image(*common, 2.0, 64, 64, "s"))
+    list(handlers.text_to_image(*common, 0, 64, 64, "s"))
+    assert [options.get("clip_skip") for *_, options in generator.calls] == [2, None]
+    with pytest.raises(gr.Error, match="clip skip"):
+        list(handlers.text_to_image(*common, 1.5, 64, 64, "s"))
+    *_, clip_skip, _ = handlers.refresh("inpaint", "euler", 4, 1, 5)
+    assert clip_skip["maximum"] == 2 and clip_skip["value"] == 2 and clip_skip["interactive"]
+    bare = FakeTriton([pipeline_config()])  # no limit_max_clip_skip: no layer may be skipped
+    handlers = app_module._Handlers(Backend("h:1", info_client=bare), app_module.AppConfig("h:1"))
+    *_, clip_skip, _ = handlers.refresh("inpaint", "euler", 4, 1, 5)
+    assert clip_skip["value"] == 0 and not clip_skip["interactive"]
 
 
 def test_handlers_status_line_shows_the_problems_since_the_last_polls(app_module, monkeypatch):
@@ -771,7 +793,21 @@ def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: fake, info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     run = handlers.text_to_image(
-        "inpaint", "x", "", cb.DEFAULT_SCHEDULER, 100, 7.5, 1.0, "5", 1, True, False, 64, 64, "page"
+        "inpaint",
+        "x",
+        "",
+        cb.DEFAULT_SCHEDULER,
+        100,
+        7.5,
+        1.0,
+        "5",
+        1,
+        True,
+        False,
+        0,
+        64,
+        64,
+        "page",
     )
     next(run)  # the first step's bar
     assert handlers.cancel("page") == ("", "Cancelled.")

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--scheduler", help="e.g. pndm, ddim, euler_a, dpmpp_2m")
     generation.add_argument("--num-images", type=int)
     generation.add_argument(
+        "--clip-skip", type=int, metavar="LAYERS",
+        help="text-encoder layers to skip for the prompt (diffusers' clip_skip; default 0)",
+    )  # fmt: skip
+    generation.add_argument(
         "--no-preserve-unmasked",
         dest="preserve_unmasked",
         action="store_const",
@@ -221,6 +225,7 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "preserve_unmasked": args.preserve_unmasked,
         "mask_blur": getattr(args, "mask_blur", None),  # inpaint only
         "prompt_weighting": args.prompt_weighting,
+        "clip_skip": args.clip_skip,
     }
     if args.previews is not None or args.preview_every is not None:
         options["preview_every"] = args.preview_every or DEFAULT_PREVIEW_EVERY

@@ -69,6 +69,9 @@ class GenerationRequest:
             the mask plus this many pixels, widened to the aspect of height x width, is
             generated at that size and pasted back into the image, which keeps its size
             (absent: the whole image is generated). Inpainting only.
+        clip_skip (`int`, *optional*):
+            Text-encoder layers to skip for the prompt, as diffusers' `clip_skip` (server
+            default 0: none; at most the model's `limit_max_clip_skip`, its layer count).
     """
 
     prompt: str
@@ -90,6 +93,7 @@ class GenerationRequest:
     preview_every: int | None = None
     prompt_weighting: bool | None = None
     padding_mask_crop: int | None = None
+    clip_skip: int | None = None
 
 
 def encode_request(
@@ -183,7 +187,7 @@ def _check_types(request: GenerationRequest) -> None:
     if request.scheduler is not None and not request.scheduler.strip():
         raise InvalidRequestError(f"scheduler must not be blank, got {_quote(request.scheduler)}")
     for name in ("height", "width", "steps", "num_images", "seed", "mask_blur",
-                 "preview_every", "padding_mask_crop"):  # fmt: skip
+                 "preview_every", "padding_mask_crop", "clip_skip"):  # fmt: skip
         value = getattr(request, name)
         if value is not None and not _is_int(value):
             raise _bad_type(name, value, "an int")

@@ -114,6 +114,8 @@ INPUTS: tuple[WireInput, ...] = (
     WireInput("prompt_weighting", "BOOL", (1,), default=False),
     WireInput("padding_mask_crop", "INT32", (1,),
               rule=Range("padding_mask_crop", 0, MAX_PADDING_MASK_CROP)),
+    WireInput("clip_skip", "INT32", (1,), default=0,
+              rule=Range("clip_skip", 0, INT32_MAX, "max_clip_skip")),
 )  # fmt: skip
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
@@ -184,6 +186,8 @@ class GenerationParams:
             generated at height x width and pasted back; None: the whole image.
         crop: set by the server when it crops (`sdserve_pipeline.crop`): `image`, `mask`,
             `height` and `width` are then the crop's, as generated; None before or without.
+        clip_skip: text-encoder layers to skip for the prompt (diffusers' `clip_skip`; the
+            negative prompt keeps the default layer, as in diffusers); 0: none.
     """
 
     prompt: str
@@ -205,6 +209,7 @@ class GenerationParams:
     prompt_weighting: bool = False
     padding_mask_crop: int | None = None
     crop: MaskCrop | None = None
+    clip_skip: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -390,6 +395,7 @@ def _relate(
         preview_every=values.get("preview_every", 0),
         prompt_weighting=values.get("prompt_weighting", False),
         padding_mask_crop=crop,
+        clip_skip=values.get("clip_skip", 0),
     )  # fmt: skip
 
 

@@ -84,6 +84,9 @@ class Limits:
         max_prompt_chunks (`int`, *optional*, defaults to 4): text-encoder windows (75 tokens
             each) a long or weighted prompt may take, each of `prompt` and `negative_prompt`;
             TensorRT UNet engines are built for up to this many.
+        max_clip_skip (`int`, *optional*, defaults to 0): text-encoder layers a request may skip
+            (`clip_skip`); the export writes the checkpoint's layer count (12 for SD 1.5, 11 for
+            SDXL), and the server refuses a larger value at load.
     """
 
     max_pixels: int = 1024 * 1024
@@ -95,6 +98,7 @@ class Limits:
     max_outpaint: int = 2048
     max_canvas_pixels: int = 4096 * 4096
     max_prompt_chunks: int = 4
+    max_clip_skip: int = 0
 
 
 DEFAULT_LIMITS = Limits()

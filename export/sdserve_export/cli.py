@@ -25,6 +25,7 @@ from sdserve_export.demo_pipeline import (
     save_demo_pipeline,
     save_demo_xl_pipeline,
 )
+from sdserve_export.embeddings import EmbeddingError
 from sdserve_export.engine_store import EngineSettings, ensure_engines
 from sdserve_export.gpu_variant import PLATFORMS, TENSORRT, write_gpu_repository
 from sdserve_export.parity import ParityError
@@ -116,6 +117,10 @@ def _add_repository(sub: argparse._SubParsersAction) -> None:
         "--allow-pickle", action="store_true",
         help="also load .bin/.ckpt (pickle) weights; default: safetensors only",
     )  # fmt: skip
+    repo.add_argument(
+        "--embeddings", type=Path, metavar="DIR",
+        help="folder of textual inversion .safetensors files whose tokens prompts may use",
+    )  # fmt: skip
 
 
 def repository(args: argparse.Namespace) -> int:
@@ -127,9 +132,13 @@ def repository(args: argparse.Namespace) -> int:
             component_prefix=args.component_prefix,
             providers=tuple(args.providers.split(",")),
             allow_pickle=args.allow_pickle,
+            embeddings=args.embeddings,
         )
     except ParityError as err:
         print(f"export failed parity check: {err}", file=sys.stderr)
+        return 1
+    except EmbeddingError as err:
+        print(f"export refused an embedding: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -34,30 +34,65 @@ EXTERNAL_DATA_SUFFIX = ".data"
 
 
 class TextEncoderExport(nn.Module):
-    """input_ids → last_hidden_state (what SD 1.5's encode_prompt uses)."""
+    """input_ids, clip_skip → each row's `final_layer_norm(hidden_states[-(clip_skip + 1)])`,
+    what SD 1.5's encode_prompt uses (clip_skip 0: `last_hidden_state`)."""
 
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        # transformers >= 5.6 flattened CLIPTextModel (no `text_model` any more)
+        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        return self.final_layer_norm(select_layer(out.hidden_states, clip_skip, from_last=1))
 
 
 class PenultimateTextEncoderExport(nn.Module):
-    """input_ids → penultimate hidden states (+ projected pooled `text_embeds` for a
-    CLIPTextModelWithProjection): what SDXL's encode_prompt reads (`hidden_states[-2]`)."""
+    """input_ids, clip_skip → each row's `hidden_states[-(clip_skip + 2)]` (+ projected pooled
+    `text_embeds` for a CLIPTextModelWithProjection): what SDXL's encode_prompt reads
+    (clip_skip 0: the penultimate layer)."""
 
     def __init__(self, text_encoder: nn.Module, pooled: bool) -> None:
         super().__init__()
         self.text_encoder = text_encoder
         self.pooled = pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out = self.text_encoder(input_ids, output_hidden_states=True)
+        hidden = select_layer(out.hidden_states, clip_skip, from_last=2)
         if self.pooled:
-            return out.hidden_states[-2], out.text_embeds
-        return out.hidden_states[-2]
+            return hidden, out.text_embeds
+        return hidden
+
+
+def select_layer(
+    hidden_states: tuple[torch.Tensor, ...], clip_skip: torch.Tensor, from_last: int
+) -> torch.Tensor:
+    """Row i of `hidden_states[-(clip_skip[i] + from_last)]`: (B, L, D), exact copies.
+
+    Args:
+        hidden_states: the embeddings' output and each layer's, (B, L, D) each.
+        clip_skip: (B,) int64 layers to skip per row; clamped to the first entry.
+        from_last: the entry at clip_skip 0, counted from the end (1: the last).
+    """
+    stacked = torch.stack(hidden_states, dim=1)  # (B, layers + 1, L, D)
+    top = len(hidden_states) - from_last
+    index = top - clip_skip  # (B,), kept within the stack by Max/Min (not exported as Clip)
+    index = torch.minimum(
+        torch.maximum(index, torch.zeros_like(index)), torch.full_like(index, top)
+    )
+    batch, _, length, width = stacked.shape
+    index = index.view(batch, 1, 1, 1).expand(batch, 1, length, width)
+    return torch.gather(stacked, 1, index).squeeze(1)
+
+
+def max_clip_skip(text_encoder: nn.Module, from_last: int) -> int:
+    """Largest clip_skip diffusers accepts for this encoder: `hidden_states[-(k + from_last)]`
+    must exist among its `num_hidden_layers + 1` entries."""
+    return int(text_encoder.config.num_hidden_layers) + 1 - from_last
 
 
 class UNetXLExport(nn.Module):

@@ -19,7 +19,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -27,10 +27,17 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdserve_export.built_repository import CONFIG_FILE
+from sdserve_export.embeddings import (
+    add_embeddings,
+    check_architecture,
+    copy_embeddings,
+    read_embeddings,
+)
 from sdserve_export.onnx_export import (
     ExportTarget,
     checkpoint_sizes,
     export_onnx,
+    max_clip_skip,
     sd15_targets,
     sdxl_targets,
 )
@@ -112,6 +119,11 @@ def load_pipeline(source: str | Path, allow_pickle: bool = False) -> LoadedPipel
         default_strength=0.9999 if sdxl else 1.0,
         force_zeros_for_empty_prompt=sdxl
         and bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
+        max_clip_skip=min(
+            max_clip_skip(encoder, from_last=2 if sdxl else 1)
+            for encoder in (text_encoder, text_encoder_2)
+            if encoder is not None
+        ),
     )
     if facts.unet_in_channels not in (4, 9):
         raise ValueError(
@@ -141,6 +153,7 @@ def build_repository(
     limits: Limits = Limits(),
     allow_pickle: bool = False,
     log: Callable[[str], None] = print,
+    embeddings: Path | None = None,
 ) -> list[ParityReport]:
     """Export every component with a parity check, then write configs and the pipeline model.
 
@@ -152,16 +165,27 @@ def build_repository(
         component_prefix: prefix of the component model names (`<prefix>unet`, ...), to
             keep a second checkpoint's components apart from the first's.
         providers: ONNX Runtime execution providers in order of preference.
-        limits: request limits written into the pipeline config.
+        limits: request limits written into the pipeline config; `max_clip_skip` is the
+            checkpoint's (`CheckpointFacts.max_clip_skip`), whatever `limits` says.
         allow_pickle: also load pickle weights (see `load_pipeline`).
         log: progress sink.
+        embeddings: a folder of textual inversion `.safetensors` files whose tokens the
+            exported text encoder(s) and tokenizer(s) gain (`sdserve_export.embeddings`).
 
     Raises:
+        EmbeddingError: an embedding file is refused (before anything is exported).
         ParityError: an exported component drifted past its tolerance (nothing is left
             half-written: the models are assembled in a temporary folder first).
     """
     log(f"[load] {source}")
     pipe = load_pipeline(source, allow_pickle)
+    added = read_embeddings(embeddings) if embeddings is not None else []
+    if added:
+        check_architecture(added, sdxl=pipe.text_encoder_2 is not None)
+        tokens = add_embeddings(added, pipe.text_encoder, pipe.assets.tokenizer)
+        if pipe.text_encoder_2 is not None:
+            add_embeddings(added, pipe.text_encoder_2, pipe.assets.tokenizer_2, second=True)
+        log(f"[embeddings] {', '.join(tokens)}")
     staging = out.with_name(out.name + ".partial")
     specs = components_for(pipe.assets.facts.architecture)
     names = {spec.name: component_prefix + spec.name for spec in specs}
@@ -181,7 +205,8 @@ def build_repository(
         _copy_model_py("onnx_runner", staging / name / VERSION)
     facts = pipe.assets.facts
     settings = PipelineSettings(
-        architecture=facts.architecture, components=names, limits=limits,
+        architecture=facts.architecture, components=names,
+        limits=replace(limits, max_clip_skip=facts.max_clip_skip),
         outpaint=OutpaintSettings(native=facts.default_size),
     )  # fmt: skip
     config = pipeline_config(pipeline_name, settings)
@@ -191,6 +216,7 @@ def build_repository(
     stream_name = stream_model_name(pipeline_name)
     _write_config(staging / stream_name, to_pbtxt(stream_config(stream_name, pipeline_name)))
     _copy_model_py("stream", staging / stream_name / VERSION)
+    copy_embeddings(added, staging / pipeline_name / VERSION / ASSETS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     for model_dir in sorted(staging.iterdir()):
         shutil.rmtree(out / model_dir.name, ignore_errors=True)

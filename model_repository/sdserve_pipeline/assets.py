@@ -39,6 +39,9 @@ class CheckpointFacts:
             inpainting: 0.9999, as diffusers' `StableDiffusionXLInpaintPipeline`).
         force_zeros_for_empty_prompt: SDXL: zero the negative embeddings when there is no
             negative prompt (the pipeline's `force_zeros_for_empty_prompt` config).
+        max_clip_skip: the largest `clip_skip` the text encoder(s) have layers for (as
+            diffusers indexes them: SD 1.5 `num_hidden_layers`, SDXL one less, of the
+            shallower encoder); 0 in assets written before clip skip.
     """
 
     vae_scaling_factor: float
@@ -50,6 +53,7 @@ class CheckpointFacts:
     architecture: str = "sd15"
     default_strength: float = 1.0
     force_zeros_for_empty_prompt: bool = False
+    max_clip_skip: int = 0
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,20 @@ def _fixed(sizes: dict[str, int], dim: str, tensor: str) -> int:
 # One row per prompt: [negative, prompt] under guidance.
 PROMPT_ROWS = CallRows(guidance_pair=True)
 
+# Every text encoder takes each row's `clip_skip` beside its tokens (diffusers' semantics,
+# chosen inside the graph from the stack of hidden states, so rows with different values share
+# one call): SD 1.5's gives `final_layer_norm(hidden_states[-(clip_skip + 1)])` (0: its
+# `last_hidden_state`), SDXL's give `hidden_states[-(clip_skip + 2)]` (0: the penultimate layer).
+# Values past the first layer are clamped to it; the server refuses them first.
+TEXT_INPUTS = (
+    TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),
+    TensorSpec("clip_skip", "INT64", ("batch",)),
+)
+EXAMPLE_MAX_CLIP_SKIP = 2  # example inputs draw clip_skip in [0, 2] (the graph clamps)
+
 TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
-    inputs=(TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),),
+    inputs=TEXT_INPUTS,
     outputs=(TensorSpec("last_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size")),),
     rows=PROMPT_ROWS,
 )
@@ -180,14 +191,14 @@ VAE_DECODER = ComponentSpec(
 
 SD15_COMPONENTS: tuple[ComponentSpec, ...] = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
 
-# SDXL: two text encoders read at their penultimate layer, the second also giving the pooled
-# (projected) embedding; the UNet takes those plus the size/crop `time_ids`. The VAE
-# components are SD 1.5's and stay fp32 whatever precision the rest uses (SDXL's VAE
+# SDXL: two text encoders read at their penultimate layer (at clip_skip 0), the second also
+# giving the pooled (projected) embedding; the UNet takes those plus the size/crop `time_ids`.
+# The VAE components are SD 1.5's and stay fp32 whatever precision the rest uses (SDXL's VAE
 # overflows in fp16).
 
 TEXT_ENCODER_XL = ComponentSpec(
     name="text_encoder",
-    inputs=(TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),),
+    inputs=TEXT_INPUTS,
     outputs=(
         TensorSpec("penultimate_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size")),
     ),
@@ -196,7 +207,7 @@ TEXT_ENCODER_XL = ComponentSpec(
 
 TEXT_ENCODER_2 = ComponentSpec(
     name="text_encoder_2",
-    inputs=(TensorSpec("input_ids", "INT64", ("batch", "sequence_length")),),
+    inputs=TEXT_INPUTS,
     outputs=(
         TensorSpec(
             "penultimate_hidden_state", "FP32", ("batch", "sequence_length", "hidden_size_2")
@@ -269,7 +280,8 @@ def example_inputs(
 ) -> dict[str, npt.NDArray[np.generic]]:
     """Random inputs of a component, in its input order, drawn from `rng` in that order.
 
-    Token ids are uniform below `vocab_size`, timesteps uniform in [0, 1000), SDXL's
+    Token ids are uniform below `vocab_size`, `clip_skip` uniform in [0,
+    `EXAMPLE_MAX_CLIP_SKIP`], timesteps uniform in [0, 1000), SDXL's
     `time_ids` are the image's (height, width, crop top 0, crop left 0, height, width) as the
     pipeline sends them, and every other input is standard normal (fp32).
 
@@ -289,7 +301,9 @@ def example_inputs(
     inputs: dict[str, npt.NDArray[np.generic]] = {}
     for tensor in spec.inputs:
         shape = tuple(_dim(dims, d, tensor.name) for d in tensor.dims)
-        if tensor.dtype == "INT64":
+        if tensor.name == "clip_skip":
+            inputs[tensor.name] = rng.integers(0, EXAMPLE_MAX_CLIP_SKIP + 1, size=shape)
+        elif tensor.dtype == "INT64":
             inputs[tensor.name] = rng.integers(0, vocab_size, size=shape, dtype=np.int64)
         elif tensor.name == "timestep":
             inputs[tensor.name] = rng.uniform(0, MAX_TIMESTEP, size=shape).astype(np.float32)

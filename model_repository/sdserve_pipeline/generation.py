@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -315,37 +316,43 @@ class GenerationLoop:
         self, params: GenerationParams, n: int, cfg: bool, height: int, width: int
     ) -> Plan[Conditioning]:
         """The UNet's text (and, SDXL, size) conditioning for the architecture served."""
+        prompt, negative, skip = params.prompt, params.negative_prompt, params.clip_skip
         if self.facts.architecture == "sdxl":
-            return (yield from self.encode_prompt_xl(params.prompt, params.negative_prompt, n,
-                                                     cfg, height, width,
-                                                     params.prompt_weighting))  # fmt: skip
-        embeds = yield from self.encode_prompt(params.prompt, params.negative_prompt, n, cfg,
+            return (yield from self.encode_prompt_xl(prompt, negative, n, cfg, height, width,
+                                                     skip, params.prompt_weighting))  # fmt: skip
+        embeds = yield from self.encode_prompt(prompt, negative, n, cfg, skip,
                                                params.prompt_weighting)  # fmt: skip
         return Conditioning(embeds)
 
     def encode_prompt(
-        self, prompt: str, negative: str, n: int, cfg: bool, weighting: bool = False
-    ) -> Plan[torch.Tensor]:
-        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG; L is one
-        window, or several for long or weighted prompts (compel: `prompts.PromptEncoder`)."""
+        self, prompt: str, negative: str, n: int, cfg: bool, clip_skip: int = 0,
+        weighting: bool = False,
+    ) -> Plan[torch.Tensor]:  # fmt: skip
+        """(2N, L, D) embeddings [uncond x N, cond x N], or (N, L, D) without CFG; the prompt
+        read `clip_skip` layers before the last (diffusers' semantics). L is one window, or
+        several for long or weighted prompts (compel: `prompts.PromptEncoder`, at clip skip 0:
+        the request check refuses both together)."""
         texts = [negative, prompt] if cfg else [prompt]
         if self.prompts.applies(texts, weighting):
             embeds, _ = yield from self.prompts.encode(texts, weighting)
         else:
-            (embeds,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
+            inputs = (tokenize(self.assets.tokenizer, texts), clip_skips(len(texts), clip_skip))
+            (embeds,) = yield Call("text_encoder", inputs)
         return embeds.repeat_interleave(n, dim=0)
 
     def encode_prompt_xl(
         self, prompt: str, negative: str, n: int, cfg: bool, height: int, width: int,
+        clip_skip: int = 0,
         weighting: bool = False,
     ) -> Plan[Conditioning]:  # fmt: skip
         """SDXL conditioning as `StableDiffusionXLInpaintPipeline.encode_prompt` and its
         step 10 compute it.
 
-        Prompt embeds: both encoders' penultimate hidden states, concatenated on the feature
-        axis; pooled embeds: text_encoder_2's projected output. Without a negative prompt
-        and with `force_zeros_for_empty_prompt`, the negative embeds are zeros (diffusers'
-        default call); otherwise the negative prompt is encoded like the prompt. Time ids:
+        Prompt embeds: both encoders' penultimate hidden states (the prompt's `clip_skip`
+        layers earlier), concatenated on the feature axis; pooled embeds: text_encoder_2's
+        projected output. Without a negative prompt and with `force_zeros_for_empty_prompt`,
+        the negative embeds are zeros (diffusers' default call); otherwise the negative prompt
+        is encoded like the prompt (at clip_skip 0, as diffusers). Time ids:
         original size, crop top-left (0, 0), target size; both sizes are the padded
         generation size, for the negative branch too. Long or weighted prompts: compel
         (`prompts.PromptEncoder`), as `CompelForSDXL`.
@@ -359,8 +366,10 @@ class GenerationLoop:
             embeds, xl_pooled = yield from self.prompts.encode(texts, weighting)
             pooled = cast(torch.Tensor, xl_pooled)  # an SDXL encoding has pooled embeddings
         else:
-            (hidden_1,) = yield Call("text_encoder", (tokenize(self.assets.tokenizer, texts),))
-            hidden_2, pooled = yield Call("text_encoder_2", (tokenize(tokenizer_2, texts),))
+            skips = clip_skips(len(texts), clip_skip)
+            ids_1, ids_2 = tokenize(self.assets.tokenizer, texts), tokenize(tokenizer_2, texts)
+            (hidden_1,) = yield Call("text_encoder", (ids_1, skips))
+            hidden_2, pooled = yield Call("text_encoder_2", (ids_2, skips))
             embeds = torch.cat([hidden_1, hidden_2], dim=-1)  # (B, L, D1 + D2)
         if zero_negative:
             embeds = torch.cat([torch.zeros_like(embeds), embeds])
@@ -398,10 +407,15 @@ class GenerationLoop:
         return self.facts.vae_scaling_factor * latents
 
 
+class _TextualInversion(TextualInversionLoaderMixin):
+    """diffusers' `maybe_convert_prompt`, on its own."""
+
+
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
-    """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes."""
+    """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes
+    (a multi-vector textual inversion token first expanded to its tokens, `tok tok_1 ...`)."""
     tokens = tokenizer(
-        texts,
+        _TextualInversion().maybe_convert_prompt(texts, tokenizer),
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -409,6 +423,14 @@ def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     )
     ids: torch.Tensor = tokens.input_ids
     return ids.to(torch.int64)
+
+
+def clip_skips(rows: int, clip_skip: int) -> torch.Tensor:
+    """(rows,) int64 `clip_skip` input of the text encoders: the prompt's (last row) skips
+    `clip_skip` layers; a negative prompt keeps 0, as diffusers encodes it."""
+    skips = torch.zeros(rows, dtype=torch.int64)
+    skips[-1] = clip_skip
+    return skips
 
 
 def truncated_timesteps(scheduler: Any, steps: int, strength: float) -> torch.Tensor:

@@ -133,7 +133,8 @@ def with_calls(run: Callable[[_CallLog], T]) -> Plan[T]:
         try:
             return run(log)
         except _NeedCall as need:
-            outputs = yield Call(need.component, (need.input_ids,))
+            no_skip = torch.zeros(len(need.input_ids), dtype=torch.int64)  # clip_skip 0
+            outputs = yield Call(need.component, (need.input_ids, no_skip))
             log.answers.append((need.component, need.input_ids, tuple(outputs)))
 
 

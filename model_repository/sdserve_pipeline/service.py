@@ -55,7 +55,8 @@ class PipelineService:
         `PipelineSettings.from_parameters`) and its assets folder.
 
         Raises:
-            ValueError: the settings name another architecture than the checkpoint's.
+            ValueError: the settings name another architecture than the checkpoint's, or
+                allow a `clip_skip` beyond its text encoders' layers.
         """
         assets = PipelineAssets.load(assets_dir)
         facts = assets.facts
@@ -63,6 +64,11 @@ class PipelineService:
             raise ValueError(
                 f"parameter architecture: {settings.architecture!r}, but the checkpoint in "
                 f"{assets_dir} is {facts.architecture!r}"
+            )
+        if settings.limits.max_clip_skip > facts.max_clip_skip:
+            raise ValueError(
+                f"parameter limit_max_clip_skip: {settings.limits.max_clip_skip}, but the text "
+                f"encoders in {assets_dir} have layers to skip up to {facts.max_clip_skip}"
             )
         specs = components_for(facts.architecture)
         runners = {
@@ -96,8 +102,14 @@ class PipelineService:
         if params.padding_mask_crop is not None:
             params = crop_request(self.loop.processors, params)
         self.loop.sizing.check(params)  # larger than every size bucket: RequestError here
-        self.loop.prompts.check(params.prompt, params.negative_prompt, params.prompt_weighting,
-                                self.limits.max_prompt_chunks)  # fmt: skip
+        prompts = self.loop.prompts
+        prompts.check(params.prompt, params.negative_prompt, params.prompt_weighting,
+                      self.limits.max_prompt_chunks)  # fmt: skip
+        texts = [params.negative_prompt, params.prompt]
+        if params.clip_skip and prompts.applies(texts, params.prompt_weighting):
+            raise RequestError(
+                "clip_skip", "applies to plain prompts (one text-encoder window, no weighting)"
+            )
         return params
 
     def generate(

@@ -122,6 +122,7 @@ def launch(demo: gr.Blocks, host: str, port: int, **kwargs: Any) -> Any:
 Components = dict[str, Any]
 _SETTING_NAMES = (
     "scheduler", "steps", "guidance", "strength", "seed", "num_images", "preserve", "weighting",
+    "clip_skip",
 )  # fmt: skip
 
 
@@ -282,6 +283,11 @@ def _settings_panel(config: AppConfig) -> Components:
                 value=False, label="Prompt weighting", elem_id="prompt-weighting",
                 info="compel syntax: (word)1.3, word++, word-",
             )  # fmt: skip
+        clip_skip = gr.Slider(
+            0, 12, value=0, step=1, label="Clip skip",
+            info="text-encoder layers to skip for the prompt (diffusers' clip_skip)",
+            elem_id="clip-skip",
+        )  # fmt: skip
     return {
         "model": model,
         "scheduler": scheduler,
@@ -295,6 +301,7 @@ def _settings_panel(config: AppConfig) -> Components:
         "num_images": num_images,
         "preserve": preserve,
         "weighting": weighting,
+        "clip_skip": clip_skip,
     }
 
 
@@ -417,8 +424,8 @@ def _wire_server(
 ) -> None:
     """Dropdowns and limits from the server at page load, on refresh and on a model change;
     the status line every `config.status_interval` seconds."""
-    inputs = [settings[name] for name in ("model", "scheduler", "steps", "num_images")]
-    names = ("model", "scheduler", "steps", "guidance", "num_images")
+    inputs = [settings[name] for name in ("model", "scheduler", "steps", "num_images", "clip_skip")]
+    names = ("model", "scheduler", "steps", "guidance", "num_images", "clip_skip")
     outputs = [*(settings[name] for name in names), status]
     demo.load(handlers.refresh, inputs, outputs)
     settings["refresh"].click(handlers.refresh, inputs, outputs)
@@ -494,7 +501,7 @@ class _Handlers:
         return str(_user_errors(cb.reuse_seed, seeds, selected))
 
     def refresh(
-        self, model: str, scheduler: str, steps: float, num_images: float
+        self, model: str, scheduler: str, steps: float, num_images: float, clip_skip: float = 0
     ) -> tuple[Any, ...]:
         """Fills the model and scheduler dropdowns and the slider limits from the server."""
         model = model or self.config.model
@@ -505,7 +512,7 @@ class _Handlers:
             info = self.backend.model_info(model)
         except SdserveError as exc:
             gr.Warning(html.escape(cb.error_message(exc, self.backend.url), quote=False))
-            unchanged = [gr.update() for _ in range(5)]
+            unchanged = [gr.update() for _ in range(6)]
             return (*unchanged, self.status(model))
         return (
             gr.update(choices=models or [model], value=model),
@@ -513,6 +520,7 @@ class _Handlers:
             gr.update(maximum=info.max_steps, value=min(int(steps or 1), info.max_steps)),
             gr.update(maximum=info.max_guidance_scale),
             gr.update(maximum=info.max_images, value=min(int(num_images or 1), info.max_images)),
+            _clip_skip_update(info, clip_skip),
             self.status(model),
         )
 
@@ -622,6 +630,12 @@ def _common_values(
         cb.make_settings, prompt, negative, *(shared[name] for name in _SETTING_NAMES)
     )
     return model, settings, tuple(rest[len(_SETTING_NAMES) :])
+
+
+def _clip_skip_update(info: ModelInfo, current: float | None) -> Any:
+    """The clip-skip slider up to the model's layer count (fixed at 0 where it has none)."""
+    most = info.max_clip_skip
+    return gr.update(maximum=max(most, 1), value=min(int(current or 0), most), interactive=most > 0)
 
 
 def _scheduler_update(info: ModelInfo, current: str | None) -> Any:

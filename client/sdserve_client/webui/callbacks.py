@@ -69,6 +69,7 @@ class Settings:
         preserve_unmasked (`bool`): paste the input back outside the mask.
         prompt_weighting (`bool`): read the prompts in compel's weighting syntax (sent only
             when on).
+        clip_skip (`int`): text-encoder layers to skip for the prompt (0: none, not sent).
     """
 
     prompt: str
@@ -81,6 +82,7 @@ class Settings:
     num_images: int = 1
     preserve_unmasked: bool = True
     prompt_weighting: bool = False
+    clip_skip: int = 0
 
     def options(self, *, with_image: bool) -> dict[str, Any]:
         """Keyword arguments for the SDK call (`strength` and `preserve_unmasked` need an image)."""
@@ -97,6 +99,8 @@ class Settings:
             options["seed"] = self.seed
         if self.prompt_weighting:
             options["prompt_weighting"] = True
+        if self.clip_skip:
+            options["clip_skip"] = self.clip_skip
         if with_image:
             options["strength"] = self.strength
             options["preserve_unmasked"] = self.preserve_unmasked
@@ -149,6 +153,7 @@ def make_settings(
     num_images: float,
     preserve_unmasked: bool = True,
     prompt_weighting: bool = False,
+    clip_skip: float = 0,
 ) -> Settings:
     """Converts raw control values (sliders give floats) into `Settings`; raises `UIError`."""
     return Settings(
@@ -162,6 +167,7 @@ def make_settings(
         num_images=_whole("number of images", num_images),
         preserve_unmasked=bool(preserve_unmasked),
         prompt_weighting=bool(prompt_weighting),
+        clip_skip=_whole("clip skip", clip_skip, low=0),
     )
 
 

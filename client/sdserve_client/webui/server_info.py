@@ -95,6 +95,11 @@ class ModelInfo:
         return self.limits.max_guidance_scale
 
     @property
+    def max_clip_skip(self) -> int:
+        """Most text-encoder layers a request may skip (`clip_skip`)."""
+        return self.limits.max_clip_skip
+
+    @property
     def max_pixels(self) -> int:
         """Most pixels of an input image or a text-to-image output."""
         return self.limits.max_pixels
