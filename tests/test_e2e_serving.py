@@ -40,7 +40,14 @@ def test_every_served_config_parses_and_all_models_are_ready(server):
         m.name
         for m in client.get_model_repository_index(headers=server.admin_key.grpc_headers).models
     )
-    assert names == ["inpaint", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    assert names == [
+        "inpaint",
+        "inpaint_stream",
+        "text_encoder",
+        "unet",
+        "vae_decoder",
+        "vae_encoder",
+    ]
     for name in names:
         assert client.is_model_ready(name)
         served = client.get_model_config(name).config

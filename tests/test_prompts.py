@@ -255,3 +255,34 @@ def test_the_chunk_limit_holds_without_weighting_and_plain_syntax_is_text(servic
     with pytest.raises(RequestError, match="^negative_prompt: takes 5 text-encoder windows"):
         service.parse(wire(negative_prompt=", ".join([LONG] * 4)))
     service.parse(wire(prompt='("a", "b").blend(0.5) a [red] (cat:1.3)'))  # off: plain text
+
+
+def test_checking_a_request_while_the_loop_tokenizes_gives_no_ragged_ids(service):
+    """A request is checked in the submitting thread (an untruncated token count) while the
+    batcher's thread tokenizes others (padded, truncated) with the same fast tokenizer, whose
+    settings live on one shared object: without `TOKENIZER_LOCK` the loop got ragged ids
+    ("Unable to create tensor", seen in the 500-request soak)."""
+    import threading
+
+    from sdserve_pipeline.generation import tokenize
+
+    tokenizer = service.loop.assets.tokenizer
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def check_many() -> None:
+        try:
+            while not done.is_set():
+                service.parse(wire(prompt=LONG, prompt_weighting=False))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    checker = threading.Thread(target=check_many)
+    checker.start()
+    try:
+        for _ in range(300):
+            assert tokenize(tokenizer, ["", "a red bicycle"]).shape == (2, 77)
+    finally:
+        done.set()
+        checker.join()
+    assert not errors

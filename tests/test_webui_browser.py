@@ -321,7 +321,7 @@ def test_text_to_image_shows_progress_then_two_seeded_images(page):
     _set_number(page, "t2i-width", "96")
     _set_number(page, "num-images", "2")
     page.locator("#seed input, #seed textarea").fill("1234")
-    _common(page, "a lighthouse at dusk", steps="12")
+    _common(page, "a lighthouse at dusk", steps="40")  # long enough to watch, under load too
     page.locator("#t2i-generate").click()
     page.locator("#busy .sd-bar").wait_for(timeout=10_000)  # the bar while running
     seen_steps: set[str] = set()
@@ -361,8 +361,8 @@ def _cancelled_count(stack) -> float:
 def test_cancel_stops_a_running_generation_on_the_server(page, stack):
     before = _cancelled_count(stack)
     page.get_by_role("tab", name="Text to image").click()
-    _set_number(page, "t2i-height", "64")
-    _set_number(page, "t2i-width", "64")
+    _set_number(page, "t2i-height", "256")  # 150 steps at 256x256: seconds, even unloaded
+    _set_number(page, "t2i-width", "256")
     _common(page, "a long walk", steps="150")
     page.locator("#t2i-generate").click()
     page.locator("#busy", has_text="Step").wait_for(timeout=60_000)
@@ -376,6 +376,8 @@ def test_cancel_stops_a_running_generation_on_the_server(page, stack):
     assert _cancelled_count(stack) == before + 1  # the server dropped it, not just the page
     _dismiss_toasts(page)
     # the page (and the server) go on: the next run gives its image
+    _set_number(page, "t2i-height", "64")
+    _set_number(page, "t2i-width", "64")
     _common(page, steps="2")
     assert _generate(page, "t2i-generate").startswith("text-to-image: 1 image of 64×64")
 

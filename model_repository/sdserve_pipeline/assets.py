@@ -8,6 +8,7 @@ values the loop depends on). Loaded the same way inside Triton and in-process.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ TOKENIZER_DIR = "tokenizer"
 TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (pads with "!")
 ASSETS_DIR = "assets"  # inside the pipeline model's version folder
 VERSION = "1"  # the model version folder the export writes and the servers load
+TOKENIZER_LOCK = threading.RLock()
+"""Held around every use of a tokenizer: a fast tokenizer sets its truncation and padding on
+the shared Rust object per call, so a request checked in the submitting thread (untruncated
+token count) while the batcher's thread tokenizes (padded, truncated) gets ragged ids."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdserve_pipeline.assets import PipelineAssets
+from sdserve_pipeline.assets import TOKENIZER_LOCK, PipelineAssets
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.crop import paste_back
 from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
@@ -414,13 +414,14 @@ class _TextualInversion(TextualInversionLoaderMixin):
 def tokenize(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     """(B, L) int64 token ids padded to the tokenizer's max length, as diffusers tokenizes
     (a multi-vector textual inversion token first expanded to its tokens, `tok tok_1 ...`)."""
-    tokens = tokenizer(
-        _TextualInversion().maybe_convert_prompt(texts, tokenizer),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    with TOKENIZER_LOCK:
+        tokens = tokenizer(
+            _TextualInversion().maybe_convert_prompt(texts, tokenizer),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
     ids: torch.Tensor = tokens.input_ids
     return ids.to(torch.int64)
 

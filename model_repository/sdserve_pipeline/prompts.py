@@ -41,7 +41,7 @@ from compel.prompt_parser import (
     PromptParser,
 )
 
-from sdserve_pipeline.assets import PipelineAssets
+from sdserve_pipeline.assets import TOKENIZER_LOCK, PipelineAssets
 from sdserve_pipeline.executor import Call, Plan
 from sdserve_protocol.rules import RequestError
 
@@ -223,8 +223,9 @@ class PromptEncoder:
     def _sd15(self, log: _CallLog, conjunctions: list[Conjunction]) -> torch.Tensor:
         """As `CompelForSD` (`Compel.__call__` on [negative, prompt])."""
         compel = self._compel(log, "text_encoder", self.assets.tokenizer)
-        embeds = [compel.build_conditioning_tensor_for_conjunction(c)[0] for c in conjunctions]
-        return torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))
+        with TOKENIZER_LOCK:
+            embeds = [compel.build_conditioning_tensor_for_conjunction(c)[0] for c in conjunctions]
+            return torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds))
 
     def _sdxl(
         self, log: _CallLog, texts: Sequence[str], conjunctions: list[Conjunction]
@@ -238,13 +239,16 @@ class PromptEncoder:
                                 returned_embeddings_type=penultimate,
                                 requires_pooled=True)  # fmt: skip
         halves = []
-        for compel in (compel_1, compel_2):
-            embeds = [compel.build_conditioning_tensor_for_conjunction(c)[0] for c in conjunctions]
-            halves.append(torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds)))
+        with TOKENIZER_LOCK:
+            for compel in (compel_1, compel_2):
+                embeds = [
+                    compel.build_conditioning_tensor_for_conjunction(c)[0] for c in conjunctions
+                ]
+                halves.append(torch.cat(compel.pad_conditioning_tensors_to_same_length(embeds)))
+            provider = compel_2.conditioning_provider
+            pooled = torch.cat([provider.get_pooled_embeddings([t], device="cpu") for t in texts])
         if halves[0].shape[1] != halves[1].shape[1]:
             raise RuntimeError(f"the two tokenizers chunked differently: {halves[0].shape}")
-        provider = compel_2.conditioning_provider
-        pooled = torch.cat([provider.get_pooled_embeddings([t], device="cpu") for t in texts])
         return torch.cat(halves, dim=-1), pooled
 
     def _chunks(self, conjunction: Conjunction) -> int:
@@ -259,13 +263,15 @@ class PromptEncoder:
             tokens = provider.get_token_ids_and_expand_weights(fragments, weights, device="cpu")[0]
             return len(tokens) // self.window
 
-        return sum(
-            max(windows(p) for p in prompt.prompts)
-            if isinstance(prompt, Blend)
-            else windows(prompt)
-            for prompt in conjunction.prompts
-        )
+        with TOKENIZER_LOCK:
+            return sum(
+                max(windows(p) for p in prompt.prompts)
+                if isinstance(prompt, Blend)
+                else windows(prompt)
+                for prompt in conjunction.prompts
+            )
 
     def _token_count(self, text: str) -> int:
         """Tokens of `text` with its start and end markers, untruncated."""
-        return len(self.assets.tokenizer(text, truncation=False).input_ids)
+        with TOKENIZER_LOCK:
+            return len(self.assets.tokenizer(text, truncation=False).input_ids)
