@@ -260,12 +260,13 @@ def test_a_client_sending_on_each_answer_joins_the_next_step_with_join_wait(serv
     spied, rows = spied_service(service)
     batcher = holder["b"] = ContinuousBatcher(spied, join_wait_s=60)
     try:
-        batcher.submit(
-            wire(image, mask, steps=4, seed=1, scheduler="euler"), outcomes.callback("long")
-        )
-        batcher.submit(
-            wire(image, mask, steps=2, seed=2, scheduler="euler"), answered_then_send_next
-        )
+        with batcher._wake:  # the worker's first turn sees both (as `generate_all` does)
+            batcher.submit(
+                wire(image, mask, steps=4, seed=1, scheduler="euler"), outcomes.callback("long")
+            )
+            batcher.submit(
+                wire(image, mask, steps=2, seed=2, scheduler="euler"), answered_then_send_next
+            )
         outcomes.wait(3)
     finally:
         batcher.close()
