@@ -774,7 +774,6 @@ def test_command_line_defaults():
 
 
 def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
-    import gradio as gr
 
     class Stepping(FakeGenerator):
         """Tells a step, then waits to be let go: the page cancels meanwhile."""
@@ -812,7 +811,7 @@ def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
     next(run)  # the first step's bar
     assert handlers.cancel("page") == ("", "Cancelled.")
     let_go.set()
-    with pytest.raises(gr.Error, match="Cancelled"):
-        list(run)
+    *_, last = run  # the run ends quietly: no error toast
+    assert last[1] == "Cancelled." and last[-1] == ""
     assert len([c for c in fake.calls if c[0] == "step"]) == 1  # the next event stopped it
     assert backend.in_flight == 0

@@ -34,7 +34,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 VIEWPORT = {"width": 1400, "height": 1100}
-_SHOTS: set[str] = set()
 STEPS = "3"
 
 
@@ -322,21 +321,27 @@ def test_text_to_image_shows_progress_then_two_seeded_images(page):
     _set_number(page, "num-images", "2")
     page.locator("#seed input, #seed textarea").fill("1234")
     _common(page, "a lighthouse at dusk", steps="40")  # long enough to watch, under load too
+    # Every text the bar and the gallery show is recorded in the page as it changes (polling
+    # from here would miss fast steps on a loaded machine).
+    page.evaluate(
+        """() => {
+        window.__seen = {bar: [], results: []};
+        for (const [id, key] of [['busy', 'bar'], ['results', 'results']]) {
+            const node = document.getElementById(id);
+            new MutationObserver(() => window.__seen[key].push(node.innerText))
+                .observe(node, {subtree: true, childList: true, characterData: true});
+        }
+    }"""
+    )
     page.locator("#t2i-generate").click()
     page.locator("#busy .sd-bar").wait_for(timeout=10_000)  # the bar while running
-    seen_steps: set[str] = set()
-    saw_preview = False
-    deadline = time.monotonic() + 180
-    while page.locator("#busy .sd-bar").count() and time.monotonic() < deadline:
-        text = page.locator("#busy").inner_text()
-        seen_steps.update(re.findall(r"Step (\d+)/", text))
-        saw_preview = saw_preview or "preview · step" in page.locator("#results").inner_text()
-        if seen_steps and saw_preview and "text-to-image-running" not in _SHOTS:
-            _SHOTS.add("text-to-image-running")
-            _shot(page, "text-to-image-running")
-        time.sleep(0.05)
+    page.locator("#busy", has_text="Step").wait_for(timeout=120_000)
+    _shot(page, "text-to-image-running")
+    page.locator("#busy .sd-bar").wait_for(state="detached", timeout=180_000)
+    seen = page.evaluate("() => window.__seen")
+    seen_steps = {step for text in seen["bar"] for step in re.findall(r"Step (\d+)/", text)}
     assert len(seen_steps) >= 2, seen_steps  # the bar moved step by step
-    assert saw_preview  # a live preview showed in the gallery
+    assert any("preview · step" in text for text in seen["results"])  # a live preview
     page.locator("#busy .sd-bar").wait_for(state="detached", timeout=180_000)
     summary = page.locator("#seeds").inner_text()
     assert summary.startswith("text-to-image: 2 images of 96×64"), summary
@@ -368,6 +373,7 @@ def test_cancel_stops_a_running_generation_on_the_server(page, stack):
     page.locator("#busy", has_text="Step").wait_for(timeout=60_000)
     page.locator("#cancel").click()
     page.locator("#busy .sd-bar").wait_for(state="detached", timeout=60_000)
+    page.locator("#seeds", has_text="Cancelled.").wait_for(timeout=30_000)
     assert page.locator("#seeds").inner_text() == "Cancelled."
     _shot(page, "cancelled")
     deadline = time.monotonic() + 60

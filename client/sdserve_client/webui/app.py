@@ -352,7 +352,6 @@ def _wire_generation(
     names = ("gallery", "summary", "images", "seeds", "selected", "busy")
     outputs = [results[name] for name in names]
     model, busy = common[0], results["busy"]
-    runs = []
     for button, handler, inputs in (
         (
             inpaint["button"],
@@ -377,10 +376,9 @@ def _wire_generation(
         # Not `.then`: Gradio 6.31's page skips `.then` listeners after an error.
         run.success(handlers.finish, model, [busy, status], show_progress="hidden")
         run.failure(handlers.finish, model, [busy, status], show_progress="hidden")
-        runs.append(run)
-    results["cancel"].click(
-        handlers.cancel, session, [busy, results["summary"]], queue=False, cancels=runs
-    )
+    # Not Gradio's `cancels`: that marks the run's outputs as failed. The run sees the Cancel
+    # at its next event, ends the stream (the server drops the request) and says so.
+    results["cancel"].click(handlers.cancel, session, [busy, results["summary"]], queue=False)
 
 
 def _wire_outpaint_preview(outpaint: Components) -> None:
@@ -559,11 +557,17 @@ class _Handlers:
                 events.put(None)
 
         threading.Thread(target=work, name="sdserve-ui-generate", daemon=True).start()
+        cancelled = False
         try:
             while (event := events.get()) is not None:
                 yield _progress_update(event)
         finally:
+            cancelled = stop.is_set()  # this page's Cancel
             stop.set()  # also when Gradio closes this generator: the stream ends
+        if cancelled:  # not an error: say so where the images would be
+            skip = gr.skip()
+            yield skip, "Cancelled.", skip, skip, skip, ""
+            return
         error = outcome.get("error")
         if isinstance(error, cb.UIError | SdserveError):
             raise _toast(error, self.backend.url) from None
