@@ -127,7 +127,7 @@ def decode_event(outputs: Mapping[str, Array]) -> Event:
         ValueError: the response names no known event.
     """
     raw = outputs.get("event")
-    kind = _text(raw[0]) if raw is not None and len(raw) else RESULT
+    kind = text_of(raw[0]) if raw is not None and len(raw) else RESULT
     if kind == RESULT:
         return Result({k: v for k, v in outputs.items() if k in {t.name for t in OUTPUTS}})
     if kind == "queued":
@@ -144,5 +144,6 @@ def decode_event(outputs: Mapping[str, Array]) -> Event:
     raise ValueError(f"unknown stream event {kind!r}")
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """A BYTES tensor item as text (bytes over the wire, str in-process)."""
     return value.decode() if isinstance(value, bytes) else str(value)

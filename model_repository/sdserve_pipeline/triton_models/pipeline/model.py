@@ -36,7 +36,13 @@ from sdserve_pipeline.outcomes import (
 from sdserve_pipeline.service import PipelineService, batch, unbatch
 from sdserve_pipeline.streaming import EventPublisher, StreamEvent
 from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
-from sdserve_protocol.events import CANCELLED, STREAM_ID, encode_event, stream_model_name
+from sdserve_protocol.events import (
+    CANCELLED,
+    STREAM_ID,
+    encode_event,
+    stream_model_name,
+    text_of,
+)
 from sdserve_protocol.metrics import (
     DURATION_METRIC,
     MEMORY_BUDGET_METRIC,
@@ -100,7 +106,7 @@ class TritonPythonModel:
                 inputs = unbatch(inputs) if self.batched else inputs
                 stream = inputs.pop(STREAM_ID.name, None)
                 if stream is not None:  # from the stream model: events, then the answer
-                    stream_id = _text(stream[0])
+                    stream_id = text_of(stream[0])
                     listener = self.publisher.open(stream_id)
                     send = partial(self._send_after_events, stream_id, send)
                     is_cancelled = partial(self._stream_cancelled, stream_id, request)
@@ -249,7 +255,3 @@ _METRICS = {
 
 def _error(message: str, code: Any) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

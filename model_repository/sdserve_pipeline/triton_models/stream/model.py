@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdserve_protocol.contract import OUTPUTS
-from sdserve_protocol.events import CANCELLED, RESULT, STREAM_ID
+from sdserve_protocol.events import CANCELLED, RESULT, STREAM_ID, text_of
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -38,7 +38,7 @@ class TritonPythonModel:
             if stream is None:
                 threading.Thread(target=self._forward, args=(request, sender), daemon=True).start()
             else:
-                self._event(request, sender, _text(stream.as_numpy().reshape(-1)[0]))
+                self._event(request, sender, text_of(stream.as_numpy().reshape(-1)[0]))
         return None
 
     def _event(self, request: Any, sender: Any, stream_id: str) -> None:
@@ -83,7 +83,3 @@ class TritonPythonModel:
             return
         kind = pb_utils.Tensor("event", np.asarray([[RESULT.encode()]], dtype=np.object_))
         sender.send(pb_utils.InferenceResponse([*response.output_tensors(), kind]), flags=FINAL)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
