@@ -7,6 +7,7 @@ The repository is a copy of the exported one with its `inpaint` config edited: a
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,34 +79,45 @@ def test_only_the_listed_schedulers_are_served(server):
     assert refused.value.message() == (
         "scheduler: 'pndm' is unknown to this model; valid: euler, ddim"
     )
-    taken = _requests_taken(server)
+    taken = _requests_taken(server, at_least=3)  # the three above, once Triton counted them
     with InpaintClient(server.grpc_url) as sdk, pytest.raises(InvalidRequestError) as err:
         sdk.inpaint(*make_case(64, 64), PROMPT, steps=2, scheduler="dpmpp_2m")
     assert err.value.message == "scheduler: 'dpmpp_2m' is unknown to this model; valid: euler, ddim"
-    assert _requests_taken(server) == taken  # the SDK read the list too: refused before sending
+    client.infer("inpaint", _inpaint())  # a marker: counted after anything the SDK sent
+    # The SDK read the list too: refused before sending, so only the marker was taken.
+    assert _requests_taken(server, at_least=taken + 1) == taken + 1
 
 
-def _requests_taken(server) -> int:
+def _requests_taken(server, at_least: int = 0) -> int:
     """Requests the server's pipeline model was handed (refused ones included: the pipeline
-    answers through response senders, so Triton counts every request `execute` took)."""
+    answers through response senders, so Triton counts every request `execute` took).
+
+    Triton records a request's statistics after its response may already have reached the
+    client, so this waits (up to 30 s) until at least `at_least` requests are counted."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = client.get_inference_statistics("inpaint", headers=server.admin_key.grpc_headers)
-    return sum(s.inference_count + s.inference_stats.fail.count for s in stats.model_stats)
+    deadline = time.monotonic() + 30
+    while True:
+        stats = client.get_inference_statistics("inpaint", headers=server.admin_key.grpc_headers)
+        taken = sum(s.inference_count + s.inference_stats.fail.count for s in stats.model_stats)
+        if taken >= at_least or time.monotonic() > deadline:
+            return taken
+        time.sleep(0.05)
 
 
 def test_the_sdk_applies_the_models_image_limits_before_sending(server):
     too_wide, mask = make_case(64, 80, seed=2)
     square, _ = make_case(64, 64, seed=2)
+    before = _requests_taken(server)
     with InpaintClient(server.grpc_url) as sdk:
         sdk.inpaint(*make_case(64, 64), PROMPT, steps=2, seed=1)  # within both limits
-        taken = _requests_taken(server)
-        assert taken >= 1
+        taken = _requests_taken(server, at_least=before + 1)
         with pytest.raises(InvalidRequestError) as image_refused:
             sdk.inpaint(too_wide, mask, PROMPT, steps=2, seed=1)
         with pytest.raises(InvalidRequestError) as canvas_refused:
             sdk.outpaint(square, PROMPT, right=40, steps=2, seed=1)
-        assert _requests_taken(server) == taken  # refused before any inference
         sdk.outpaint(square, PROMPT, right=32, steps=2, seed=1)  # 64x96: within
+        # Refused before any inference: only the outpainting within the limit was taken.
+        assert _requests_taken(server, at_least=taken + 1) == taken + 1
     # The server refuses the same requests with the same words.
     raw = grpcclient.InferenceServerClient(server.grpc_url)
     outpaint = {"outpaint": np.array([40, 0, 0, 0], np.int32)}
