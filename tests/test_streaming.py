@@ -14,7 +14,7 @@ from helpers import WAIT_S, gated_unet, wire
 
 from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.executor import Cancelled
-from sdserve_pipeline.streaming import EventPublisher, latent_preview
+from sdserve_pipeline.streaming import EventPublisher, linear_decoder, previews
 from sdserve_protocol.contract import GenerationParams, decode_request
 from sdserve_protocol.events import (
     Preview,
@@ -227,17 +227,36 @@ def test_event_encoding_round_trips():
         decode_event({"event": np.array([b"bogus"], object)})
 
 
-def test_latent_preview_is_the_request_size_with_the_input_outside_the_mask(case):
+def test_previews_are_each_requests_size_with_its_input_outside_the_mask(case):
     image, mask = case
     params = GenerationParams("x", 64, 64, 0, image=image, mask=mask)
-    latents = torch.zeros(2, 4, 8, 8)
-    out = latent_preview(latents, "sd15", params)
+    small = GenerationParams("x", 32, 48, 0)
+    due = [(torch.zeros(2, 4, 8, 8), params), (torch.zeros(1, 4, 4, 6), small)]
+    out, xl = previews(linear_decoder("sd15"), due)
     assert out.shape == (2, 64, 64, 3)
     inside = mask >= 128
     assert (out[:, inside] == 127).all()  # zero latents project to mid gray
     assert (out[:, ~inside] == image[~inside]).all()
-    xl = latent_preview(latents, "sdxl", GenerationParams("x", 32, 48, 0))
-    assert xl.shape == (2, 32, 48, 3)
+    assert xl.shape == (1, 32, 48, 3)
+    assert (previews(linear_decoder("sdxl"), [(torch.zeros(1, 4, 4, 6), small)])[0] != 127).any()
+
+
+def test_previews_of_one_latent_shape_are_decoded_in_one_call():
+    calls: list[tuple[int, ...]] = []
+    decode = linear_decoder("sd15")
+
+    def counting(latents: torch.Tensor) -> np.ndarray:
+        calls.append(tuple(latents.shape))
+        return decode(latents)
+
+    torch.manual_seed(0)
+    a, b, c = torch.randn(2, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 6, 8)
+    p64, p48 = GenerationParams("x", 64, 64, 0), GenerationParams("x", 48, 64, 0)
+    got = previews(counting, [(a, p64), (c, p48), (b, p64)])
+    assert sorted(calls) == [(1, 4, 6, 8), (3, 4, 8, 8)]  # one call per shape
+    for (latents, params), together in zip([(a, p64), (c, p48), (b, p64)], got, strict=True):
+        alone = previews(decode, [(latents, params)])[0]
+        assert (together == alone).all()  # each request's own, in order
 
 
 @pytest.mark.parametrize("value", [-1, 1001])

@@ -51,7 +51,7 @@ from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.generation import Job
 from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
 from sdserve_pipeline.service import PipelineService, wire_outputs
-from sdserve_pipeline.streaming import Listener, latent_preview
+from sdserve_pipeline.streaming import Listener, PreviewDecoder, linear_decoder, previews
 from sdserve_protocol.contract import GenerationParams
 from sdserve_protocol.events import Preview, Progress, Queued
 
@@ -97,6 +97,8 @@ class ContinuousBatcher:
             newcomers before the next step (0: none). Clients that send their next request
             when answered arrive a round trip after the answer, just after the next step has
             started; without this wait they sit out that whole step.
+        preview: decodes the latents of the previews due in a step, all at once (default:
+            the model family's linear projection, `streaming.linear_decoder`).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class ContinuousBatcher:
         memory: MemoryModel | None = None,
         memory_budget: int = 0,
         join_wait_s: float = 0.0,
+        preview: PreviewDecoder | None = None,
     ) -> None:
         if max_active < 1 or max_queued < 0 or queue_timeout_s < 0:
             raise ValueError(
@@ -125,6 +128,7 @@ class ContinuousBatcher:
         self._observer = observer or NullObserver()
         facts = service.loop.facts
         self.memory = memory or MemoryModel(facts.architecture, facts.vae_scale_factor)
+        self._preview = preview or linear_decoder(facts.architecture)
         self._budget = MemoryBudget(memory_budget)
         self._held = 0  # requests taken and not yet answered
         self._pending = 0  # of those, not started yet
@@ -293,9 +297,10 @@ class ContinuousBatcher:
             self._observe(request.listener, event)
 
     def _tell_progress(self, stepped: list[_Request]) -> None:
-        """`Progress` (and, when due, a `Preview`) for each streamed request that stepped."""
+        """`Progress` for each streamed request that stepped, then the previews due, decoded
+        together."""
         now, wall = time.monotonic(), time.time()
-        architecture = self.service.loop.facts.architecture
+        due: list[_Request] = []
         for request in stepped:
             if request.listener is None or request.job is None:
                 continue
@@ -305,8 +310,18 @@ class ContinuousBatcher:
             self._tell(request, Progress(job.index, total, elapsed, eta, time_s=wall))
             every = request.params.preview_every
             if every and job.index % every == 0 and not job.finished:
-                images = latent_preview(job.latents, architecture, request.params)
-                self._tell(request, Preview(job.index, total, images))
+                due.append(request)
+        if not due:
+            return
+        jobs = [self._job(request) for request in due]
+        latents = [(job.latents, request.params) for job, request in zip(jobs, due, strict=True)]
+        try:
+            images = previews(self._preview, latents)
+        except Exception as err:  # noqa: BLE001 (a preview is not worth a request)
+            self._on_callback_error(err)
+            return
+        for request, job, one in zip(due, jobs, images, strict=True):
+            self._tell(request, Preview(job.index, len(job.timesteps), one))
 
     @property
     def pending(self) -> int:

@@ -11,15 +11,16 @@ A stream whose events cannot be delivered as fast as they come never grows witho
 past `max_pending` queued events, the oldest progress and preview events of that stream are
 dropped (the newest progress is kept). A delivery that reports the stream cancelled (the
 client closed it or went away) marks it, and the batcher drops the request at its next step.
-Previews (`latent_preview`) are a linear projection of the latents per model family, drawn
-over the input image outside the region being generated.
+Previews (`previews`) of the requests due for one in a step are decoded together: by
+default a linear projection of the latents per model family (`linear_decoder`), drawn over
+the input image outside the region being generated.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,8 @@ StreamEvent = Queued | Progress | Preview
 # Delivers one event to a stream; returns whether that stream is cancelled.
 Deliver = Callable[[str, StreamEvent], bool]
 Listener = Callable[[StreamEvent], None]
+# Decodes (N, 4, h, w) denoising latents to (N, h', w', 3) uint8 preview images.
+PreviewDecoder = Callable[[torch.Tensor], npt.NDArray[np.uint8]]
 
 
 @dataclass
@@ -157,24 +160,52 @@ _RGB_FACTORS = {
 }  # fmt: skip
 
 
-def latent_preview(
-    latents: torch.Tensor, architecture: str, params: GenerationParams
-) -> npt.NDArray[np.uint8]:
-    """An approximate image of each latent: (N, H, W, 3) uint8 at the request's size, the
-    input image outside the mask of an inpainting request.
+def linear_decoder(architecture: str) -> PreviewDecoder:
+    """The default preview decoder: the model family's latent → RGB projection."""
+    factors, bias = (torch.tensor(f) for f in _RGB_FACTORS[architecture])
+
+    def decode(latents: torch.Tensor) -> npt.NDArray[np.uint8]:
+        projected = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), factors)
+        rgb = ((projected + bias + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+        return np.asarray(rgb.numpy())
+
+    return decode
+
+
+def previews(
+    decode: PreviewDecoder, due: Sequence[tuple[torch.Tensor, GenerationParams]]
+) -> list[npt.NDArray[np.uint8]]:
+    """The previews of the requests due for one in a step, decoded together.
+
+    Latents of one shape go through `decode` as one batch; each request's images are then
+    resized to its size, with its input image outside the mask of an inpainting request.
 
     Args:
-        latents: (N, 4, h, w) denoising latents (unscaled).
-        architecture: `sd15` or `sdxl` (picks the projection).
-        params: the request (its size, image and mask).
+        decode: (N, 4, h, w) latents → (N, h', w', 3) uint8 (`linear_decoder`, or a tiny
+            VAE decoder).
+        due: each request's (N_i, 4, h, w) denoising latents (unscaled) and its parameters.
+
+    Returns:
+        Each request's (N_i, H, W, 3) uint8 preview, in `due`'s order.
     """
-    factors, bias = _RGB_FACTORS[architecture]
-    projected = torch.einsum("nchw,cr->nhwr", latents.float().cpu(), torch.tensor(factors))
-    projected = ((projected + torch.tensor(bias) + 1) * 127.5).clamp(0, 255)
+    decoded: list[npt.NDArray[np.uint8] | None] = [None] * len(due)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, (latents, _) in enumerate(due):
+        by_shape.setdefault(tuple(latents.shape[1:]), []).append(i)
+    for indices in by_shape.values():
+        images = decode(torch.cat([due[i][0] for i in indices]))
+        offsets = np.cumsum([0] + [len(due[i][0]) for i in indices])
+        for i, start, stop in zip(indices, offsets[:-1], offsets[1:], strict=True):
+            decoded[i] = _fit(images[start:stop], due[i][1])
+    return [images for images in decoded if images is not None]
+
+
+def _fit(images: npt.NDArray[np.uint8], params: GenerationParams) -> npt.NDArray[np.uint8]:
+    """Decoded previews at the request's size, its input outside the mask."""
     height, width = params.height, params.width
     out: npt.NDArray[np.uint8] = np.stack([
         np.asarray(Image.fromarray(one).resize((width, height), Image.Resampling.BILINEAR))
-        for one in projected.to(torch.uint8).numpy()
+        for one in images
     ])  # fmt: skip
     if params.image is not None and params.mask is not None and params.image.shape[:2] == (
         height, width
