@@ -131,10 +131,15 @@ class SlowDeliver:
         self.gate, self.cancelled = gate, cancelled
         self.delivered: list[tuple[str, object]] = []
 
-    def __call__(self, stream_id: str, event) -> bool:
+        self.calls: list[list[str]] = []  # each call's streams
+        self.entered = threading.Event()
+
+    def __call__(self, stream_ids, events) -> list[bool]:
+        self.entered.set()
         self.gate.wait(WAIT_S)
-        self.delivered.append((stream_id, event))
-        return self.cancelled
+        self.calls.append(list(stream_ids))
+        self.delivered.extend(zip(stream_ids, events, strict=True))
+        return [self.cancelled] * len(events)
 
 
 def test_publisher_delivers_in_order_then_answers_and_forgets_the_stream():
@@ -153,6 +158,34 @@ def test_publisher_delivers_in_order_then_answers_and_forgets_the_stream():
     assert publisher.pending() == 0
     tell(Progress(4, 3, 1.0, 0.0))  # late: dropped, not queued
     assert len(deliver.delivered) == 3
+
+
+def test_a_turn_delivers_every_streams_next_event_in_one_call_per_kind():
+    gate = threading.Event()
+    deliver = SlowDeliver(gate)
+    publisher = EventPublisher(deliver)
+    a, b, c = (publisher.open(name) for name in "abc")
+    a(Progress(1, 2, 0.0, 0.0))
+    assert deliver.entered.wait(WAIT_S)  # the first turn (a's first event) is being delivered
+    a(Progress(2, 2, 0.0, 0.0))
+    a(Preview(2, 2, np.zeros((1, 3, 3, 3), np.uint8)))
+    for tell in (b, c):
+        tell(Progress(1, 2, 0.0, 0.0))
+        tell(Preview(1, 2, np.zeros((1, 2, 2, 3), np.uint8)))
+    answered = threading.Event()
+    for name in "abc":
+        publisher.finish(name, answered.set if name == "c" else lambda: None)
+    gate.set()
+    assert answered.wait(WAIT_S)
+    publisher.close(WAIT_S)
+    # Turn 2: every stream's progress in one call; turn 3: the previews, one call per shape.
+    assert deliver.calls == [["a"], ["a", "b", "c"], ["a"], ["b", "c"]]
+    for name in "abc":
+        kinds = [type(e).__name__ for s, e in deliver.delivered if s == name]
+        assert kinds == (
+            ["Progress", "Progress", "Preview"] if name == "a" else ["Progress", "Preview"]
+        )
+    assert publisher.pending() == 0
 
 
 def test_a_stream_that_does_not_read_is_bounded_and_keeps_the_newest_progress():

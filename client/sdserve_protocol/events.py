@@ -16,7 +16,7 @@ tensors (the stream model's config, the server's encoder and the SDK's decoder r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +44,9 @@ STREAM_OUTPUTS: tuple[WireTensor, ...] = (*OUTPUTS, *EVENT_OUTPUTS)
 STREAM_ID = WireInput("stream_id", "BYTES", (1,))
 """Set by the stream model when it hands a request to the pipeline model (and on the events
 the pipeline sends back): the stream's random id. Not a client input."""
-CANCELLED = WireTensor("cancelled", "BOOL", (1,))
-"""The stream model's answer to an event: the client has gone or cancelled."""
+CANCELLED = WireTensor("cancelled", "BOOL", (-1,))
+"""The stream model's answer to a batch of events: per event, its client has gone or
+cancelled."""
 
 STREAM_SUFFIX = "_stream"
 RESULT = "result"
@@ -118,6 +119,22 @@ def encode_event(event: Queued | Progress | Preview) -> dict[str, Array]:
             "preview": np.ascontiguousarray(event.images, dtype=np.uint8),
         }  # fmt: skip
     return {"event": np.asarray([kind.encode()], dtype=np.object_), **fields}
+
+
+def encode_events(events: Sequence[Queued | Progress | Preview]) -> dict[str, Array]:
+    """Events of one kind (previews: of one shape) → their tensors stacked, (k, ...) each:
+    the pipeline sends the events of several streams to the stream model in one call.
+
+    Raises:
+        ValueError: no events, or events of several kinds or preview shapes.
+    """
+    encoded = [encode_event(event) for event in events]
+    if not encoded or any(
+        e.keys() != encoded[0].keys() or any(e[k].shape != encoded[0][k].shape for k in e)
+        for e in encoded
+    ):
+        raise ValueError("encode_events needs events of one kind and shape")
+    return {name: np.stack([e[name] for e in encoded]) for name in encoded[0]}
 
 
 def decode_event(outputs: Mapping[str, Array]) -> Event:

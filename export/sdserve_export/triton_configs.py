@@ -63,8 +63,9 @@ def pipeline_config(name: str, settings: PipelineSettings, instances: int = 1) -
 
 def stream_config(name: str, pipeline: str) -> mc.ModelConfig:
     """Config of a pipeline's stream model (decoupled): the pipeline's wire inputs, and
-    the events the pipeline sends back (`stream_id` and the event tensors, as inputs);
-    the result's and the events' outputs (`sdserve_protocol.events`).
+    the events the pipeline sends back (`stream_id` and the event tensors as inputs, with
+    a leading dim for the several streams' events of one call); the result's and the
+    events' outputs (`sdserve_protocol.events`).
 
     Args:
         name: Triton model name (`inpaint_stream`).
@@ -72,10 +73,12 @@ def stream_config(name: str, pipeline: str) -> mc.ModelConfig:
     """
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
     config.model_transaction_policy.decoupled = True
-    for t in (*INPUTS, STREAM_ID, *EVENT_OUTPUTS):
-        required = getattr(t, "required", False)
+    for t in INPUTS:
         config.input.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims,
-                         optional=not required)  # fmt: skip
+                         optional=not t.required)  # fmt: skip
+    for t in (STREAM_ID, *EVENT_OUTPUTS):  # k events, each to its own stream
+        config.input.add(name=t.name, data_type=_dtype(t.dtype), dims=(-1, *t.dims),
+                         optional=True)  # fmt: skip
     for t in (*STREAM_OUTPUTS, CANCELLED):
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)

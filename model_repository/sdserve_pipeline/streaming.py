@@ -3,9 +3,11 @@
 A streamed request reaches the pipeline model from its stream model (`<name>_stream`, a
 decoupled Triton model) with a random `stream_id`. The batcher tells the request's listener
 about each event; the pipeline model's `EventPublisher` queues it and returns at once, and
-its own thread delivers the events in order to the stream model (a BLS call each), which
-sends them to the client. The request's answer goes through the same queue, after its
-events, so the result is always the stream's last response.
+its own thread delivers the events in order to the stream model, which sends them to the
+clients. Each turn takes the next event of every stream that has one, and delivers those of
+one kind (previews: of one shape) together, one BLS call for all streams: a step's progress
+events cost one call, not one per stream. The request's answer goes through the same queue,
+after its events, so the result is always the stream's last response.
 
 A stream whose events cannot be delivered as fast as they come never grows without bound:
 past `max_pending` queued events, the oldest progress and preview events of that stream are
@@ -32,8 +34,10 @@ from sdserve_protocol.contract import GenerationParams
 from sdserve_protocol.events import Preview, Progress, Queued
 
 StreamEvent = Queued | Progress | Preview
-# Delivers one event to a stream; returns whether that stream is cancelled.
-Deliver = Callable[[str, StreamEvent], bool]
+# Delivers events of one kind (previews: of one shape), one per stream, in one call; returns
+# per event whether its stream is cancelled.
+Deliver = Callable[[Sequence[str], Sequence[StreamEvent]], Sequence[bool]]
+_EVENTS = (Queued, Progress, Preview)
 Listener = Callable[[StreamEvent], None]
 # Decodes (N, 4, h, w) denoising latents to (N, h', w', 3) uint8 preview images.
 PreviewDecoder = Callable[[torch.Tensor], npt.NDArray[np.uint8]]
@@ -49,7 +53,8 @@ class EventPublisher:
     """Delivers the events of every open stream, in order per stream, on its own thread.
 
     Args:
-        deliver: sends one event to its stream (a BLS call to the stream model in Triton).
+        deliver: sends events of one kind, one per stream, to their streams (one BLS call
+            to the stream model in Triton); returns which of those streams are cancelled.
         max_pending: most events queued per stream; beyond, older progress/preview events
             of that stream are dropped.
         on_error: told when a delivery or an answer raises (the thread keeps going).
@@ -118,20 +123,56 @@ class EventPublisher:
                     if self._closing:
                         return
                     self._wake.wait()
-                stream_id = self._ready.popleft()
-                stream = self._streams[stream_id]
-                item = stream.events.popleft()
-                if not isinstance(item, Queued | Progress | Preview):
-                    del self._streams[stream_id]  # its answer, after its events: done
-                elif stream.events:
-                    self._ready.append(stream_id)  # round robin: one item per stream per turn
-            try:
-                if not isinstance(item, Queued | Progress | Preview):
-                    item()
-                elif not stream.cancelled and self._deliver(stream_id, item):
+                turn = self._take_turn()
+            events = [(s, item) for s, item in turn if isinstance(item, _EVENTS)]
+            for group in _by_kind(events):
+                self._deliver_group(group)
+            for _, item in turn:
+                if not isinstance(item, _EVENTS):
+                    try:
+                        item()  # an answer, after its stream's events
+                    except Exception as err:  # noqa: BLE001 (one stream's failure only)
+                        self._on_error(err)
+
+    def _take_turn(self) -> list[tuple[str, StreamEvent | Callable[[], None]]]:
+        """The next item of every stream that has one (under the lock)."""
+        turn = []
+        ready, self._ready = self._ready, deque()
+        for stream_id in ready:
+            stream = self._streams[stream_id]
+            item = stream.events.popleft()
+            if not isinstance(item, _EVENTS):
+                del self._streams[stream_id]  # its answer, after its events: done
+            elif stream.events:
+                self._ready.append(stream_id)
+            if isinstance(item, _EVENTS) and stream.cancelled:
+                continue  # its client has gone
+            turn.append((stream_id, item))
+        return turn
+
+    def _deliver_group(self, group: list[tuple[str, StreamEvent]]) -> None:
+        ids = [stream_id for stream_id, _ in group]
+        try:
+            cancelled = self._deliver(ids, [event for _, event in group])
+        except Exception as err:  # noqa: BLE001 (delivery failures are reported, not fatal)
+            self._on_error(err)
+            return
+        with self._wake:
+            for stream_id, gone in zip(ids, cancelled, strict=True):
+                stream = self._streams.get(stream_id)
+                if gone and stream is not None:
                     stream.cancelled = True
-            except Exception as err:  # noqa: BLE001 (one stream's failure is not the others')
-                self._on_error(err)
+
+
+def _by_kind(
+    events: list[tuple[str, StreamEvent]],
+) -> list[list[tuple[str, StreamEvent]]]:
+    """Events grouped by kind (previews: by image shape), first arrivals first."""
+    groups: dict[tuple[object, ...], list[tuple[str, StreamEvent]]] = {}
+    for stream_id, event in events:
+        shape = event.images.shape if isinstance(event, Preview) else ()
+        groups.setdefault((type(event), *shape), []).append((stream_id, event))
+    return list(groups.values())
 
 
 def _drop_oldest_event(events: deque[StreamEvent | Callable[[], None]]) -> None:

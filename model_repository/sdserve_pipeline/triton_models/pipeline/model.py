@@ -39,7 +39,7 @@ from sdserve_pipeline.triton_bls import BlsRunner, ComponentError
 from sdserve_protocol.events import (
     CANCELLED,
     STREAM_ID,
-    encode_event,
+    encode_events,
     stream_model_name,
     text_of,
 )
@@ -123,21 +123,22 @@ class TritonPythonModel:
     def _send_after_events(self, stream_id: str, send: Any, outcome: Outcome) -> None:
         self.publisher.finish(stream_id, partial(send, outcome))
 
-    def _deliver(self, stream_id: str, event: StreamEvent) -> bool:
-        """One event to the stream model (BLS); returns whether the stream is cancelled."""
-        tensors = {STREAM_ID.name: np.asarray([stream_id.encode()], dtype=np.object_)}
-        tensors |= encode_event(event)
+    def _deliver(self, stream_ids: Sequence[str], events: Sequence[StreamEvent]) -> list[bool]:
+        """Events of one kind, one per stream, to the stream model in one BLS call; returns
+        per event whether its stream is cancelled."""
+        ids = np.asarray([[stream_id.encode()] for stream_id in stream_ids], dtype=np.object_)
+        tensors = {STREAM_ID.name: ids} | encode_events(events)
         inputs = [pb_utils.Tensor(name, array[np.newaxis]) for name, array in tensors.items()]
         infer = pb_utils.InferenceRequest(
             model_name=self.stream_model, inputs=inputs, requested_output_names=[CANCELLED.name]
         )
-        cancelled = False
+        cancelled = [False] * len(stream_ids)
         for response in infer.exec(decoupled=True):
             if response.has_error():
                 raise RuntimeError(response.error().message())
             tensor = pb_utils.get_output_tensor_by_name(response, CANCELLED.name)
             if tensor is not None:
-                cancelled = bool(tensor.as_numpy().reshape(-1)[0])
+                cancelled = [bool(gone) for gone in tensor.as_numpy().reshape(-1)]
         return cancelled
 
     def finalize(self) -> None:

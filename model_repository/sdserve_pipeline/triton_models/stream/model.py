@@ -3,11 +3,12 @@
 A client's request (the pipeline's wire inputs, over gRPC's bidirectional stream) is handed
 to the pipeline model (`parameters.pipeline_model`) by BLS with a random `stream_id`, so the
 pipeline's continuous batcher serves it beside unary requests. The pipeline sends the
-request's events back here, one BLS request each carrying the `stream_id` (`Queued`,
-`Progress`, `Preview`: `sdserve_protocol.events`); each is forwarded to the client at once
-and answered with `cancelled` (the client closed the stream or cancelled), which stops the
-request at its next step. The pipeline's answer is the stream's last response: the images
-with `event` = "result", or its error.
+requests' events back here (`Queued`, `Progress`, `Preview`: `sdserve_protocol.events`),
+several streams' events of one kind in one BLS request, each with its `stream_id`; each is
+forwarded to its client at once, and the call is answered with `cancelled` per event (that
+client closed the stream or cancelled), which stops its request at its next step. The
+pipeline's answer is the stream's last response: the images with `event` = "result", or its
+error.
 """
 
 import json
@@ -38,21 +39,26 @@ class TritonPythonModel:
             if stream is None:
                 threading.Thread(target=self._forward, args=(request, sender), daemon=True).start()
             else:
-                self._event(request, sender, text_of(stream.as_numpy().reshape(-1)[0]))
+                ids = [text_of(one) for one in stream.as_numpy().reshape(-1)]
+                self._event(request, sender, ids)
         return None
 
-    def _event(self, request: Any, sender: Any, stream_id: str) -> None:
-        """An event from the pipeline: to its client, if the stream is still there."""
-        with self.lock:
-            client = self.streams.get(stream_id)
-        cancelled = client is None or bool(client[1].is_cancelled())
-        if client is not None and not cancelled:
-            tensors = [t for t in request.inputs() if t.name() != STREAM_ID.name]
-            try:
-                client[0].send(pb_utils.InferenceResponse(tensors))
-            except Exception:  # noqa: BLE001 (the client went away)
-                cancelled = True
-        answer = pb_utils.Tensor(CANCELLED.name, np.asarray([[cancelled]], dtype=np.bool_))
+    def _event(self, request: Any, sender: Any, stream_ids: list[str]) -> None:
+        """Events from the pipeline, one per stream: each to its client, if still there."""
+        tensors = [t for t in request.inputs() if t.name() != STREAM_ID.name]
+        cancelled = []
+        for i, stream_id in enumerate(stream_ids):
+            with self.lock:
+                client = self.streams.get(stream_id)
+            gone = client is None or bool(client[1].is_cancelled())
+            if client is not None and not gone:
+                event = [pb_utils.Tensor(t.name(), t.as_numpy()[:, i]) for t in tensors]
+                try:
+                    client[0].send(pb_utils.InferenceResponse(event))
+                except Exception:  # noqa: BLE001 (the client went away)
+                    gone = True
+            cancelled.append(gone)
+        answer = pb_utils.Tensor(CANCELLED.name, np.asarray([cancelled], dtype=np.bool_))
         sender.send(pb_utils.InferenceResponse([answer]), flags=FINAL)
 
     def _forward(self, request: Any, sender: Any) -> None:
