@@ -105,9 +105,11 @@ def test_waiting_requests_hear_their_queue_position_as_it_changes(service, case)
         assert [e.step for e in heard[name] if isinstance(e, Progress)] == [1, 2]
 
 
-def test_outpainting_progress_counts_every_band_step(service, case):
+def test_outpainting_progress_counts_every_band_step_and_previews_the_canvas(service, case):
     image, _ = case
     request = wire(image, steps=2, seed=4, scheduler="euler", outpaint=[0, 0, 128, 0])
+    alone = service.generate(request)
+    request = {**request, "preview_every": np.array([1], np.int32)}
     events: list = []
     answers = Answers()
     batcher = ContinuousBatcher(service)
@@ -116,12 +118,24 @@ def test_outpainting_progress_counts_every_band_step(service, case):
         answers.wait(1)
     finally:
         batcher.close()
-    assert not isinstance(answers.by_name["o"], Exception)
+    assert max_abs(answers.by_name["o"]["images"], alone["images"]) == 0  # unchanged
     progress = [e for e in events if isinstance(e, Progress)]
     bands = progress[-1].bands
     assert bands == 2  # 64 + 128 wide at 128-pixel bands
     assert [p.step for p in progress] == list(range(1, 2 * bands + 1))
     assert [p.band for p in progress] == [b for b in range(1, bands + 1) for _ in range(2)]
+    # A preview after every step but the last, each of the whole canvas, after its progress.
+    shown = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in shown] == [1, 2, 3]
+    assert all(p.images.shape == (1, 64, 192, 3) for p in shown)
+    overlap = 16  # OutpaintSettings.overlap: the original is regenerated that deep
+    for preview in shown:
+        assert (preview.images[0, :, : 64 - overlap] == image[:, : 64 - overlap]).all()
+        assert (preview.images[0, :, 64:] != 0).any()  # the new region is drawn, not blank
+        at = events.index(preview)
+        assert isinstance(events[at - 1], Progress) and events[at - 1].step == preview.step
+    first, second = shown[0].images[0], shown[2].images[0]  # band 1, then band 2 running
+    assert (first != second).any()
 
 
 class SlowDeliver:
@@ -130,7 +144,6 @@ class SlowDeliver:
     def __init__(self, gate: threading.Event, cancelled: bool = False) -> None:
         self.gate, self.cancelled = gate, cancelled
         self.delivered: list[tuple[str, object]] = []
-
         self.calls: list[list[str]] = []  # each call's streams
         self.entered = threading.Event()
 

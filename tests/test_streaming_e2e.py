@@ -39,7 +39,8 @@ def _cases() -> dict[str, tuple[str, dict]]:
             image=wide, mask=wide_mask, steps=3, seed=2, scheduler="ddim", num_images=2,
             strength=0.8)),
         "outpaint_unipc": ("inpaint", dict(
-            image=wide, outpaint=(8, 0, 16, 8), steps=3, seed=3, scheduler="unipc")),
+            image=wide, outpaint=(8, 0, 16, 8), steps=3, seed=3, scheduler="unipc",
+            preview_every=2)),
         "text_to_image": ("inpaint", dict(height=64, width=96, steps=3, seed=4,
                                           scheduler="lms", preview_every=1)),
         "xl_inpaint": ("inpaint_xl", dict(image=wide, mask=wide_mask, steps=3, seed=5,

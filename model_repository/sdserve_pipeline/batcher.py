@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from sdserve_pipeline.admission import MemoryBudget, MemoryModel, denoising_steps
@@ -52,6 +53,7 @@ from sdserve_pipeline.generation import Job
 from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
 from sdserve_pipeline.service import PipelineService, wire_outputs
 from sdserve_pipeline.streaming import Listener, PreviewDecoder, linear_decoder, previews
+from sdserve_protocol.canvas import Window
 from sdserve_protocol.contract import GenerationParams
 from sdserve_protocol.events import Preview, Progress, Queued
 
@@ -428,15 +430,21 @@ class ContinuousBatcher:
         total = request.steps_left
         per_band = denoising_steps(self.service, replace(request.params, outpaint=None))
         bands = max(1, total // (per_band * request.params.num_images))
-        checks = 0
+        done = 0
 
-        def step_then_check() -> bool:  # the loop checks once before each step
-            nonlocal checks
-            if checks:  # the step before this check is done
-                self._outpaint_progress(request, checks, total, per_band, bands)
-            checks += 1
+        def check() -> bool:  # the loop checks once before each step
             self._set_steps_left([(request, request.steps_left - 1)])
             return request.is_cancelled()
+
+        def stepped(
+            job: Job, band: GenerationParams, canvas: npt.NDArray[np.uint8], window: Window
+        ) -> None:
+            nonlocal done
+            done += 1
+            self._outpaint_progress(request, done, total, per_band, bands)
+            every = request.params.preview_every
+            if request.listener is not None and every and done % every == 0 and done < total:
+                self._outpaint_preview(request, job, band, canvas, window, done, total)
 
         try:
             now = time.monotonic()
@@ -448,9 +456,8 @@ class ContinuousBatcher:
             if now > request.deadline:
                 raise QueueTimeout()
             outcome: dict[str, npt.NDArray[Any]] | Exception = self.service.outpaint_request(
-                request.params, step_then_check
+                request.params, check, stepped if request.listener is not None else None
             )
-            self._outpaint_progress(request, checks, total, per_band, bands)  # the last step
         except Exception as err:  # noqa: BLE001
             outcome = err
         self._release(request)
@@ -468,6 +475,22 @@ class ContinuousBatcher:
         band = (done - 1) // per_band % bands + 1
         eta = elapsed / done * (total - done)
         self._tell(request, Progress(done, total, elapsed, eta, band, bands, time.time()))
+
+    def _outpaint_preview(
+        self, request: _Request, job: Job, band: GenerationParams, canvas: npt.NDArray[np.uint8],
+        window: Window, done: int, total: int,
+    ) -> None:  # fmt: skip
+        """A `Preview` of the whole canvas: the band being generated (its preview, over
+        what is known) inside the canvas so far. Outpainting runs alone, so it is decoded
+        alone."""
+        try:
+            images = previews(self._preview, [(job.latents, band)])[0]
+        except Exception as err:  # noqa: BLE001 (a preview is not worth a request)
+            self._on_callback_error(err)
+            return
+        whole = np.repeat(canvas[np.newaxis], len(images), axis=0)
+        whole[(slice(None),) + tuple(window.slices)] = images
+        self._tell(request, Preview(done, max(total, done), whole))
 
     def _answer(
         self, done: Done, outcome: dict[str, npt.NDArray[Any]] | Exception, taken_at: float

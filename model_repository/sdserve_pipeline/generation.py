@@ -183,25 +183,39 @@ class GenerationLoop:
         return cast(Components, self.executor.components)
 
     def __call__(
-        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+        self,
+        params: GenerationParams,
+        is_cancelled: Callable[[], bool] | None = None,
+        on_step: Callable[[Job], None] | None = None,
     ) -> npt.NDArray[np.uint8]:
         """Generate `params.num_images` images: (N, H, W, 3) uint8 at the request's size.
+
+        Args:
+            params: the request.
+            is_cancelled: asked before each denoising step.
+            on_step: told the job after each denoising step (progress, previews).
 
         Raises:
             RequestError: the request fits no size bucket.
             Cancelled: `is_cancelled` said so before a denoising step.
         """
-        return self.executor.run(self.plan(params, is_cancelled or (lambda: False)))
+        return self.executor.run(self.plan(params, is_cancelled or (lambda: False), on_step))
 
     def plan(
-        self, params: GenerationParams, is_cancelled: Callable[[], bool]
+        self,
+        params: GenerationParams,
+        is_cancelled: Callable[[], bool],
+        on_step: Callable[[Job], None] | None = None,
     ) -> Plan[npt.NDArray[np.uint8]]:
-        """One request from start to images, checking `is_cancelled` before each step."""
+        """One request from start to images, checking `is_cancelled` before each step and
+        telling `on_step` after it."""
         job = yield from self.start_plan(params)
         while not job.finished:
             if is_cancelled():
                 raise Cancelled()
             yield from self.step_plan(job)
+            if on_step is not None:
+                on_step(job)
         return (yield from self.finish_plan(job))
 
     def start_plan(self, params: GenerationParams) -> Plan[Job]:

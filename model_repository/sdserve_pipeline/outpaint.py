@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
 
-from sdserve_pipeline.generation import GenerationLoop
+from sdserve_pipeline.generation import GenerationLoop, Job
 from sdserve_pipeline.images import composite
 from sdserve_pipeline.sizing import largest_square_side
 from sdserve_protocol.canvas import (
@@ -73,13 +74,21 @@ def band_windows(
     return windows
 
 
+# Told after each denoising step of a band: the band's job, the band as an inpainting
+# request, the canvas so far (H', W', 3) and the band's window on it.
+BandStep = Callable[[Job, GenerationParams, npt.NDArray[np.uint8], Window], None]
+
+
 def outpaint(
     loop: GenerationLoop,
     params: GenerationParams,
     settings: OutpaintSettings,
     is_cancelled: Callable[[], bool] | None = None,
+    on_step: BandStep | None = None,
 ) -> npt.NDArray[np.uint8]:
-    """Extend `params.image` by `params.outpaint`: (N, H', W', 3) uint8."""
+    """Extend `params.image` by `params.outpaint`: (N, H', W', 3) uint8.
+
+    `is_cancelled` is asked before each denoising step, `on_step` told after it."""
     if params.image is None or params.outpaint is None:
         raise ValueError("outpaint needs an image and an extension")
     canvas = build_canvas(
@@ -100,7 +109,8 @@ def outpaint(
                 one, image=state[window.slices], mask=mask, height=window.height,
                 width=window.width,
             )  # fmt: skip
-            generated = loop(band, is_cancelled)[0]  # (h, w, 3)
+            told = None if on_step is None else partial(_tell, on_step, band, state, window)
+            generated = loop(band, is_cancelled, told)[0]  # (h, w, 3)
             if len(windows) == 1:  # the whole canvas in one run: diffusers' own output
                 state[window.slices] = generated
             else:  # keep what earlier bands made; take this band's new pixels only
@@ -112,3 +122,13 @@ def outpaint(
     if params.preserve_unmasked:
         out = composite(canvas.image, out, seam_alpha(canvas))
     return out
+
+
+def _tell(
+    on_step: BandStep,
+    band: GenerationParams,
+    state: npt.NDArray[np.uint8],
+    window: Window,
+    job: Job,
+) -> None:
+    on_step(job, band, state, window)

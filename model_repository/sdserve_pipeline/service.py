@@ -19,7 +19,7 @@ from sdserve_pipeline.components import ComponentSpec, components_for
 from sdserve_pipeline.crop import crop_request
 from sdserve_pipeline.executor import Runner
 from sdserve_pipeline.generation import Components, GenerationLoop
-from sdserve_pipeline.outpaint import outpaint
+from sdserve_pipeline.outpaint import BandStep, outpaint
 from sdserve_protocol.contract import GenerationParams, decode_request
 from sdserve_protocol.rules import Limits, RequestError
 from sdserve_protocol.settings import SCHEDULER_NAMES, OutpaintSettings, PipelineSettings
@@ -127,10 +127,14 @@ class PipelineService:
         return wire_outputs(self.loop(params, is_cancelled), params)
 
     def outpaint_request(
-        self, params: GenerationParams, is_cancelled: Callable[[], bool] | None = None
+        self,
+        params: GenerationParams,
+        is_cancelled: Callable[[], bool] | None = None,
+        on_step: BandStep | None = None,
     ) -> dict[str, npt.NDArray[Any]]:
-        """An outpainting request, band after band: its wire outputs."""
-        return wire_outputs(outpaint(self.loop, params, self.outpaint, is_cancelled), params)
+        """An outpainting request, band after band: its wire outputs (`outpaint.outpaint`)."""
+        images = outpaint(self.loop, params, self.outpaint, is_cancelled, on_step)
+        return wire_outputs(images, params)
 
 
 def wire_outputs(
