@@ -47,8 +47,10 @@ COMPONENT_ROLES: tuple[str, ...] = (
     "unet",
     "vae_encoder",
     "vae_decoder",
+    "preview_decoder",
 )
-"""The component models a pipeline calls (`text_encoder_2`: SDXL only)."""
+"""The component models a pipeline calls (`text_encoder_2`: SDXL only; `preview_decoder`, a
+tiny VAE for streamed previews: only when exported with one)."""
 
 PIPELINE_ROLES: tuple[str, ...] = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 """The roles every architecture has: a model config naming all of them is a pipeline."""

@@ -20,15 +20,19 @@ from sdserve_export.triton_configs import parse_pbtxt
 from sdserve_pipeline.assets import ASSETS_DIR, PIPELINE_JSON, VERSION
 from sdserve_pipeline.components import (
     COMPONENTS_BY_ARCHITECTURE,
+    OPTIONAL_COMPONENTS,
     ComponentSpec,
     components_for,
+    served_components,
 )
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
 from sdserve_protocol.settings import PipelineSettings, config_parameters, is_pipeline
 
 CONFIG_FILE = "config.pbtxt"
-# Component roles of every architecture (`text_encoder_2` is SDXL's).
-ROLES = frozenset(s.name for specs in COMPONENTS_BY_ARCHITECTURE.values() for s in specs)
+# Component roles of every architecture (`text_encoder_2` is SDXL's; `preview_decoder` optional).
+ROLES = frozenset(
+    s.name for specs in (*COMPONENTS_BY_ARCHITECTURE.values(), OPTIONAL_COMPONENTS) for s in specs
+)
 
 
 class RepositoryError(RuntimeError):
@@ -83,7 +87,8 @@ class PipelineModel:
 
     def spec(self, role: str) -> ComponentSpec:
         """The declaration of one of its components, for its architecture."""
-        return next(s for s in components_for(self.architecture) if s.name == role)
+        specs = served_components(self.architecture, self.components)
+        return next(s for s in specs if s.name == role)
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,10 @@ def _pipeline_model(root: Path, name: str, config: mc.ModelConfig) -> PipelineMo
     missing = [f"{role}_model" for role in roles if role not in settings.components]
     if missing:
         raise RepositoryError(f"{architecture} pipeline {name!r} lacks parameters {missing}")
+    served = served_components(architecture, settings.components)  # + its preview decoder
     return PipelineModel(
         name=name,
-        components={role: settings.components[role] for role in roles},
+        components={spec.name: settings.components[spec.name] for spec in served},
         settings=settings,
         vae_scale_factor=int(facts["vae_scale_factor"]),
         vae_scaling_factor=float(facts["vae_scaling_factor"]),

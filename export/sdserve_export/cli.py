@@ -2,7 +2,9 @@
 write the GPU variant of a built repository.
 
 python -m sdserve_export demo-pipeline [--out build/demo-pipeline] [--sdxl]
-python -m sdserve_export repository --source build/demo-pipeline [--out build/model_repository]
+python -m sdserve_export demo-preview-decoder [--out build/demo-preview-decoder]
+python -m sdserve_export repository --source build/demo-pipeline [--out build/model_repository] \\
+    [--preview-decoder DIR]
 python -m sdserve_export gpu-repository --repository build/model_repository \\
     --platform onnxruntime_onnx|tensorrt_plan --out build/model_repository_gpu
 
@@ -21,8 +23,10 @@ from pathlib import Path
 from sdserve_export.built_repository import ROLES, RepositoryError, read_repository
 from sdserve_export.demo_pipeline import (
     DEFAULT_FOLDER,
+    DEFAULT_PREVIEW_FOLDER,
     DEFAULT_XL_FOLDER,
     save_demo_pipeline,
+    save_demo_preview_decoder,
     save_demo_xl_pipeline,
 )
 from sdserve_export.embeddings import EmbeddingError
@@ -30,6 +34,7 @@ from sdserve_export.engine_store import EngineSettings, ensure_engines
 from sdserve_export.gpu_variant import PLATFORMS, TENSORRT, write_gpu_repository
 from sdserve_export.parity import ParityError
 from sdserve_export.plan_names import normalize_trt_version
+from sdserve_export.preview_decoder import PreviewDecoderError
 from sdserve_export.repository import DEFAULT_REPOSITORY, build_repository
 from sdserve_export.tensorrt_build import (
     EngineBuildError,
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdserve-export", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_pipeline(sub)
+    _add_demo_preview_decoder(sub)
     _add_repository(sub)
     _add_gpu_repository(sub)
     return parser
@@ -58,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "demo-pipeline":
         return demo_pipeline(args)
+    if args.command == "demo-preview-decoder":
+        return demo_preview_decoder(args)
     if args.command == "repository":
         return repository(args)
     return gpu_repository(args)
@@ -93,6 +101,25 @@ def demo_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- demo-preview-decoder
+
+
+def _add_demo_preview_decoder(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "demo-preview-decoder",
+        help="write a tiny random-weight AutoencoderTiny (TAESD's architecture), for "
+        "`repository --preview-decoder`",
+    )
+    demo.add_argument("--out", type=Path, default=DEFAULT_PREVIEW_FOLDER)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+
+def demo_preview_decoder(args: argparse.Namespace) -> int:
+    folder = save_demo_preview_decoder(args.out, args.seed)
+    print(f"demo preview decoder (tiny AutoencoderTiny, RANDOM weights) written to {folder}")
+    return 0
+
+
 # -------------------------------------------------------------------------------- repository
 
 
@@ -121,6 +148,12 @@ def _add_repository(sub: argparse._SubParsersAction) -> None:
         "--embeddings", type=Path, metavar="DIR",
         help="folder of textual inversion .safetensors files whose tokens prompts may use",
     )  # fmt: skip
+    repo.add_argument(
+        "--preview-decoder", type=Path, metavar="DIR",
+        help="a diffusers AutoencoderTiny folder (TAESD: madebyollin/taesd for SD 1.5, "
+        "madebyollin/taesdxl for SDXL, saved with save_pretrained) that decodes streamed "
+        "previews; default: a linear projection of the latents",
+    )  # fmt: skip
 
 
 def repository(args: argparse.Namespace) -> int:
@@ -133,12 +166,16 @@ def repository(args: argparse.Namespace) -> int:
             providers=tuple(args.providers.split(",")),
             allow_pickle=args.allow_pickle,
             embeddings=args.embeddings,
+            preview_decoder=args.preview_decoder,
         )
     except ParityError as err:
         print(f"export failed parity check: {err}", file=sys.stderr)
         return 1
     except EmbeddingError as err:
         print(f"export refused an embedding: {err}", file=sys.stderr)
+        return 1
+    except PreviewDecoderError as err:
+        print(f"export refused the preview decoder: {err}", file=sys.stderr)
         return 1
     return 0
 

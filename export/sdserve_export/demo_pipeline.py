@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
@@ -27,6 +28,7 @@ from sdserve_pipeline.components import CLIP_VOCAB_SIZE
 
 DEFAULT_FOLDER = Path("build/demo-pipeline")
 DEFAULT_XL_FOLDER = Path("build/demo-pipeline-xl")
+DEFAULT_PREVIEW_FOLDER = Path("build/demo-preview-decoder")
 TEXT_HIDDEN = 64
 XL_TEXT_HIDDEN = (32, 48)  # text_encoder, text_encoder_2 (SDXL: 768, 1280)
 XL_PROJECTION = 48  # text_encoder_2's projection_dim (SDXL: 1280)
@@ -240,4 +242,27 @@ def save_demo_xl_pipeline(folder: Path = DEFAULT_XL_FOLDER, seed: int = 0) -> Pa
 def save_demo_pipeline(folder: Path = DEFAULT_FOLDER, seed: int = 0, in_channels: int = 9) -> Path:
     """Write the tiny pipeline in diffusers format (safetensors) to `folder`."""
     build_demo_pipeline(seed, in_channels).save_pretrained(folder)
+    return folder
+
+
+def tiny_preview_decoder(latent_channels: int = 4) -> AutoencoderTiny:
+    """TAESD's architecture (diffusers `AutoencoderTiny`: 4 levels, 8x upsampling, scaling
+    factor 1.0), only narrower and with one block per level."""
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=latent_channels,
+    )
+
+
+def save_demo_preview_decoder(
+    folder: Path = DEFAULT_PREVIEW_FOLDER, seed: int = 0, latent_channels: int = 4
+) -> Path:
+    """Write a tiny random-weight preview decoder (a stand-in for TAESD / TAESDXL, which fits
+    both demo pipelines) in diffusers format (safetensors) to `folder`; export it with
+    `repository --preview-decoder folder`."""
+    torch.manual_seed(seed)
+    tiny_preview_decoder(latent_channels).eval().save_pretrained(folder)
     return folder

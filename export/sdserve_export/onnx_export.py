@@ -15,6 +15,7 @@ from torch import nn
 
 from sdserve_pipeline.components import (
     CLIP_VOCAB_SIZE,
+    PREVIEW_DECODER,
     TEXT_ENCODER,
     TEXT_ENCODER_2,
     TEXT_ENCODER_XL,
@@ -148,6 +149,22 @@ class VaeDecoderExport(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class PreviewDecoderExport(nn.Module):
+    """A tiny VAE (diffusers `AutoencoderTiny`): denoising latents → image in [-1, 1], as
+    diffusers' pipelines decode with it (`vae.decode(latents / vae.config.scaling_factor)`;
+    TAESD's factor is 1.0: it reads the UNet's latents as they are)."""
+
+    def __init__(self, tiny_vae: nn.Module) -> None:
+        super().__init__()
+        self.tiny_vae = tiny_vae
+        self.scaling_factor = float(tiny_vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.scaling_factor != 1.0:
+            latents = latents / self.scaling_factor
+        return self.tiny_vae.decode(latents, return_dict=False)[0]
+
+
 @dataclass(frozen=True)
 class ExportTarget:
     """A module to export, its spec, and what its example inputs need.
@@ -242,6 +259,15 @@ def sdxl_targets(
         target(VAE_ENCODER, VaeEncoderExport(vae)),
         target(VAE_DECODER, VaeDecoderExport(vae)),
     ]
+
+
+def preview_decoder_target(
+    tiny_vae: nn.Module, sizes: Mapping[str, int], vae_scale_factor: int
+) -> ExportTarget:
+    """The preview decoder (a tiny VAE, loaded in fp32) of a checkpoint with these `sizes`
+    (`checkpoint_sizes`) and latent scale; its example inputs drawn from their own generator."""
+    module = PreviewDecoderExport(tiny_vae.eval())
+    return ExportTarget(PREVIEW_DECODER, module, sizes, vae_scale_factor, np.random.default_rng(0))
 
 
 def _target_maker(

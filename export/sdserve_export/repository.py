@@ -7,6 +7,7 @@
       vae_decoder/   ...
       inpaint/       config.pbtxt  1/model.py  1/assets/       (pipeline, BLS)
       inpaint_stream/ config.pbtxt  1/model.py                 (its streamed requests)
+      preview_decoder/ ...          (with --preview-decoder: a tiny VAE for the previews)
 
 An SDXL checkpoint (a `text_encoder_2` folder) adds `text_encoder_2/`; built with a
 component prefix (`xl_`) and its own pipeline name (`inpaint_xl`) into the same folder, it
@@ -38,10 +39,12 @@ from sdserve_export.onnx_export import (
     checkpoint_sizes,
     export_onnx,
     max_clip_skip,
+    preview_decoder_target,
     sd15_targets,
     sdxl_targets,
 )
 from sdserve_export.parity import ParityReport, check_parity, require_parity
+from sdserve_export.preview_decoder import load_preview_decoder
 from sdserve_export.triton_configs import (
     component_config,
     pipeline_config,
@@ -49,7 +52,6 @@ from sdserve_export.triton_configs import (
     to_pbtxt,
 )
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
-from sdserve_pipeline.components import components_for
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
 from sdserve_protocol.events import stream_model_name
 from sdserve_protocol.rules import Limits
@@ -154,6 +156,7 @@ def build_repository(
     allow_pickle: bool = False,
     log: Callable[[str], None] = print,
     embeddings: Path | None = None,
+    preview_decoder: Path | None = None,
 ) -> list[ParityReport]:
     """Export every component with a parity check, then write configs and the pipeline model.
 
@@ -171,14 +174,22 @@ def build_repository(
         log: progress sink.
         embeddings: a folder of textual inversion `.safetensors` files whose tokens the
             exported text encoder(s) and tokenizer(s) gain (`sdserve_export.embeddings`).
+        preview_decoder: a diffusers `AutoencoderTiny` folder (TAESD / TAESDXL) exported as
+            the `preview_decoder` component, which then decodes streamed previews.
 
     Raises:
         EmbeddingError: an embedding file is refused (before anything is exported).
+        PreviewDecoderError: the preview decoder is refused (before anything is exported).
         ParityError: an exported component drifted past its tolerance (nothing is left
             half-written: the models are assembled in a temporary folder first).
     """
     log(f"[load] {source}")
     pipe = load_pipeline(source, allow_pickle)
+    facts = pipe.assets.facts
+    tiny_vae = None
+    if preview_decoder is not None:
+        tiny_vae = load_preview_decoder(preview_decoder, pipe.sizes(), allow_pickle)
+        log(f"[preview decoder] {preview_decoder}")
     added = read_embeddings(embeddings) if embeddings is not None else []
     if added:
         check_architecture(added, sdxl=pipe.text_encoder_2 is not None)
@@ -187,10 +198,11 @@ def build_repository(
             add_embeddings(added, pipe.text_encoder_2, pipe.assets.tokenizer_2, second=True)
         log(f"[embeddings] {', '.join(tokens)}")
     staging = out.with_name(out.name + ".partial")
-    specs = components_for(pipe.assets.facts.architecture)
-    names = {spec.name: component_prefix + spec.name for spec in specs}
-    shutil.rmtree(staging, ignore_errors=True)
     targets = pipe.targets()
+    if tiny_vae is not None:
+        targets.append(preview_decoder_target(tiny_vae, pipe.sizes(), facts.vae_scale_factor))
+    names = {target.spec.name: component_prefix + target.spec.name for target in targets}
+    shutil.rmtree(staging, ignore_errors=True)
     reports = []
     for i, target in enumerate(targets, 1):
         name = names[target.spec.name]
@@ -203,7 +215,6 @@ def build_repository(
         config = component_config(target.spec, pipe.sizes(), providers, model_name=name)
         _write_config(staging / name, to_pbtxt(config))
         _copy_model_py("onnx_runner", staging / name / VERSION)
-    facts = pipe.assets.facts
     settings = PipelineSettings(
         architecture=facts.architecture, components=names,
         limits=replace(limits, max_clip_skip=facts.max_clip_skip),

@@ -52,7 +52,7 @@ from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.generation import Job
 from sdserve_pipeline.outcomes import NullObserver, Observer, Overloaded, QueueTimeout, outcome_of
 from sdserve_pipeline.service import PipelineService, wire_outputs
-from sdserve_pipeline.streaming import Listener, PreviewDecoder, linear_decoder, previews
+from sdserve_pipeline.streaming import Listener, PreviewDecoder, previews
 from sdserve_protocol.canvas import Window
 from sdserve_protocol.contract import GenerationParams
 from sdserve_protocol.events import Preview, Progress, Queued
@@ -100,7 +100,9 @@ class ContinuousBatcher:
             when answered arrive a round trip after the answer, just after the next step has
             started; without this wait they sit out that whole step.
         preview: decodes the latents of the previews due in a step, all at once (default:
-            the model family's linear projection, `streaming.linear_decoder`).
+            the service's, `PipelineService.preview`: its preview decoder (a tiny VAE) when
+            the repository has one, else the model family's linear projection,
+            `streaming.linear_decoder`).
     """
 
     def __init__(
@@ -130,7 +132,7 @@ class ContinuousBatcher:
         self._observer = observer or NullObserver()
         facts = service.loop.facts
         self.memory = memory or MemoryModel(facts.architecture, facts.vae_scale_factor)
-        self._preview = preview or linear_decoder(facts.architecture)
+        self._preview = preview or service.preview
         self._budget = MemoryBudget(memory_budget)
         self._held = 0  # requests taken and not yet answered
         self._pending = 0  # of those, not started yet

@@ -16,7 +16,7 @@ check and the benchmarks run on them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -242,6 +242,23 @@ COMPONENTS_BY_ARCHITECTURE: dict[str, tuple[ComponentSpec, ...]] = {
     "sdxl": SDXL_COMPONENTS,
 }
 
+# Optional, either architecture: a tiny VAE decoder (diffusers `AutoencoderTiny`: TAESD for SD
+# 1.5, TAESDXL for SDXL) that decodes the previews of streamed requests. It takes the denoising
+# latents as the UNet sees them (its own scaling factor, 1.0 for TAESD, is applied inside the
+# graph, as diffusers' pipelines divide by it) and gives images in [-1, 1], 8x the latent size.
+PREVIEW_DECODER = ComponentSpec(
+    name="preview_decoder",
+    inputs=(
+        TensorSpec(
+            "latents", "FP32", ("batch", "latent_channels", "latent_height", "latent_width")
+        ),
+    ),
+    outputs=VAE_DECODER.outputs,
+    rows=CallRows(per_image=True),
+)
+
+OPTIONAL_COMPONENTS: tuple[ComponentSpec, ...] = (PREVIEW_DECODER,)
+
 
 def components_for(architecture: str) -> tuple[ComponentSpec, ...]:
     """The exported components of an architecture (`CheckpointFacts.architecture`)."""
@@ -250,6 +267,14 @@ def components_for(architecture: str) -> tuple[ComponentSpec, ...]:
             f"unknown architecture {architecture!r}; known: {', '.join(COMPONENTS_BY_ARCHITECTURE)}"
         )
     return COMPONENTS_BY_ARCHITECTURE[architecture]
+
+
+def served_components(architecture: str, roles: Iterable[str]) -> tuple[ComponentSpec, ...]:
+    """The components a pipeline calls: its architecture's, then the optional ones (the
+    preview decoder) among `roles` (the roles its settings name a model for)."""
+    wanted = set(roles)
+    optional = tuple(spec for spec in OPTIONAL_COMPONENTS if spec.name in wanted)
+    return (*components_for(architecture), *optional)
 
 
 def image_dims(batch: int, height: int, width: int, vae_scale_factor: int) -> dict[str, int]:

@@ -56,6 +56,7 @@ class Components:
     vae_encoder: Runner
     vae_decoder: Runner
     text_encoder_2: Runner | None = None  # SDXL
+    preview_decoder: Runner | None = None  # a tiny VAE for streamed previews, when exported
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,32 @@ class GenerationLoop:
             alpha = feather_alpha(params.mask, self.feather_radius)
             images = composite(params.image, images, alpha)
         return images
+
+    def decode_previews(self, latents: torch.Tensor) -> npt.NDArray[np.uint8]:
+        """Denoising latents → preview images with the preview decoder (a tiny VAE): one row
+        per image, merged into calls of at most its `max_rows`, quantised as diffusers
+        quantises the VAE's output.
+
+        Args:
+            latents: (N, 4, h, w) denoising latents, as the UNet sees them.
+
+        Returns:
+            (N, 8h, 8w, 3) uint8.
+
+        Raises:
+            RuntimeError: the pipeline has no preview decoder.
+        """
+        if self.components.preview_decoder is None:
+            raise RuntimeError("this pipeline was exported without a preview decoder")
+        rows = self.executor.run_plans([self._preview_plan(row) for row in torch.split(latents, 1)])
+        failed = next((row for row in rows if isinstance(row, Exception)), None)
+        if failed is not None:
+            raise failed
+        return np.concatenate(cast(list[npt.NDArray[np.uint8]], rows))
+
+    def _preview_plan(self, latents: torch.Tensor) -> Plan[npt.NDArray[np.uint8]]:
+        (decoded,) = yield Call("preview_decoder", (latents.float(),))  # (1, 3, 8h, 8w)
+        return postprocess(self.processors, decoded)
 
     def prepare_latents(
         self,

@@ -15,11 +15,12 @@ import numpy as np
 import numpy.typing as npt
 
 from sdserve_pipeline.assets import PipelineAssets
-from sdserve_pipeline.components import ComponentSpec, components_for
+from sdserve_pipeline.components import ComponentSpec, served_components
 from sdserve_pipeline.crop import crop_request
 from sdserve_pipeline.executor import Runner
 from sdserve_pipeline.generation import Components, GenerationLoop
 from sdserve_pipeline.outpaint import BandStep, outpaint
+from sdserve_pipeline.streaming import PreviewDecoder, linear_decoder
 from sdserve_protocol.contract import GenerationParams, decode_request
 from sdserve_protocol.rules import Limits, RequestError
 from sdserve_protocol.settings import SCHEDULER_NAMES, OutpaintSettings, PipelineSettings
@@ -70,7 +71,7 @@ class PipelineService:
                 f"parameter limit_max_clip_skip: {settings.limits.max_clip_skip}, but the text "
                 f"encoders in {assets_dir} have layers to skip up to {facts.max_clip_skip}"
             )
-        specs = components_for(facts.architecture)
+        specs = served_components(facts.architecture, settings.components)
         runners = {
             spec.name: make_runner(spec, settings.component_model(spec.name)) for spec in specs
         }
@@ -85,6 +86,15 @@ class PipelineService:
         if not outpaint_settings.native:
             outpaint_settings = replace(outpaint_settings, native=facts.default_size)
         return cls(loop, settings.limits, outpaint_settings, settings.schedulers)
+
+    @property
+    def preview(self) -> PreviewDecoder:
+        """How streamed previews are decoded: by the pipeline's preview decoder (a tiny VAE)
+        when the repository was exported with one, else by the model family's linear
+        projection of the latents."""
+        if self.loop.components.preview_decoder is not None:
+            return self.loop.decode_previews
+        return linear_decoder(self.loop.facts.architecture)
 
     def parse(self, inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationParams:
         """Wire inputs → validated parameters; a `padding_mask_crop` request comes back as

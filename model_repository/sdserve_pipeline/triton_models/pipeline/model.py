@@ -89,6 +89,7 @@ class TritonPythonModel:
             observer=self.metrics,
             memory=memory_model_for(self.service, settings.memory),
             memory_budget=budget,
+            preview=self.service.preview,  # its preview_decoder model (BLS), or the linear one
         )
         self.stream_model = stream_model_name(args["model_name"])
         self.publisher = EventPublisher(
