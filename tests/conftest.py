@@ -129,3 +129,38 @@ def diffusers_xl_pipe(demo_xl_pipeline_dir: Path):
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(demo_xl_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# A preview decoder (tiny random AutoencoderTiny, TAESD's architecture): the demo pipeline
+# exported with `--preview-decoder`.
+
+
+@pytest.fixture(scope="session")
+def preview_decoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sdserve_export.demo_pipeline import save_demo_preview_decoder
+
+    return save_demo_preview_decoder(tmp_path_factory.mktemp("taesd") / "preview-decoder")
+
+
+@pytest.fixture(scope="session")
+def taesd_export(demo_pipeline_dir: Path, preview_decoder_dir: Path, tmp_path_factory):
+    """(repository of the demo pipeline with its preview decoder, the parity reports)."""
+    from sdserve_export.repository import build_repository
+
+    out = tmp_path_factory.mktemp("repo-taesd") / "model_repository"
+    reports = build_repository(
+        demo_pipeline_dir, out, preview_decoder=preview_decoder_dir, log=lambda _msg: None
+    )
+    return out, reports
+
+
+@pytest.fixture(scope="session")
+def taesd_repository(taesd_export) -> Path:
+    return taesd_export[0]
+
+
+@pytest.fixture(scope="session")
+def taesd_service(taesd_repository: Path):
+    from sdserve_pipeline.inprocess import load_service
+
+    return load_service(taesd_repository)
