@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.generation import GenerationLoop
 from sdserve_pipeline.service import PipelineService
 from sdserve_protocol.contract import INPUTS_BY_NAME
@@ -70,6 +71,26 @@ def gated_unet(service: PipelineService, gate: threading.Event, before=None, bro
         return unet(*inputs)
 
     return variant(service, unet=gated)
+
+
+def streamed(service: PipelineService, request, **batcher_options):
+    """One wire request streamed through a `ContinuousBatcher` on `service`: (its outcome, the
+    events its listener heard)."""
+    events: list = []
+    outcome: list = []
+    answered = threading.Event()
+
+    def done(result) -> None:
+        outcome.append(result)
+        answered.set()
+
+    batcher = ContinuousBatcher(service, **batcher_options)
+    try:
+        batcher.submit(request, done, listener=events.append)
+        assert answered.wait(WAIT_S)
+    finally:
+        batcher.close()
+    return outcome[0], events
 
 
 class Spy:

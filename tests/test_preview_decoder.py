@@ -5,20 +5,18 @@ and decoding the previews of streamed requests in-process."""
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
 from cases import make_case, max_abs
 from diffusers import AutoencoderTiny
-from helpers import WAIT_S, Spy, wire
+from helpers import Spy, streamed, wire
 
 from sdserve_export.cli import main as export_main
 from sdserve_export.demo_pipeline import save_demo_preview_decoder
 from sdserve_export.preview_decoder import PreviewDecoderError, load_preview_decoder
 from sdserve_export.repository import build_repository
-from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.components import PREVIEW_DECODER, VAE_DECODER
 from sdserve_pipeline.images import postprocess
 from sdserve_pipeline.onnx_runtime import create_session
@@ -123,31 +121,12 @@ def step_latents(service, request):
     return params, latents
 
 
-def stream(service, request, **batcher_options):
-    """The request through a batcher, streamed: (its outcome, its events)."""
-    events: list = []
-    outcome: list = []
-    answered = threading.Event()
-
-    def done(result) -> None:
-        outcome.append(result)
-        answered.set()
-
-    batcher = ContinuousBatcher(service, **batcher_options)
-    try:
-        batcher.submit(request, done, listener=events.append)
-        assert answered.wait(WAIT_S)
-    finally:
-        batcher.close()
-    return outcome[0], events
-
-
 def test_streamed_previews_are_the_tiny_vae_decoding_of_each_steps_latents(
     taesd_service, tiny_vae
 ):  # fmt: skip
     image, mask = make_case(64, 64, seed=41)
     request = wire(image, mask, steps=4, seed=5, scheduler="euler_a", preview_every=1)
-    result, events = stream(taesd_service, request)
+    result, events = streamed(taesd_service, request)
     shown = [e for e in events if isinstance(e, Preview)]
     assert [p.step for p in shown] == [1, 2, 3]  # none after the last step: the result comes
     params, latents = step_latents(taesd_service, request)
