@@ -10,6 +10,8 @@ load change; `PipelineMetrics` publishes those reports as custom metrics.
 
 A request that carries a `stream_id` comes from the stream model (`<name>_stream`): its
 events go back there through an `EventPublisher` (one BLS call each), then its answer.
+Its previews are decoded by the repository's preview decoder model (a tiny VAE, BLS) when
+it was exported with one, else by the linear projection (`PipelineService.preview`).
 """
 
 import json
