@@ -158,3 +158,16 @@ def test_without_a_preview_decoder_previews_stay_the_linear_projection(service):
     assert service.loop.components.preview_decoder is None
     latents = torch.randn(1, 4, 8, 8)
     assert (service.preview(latents) == linear_decoder("sd15")(latents)).all()
+
+
+def test_outpainting_previews_go_through_the_preview_decoder(taesd_service):
+    image, _ = make_case(64, 64, seed=42)
+    request = wire(image, steps=2, seed=4, scheduler="euler", outpaint=[0, 0, 128, 0])
+    unary = taesd_service.generate(request)
+    spy = Spy(taesd_service)
+    result, events = streamed(spy.service, {**request, "preview_every": np.array([1], np.int32)})
+    assert np.array_equal(result["images"], unary["images"])
+    shown = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in shown] == [1, 2, 3]  # 2 bands of 2 steps, none after the last
+    assert all(p.images.shape == (1, 64, 192, 3) for p in shown)  # the whole canvas
+    assert spy.rows["preview_decoder"] == [1, 1, 1]  # one image each, by the tiny VAE
