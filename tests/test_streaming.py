@@ -15,7 +15,7 @@ from helpers import WAIT_S, gated_unet, wire
 from sdserve_pipeline.batcher import ContinuousBatcher
 from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.streaming import EventPublisher, linear_decoder, previews
-from sdserve_protocol.contract import GenerationParams, decode_request
+from sdserve_protocol.contract import GenerationParams, MaskCrop, decode_request
 from sdserve_protocol.events import (
     Preview,
     Progress,
@@ -285,6 +285,31 @@ def test_previews_are_each_requests_size_with_its_input_outside_the_mask(case):
     assert (out[:, ~inside] == image[~inside]).all()
     assert xl.shape == (1, 32, 48, 3)
     assert (previews(linear_decoder("sdxl"), [(torch.zeros(1, 4, 4, 6), small)])[0] != 127).any()
+
+
+def test_previews_are_placed_as_the_final_images_are(case):
+    image, mask = case
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 8, 8)  # generated at 64x64
+    decode = linear_decoder("sd15")
+    full = previews(decode, [(latents, GenerationParams("x", 64, 64, 0))])[0]
+    # Off the latent grid: cropped from the generation size, as the images are, not resized.
+    off_grid = previews(decode, [(latents, GenerationParams("x", 60, 56, 0))])[0]
+    assert off_grid.shape == (1, 60, 56, 3) and (off_grid == full[:, :60, :56]).all()
+    # A padding_mask_crop request: its crop (64x64 generated) resized into its box on the
+    # image as sent, every pixel outside the box the input's.
+    photo = np.random.default_rng(2).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    box = (16, 8, 80, 72)  # 64x64 on the photo
+    blank = np.zeros(photo.shape[:2], np.uint8)
+    crop = MaskCrop(box, photo, blank, blank)
+    cropped = GenerationParams("x", 64, 64, 0, image=image, mask=mask, crop=crop)
+    (on_photo,) = previews(decode, [(latents, cropped)])
+    assert on_photo.shape == (1, 96, 128, 3)
+    outside = np.ones(photo.shape[:2], bool)
+    outside[8:72, 16:80] = False
+    assert (on_photo[0][outside] == photo[outside]).all()
+    inside = previews(decode, [(latents, GenerationParams("x", 64, 64, 0, image=image, mask=mask))])
+    assert (on_photo[0, 8:72, 16:80] == inside[0][0]).all()  # the box is 64x64: no resize
 
 
 def test_previews_of_one_latent_shape_are_decoded_in_one_call():

@@ -32,6 +32,9 @@ def server(xl_repository, tmp_path_factory):
 def _cases() -> dict[str, tuple[str, dict]]:
     image, mask = make_case(64, 64, seed=31)
     wide, wide_mask = make_case(48, 80, seed=32)
+    photo = np.random.default_rng(34).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    spot = np.zeros((96, 128), np.uint8)
+    spot[40:56, 60:80] = 255  # a small mask: only a crop around it is generated
     return {
         "inpaint_euler_a_previews": ("inpaint", dict(
             image=image, mask=mask, steps=4, seed=1, scheduler="euler_a", preview_every=2)),
@@ -41,6 +44,9 @@ def _cases() -> dict[str, tuple[str, dict]]:
         "outpaint_unipc": ("inpaint", dict(
             image=wide, outpaint=(8, 0, 16, 8), steps=3, seed=3, scheduler="unipc",
             preview_every=2)),
+        "inpaint_crop_previews": ("inpaint", dict(
+            image=photo, mask=spot, padding_mask_crop=6, height=64, width=64, steps=3, seed=6,
+            scheduler="euler", preview_every=1)),  # previews of the whole photo
         "text_to_image": ("inpaint", dict(height=64, width=96, steps=3, seed=4,
                                           scheduler="lms", preview_every=1)),
         "xl_inpaint": ("inpaint_xl", dict(image=wide, mask=wide_mask, steps=3, seed=5,

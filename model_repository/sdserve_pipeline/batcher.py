@@ -320,7 +320,7 @@ class ContinuousBatcher:
         jobs = [self._job(request) for request in due]
         latents = [(job.latents, request.params) for job, request in zip(jobs, due, strict=True)]
         try:
-            images = previews(self._preview, latents)
+            images = previews(self._preview, latents, self.service.loop.facts.vae_scale_factor)
         except Exception as err:  # noqa: BLE001 (a preview is not worth a request)
             self._on_callback_error(err)
             return
@@ -486,7 +486,9 @@ class ContinuousBatcher:
         what is known) inside the canvas so far. Outpainting runs alone, so it is decoded
         alone."""
         try:
-            images = previews(self._preview, [(job.latents, band)])[0]
+            images = previews(
+                self._preview, [(job.latents, band)], self.service.loop.facts.vae_scale_factor
+            )[0]
         except Exception as err:  # noqa: BLE001 (a preview is not worth a request)
             self._on_callback_error(err)
             return

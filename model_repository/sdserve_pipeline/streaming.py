@@ -214,17 +214,21 @@ def linear_decoder(architecture: str) -> PreviewDecoder:
 
 
 def previews(
-    decode: PreviewDecoder, due: Sequence[tuple[torch.Tensor, GenerationParams]]
+    decode: PreviewDecoder,
+    due: Sequence[tuple[torch.Tensor, GenerationParams]],
+    vae_scale_factor: int = 8,
 ) -> list[npt.NDArray[np.uint8]]:
     """The previews of the requests due for one in a step, decoded together.
 
     Latents of one shape go through `decode` as one batch; each request's images are then
-    resized to its size, with its input image outside the mask of an inpainting request.
+    placed as its final images are (`_fit`): at its size, the input outside the mask, a
+    cropped request's crop back on its image.
 
     Args:
         decode: (N, 4, h, w) latents → (N, h', w', 3) uint8 (`linear_decoder`, or a tiny
             VAE decoder).
         due: each request's (N_i, 4, h, w) denoising latents (unscaled) and its parameters.
+        vae_scale_factor: image pixels per latent (the checkpoint's VAE).
 
     Returns:
         Each request's (N_i, H, W, 3) uint8 preview, in `due`'s order.
@@ -237,20 +241,38 @@ def previews(
         images = decode(torch.cat([due[i][0] for i in indices]))
         offsets = np.cumsum([0] + [len(due[i][0]) for i in indices])
         for i, start, stop in zip(indices, offsets[:-1], offsets[1:], strict=True):
-            decoded[i] = _fit(images[start:stop], due[i][1])
+            _, _, h, w = due[i][0].shape
+            size = (h * vae_scale_factor, w * vae_scale_factor)
+            decoded[i] = _fit(images[start:stop], due[i][1], size)
     return [images for images in decoded if images is not None]
 
 
-def _fit(images: npt.NDArray[np.uint8], params: GenerationParams) -> npt.NDArray[np.uint8]:
-    """Decoded previews at the request's size, its input outside the mask."""
-    height, width = params.height, params.width
-    out: npt.NDArray[np.uint8] = np.stack([
-        np.asarray(Image.fromarray(one).resize((width, height), Image.Resampling.BILINEAR))
-        for one in images
-    ])  # fmt: skip
+def _fit(
+    images: npt.NDArray[np.uint8], params: GenerationParams, size: tuple[int, int]
+) -> npt.NDArray[np.uint8]:
+    """Decoded previews placed as the request's images are: scaled to the generation size
+    `size`, cropped to the request's size, the input outside the mask; a `padding_mask_crop`
+    request's crop resized into its box on the image as sent."""
+    if images.shape[1:3] != size:
+        images = _resized(images, size)
+    out = np.ascontiguousarray(images[:, : params.height, : params.width])
     if params.image is not None and params.mask is not None and params.image.shape[:2] == (
-        height, width
+        out.shape[1:3]
     ):  # fmt: skip
         keep = params.mask < 128
         out[:, keep] = params.image[keep]
+    if params.crop is not None:
+        rows, cols = params.crop.slices
+        x1, y1, x2, y2 = params.crop.box
+        whole = np.repeat(params.crop.image[np.newaxis], len(out), axis=0)
+        whole[:, rows, cols] = _resized(out, (y2 - y1, x2 - x1))
+        out = whole
     return out
+
+
+def _resized(images: npt.NDArray[np.uint8], size: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    height, width = size
+    return np.stack([
+        np.asarray(Image.fromarray(one).resize((width, height), Image.Resampling.BILINEAR))
+        for one in images
+    ])  # fmt: skip
