@@ -171,3 +171,32 @@ def test_outpainting_previews_go_through_the_preview_decoder(taesd_service):
     assert [p.step for p in shown] == [1, 2, 3]  # 2 bands of 2 steps, none after the last
     assert all(p.images.shape == (1, 64, 192, 3) for p in shown)  # the whole canvas
     assert spy.rows["preview_decoder"] == [1, 1, 1]  # one image each, by the tiny VAE
+
+
+def test_sdxl_streams_previews_through_its_preview_decoder(
+    demo_xl_pipeline_dir, preview_decoder_dir, tiny_vae, tmp_path
+):  # fmt: skip
+    """TAESDXL has TAESD's layout: the same tiny decoder serves an SDXL repository."""
+    from sdserve_pipeline.inprocess import load_service
+
+    out = tmp_path / "model_repository"
+    reports = build_repository(
+        demo_xl_pipeline_dir, out, pipeline_name="inpaint_xl", component_prefix="xl_",
+        preview_decoder=preview_decoder_dir, log=lambda _msg: None,
+    )  # fmt: skip
+    assert next(r for r in reports if r.component == "preview_decoder").ok
+    service = load_service(out, "inpaint_xl")
+    image, mask = make_case(64, 64, seed=43)
+    request = wire(image, mask, steps=4, seed=6, scheduler="euler", preview_every=1)
+    result, events = streamed(service, request)
+    shown = [e for e in events if isinstance(e, Preview)]
+    params, latents = step_latents(service, request)
+    assert [p.step for p in shown] == list(range(1, len(latents))) and shown  # all but the last
+    reference = torch_decoder(tiny_vae, service.loop.processors)
+    for preview in shown:
+        expected = previews(reference, [(latents[preview.step - 1], params)])[0]
+        assert max_abs(preview.images, expected) <= 1
+        linear = previews(linear_decoder("sdxl"), [(latents[preview.step - 1], params)])[0]
+        assert max_abs(preview.images, linear) > 16
+    unary = service.generate({k: v for k, v in request.items() if k != "preview_every"})
+    assert np.array_equal(result["images"], unary["images"])
