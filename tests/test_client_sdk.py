@@ -1465,7 +1465,31 @@ def test_sdk_stream_generate_on_event_and_submit_on_event_agree() -> None:
     assert result.seeds == generated.seeds == submitted.seeds == [5]
     assert np.array_equal(result.arrays, generated.arrays)
     assert [e.step for e in heard if isinstance(e, Progress)] == [1, 2, 3, 1, 2, 3]
-    assert ("stop_stream", {"cancel_requests": True}) in fake.calls  # closed once done
+    assert ("stop_stream", {"cancel_requests": False}) in fake.calls  # closed once done
+
+
+def test_streams_reuse_a_connection_that_ended_with_its_result_and_close_others() -> None:
+    made: list[FakeTriton] = []
+
+    def connect(url: str) -> FakeTriton:
+        made.append(FakeTriton())
+        return made[-1]
+
+    request = GenerationRequest("p", height=8, width=8, steps=2, seed=1)
+    with InpaintClient(client=FakeTriton(), connect=connect) as client:
+        for _ in range(3):  # one after the other: one connection for all
+            assert list(client.stream(request))[-1].seeds == [1]
+        assert len(made) == 1 and not made[0].closed
+        first, second = client.stream(request), client.stream(request)  # at once: two
+        assert len(made) == 2
+        for _event in first:  # left early: cancelled, its connection closed
+            break
+        assert made[0].closed and ("stop_stream", {"cancel_requests": True}) in made[0].calls
+        second.cancel()
+        assert made[1].closed
+        list(client.stream(request))  # a new connection, kept idle when done
+        assert len(made) == 3 and not made[2].closed
+    assert made[2].closed  # closing the client closes its idle connections
 
 
 def test_sdk_stream_works_with_async_for() -> None:

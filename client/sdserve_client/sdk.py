@@ -39,7 +39,7 @@ from .replicas import (
     split_urls,
 )
 from .request import GenerationRequest, add_batch_dim, check_tensors, encode_request
-from .streaming import StreamedGeneration
+from .streaming import StreamConnections, StreamedGeneration
 from .tls import SslOption, TlsSettings, connect, explain, tls_settings
 
 if TYPE_CHECKING:
@@ -176,6 +176,7 @@ class InpaintClient:
             raise
         self._pool = ReplicaPool(clients, model, failover, partial(explain, tls=self.tls))
         self._connect = make
+        self._streams = StreamConnections(make)
         self._batched: bool | None = None
         self._settings: PipelineSettings | None = None  # the model's, read with its config
 
@@ -388,8 +389,9 @@ class InpaintClient:
             raise SdserveError(f"no healthy server among {self.url}")
         self._pool.release(replica)
         return StreamedGeneration(
-            _call(self._connect, replica.url), stream_model_name(self.model), inputs, batched,
-            partial(GenerationResult.from_outputs, batched=False), self._timeout(timeout),
+            _call(self._streams.take, replica.url), stream_model_name(self.model), inputs,
+            batched, partial(GenerationResult.from_outputs, batched=False),
+            self._timeout(timeout), partial(self._streams.give_back, replica.url),
         )  # fmt: skip
 
     def _attempts(
@@ -449,6 +451,7 @@ class InpaintClient:
     def close(self) -> None:
         """Closes the underlying gRPC channels."""
         self._pool.close()
+        self._streams.close()
 
     def __enter__(self) -> Self:
         return self
