@@ -8,9 +8,10 @@ each) send inpainting requests back to back, in two modes, alternating ABAB over
 * **half streaming**: half the clients call `InpaintClient.stream` with `preview_every`, the
   others `generate`.
 
-Images/s is images over the wall time of the round. A progress event's latency is the client's
-clock when the event arrives minus `Progress.time_s`, the server's clock when its step ended
-(same machine: same clock).
+Images/s is images over the wall time of the round; the summary gives the ratio of the modes'
+median images/s and, robust to a shared machine's drift, the median of each pair's ratio. A
+progress event's latency is the client's clock when the event arrives minus `Progress.time_s`,
+the server's clock when its step ended (same machine: same clock).
 
 Usage (from the repository root):
 
@@ -95,9 +96,14 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     by_mode = {m: [r for r in rounds if r["mode"] == m] for m in (UNARY, HALF)}
     rates = {m: statistics.median(r["images_per_s"] for r in rs) for m, rs in by_mode.items()}
     late = sorted(x for r in by_mode[HALF] for x in r["event_latencies_s"])
+    paired = zip(by_mode[UNARY], by_mode[HALF], strict=True)
+    pairs = [half["images_per_s"] / unary["images_per_s"] for unary, half in paired]
     return {
         "images_per_s": rates,
         "ratio_half_streaming_to_unary": rates[HALF] / rates[UNARY],
+        # each ABAB pair's own ratio: robust to the machine's drift over the run
+        "pair_ratios": [round(r, 3) for r in pairs],
+        "median_pair_ratio": statistics.median(pairs),
         "progress_events": len(late),
         "event_latency_ms": {
             "median": 1e3 * float(np.percentile(late, 50)),
