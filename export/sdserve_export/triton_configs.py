@@ -24,15 +24,17 @@ def component_config(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     instances: int = 1,
     model_name: str | None = None,
+    runner: RunnerSettings | None = None,
 ) -> mc.ModelConfig:
-    """Config of one ONNX Runtime runner model (Python backend), named as its spec."""
+    """Config of one ONNX Runtime runner model (Python backend), named as its spec; `runner`
+    (default: `providers` alone) gives its session's and adapters' parameters."""
     config = mc.ModelConfig(name=model_name or spec.name, backend="python", max_batch_size=0)
     for t in spec.inputs:
         config.input.add(name=t.name, data_type=_dtype(t.dtype), dims=t.resolve(dict(sizes)))
     for t in spec.outputs:
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.resolve(dict(sizes)))
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    runner = RunnerSettings(providers=tuple(providers))
+    runner = runner or RunnerSettings(providers=tuple(providers))
     _set_parameters(config, runner.to_parameters())
     return config
 

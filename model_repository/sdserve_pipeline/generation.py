@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sdserve_pipeline.assets import TOKENIZER_LOCK, PipelineAssets
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.crop import paste_back
-from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
+from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner, with_adapters
 from sdserve_pipeline.images import (
     Processors,
     blur_mask,
@@ -47,6 +47,9 @@ from sdserve_pipeline.prompts import PromptEncoder
 from sdserve_pipeline.schedulers import make_scheduler
 from sdserve_pipeline.sizing import Sizing
 from sdserve_protocol.contract import GenerationParams
+
+
+LORA_CALLS = frozenset({"unet", "text_encoder", "text_encoder_2"})  # what LoRA can change
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,11 @@ class GenerationLoop:
         return (yield from self.finish_plan(job))
 
     def start_plan(self, params: GenerationParams) -> Plan[Job]:
-        """Everything before the denoising loop: prompt, timesteps, latents, conditioning."""
+        """Everything before the denoising loop: prompt, timesteps, latents, conditioning;
+        its text-encoder calls on the request's adapters."""
+        return (yield from with_adapters(self._start_plan(params), params.adapters, LORA_CALLS))
+
+    def _start_plan(self, params: GenerationParams) -> Plan[Job]:
         n, cfg = params.num_images, params.guidance_scale > 1.0
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
         height, width = self.sizing.generation_size(params)  # on the grid, or a size bucket
@@ -231,7 +238,11 @@ class GenerationLoop:
 
     def step_plan(self, job: Job) -> Plan[None]:
         """One denoising step of one job: its UNet rows, then its own guidance, scheduler step
-        and blend. Jobs at different steps of different schedules share the UNet call."""
+        and blend. Jobs at different steps of different schedules share the UNet call; jobs
+        on different adapter sets make separate calls."""
+        return (yield from with_adapters(self._step_plan(job), job.params.adapters, LORA_CALLS))
+
+    def _step_plan(self, job: Job) -> Plan[None]:
         # 4. Denoising loop, one step: [latents, mask, masked latents]
         t = job.timesteps[job.index]
         model_input = torch.cat([job.latents] * 2) if job.cfg else job.latents

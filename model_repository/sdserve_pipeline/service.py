@@ -36,13 +36,15 @@ class PipelineService:
         limits: request limits.
         outpaint: outpainting settings (bands of the model's default size).
         schedulers: the scheduler names requests may ask for (all of `SCHEDULER_NAMES`).
+        adapters: the LoRA adapter folder (`adapters.AdapterCatalog`); None: none served.
     """
 
     def __init__(
         self, loop: GenerationLoop, limits: Limits, outpaint: OutpaintSettings | None = None,
-        schedulers: Sequence[str] = SCHEDULER_NAMES,
+        schedulers: Sequence[str] = SCHEDULER_NAMES, adapters: Any = None,
     ) -> None:  # fmt: skip
         self.loop = loop
+        self.adapters = adapters  # an `adapters.AdapterCatalog`, or None: no LoRA served
         self.limits = limits
         self.outpaint = outpaint or OutpaintSettings(native=loop.facts.default_size)
         self.schedulers = tuple(schedulers)
@@ -84,7 +86,8 @@ class PipelineService:
         outpaint_settings = settings.outpaint
         if not outpaint_settings.native:
             outpaint_settings = replace(outpaint_settings, native=facts.default_size)
-        return cls(loop, settings.limits, outpaint_settings, settings.schedulers)
+        catalog = adapter_catalog(Path(assets_dir), settings, facts.architecture)
+        return cls(loop, settings.limits, outpaint_settings, settings.schedulers, catalog)
 
     def parse(self, inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationParams:
         """Wire inputs → validated parameters; a `padding_mask_crop` request comes back as
@@ -105,12 +108,25 @@ class PipelineService:
         prompts = self.loop.prompts
         prompts.check(params.prompt, params.negative_prompt, params.prompt_weighting,
                       self.limits.max_prompt_chunks)  # fmt: skip
+        if params.adapters:
+            self.check_adapters([name for name, _ in params.adapters])
         texts = [params.negative_prompt, params.prompt]
         if params.clip_skip and prompts.applies(texts, params.prompt_weighting):
             raise RequestError(
                 "clip_skip", "applies to plain prompts (one text-encoder window, no weighting)"
             )
         return params
+
+    def check_adapters(self, names: Sequence[str]) -> None:
+        """Every adapter named is in the folder and usable; raises `RequestError` if not."""
+        from sdserve_pipeline.adapters import AdapterError
+
+        if self.adapters is None:
+            raise RequestError("adapters", "this model serves no LoRA adapters")
+        try:
+            self.adapters.get(names)
+        except AdapterError as err:
+            raise RequestError("adapters", str(err)) from None
 
     def generate(
         self, inputs: Mapping[str, npt.NDArray[Any]], is_cancelled: Callable[[], bool] | None = None
@@ -131,6 +147,30 @@ class PipelineService:
     ) -> dict[str, npt.NDArray[Any]]:
         """An outpainting request, band after band: its wire outputs."""
         return wire_outputs(outpaint(self.loop, params, self.outpaint, is_cancelled), params)
+
+
+def adapter_catalog(assets_dir: Path, settings: PipelineSettings, architecture: str) -> Any:
+    """The pipeline's adapter folder (`<pipeline model>/adapters`), checked against the weight
+    maps of its components; None when no component of the export has a weight map.
+
+    Args:
+        assets_dir: `<repository>/<pipeline>/<version>/assets`.
+        settings: the pipeline's settings (its component model names).
+        architecture: the checkpoint's.
+    """
+    from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS, AdapterCatalog
+    from sdserve_pipeline.assets import VERSION
+    from sdserve_pipeline.weight_map import load_weight_map
+
+    model_dir = assets_dir.parent.parent
+    maps = {}
+    for component in LORA_COMPONENTS.get(architecture, ()):
+        found = load_weight_map(model_dir.parent / settings.component_model(component) / VERSION)
+        if found is not None:
+            maps[component] = list(found)
+    if not maps:
+        return None
+    return AdapterCatalog(model_dir / ADAPTERS_DIR, architecture, maps)
 
 
 def wire_outputs(
