@@ -52,7 +52,9 @@ def make_adapter(
                     param.copy_(torch.randn(param.shape, generator=generator) * strength)
         state = get_peft_model_state_dict(model)
         # kohya files name CLIP modules as transformers < 5.6 did (`text_model.encoder...`)
-        peft_layers[prefix] = state if prefix == "unet" else {f"text_model.{k}": v for k, v in state.items()}
+        peft_layers[prefix] = (
+            state if prefix == "unet" else {f"text_model.{k}": v for k, v in state.items()}
+        )
         layers[prefix] = state if prefix == "unet" else convert_state_dict_to_diffusers(state)
         metadata[prefix] = config.to_dict()
     out_file.parent.mkdir(parents=True, exist_ok=True)

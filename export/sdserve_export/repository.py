@@ -44,16 +44,16 @@ from sdserve_export.onnx_export import (
     sdxl_targets,
 )
 from sdserve_export.parity import ParityReport, check_parity, require_parity
-from sdserve_export.weight_slots import build_weight_map
 from sdserve_export.triton_configs import (
     component_config,
     pipeline_config,
     stream_config,
     to_pbtxt,
 )
+from sdserve_export.weight_slots import build_weight_map
+from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
 from sdserve_pipeline.components import components_for
-from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS
 from sdserve_pipeline.onnx_runtime import ONNX_FILE, RunnerSettings
 from sdserve_pipeline.weight_map import save_weight_map
 from sdserve_protocol.events import stream_model_name

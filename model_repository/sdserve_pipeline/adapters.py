@@ -175,7 +175,9 @@ def check_targets(adapter: Adapter, weight_names: Mapping[str, Iterable[str]]) -
         known = set(weight_names[component])
         missing = sorted(m for m in adapter.modules[component] if f"{m}.weight" not in known)
         if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
             raise AdapterError(
                 f"{adapter.name}: {len(missing)} {component} modules match nothing in the served "
                 f"model ({shown}); an adapter for another architecture or model size?"
@@ -190,19 +192,23 @@ def _component_loras(
     file_name: str,
 ) -> dict[str, ModuleLora]:
     """One component's modules, converted and configured as diffusers' loader does."""
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
-    from diffusers.utils.peft_utils import _create_lora_config
+    from diffusers.utils import peft_utils, state_dict_utils
 
-    keys = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    convert: Any = state_dict_utils  # diffusers' own key conversions (untyped)
+    create_config: Any = peft_utils._create_lora_config  # the LoraConfig its loader builds
+
+    keys = {
+        k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")
+    }
     if not keys:
         return {}
     meta = None
     if metadata:
-        meta = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+        meta = {
+            k.removeprefix(f"{prefix}."): v
+            for k, v in metadata.items()
+            if k.startswith(f"{prefix}.")
+        }
         meta = meta or None
     alphas = None
     if network_alphas:
@@ -214,19 +220,19 @@ def _component_loras(
     rank: dict[str, int] = {}
     if prefix == "unet":
         if "lora_A" not in next(iter(keys)):
-            keys = convert_unet_state_dict_to_peft(keys)
+            keys = convert.convert_unet_state_dict_to_peft(keys)
         for key, value in keys.items():
             if "lora_B" in key and value.ndim > 1:
                 rank[f"^{key}"] = int(value.shape[1])
-        config = _create_lora_config(keys, alphas, meta, rank, is_unet=True)
+        config = create_config(keys, alphas, meta, rank, is_unet=True)
     else:
-        keys = convert_state_dict_to_peft(convert_state_dict_to_diffusers(keys))
+        keys = convert.convert_state_dict_to_peft(convert.convert_state_dict_to_diffusers(keys))
         # transformers >= 5.6 flattened CLIPTextModel: diffusers drops `text_model.` then
         keys = {k.removeprefix("text_model."): v for k, v in keys.items()}
         for key, value in keys.items():
             if key.endswith(".lora_B.weight"):
                 rank[key] = int(value.shape[1])
-        config = _create_lora_config(keys, alphas, meta, rank, is_unet=False)
+        config = create_config(keys, alphas, meta, rank, is_unet=False)
     if config.use_dora or config.lora_bias:
         raise AdapterError(f"{file_name}: DoRA and LoRA biases are not supported")
     return _pairs(keys, config, file_name, prefix)
@@ -323,7 +329,9 @@ class AdapterCatalog:
 
     def _load(self, path: Path) -> Adapter | AdapterError:
         if path.suffix != ADAPTER_SUFFIX:
-            return AdapterError(f"{path.name}: only {ADAPTER_SUFFIX} adapters are read (not pickle)")
+            return AdapterError(
+                f"{path.name}: only {ADAPTER_SUFFIX} adapters are read (not pickle)"
+            )
         try:
             return read_adapter(path, self.architecture, self.weight_names)
         except AdapterError as err:
@@ -357,7 +365,7 @@ def _files(folder: Path) -> dict[str, Path]:
         names = os.listdir(folder)
     except FileNotFoundError:
         return {}
-    files = {}
+    files: dict[str, Path] = {}
     for entry in sorted(names):
         path = folder / entry
         if path.suffix in (ADAPTER_SUFFIX, *REFUSED_SUFFIXES) and path.is_file():

@@ -48,7 +48,6 @@ from sdserve_pipeline.schedulers import make_scheduler
 from sdserve_pipeline.sizing import Sizing
 from sdserve_protocol.contract import GenerationParams
 
-
 LORA_CALLS = frozenset({"unet", "text_encoder", "text_encoder_2"})  # what LoRA can change
 
 

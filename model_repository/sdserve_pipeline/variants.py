@@ -159,9 +159,7 @@ class VariantSessions:
 
         from sdserve_pipeline.adapters import fused_weights
 
-        names = {
-            f"{m}.weight" for adapter, _ in chosen for m in adapter.modules[self.component]
-        }
+        names = {f"{m}.weight" for adapter, _ in chosen for m in adapter.modules[self.component]}
         stored = read_initializers(self.onnx_file, [self.weight_map[n].initializer for n in names])
         base = {}
         for name in names:
@@ -186,6 +184,4 @@ def read_initializers(onnx_file: Path, names: Sequence[str]) -> dict[str, npt.ND
 
     model = onnx.load(str(onnx_file), load_external_data=True)
     wanted = set(names)
-    return {
-        t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted
-    }
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
