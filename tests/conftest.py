@@ -129,3 +129,21 @@ def diffusers_xl_pipe(demo_xl_pipeline_dir: Path):
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(demo_xl_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(repository: Path, demo_pipeline_dir: Path) -> Path:
+    """The demo repository's adapter folder with the test adapters (diffusers and kohya
+    layouts; UNet attention and convs, text encoder)."""
+    from lora_cases import TEXT_ATTENTION, UNET_ATTENTION, UNET_WITH_CONV, make_adapter
+
+    folder = repository / "inpaint" / "adapters"
+    made = {
+        "unet_convs": dict(unet=UNET_WITH_CONV, seed=1),
+        "with_text": dict(unet=UNET_ATTENTION, text=TEXT_ATTENTION, seed=2, rank=2, alpha=4),
+        "text_only": dict(unet=(), text=TEXT_ATTENTION, seed=3, strength=0.1),
+        "kohya": dict(unet=UNET_WITH_CONV, text=TEXT_ATTENTION, seed=4, kohya=True),
+    }
+    for name, kwargs in made.items():
+        make_adapter(demo_pipeline_dir, folder / f"{name}.safetensors", **kwargs)
+    return folder

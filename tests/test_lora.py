@@ -12,29 +12,13 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import wire
-from lora_cases import TEXT_ATTENTION, UNET_ATTENTION, UNET_WITH_CONV, make_adapter
+from lora_cases import UNET_WITH_CONV
 
 from sdserve_pipeline.adapters import fused_weights, read_adapter
 from sdserve_pipeline.inprocess import load_service
 from sdserve_protocol.rules import RequestError
 
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(repository: Path, demo_pipeline_dir: Path) -> Path:
-    """The demo repository's adapter folder with the test adapters (diffusers and kohya
-    layouts; UNet attention and convs, text encoder)."""
-    folder = repository / "inpaint" / "adapters"
-    made = {
-        "unet_convs": dict(unet=UNET_WITH_CONV, seed=1),
-        "with_text": dict(unet=UNET_ATTENTION, text=TEXT_ATTENTION, seed=2, rank=2, alpha=4),
-        "text_only": dict(unet=(), text=TEXT_ATTENTION, seed=3, strength=0.1),
-        "kohya": dict(unet=UNET_WITH_CONV, text=TEXT_ATTENTION, seed=4, kohya=True),
-    }
-    for name, kwargs in made.items():
-        make_adapter(demo_pipeline_dir, folder / f"{name}.safetensors", **kwargs)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between previews with --previews (default 5)",
     )  # fmt: skip
     generation.add_argument(
+        "--lora", type=lora_argument, action="append", metavar="NAME[:SCALE]",
+        help="a LoRA adapter of the server's and its scale (default 1.0); repeatable",
+    )  # fmt: skip
+    generation.add_argument(
         "--retry-started", action="store_true",
         help="with --seed, resend the request to another server even when the connection "
         "broke after it was sent (it may have started; the seed makes the images the same)",
@@ -192,6 +196,19 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Inpa
         return 130
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """`--lora NAME[:SCALE]` → (name, scale); the scale defaults to 1.0."""
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME or NAME:SCALE with a number as SCALE"
+        ) from None
+
+
 def output_paths(out: Path, count: int) -> list[Path]:
     """`out.png` for the first image, then `out-1.png`, `out-2.png`, ..."""
     return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
@@ -227,6 +244,9 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "prompt_weighting": args.prompt_weighting,
         "clip_skip": args.clip_skip,
     }
+    if args.lora:
+        options["adapters"] = [name for name, _ in args.lora]
+        options["adapter_scales"] = [scale for _, scale in args.lora]
     if args.previews is not None or args.preview_every is not None:
         options["preview_every"] = args.preview_every or DEFAULT_PREVIEW_EVERY
     if args.command == "inpaint":  # the crop and the size it is generated at
