@@ -12,7 +12,6 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import wire
-from lora_cases import UNET_WITH_CONV
 
 from sdserve_pipeline.adapters import fused_weights, read_adapter
 from sdserve_pipeline.inprocess import load_service

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Client of the sdserve pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("models", parents=[connection], help="list the ready models")
+    adapters = commands.add_parser(
+        "adapters", parents=[connection], help="list a pipeline's LoRA adapters"
+    )
+    adapters.add_argument("--model", default="inpaint", help="pipeline model name")
 
     inpaint = commands.add_parser("inpaint", parents=[generation], help="inpaint an image")
     inpaint.add_argument("--image", required=True, type=Path, help="input image file")
@@ -188,6 +192,8 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Inpa
     try:
         if args.command == "models":
             return _models(args, client_factory)
+        if args.command == "adapters":
+            return _adapters(args, client_factory)
         return _generate(args, client_factory)
     except (SdserveError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -227,6 +233,18 @@ def _models(args: argparse.Namespace, client_factory: ClientFactory) -> int:
     with client_factory(**_connection(args)) as client:
         for name in client.list_models():
             print(name)
+    return 0
+
+
+def _adapters(args: argparse.Namespace, client_factory: ClientFactory) -> int:
+    """One line per adapter: name, architecture, rank, targets (or why it is refused)."""
+    with client_factory(**_connection(args), model=args.model) as client:
+        for entry in client.list_adapters():
+            if "error" in entry:
+                print(f"{entry['name']}\trefused: {entry['error']}")
+                continue
+            targets = ",".join(f"{c}:{n}" for c, n in entry["targets"].items())
+            print(f"{entry['name']}\t{entry['architecture']}\trank={entry['rank']}\t{targets}")
     return 0
 
 

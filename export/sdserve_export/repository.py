@@ -45,6 +45,7 @@ from sdserve_export.onnx_export import (
 )
 from sdserve_export.parity import ParityReport, check_parity, require_parity
 from sdserve_export.triton_configs import (
+    adapters_config,
     component_config,
     pipeline_config,
     stream_config,
@@ -56,6 +57,7 @@ from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, Pipeli
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.onnx_runtime import ONNX_FILE, RunnerSettings
 from sdserve_pipeline.weight_map import save_weight_map
+from sdserve_protocol.adapters import adapters_model_name
 from sdserve_protocol.events import stream_model_name
 from sdserve_protocol.rules import Limits
 from sdserve_protocol.settings import OutpaintSettings, PipelineSettings
@@ -234,6 +236,9 @@ def build_repository(
     stream_name = stream_model_name(pipeline_name)
     _write_config(staging / stream_name, to_pbtxt(stream_config(stream_name, pipeline_name)))
     _copy_model_py("stream", staging / stream_name / VERSION)
+    listing = adapters_model_name(pipeline_name)
+    _write_config(staging / listing, to_pbtxt(adapters_config(listing, pipeline_name)))
+    _copy_model_py("adapters", staging / listing / VERSION)
     copy_embeddings(added, staging / pipeline_name / VERSION / ASSETS_DIR)
     adapters = out / pipeline_name / ADAPTERS_DIR
     if adapters.is_dir():  # the operator's adapters stay across a rebuild

@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import RunnerSettings
+from sdserve_protocol.adapters import LIST_OUTPUT, LIST_QUERY
 from sdserve_protocol.contract import INPUTS, OUTPUTS
 from sdserve_protocol.events import CANCELLED, EVENT_OUTPUTS, STREAM_ID, STREAM_OUTPUTS
 from sdserve_protocol.settings import PipelineSettings
@@ -80,6 +81,21 @@ def stream_config(name: str, pipeline: str) -> mc.ModelConfig:
                          optional=not required)  # fmt: skip
     for t in (*STREAM_OUTPUTS, CANCELLED):
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _set_parameters(config, {"pipeline_model": pipeline})
+    return config
+
+
+def adapters_config(name: str, pipeline: str) -> mc.ModelConfig:
+    """Config of a pipeline's adapter listing model (`sdserve_protocol.adapters`).
+
+    Args:
+        name: Triton model name (`inpaint_adapters`).
+        pipeline: the pipeline whose adapter folder it lists (`inpaint`).
+    """
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
+    config.input.add(name=LIST_QUERY, data_type=_dtype("BYTES"), dims=(1,))
+    config.output.add(name=LIST_OUTPUT, data_type=_dtype("BYTES"), dims=(1,))
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _set_parameters(config, {"pipeline_model": pipeline})
     return config

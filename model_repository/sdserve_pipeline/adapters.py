@@ -359,6 +359,17 @@ class AdapterCatalog:
         return adapters
 
 
+def describe_catalog(catalog: AdapterCatalog | None) -> list[dict[str, Any]]:
+    """Every file of the folder: its `Adapter.describe()`, or its name and why it is refused
+    (`sdserve_protocol.adapters`); empty when the pipeline serves no adapters."""
+    if catalog is None:
+        return []
+    return [
+        value.describe() if isinstance(value, Adapter) else {"name": name, "error": str(value)}
+        for name, value in catalog.scan().items()
+    ]
+
+
 def _files(folder: Path) -> dict[str, Path]:
     """Adapter stem → file, for the adapter and refused (pickle) files in `folder`."""
     try:
