@@ -18,6 +18,8 @@ def make_adapter(
     *,
     unet: tuple[str, ...] = UNET_ATTENTION,
     text: tuple[str, ...] = (),
+    text_2: tuple[str, ...] = (),
+    xl: bool = False,
     rank: int = 4,
     alpha: int = 8,
     seed: int = 0,
@@ -29,18 +31,23 @@ def make_adapter(
     standard deviation `strength`: strong enough to change the image, weak enough that the
     tiny random model stays where float rounding is not amplified (at 0.2 with conv targets,
     diffusers' own fused and unfused results differed by 43 levels)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     generator = torch.Generator().manual_seed(seed)
     layers, peft_layers, metadata = {}, {}, {}
-    for prefix, targets in (("unet", unet), ("text_encoder", text)):
+    classes = {
+        "unet": UNet2DConditionModel,
+        "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,
+    }
+    for prefix, targets in (("unet", unet), ("text_encoder", text), ("text_encoder_2", text_2)):
         if not targets:
             continue
-        cls = UNet2DConditionModel if prefix == "unet" else CLIPTextModel
+        cls = classes[prefix]
         model = cls.from_pretrained(pipe_dir, subfolder=prefix)
         config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"
@@ -63,12 +70,19 @@ def make_adapter(
         kohya_state = convert_state_dict_to_kohya(peft_keys)  # alpha = rank per module
         save_file({k: v.contiguous() for k, v in kohya_state.items()}, str(out_file))
         return out_file
-    StableDiffusionPipeline.save_lora_weights(
+    second: dict = {}
+    if xl:
+        second = dict(
+            text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+            text_encoder_2_lora_adapter_metadata=metadata.get("text_encoder_2"),
+        )
+    (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).save_lora_weights(
         out_file.parent,
         unet_lora_layers=layers.get("unet"),
         text_encoder_lora_layers=layers.get("text_encoder"),
         unet_lora_adapter_metadata=metadata.get("unet"),
         text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
         weight_name=out_file.name,
+        **second,
     )
     return out_file

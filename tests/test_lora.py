@@ -12,6 +12,7 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import wire
+from lora_cases import make_adapter
 
 from sdserve_pipeline.adapters import fused_weights, read_adapter
 from sdserve_pipeline.inprocess import load_service
@@ -288,3 +289,34 @@ def test_sdk_encodes_adapters_and_refuses_as_the_server(adapters_dir):
     assert tensors["adapter_scales"].tolist() == [0.5, 1.0]
     with pytest.raises(InvalidRequestError, match="adapter_scales: 1 given for 2 adapters"):
         encode_request(GenerationRequest("p", adapters=["a", "b"], adapter_scales=[0.5]))
+
+
+@pytest.mark.slow
+def test_sdxl_matches_diffusers_set_adapters(xl_repository, demo_xl_pipeline_dir):
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from lora_cases import TEXT_ATTENTION, UNET_ATTENTION
+
+    folder = xl_repository / "inpaint_xl" / "adapters"
+    make_adapter(
+        demo_xl_pipeline_dir, folder / "xl_all.safetensors", unet=UNET_ATTENTION,
+        text=TEXT_ATTENTION, text_2=TEXT_ATTENTION, xl=True, seed=5, strength=0.05,
+    )  # fmt: skip
+    make_adapter(demo_xl_pipeline_dir, folder / "xl_unet.safetensors", xl=True, seed=6)
+    service = load_service(xl_repository, "inpaint_xl")
+    names, scales = ["xl_all", "xl_unet"], [0.9, 0.6]
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(demo_xl_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    for name in names:
+        pipe.load_lora_weights(str(folder / f"{name}.safetensors"), adapter_name=name)
+    pipe.set_adapters(names, adapter_weights=scales)
+    image, mask = make_case(64, 64)
+    reference = diffusers_inpaint(pipe, image, mask, seed=11, steps=8)  # strength 0.9999
+    tensors = wire(image, mask, steps=8, seed=11)
+    base = service.generate(tensors)["images"][0]
+    tensors["adapters"] = np.array([n.encode() for n in names], dtype=object)
+    tensors["adapter_scales"] = np.array(scales, dtype=np.float32)
+    ours = service.generate(tensors)["images"][0]
+    assert max_abs(ours, reference) <= 2
+    assert max_abs(ours, base) > 4
+    described = service.adapters.scan()["xl_all"].describe()
+    assert set(described["targets"]) == {"unet", "text_encoder", "text_encoder_2"}

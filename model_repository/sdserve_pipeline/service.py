@@ -151,7 +151,8 @@ class PipelineService:
 
 def adapter_catalog(assets_dir: Path, settings: PipelineSettings, architecture: str) -> Any:
     """The pipeline's adapter folder (`<pipeline model>/adapters`), checked against the weight
-    maps of its components; None when no component of the export has a weight map.
+    maps of its components; None when no component runner serves adapters (an `adapters_dir`
+    parameter and a weight map).
 
     Args:
         assets_dir: `<repository>/<pipeline>/<version>/assets`.
@@ -160,12 +161,16 @@ def adapter_catalog(assets_dir: Path, settings: PipelineSettings, architecture: 
     """
     from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS, AdapterCatalog
     from sdserve_pipeline.assets import VERSION
+    from sdserve_pipeline.inprocess import read_parameters
     from sdserve_pipeline.weight_map import load_weight_map
 
     model_dir = assets_dir.parent.parent
     maps = {}
     for component in LORA_COMPONENTS.get(architecture, ()):
-        found = load_weight_map(model_dir.parent / settings.component_model(component) / VERSION)
+        component_dir = model_dir.parent / settings.component_model(component)
+        if not read_parameters(component_dir).get("adapters_dir"):
+            continue  # a runner that cannot switch weights (e.g. Triton's native backends)
+        found = load_weight_map(component_dir / VERSION)
         if found is not None:
             maps[component] = list(found)
     if not maps:
