@@ -237,7 +237,8 @@ def build_repository(
     _write_config(staging / stream_name, to_pbtxt(stream_config(stream_name, pipeline_name)))
     _copy_model_py("stream", staging / stream_name / VERSION)
     listing = adapters_model_name(pipeline_name)
-    _write_config(staging / listing, to_pbtxt(adapters_config(listing, pipeline_name)))
+    config = adapters_config(listing, pipeline_name, facts.architecture, names)
+    _write_config(staging / listing, to_pbtxt(config))
     _copy_model_py("adapters", staging / listing / VERSION)
     copy_embeddings(added, staging / pipeline_name / VERSION / ASSETS_DIR)
     adapters = out / pipeline_name / ADAPTERS_DIR

@@ -25,11 +25,17 @@ def _key(array: np.ndarray) -> tuple[tuple[int, ...], str, str]:
 
 
 def patchable_weights(module: nn.Module) -> dict[str, np.ndarray]:
-    """Name → fp32 value of each Linear and Conv weight (what LoRA targets)."""
+    """Name → fp32 value of each Linear and Conv weight (what LoRA targets).
+
+    CLIP text encoders are named as transformers >= 5.6 flattened `CLIPTextModel` (no
+    `text_model.` prefix; `CLIPTextModelWithProjection` still has it), as
+    `sdserve_pipeline.adapters` names the modules of LoRA files.
+    """
     weights = {}
     for name, child in module.named_modules():
         if isinstance(child, nn.Linear | nn.Conv1d | nn.Conv2d):
-            weights[f"{name}.weight"] = child.weight.detach().float().cpu().numpy()
+            key = f"{name.removeprefix('text_model.')}.weight"
+            weights[key] = child.weight.detach().float().cpu().numpy()
     return weights
 
 

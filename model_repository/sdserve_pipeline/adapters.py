@@ -227,7 +227,9 @@ def _component_loras(
         config = create_config(keys, alphas, meta, rank, is_unet=True)
     else:
         keys = convert.convert_state_dict_to_peft(convert.convert_state_dict_to_diffusers(keys))
-        # transformers >= 5.6 flattened CLIPTextModel: diffusers drops `text_model.` then
+        # Modules are named without `text_model.`, as transformers >= 5.6 flattened
+        # CLIPTextModel (diffusers drops it then); the weight maps name them alike
+        # (`sdserve_export.weight_slots`), also for CLIPTextModelWithProjection.
         keys = {k.removeprefix("text_model."): v for k, v in keys.items()}
         for key, value in keys.items():
             if key.endswith(".lora_B.weight"):

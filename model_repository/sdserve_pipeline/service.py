@@ -86,7 +86,8 @@ class PipelineService:
         outpaint_settings = settings.outpaint
         if not outpaint_settings.native:
             outpaint_settings = replace(outpaint_settings, native=facts.default_size)
-        catalog = adapter_catalog(Path(assets_dir), settings, facts.architecture)
+        models = {spec.name: settings.component_model(spec.name) for spec in specs}
+        catalog = adapter_catalog(Path(assets_dir).parent.parent, models, facts.architecture)
         return cls(loop, settings.limits, outpaint_settings, settings.schedulers, catalog)
 
     def parse(self, inputs: Mapping[str, npt.NDArray[Any]]) -> GenerationParams:
@@ -149,33 +150,31 @@ class PipelineService:
         return wire_outputs(outpaint(self.loop, params, self.outpaint, is_cancelled), params)
 
 
-def adapter_catalog(assets_dir: Path, settings: PipelineSettings, architecture: str) -> Any:
+def adapter_catalog(
+    pipeline_dir: Path, component_models: Mapping[str, str], architecture: str
+) -> Any:
     """The pipeline's adapter folder (`<pipeline model>/adapters`), checked against the weight
-    maps of its components; None when no component runner serves adapters (an `adapters_dir`
-    parameter and a weight map).
+    maps of its components; None when no component has one (an export before adapters, or
+    the GPU variant's native components, which cannot switch weights).
 
     Args:
-        assets_dir: `<repository>/<pipeline>/<version>/assets`.
-        settings: the pipeline's settings (its component model names).
+        pipeline_dir: `<repository>/<pipeline>`.
+        component_models: component role → the Triton model serving it.
         architecture: the checkpoint's.
     """
     from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS, AdapterCatalog
     from sdserve_pipeline.assets import VERSION
-    from sdserve_pipeline.inprocess import read_parameters
     from sdserve_pipeline.weight_map import load_weight_map
 
-    model_dir = assets_dir.parent.parent
     maps = {}
     for component in LORA_COMPONENTS.get(architecture, ()):
-        component_dir = model_dir.parent / settings.component_model(component)
-        if not read_parameters(component_dir).get("adapters_dir"):
-            continue  # a runner that cannot switch weights (e.g. Triton's native backends)
-        found = load_weight_map(component_dir / VERSION)
+        model = component_models.get(component, component)
+        found = load_weight_map(pipeline_dir.parent / model / VERSION)
         if found is not None:
             maps[component] = list(found)
     if not maps:
         return None
-    return AdapterCatalog(model_dir / ADAPTERS_DIR, architecture, maps)
+    return AdapterCatalog(pipeline_dir / ADAPTERS_DIR, architecture, maps)
 
 
 def wire_outputs(

@@ -11,22 +11,19 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sdserve_pipeline.adapters import describe_catalog
-from sdserve_pipeline.assets import ASSETS_DIR, VERSION
-from sdserve_pipeline.inprocess import read_parameters
+from sdserve_pipeline.adapters import LORA_COMPONENTS, describe_catalog
 from sdserve_pipeline.service import adapter_catalog
 from sdserve_protocol.adapters import LIST_OUTPUT
-from sdserve_protocol.settings import PipelineSettings, config_parameters
+from sdserve_protocol.settings import config_parameters
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        config = json.loads(args["model_config"])
-        pipeline = config_parameters(config)["pipeline_model"]
-        pipeline_dir = Path(args["model_repository"]).parent / pipeline
-        settings = PipelineSettings.from_parameters(read_parameters(pipeline_dir))
-        assets = pipeline_dir / VERSION / ASSETS_DIR
-        self.catalog = adapter_catalog(assets, settings, settings.architecture)
+        params = config_parameters(json.loads(args["model_config"]))
+        pipeline_dir = Path(args["model_repository"]).parent / params["pipeline_model"]
+        architecture = params["architecture"]
+        models = {c: params.get(f"{c}_model", c) for c in LORA_COMPONENTS.get(architecture, ())}
+        self.catalog = adapter_catalog(pipeline_dir, models, architecture)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._answer() for _ in requests]
