@@ -135,7 +135,12 @@ def diffusers_xl_pipe(demo_xl_pipeline_dir: Path):
 def adapters_dir(repository: Path, demo_pipeline_dir: Path) -> Path:
     """The demo repository's adapter folder with the test adapters (diffusers and kohya
     layouts; UNet attention and convs, text encoder)."""
-    from lora_cases import TEXT_ATTENTION, UNET_ATTENTION, UNET_WITH_CONV, make_adapter
+    from sdserve_export.demo_adapters import (
+        TEXT_ATTENTION,
+        UNET_ATTENTION,
+        UNET_WITH_CONV,
+        make_adapter,
+    )
 
     folder = repository / "inpaint" / "adapters"
     made = {

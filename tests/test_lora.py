@@ -12,8 +12,8 @@ import pytest
 import torch
 from cases import diffusers_inpaint, make_case, max_abs
 from helpers import wire
-from lora_cases import make_adapter
 
+from sdserve_export.demo_adapters import make_adapter
 from sdserve_pipeline.adapters import fused_weights, read_adapter
 from sdserve_pipeline.inprocess import load_service
 from sdserve_protocol.rules import RequestError
@@ -294,7 +294,8 @@ def test_sdk_encodes_adapters_and_refuses_as_the_server(adapters_dir):
 @pytest.mark.slow
 def test_sdxl_matches_diffusers_set_adapters(xl_repository, demo_xl_pipeline_dir):
     from diffusers import StableDiffusionXLInpaintPipeline
-    from lora_cases import TEXT_ATTENTION, UNET_ATTENTION
+
+    from sdserve_export.demo_adapters import TEXT_ATTENTION, UNET_ATTENTION
 
     folder = xl_repository / "inpaint_xl" / "adapters"
     make_adapter(

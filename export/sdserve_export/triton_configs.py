@@ -95,15 +95,16 @@ def adapters_config(
         name: Triton model name (`inpaint_adapters`).
         pipeline: the pipeline whose adapter folder it lists (`inpaint`).
         architecture: the checkpoint's (`sd15`, `sdxl`).
-        components: component role → Triton model name (parameters `<role>_model`): where
-            the weight maps adapters are checked against are.
+        components: component role → Triton model name (parameters `lora_<role>`, not
+            `<role>_model`, which mark a pipeline): where the weight maps adapters are checked
+            against are.
     """
     config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
     config.input.add(name=LIST_QUERY, data_type=_dtype("BYTES"), dims=(1,))
     config.output.add(name=LIST_OUTPUT, data_type=_dtype("BYTES"), dims=(1,))
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     params = {"pipeline_model": pipeline, "architecture": architecture}
-    _set_parameters(config, params | {f"{role}_model": m for role, m in components.items()})
+    _set_parameters(config, params | {f"lora_{role}": m for role, m in components.items()})
     return config
 
 

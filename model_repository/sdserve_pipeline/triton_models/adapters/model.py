@@ -22,7 +22,7 @@ class TritonPythonModel:
         params = config_parameters(json.loads(args["model_config"]))
         pipeline_dir = Path(args["model_repository"]).parent / params["pipeline_model"]
         architecture = params["architecture"]
-        models = {c: params.get(f"{c}_model", c) for c in LORA_COMPONENTS.get(architecture, ())}
+        models = {c: params.get(f"lora_{c}", c) for c in LORA_COMPONENTS.get(architecture, ())}
         self.catalog = adapter_catalog(pipeline_dir, models, architecture)
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -1,5 +1,5 @@
-"""LoRA adapters made with PEFT on the tiny demo pipeline (non-zero B), saved as diffusers
-saves them or in kohya's layout."""
+"""LoRA adapters made with PEFT on a diffusers pipeline folder (the tiny demo's, for tests and
+benchmarks): random non-zero B, saved as diffusers saves them or in kohya's layout."""
 
 from __future__ import annotations
 
