@@ -37,6 +37,8 @@ def _request(adapters=(), scales=None, seed=42):
 
 
 def _diffusers(demo_pipeline_dir, adapters_dir, names, scales):
+    """diffusers' image with the adapters as `set_adapters` applies them (unfused), and with
+    them fused (`fuse_lora`)."""
     from diffusers import StableDiffusionInpaintPipeline
 
     pipe = StableDiffusionInpaintPipeline.from_pretrained(demo_pipeline_dir)
@@ -45,7 +47,9 @@ def _diffusers(demo_pipeline_dir, adapters_dir, names, scales):
         pipe.load_lora_weights(str(adapters_dir / f"{name}.safetensors"), adapter_name=name)
     pipe.set_adapters(list(names), adapter_weights=list(scales))
     image, mask = make_case(64, 64)
-    return diffusers_inpaint(pipe, image, mask, steps=STEPS)
+    unfused = diffusers_inpaint(pipe, image, mask, steps=STEPS)
+    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=list(names))
+    return unfused, diffusers_inpaint(pipe, image, mask, steps=STEPS)
 
 
 def test_weight_map_covers_every_linear_and_conv_weight(repository, demo_pipeline_dir):
@@ -107,15 +111,19 @@ def test_fused_weights_equal_diffusers_fuse_lora(adapters_dir, demo_pipeline_dir
         (["unet_convs"], [0.8]),  # UNet only, attention and 3x3 convs
         (["text_only"], [1.0]),  # text encoder only
         (["with_text", "kohya"], [0.8, 0.5]),  # two adapters, UNet + text encoder, kohya layout
-        (["kohya", "unet_convs"], [1.5, -0.7]),
+        (["kohya", "unet_convs"], [0.7, -0.5]),
     ],
 )
 def test_matches_diffusers_set_adapters(
     lora_service, demo_pipeline_dir, adapters_dir, names, scales
 ):
     ours = lora_service.generate(_request(names, scales))["images"][0]
-    reference = _diffusers(demo_pipeline_dir, adapters_dir, names, scales)
+    reference, fused = _diffusers(demo_pipeline_dir, adapters_dir, names, scales)
     base = lora_service.generate(_request())["images"][0]
+    # The tiny random model amplifies float rounding once adapters move it far (at scales
+    # 1.5/-0.7 of two conv + text adapters, diffusers' own fused and unfused images differed
+    # by 8 levels): the cases stay where diffusers agrees with itself.
+    assert max_abs(fused, reference) <= 2, "case outside the float-stable regime"
     assert max_abs(ours, reference) <= 2
     assert max_abs(ours, base) > 4  # the adapters change the image
 
@@ -135,7 +143,13 @@ def test_switching_sets_gives_identical_results(lora_service):
 
 
 def test_requests_with_different_sets_run_together_as_alone(lora_service):
-    sets = [([], None), (["unet_convs"], [0.8]), (["with_text"], [0.6]), (["unet_convs"], [0.8])]
+    sets = [
+        ([], None),
+        (["unet_convs"], [0.8]),
+        (["with_text"], [0.6]),
+        (["unet_convs"], [0.8]),
+        (["text_only"], [1.0]),  # changes no UNet weight: its UNet rows join the base call
+    ]
     alone = [lora_service.generate(_request(n, s, seed=7))["images"] for n, s in sets]
     loop = lora_service.loop
     calls = []
@@ -161,7 +175,8 @@ def test_requests_with_different_sets_run_together_as_alone(lora_service):
         )
     for images, expected in zip(together, alone, strict=True):
         np.testing.assert_array_equal(images, expected)
-    # one UNet call per distinct set and step: the two requests on the same set share theirs
+    # one UNet call per distinct set of UNet adapters and step: the two requests on the same
+    # set share theirs, and the text-encoder-only request shares the base request's
     names = [tuple(n for n, _ in c) for c in calls]
     assert sorted(set(names)) == [(), ("unet_convs",), ("with_text",)]
     assert len(calls) == 3 * names.count(()) == 3 * names.count(("unet_convs",))

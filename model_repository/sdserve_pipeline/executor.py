@@ -135,10 +135,10 @@ class Executor:
 
 
 def with_adapters(
-    plan: Plan[T], adapters: tuple[tuple[str, float], ...], components: frozenset[str]
+    plan: Plan[T], by_component: Mapping[str, tuple[tuple[str, float], ...]]
 ) -> Plan[T]:
-    """`plan` with its calls of `components` (those LoRA can change) run on `adapters`."""
-    if not adapters:
+    """`plan` with its calls of each component in `by_component` run on that adapter set."""
+    if not any(by_component.values()):
         return (yield from plan)
     outputs: tuple[torch.Tensor, ...] | None = None
     while True:
@@ -146,7 +146,8 @@ def with_adapters(
             call = plan.send(outputs)  # type: ignore[arg-type]  # None starts it
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-        if call.component in components:
+        adapters = by_component.get(call.component, ())
+        if adapters:
             call = replace(call, adapters=adapters)
         outputs = yield call
 

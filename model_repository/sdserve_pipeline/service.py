@@ -45,6 +45,8 @@ class PipelineService:
     ) -> None:  # fmt: skip
         self.loop = loop
         self.adapters = adapters  # an `adapters.AdapterCatalog`, or None: no LoRA served
+        if adapters is not None:
+            loop.adapter_targets = self.adapter_targets
         self.limits = limits
         self.outpaint = outpaint or OutpaintSettings(native=loop.facts.default_size)
         self.schedulers = tuple(schedulers)
@@ -117,6 +119,16 @@ class PipelineService:
                 "clip_skip", "applies to plain prompts (one text-encoder window, no weighting)"
             )
         return params
+
+    def adapter_targets(self, name: str) -> tuple[str, ...]:
+        """The components adapter `name` changes (all LoRA can change when it is not usable
+        now: the runner then refuses it)."""
+        from sdserve_pipeline.adapters import LORA_COMPONENTS, AdapterError
+
+        try:
+            return tuple(self.adapters.get([name])[0].targets)
+        except AdapterError:
+            return LORA_COMPONENTS[self.loop.facts.architecture]
 
     def check_adapters(self, names: Sequence[str]) -> None:
         """Every adapter named is in the folder and usable; raises `RequestError` if not."""
