@@ -164,3 +164,26 @@ def taesd_service(taesd_repository: Path):
     from sdserve_pipeline.inprocess import load_service
 
     return load_service(taesd_repository)
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(repository: Path, demo_pipeline_dir: Path) -> Path:
+    """The demo repository's adapter folder with the test adapters (diffusers and kohya
+    layouts; UNet attention and convs, text encoder)."""
+    from sdserve_export.demo_adapters import (
+        TEXT_ATTENTION,
+        UNET_ATTENTION,
+        UNET_WITH_CONV,
+        make_adapter,
+    )
+
+    folder = repository / "inpaint" / "adapters"
+    made = {
+        "unet_convs": dict(unet=UNET_WITH_CONV, seed=1),
+        "with_text": dict(unet=UNET_ATTENTION, text=TEXT_ATTENTION, seed=2, rank=2, alpha=4),
+        "text_only": dict(unet=(), text=TEXT_ATTENTION, seed=3, strength=0.1),
+        "kohya": dict(unet=UNET_WITH_CONV, text=TEXT_ATTENTION, seed=4, kohya=True),
+    }
+    for name, kwargs in made.items():
+        make_adapter(demo_pipeline_dir, folder / f"{name}.safetensors", **kwargs)
+    return folder

@@ -65,6 +65,8 @@ CONTRACT: dict[str, tuple[Any, str, tuple[int, ...]]] = {
     "prompt_weighting": (np.bool_, "BOOL", (1,)),
     "padding_mask_crop": (np.int32, "INT32", (1,)),
     "clip_skip": (np.int32, "INT32", (1,)),
+    "adapters": (np.object_, "BYTES", (2,)),
+    "adapter_scales": (np.float32, "FP32", (2,)),
 }
 
 
@@ -93,6 +95,8 @@ def full_request() -> GenerationRequest:
         preview_every=2,
         prompt_weighting=True,
         clip_skip=0,  # a skip > 0 needs the model's limit_max_clip_skip (its layer count)
+        adapters=["style", "subject"],
+        adapter_scales=[0.8, -0.5],
     )
 
 
@@ -686,6 +690,17 @@ def test_cli_sends_the_clip_skip(files: tuple[Path, Path], tmp_path: Path) -> No
     argv = ["txt2img", "--prompt", "p", "--clip-skip", "2", "--out", str(tmp_path / "o.png")]
     assert cli.main(argv, client_factory=factory) == 0
     assert decode(factory.fake.sent["clip_skip"]).tolist() == [2]
+
+
+def test_cli_sends_each_lora_with_its_scale(tmp_path: Path) -> None:
+    factory = Factory(FakeTriton())
+    argv = ["txt2img", "--prompt", "p", "--lora", "style:0.8", "--lora", "sub:ject"]
+    with pytest.raises(SystemExit):  # "ject" is no scale
+        cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory)
+    argv = ["txt2img", "--prompt", "p", "--lora", "style:0.8", "--lora", "subject"]
+    assert cli.main([*argv, "--out", str(tmp_path / "o.png")], client_factory=factory) == 0
+    assert decode(factory.fake.sent["adapters"]).tolist() == [b"style", b"subject"]
+    assert decode(factory.fake.sent["adapter_scales"]).tolist() == [np.float32(0.8), 1.0]
 
 
 def test_cli_img2img_sends_the_image_without_a_mask(

@@ -42,6 +42,7 @@ def test_every_served_config_parses_and_all_models_are_ready(server):
     )
     assert names == [
         "inpaint",
+        "inpaint_adapters",
         "inpaint_stream",
         "text_encoder",
         "unet",

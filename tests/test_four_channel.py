@@ -66,8 +66,9 @@ def test_image_to_image_defaults_to_diffusers_img2img_strength(base_service, ser
 def test_repository_holds_both_pipelines_apart(combined_repository):
     names = sorted(p.name for p in combined_repository.iterdir())
     assert names == sorted([
-        "inpaint", "inpaint_stream", "text_encoder", "unet", "vae_encoder", "vae_decoder",
-        "sd15_base", "sd15_base_stream", "base_text_encoder", "base_unet", "base_vae_encoder",
+        "inpaint", "inpaint_stream", "inpaint_adapters", "text_encoder", "unet", "vae_encoder",
+        "vae_decoder", "sd15_base", "sd15_base_stream", "sd15_base_adapters",
+        "base_text_encoder", "base_unet", "base_vae_encoder",
         "base_vae_decoder",
     ])  # fmt: skip
     config = (combined_repository / "base_unet/config.pbtxt").read_text()

@@ -41,7 +41,7 @@ def imported(script: str, argument: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("model", ["pipeline", "onnx_runner"])
+@pytest.mark.parametrize("model", ["pipeline", "onnx_runner", "adapters"])
 def test_a_model_stub_imports_no_client_sdk_ui_or_tritonclient(model: str) -> None:
     packages = imported(LOAD_MODEL, str(TRITON_MODELS / model / "model.py"))
     assert {"sdserve_pipeline", "sdserve_protocol"} <= packages
@@ -55,7 +55,7 @@ def test_the_runner_stub_imports_no_torch() -> None:
 @pytest.mark.parametrize(
     "module",
     ["sdserve_protocol.contract", "sdserve_protocol.settings", "sdserve_protocol.canvas",
-     "sdserve_protocol.metrics", "sdserve_protocol.auth"],
+     "sdserve_protocol.metrics", "sdserve_protocol.auth", "sdserve_protocol.adapters"],
 )  # fmt: skip
 def test_the_protocol_imports_neither_tritonclient_nor_gradio_nor_torch(module: str) -> None:
     packages = imported(IMPORT, module)

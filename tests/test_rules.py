@@ -47,8 +47,11 @@ def wire_of(fields: dict[str, Any]) -> dict[str, np.ndarray]:
             tensors[name] = np.array([value.encode()], dtype=np.object_)
         elif isinstance(value, np.ndarray):
             tensors[name] = value
+        elif isinstance(value, list | tuple):  # outpaint, adapters, adapter_scales
+            items = [v.encode() if isinstance(v, str) else v for v in value]
+            tensors[name] = np.array(items, dtype=dtype)
         else:
-            tensors[name] = np.array(value if name == "outpaint" else [value], dtype=dtype)
+            tensors[name] = np.array([value], dtype=dtype)
     return tensors
 
 
@@ -87,6 +90,8 @@ def context(name: str, value: Any) -> dict[str, Any]:
         return {**text_to_image, "image": rgb(), "outpaint": (value, 0, 0, 1)}
     if name in ("mask_blur", "padding_mask_crop"):
         return {**inpaint, name: value}
+    if name == "adapter_scales":
+        return {**text_to_image, "adapters": ["style"], name: [value]}
     return {**text_to_image, name: value}
 
 

@@ -39,9 +39,10 @@ def test_every_sdxl_component_passes_parity(xl_export):
 
 def test_repository_holds_both_pipelines_with_their_own_components(xl_repository):
     names = {p.name for p in xl_repository.iterdir()}
-    sd15 = {"inpaint", "inpaint_stream", "text_encoder", "unet", "vae_encoder", "vae_decoder"}
-    xl = {"inpaint_xl", "inpaint_xl_stream", "xl_text_encoder", "xl_text_encoder_2", "xl_unet",
-          "xl_vae_encoder", "xl_vae_decoder"}  # fmt: skip
+    sd15 = {"inpaint", "inpaint_stream", "inpaint_adapters", "text_encoder", "unet",
+            "vae_encoder", "vae_decoder"}  # fmt: skip
+    xl = {"inpaint_xl", "inpaint_xl_stream", "inpaint_xl_adapters", "xl_text_encoder",
+          "xl_text_encoder_2", "xl_unet", "xl_vae_encoder", "xl_vae_decoder"}  # fmt: skip
     assert names == sd15 | xl
     pipeline = parse_pbtxt((xl_repository / "inpaint_xl/config.pbtxt").read_text())
     params = {k: v.string_value for k, v in pipeline.parameters.items()}

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between previews with --previews (default 5)",
     )  # fmt: skip
     generation.add_argument(
+        "--lora", type=lora_argument, action="append", metavar="NAME[:SCALE]",
+        help="a LoRA adapter of the server's and its scale (default 1.0); repeatable",
+    )  # fmt: skip
+    generation.add_argument(
         "--retry-started", action="store_true",
         help="with --seed, resend the request to another server even when the connection "
         "broke after it was sent (it may have started; the seed makes the images the same)",
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Client of the sdserve pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("models", parents=[connection], help="list the ready models")
+    adapters = commands.add_parser(
+        "adapters", parents=[connection], help="list a pipeline's LoRA adapters"
+    )
+    adapters.add_argument("--model", default="inpaint", help="pipeline model name")
 
     inpaint = commands.add_parser("inpaint", parents=[generation], help="inpaint an image")
     inpaint.add_argument("--image", required=True, type=Path, help="input image file")
@@ -184,12 +192,27 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Inpa
     try:
         if args.command == "models":
             return _models(args, client_factory)
+        if args.command == "adapters":
+            return _adapters(args, client_factory)
         return _generate(args, client_factory)
     except (SdserveError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """`--lora NAME[:SCALE]` → (name, scale); the scale defaults to 1.0."""
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME or NAME:SCALE with a number as SCALE"
+        ) from None
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
@@ -213,6 +236,18 @@ def _models(args: argparse.Namespace, client_factory: ClientFactory) -> int:
     return 0
 
 
+def _adapters(args: argparse.Namespace, client_factory: ClientFactory) -> int:
+    """One line per adapter: name, architecture, rank, targets (or why it is refused)."""
+    with client_factory(**_connection(args), model=args.model) as client:
+        for entry in client.list_adapters():
+            if "error" in entry:
+                print(f"{entry['name']}\trefused: {entry['error']}")
+                continue
+            targets = ",".join(f"{c}:{n}" for c, n in entry["targets"].items())
+            print(f"{entry['name']}\t{entry['architecture']}\trank={entry['rank']}\t{targets}")
+    return 0
+
+
 def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
     options = {
         "negative_prompt": args.negative_prompt,
@@ -227,6 +262,9 @@ def _generate(args: argparse.Namespace, client_factory: ClientFactory) -> int:
         "prompt_weighting": args.prompt_weighting,
         "clip_skip": args.clip_skip,
     }
+    if args.lora:
+        options["adapters"] = [name for name, _ in args.lora]
+        options["adapter_scales"] = [scale for _, scale in args.lora]
     if args.previews is not None or args.preview_every is not None:
         options["preview_every"] = args.preview_every or DEFAULT_PREVIEW_EVERY
     if args.command == "inpaint":  # the crop and the size it is generated at

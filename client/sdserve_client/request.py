@@ -72,6 +72,12 @@ class GenerationRequest:
         clip_skip (`int`, *optional*):
             Text-encoder layers to skip for the prompt, as diffusers' `clip_skip` (server
             default 0: none; at most the model's `limit_max_clip_skip`, its layer count).
+        adapters (`Sequence[str]`, *optional*):
+            LoRA adapters to generate with, by name (files in the server's adapter folder;
+            `InpaintClient.adapters()` lists them); absent: the base weights.
+        adapter_scales (`Sequence[float]`, *optional*):
+            One scale per adapter, as diffusers' `set_adapters(..., adapter_weights=...)`
+            (server default 1.0 each).
     """
 
     prompt: str
@@ -94,6 +100,8 @@ class GenerationRequest:
     prompt_weighting: bool | None = None
     padding_mask_crop: int | None = None
     clip_skip: int | None = None
+    adapters: Sequence[str] | None = None
+    adapter_scales: Sequence[float] | None = None
 
 
 def encode_request(
@@ -156,9 +164,11 @@ def _encode(spec: WireInput, value: Any, limits: Limits | None) -> Array:
         return to_rgb_array(value)
     if spec.name == "mask":
         return to_mask_array(value)
+    if spec.name == "adapters":
+        return np.array([_utf8(spec.name, v) for v in value], dtype=np.object_)
     if spec.dtype == "BYTES":
         return np.array([_utf8(spec.name, value)], dtype=np.object_)
-    values = list(value) if spec.name == "outpaint" else [value]
+    values = list(value) if spec.name in ("outpaint", "adapter_scales") else [value]
     if spec.rule is not None and spec.rule.integer:
         info: Any = np.iinfo(spec.numpy_dtype)  # type: ignore[type-var]
         for v in values:  # a value the dtype cannot hold is out of the input's range
@@ -201,6 +211,16 @@ def _check_types(request: GenerationRequest) -> None:
             raise _bad_type(name, value, "a bool")
     if request.outpaint is not None:
         _check_outpaint_type(request.outpaint)
+    if request.adapters is not None and (
+        isinstance(request.adapters, (str, bytes))
+        or not all(isinstance(a, str) for a in request.adapters)
+    ):
+        raise _bad_type("adapters", request.adapters, "a sequence of str")
+    if request.adapter_scales is not None and (
+        isinstance(request.adapter_scales, (str, bytes))
+        or not all(_is_real(s) for s in request.adapter_scales)
+    ):
+        raise _bad_type("adapter_scales", request.adapter_scales, "a sequence of float")
 
 
 def _check_outpaint_type(value: Any) -> None:

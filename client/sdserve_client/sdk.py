@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
     np_to_triton_dtype,
 )
 
+from sdserve_protocol.adapters import LIST_OUTPUT, LIST_QUERY, adapters_model_name
 from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
 from sdserve_protocol.contract import IMAGES, OUTPUTS, SEEDS
 from sdserve_protocol.events import Preview, Progress, Queued, stream_model_name
@@ -413,6 +415,21 @@ class InpaintClient:
         inputs = _call(infer_inputs, tensors)
         outputs = [grpcclient.InferRequestedOutput(name) for name in (t.name for t in OUTPUTS)]
         return inputs, outputs, batched
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The LoRA adapters the pipeline model serves, as its `<model>_adapters` model lists
+        them: `name`, `architecture`, `rank`, `targets` (component → modules) each, or `name`
+        and `error` for a file the server refuses (`sdserve_protocol.adapters`)."""
+        query = grpcclient.InferInput(LIST_QUERY, [1, 1], "BYTES")
+        query.set_data_from_numpy(np.array([[b""]], dtype=np.object_))
+        result = self._on_replica(
+            lambda c: c.infer(
+                adapters_model_name(self.model), [query],
+                client_timeout=self._timeout(timeout),
+            )
+        )  # fmt: skip
+        listing: list[dict[str, Any]] = json.loads(result.as_numpy(LIST_OUTPUT).reshape(-1)[0])
+        return listing
 
     def list_models(self, *, timeout: float | None = None) -> list[str]:
         """Returns the names of the ready models in the server's repository index.

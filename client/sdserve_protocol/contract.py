@@ -25,6 +25,7 @@ from .rules import (
     DEFAULT_STEPS,
     FP32_MAX,
     INT32_MAX,
+    MAX_ADAPTER_SCALE,
     MAX_MASK_BLUR,
     MAX_PADDING_MASK_CROP,
     MAX_PREVIEW_EVERY,
@@ -33,6 +34,7 @@ from .rules import (
     Limits,
     Range,
     RequestError,
+    check_adapters,
     check_canvas,
     check_input_pixels,
     check_mask_crop,
@@ -116,7 +118,12 @@ INPUTS: tuple[WireInput, ...] = (
               rule=Range("padding_mask_crop", 0, MAX_PADDING_MASK_CROP)),
     WireInput("clip_skip", "INT32", (1,), default=0,
               rule=Range("clip_skip", 0, INT32_MAX, "max_clip_skip")),
+    WireInput("adapters", "BYTES", (-1,)),
+    WireInput("adapter_scales", "FP32", (-1,),
+              rule=Range("adapter_scales", -MAX_ADAPTER_SCALE, MAX_ADAPTER_SCALE, integer=False)),
 )  # fmt: skip
+LIST_INPUTS = frozenset({"adapters", "adapter_scales"})
+"""Inputs of one value per item (k items), not one value."""
 OUTPUTS: tuple[WireTensor, ...] = (
     WireTensor("images", "UINT8", (-1, -1, -1, 3)),
     WireTensor("seeds", "INT64", (-1,)),
@@ -188,6 +195,8 @@ class GenerationParams:
             `height` and `width` are then the crop's, as generated; None before or without.
         clip_skip: text-encoder layers to skip for the prompt (diffusers' `clip_skip`; the
             negative prompt keeps the default layer, as in diffusers); 0: none.
+        adapters: LoRA adapters and their scales, in the request's order; empty: the base
+            weights.
     """
 
     prompt: str
@@ -210,6 +219,7 @@ class GenerationParams:
     padding_mask_crop: int | None = None
     crop: MaskCrop | None = None
     clip_skip: int = 0
+    adapters: tuple[tuple[str, float], ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -272,6 +282,11 @@ def _check_wire(name: str, array: Array) -> None:
 
 def _decode(spec: WireInput, array: Array, limits: Limits | None) -> Any:
     """One input alone, of the declared dtype and dims: its value, checked against its rule."""
+    if spec.name in LIST_INPUTS:
+        if spec.dtype == "BYTES":
+            return [_text(spec.name, item, limits) for item in array.tolist()]
+        assert spec.rule is not None
+        return [spec.rule.check(v, limits) for v in array.tolist()]
     if spec.dtype == "BYTES":
         return _text(spec.name, array[0], limits)
     if spec.name == "outpaint":
@@ -396,7 +411,17 @@ def _relate(
         prompt_weighting=values.get("prompt_weighting", False),
         padding_mask_crop=crop,
         clip_skip=values.get("clip_skip", 0),
+        adapters=_adapters(values, limits),
     )  # fmt: skip
+
+
+def _adapters(values: dict[str, Any], limits: Limits | None) -> tuple[tuple[str, float], ...]:
+    names, scales = values.get("adapters"), values.get("adapter_scales")
+    if names is None:
+        if scales is not None:
+            raise RequestError("adapter_scales", "given without adapters")
+        return ()
+    return check_adapters([n.strip() for n in names], scales, limits)
 
 
 def _check_crop_mask(mask: Array | None) -> None:

@@ -41,6 +41,9 @@ MAX_MASK_BLUR = 256
 MAX_PREVIEW_EVERY = 1000  # steps between streamed previews (0: none)
 """Largest `mask_blur` radius in pixels (a Gaussian blur's cost grows with it)."""
 
+MAX_ADAPTER_SCALE = 8.0
+"""Largest |scale| of a LoRA adapter (`adapter_scales`); 0 turns an adapter off."""
+
 MAX_PADDING_MASK_CROP = 65536
 """Largest `padding_mask_crop` in pixels (a padding must also be no larger than the image)."""
 
@@ -87,6 +90,8 @@ class Limits:
         max_clip_skip (`int`, *optional*, defaults to 0): text-encoder layers a request may skip
             (`clip_skip`); the export writes the checkpoint's layer count (12 for SD 1.5, 11 for
             SDXL), and the server refuses a larger value at load.
+        max_adapters (`int`, *optional*, defaults to 4): LoRA adapters one request may name
+            (`adapters`); each distinct adapter set is a weight variant the server builds.
     """
 
     max_pixels: int = 1024 * 1024
@@ -99,6 +104,7 @@ class Limits:
     max_canvas_pixels: int = 4096 * 4096
     max_prompt_chunks: int = 4
     max_clip_skip: int = 0
+    max_adapters: int = 4
 
 
 DEFAULT_LIMITS = Limits()
@@ -255,6 +261,33 @@ def check_mask_has_image(has_image: bool) -> None:
     """A mask says where to regenerate an image: a mask given needs that image."""
     if not has_image:
         raise RequestError("mask", "given without an image")
+
+
+def check_adapters(
+    names: Sequence[str], scales: Sequence[float] | None, limits: Limits | None
+) -> tuple[tuple[str, float], ...]:
+    """The (name, scale) pairs of a request's LoRA adapters (scales already each in range).
+
+    Args:
+        names (`Sequence[str]`): the `adapters` given, in order.
+        scales (`Sequence[float]`, *optional*): `adapter_scales`, one per adapter; absent:
+            1.0 each.
+        limits (`Limits`, *optional*): the model's limits; `None` skips `max_adapters`.
+    """
+    if scales is not None and len(scales) != len(names):
+        raise RequestError(
+            "adapter_scales", f"{len(scales)} given for {len(names)} adapters: one per adapter"
+        )
+    if limits is not None and len(names) > limits.max_adapters:
+        raise RequestError(
+            "adapters", f"{len(names)} given, at most {limits.max_adapters} per request"
+        )
+    for name in names:
+        if not name.strip():
+            raise RequestError("adapters", "an empty adapter name")
+    if len(set(names)) != len(names):
+        raise RequestError("adapters", f"{list(names)} names an adapter twice")
+    return tuple(zip(names, scales if scales is not None else [1.0] * len(names), strict=True))
 
 
 def check_canvas(

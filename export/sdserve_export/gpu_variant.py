@@ -49,6 +49,7 @@ from sdserve_export.engine_profiles import is_spatial
 from sdserve_export.triton_configs import component_config, parse_pbtxt, to_pbtxt
 from sdserve_pipeline.assets import VERSION
 from sdserve_pipeline.onnx_runtime import ONNX_FILE
+from sdserve_pipeline.weight_map import WEIGHT_MAP_FILE
 from sdserve_protocol.settings import PipelineSettings
 from sdserve_protocol.sizes import SizeBucket, format_buckets
 
@@ -231,8 +232,14 @@ def _model_files(component: ComponentModel, plan: EnginePlan | None) -> dict[str
 
 
 def onnx_files(version_dir: Path) -> list[Path]:
-    """`model.onnx` and its external-data files (everything in the folder but Python code)."""
-    files = [p for p in sorted(version_dir.iterdir()) if p.is_file() and p.suffix != ".py"]
+    """`model.onnx` and its external-data files (everything in the folder but Python code and
+    the LoRA weight map: Triton's native backends cannot switch weights, so without the map the
+    pipeline serves no adapters on them)."""
+    files = [
+        p
+        for p in sorted(version_dir.iterdir())
+        if p.is_file() and p.suffix != ".py" and p.name != WEIGHT_MAP_FILE
+    ]
     if version_dir / ONNX_FILE not in files:
         raise RepositoryError(f"{version_dir} has no {ONNX_FILE}")
     return files

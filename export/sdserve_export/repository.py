@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import onnx
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -46,13 +48,18 @@ from sdserve_export.onnx_export import (
 from sdserve_export.parity import ParityReport, check_parity, require_parity
 from sdserve_export.preview_decoder import load_preview_decoder
 from sdserve_export.triton_configs import (
+    adapters_config,
     component_config,
     pipeline_config,
     stream_config,
     to_pbtxt,
 )
+from sdserve_export.weight_slots import build_weight_map
+from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
-from sdserve_pipeline.onnx_runtime import ONNX_FILE
+from sdserve_pipeline.onnx_runtime import ONNX_FILE, RunnerSettings
+from sdserve_pipeline.weight_map import save_weight_map
+from sdserve_protocol.adapters import adapters_model_name
 from sdserve_protocol.events import stream_model_name
 from sdserve_protocol.rules import Limits
 from sdserve_protocol.settings import OutpaintSettings, PipelineSettings
@@ -212,7 +219,20 @@ def build_repository(
         report = require_parity(check_parity(target, onnx_file))
         log(f"[{i}/{len(targets)}] {report} ({time.perf_counter() - started:.1f} s)")
         reports.append(report)
-        config = component_config(target.spec, pipe.sizes(), providers, model_name=name)
+        runner = RunnerSettings(providers=tuple(providers))
+        inner = lora_module(target.module)
+        architecture = pipe.assets.facts.architecture
+        if target.spec.name in LORA_COMPONENTS[architecture] and inner is not None:
+            model = onnx.load(str(onnx_file), load_external_data=True)
+            save_weight_map(build_weight_map(inner, model), onnx_file.parent)
+            del model
+            runner = replace(
+                runner, adapters_dir=f"../{pipeline_name}/{ADAPTERS_DIR}",
+                lora_component=target.spec.name, architecture=architecture,
+            )  # fmt: skip
+        config = component_config(
+            target.spec, pipe.sizes(), providers, model_name=name, runner=runner
+        )
         _write_config(staging / name, to_pbtxt(config))
         _copy_model_py("onnx_runner", staging / name / VERSION)
     settings = PipelineSettings(
@@ -227,7 +247,15 @@ def build_repository(
     stream_name = stream_model_name(pipeline_name)
     _write_config(staging / stream_name, to_pbtxt(stream_config(stream_name, pipeline_name)))
     _copy_model_py("stream", staging / stream_name / VERSION)
+    listing = adapters_model_name(pipeline_name)
+    config = adapters_config(listing, pipeline_name, facts.architecture, names)
+    _write_config(staging / listing, to_pbtxt(config))
+    _copy_model_py("adapters", staging / listing / VERSION)
     copy_embeddings(added, staging / pipeline_name / VERSION / ASSETS_DIR)
+    adapters = out / pipeline_name / ADAPTERS_DIR
+    if adapters.is_dir():  # the operator's adapters stay across a rebuild
+        shutil.copytree(adapters, staging / pipeline_name / ADAPTERS_DIR)
+    (staging / pipeline_name / ADAPTERS_DIR).mkdir(exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     for model_dir in sorted(staging.iterdir()):
         shutil.rmtree(out / model_dir.name, ignore_errors=True)
@@ -235,6 +263,16 @@ def build_repository(
     staging.rmdir()
     log(f"[done] Triton model repository written to {out}")
     return reports
+
+
+def lora_module(wrapper: Any) -> Any:
+    """The diffusers / transformers model inside an export wrapper whose weights LoRA files
+    name (`unet`, `text_encoder`), or None (the VAE's)."""
+    for attribute in ("unet", "text_encoder"):
+        inner = getattr(wrapper, attribute, None)
+        if inner is not None:
+            return inner
+    return None
 
 
 def _write_config(model_dir: Path, text: str) -> None:

@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import RunnerSettings
+from sdserve_protocol.adapters import LIST_OUTPUT, LIST_QUERY
 from sdserve_protocol.contract import INPUTS, OUTPUTS
 from sdserve_protocol.events import CANCELLED, EVENT_OUTPUTS, STREAM_ID, STREAM_OUTPUTS
 from sdserve_protocol.settings import PipelineSettings
@@ -24,15 +25,17 @@ def component_config(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     instances: int = 1,
     model_name: str | None = None,
+    runner: RunnerSettings | None = None,
 ) -> mc.ModelConfig:
-    """Config of one ONNX Runtime runner model (Python backend), named as its spec."""
+    """Config of one ONNX Runtime runner model (Python backend), named as its spec; `runner`
+    (default: `providers` alone) gives its session's and adapters' parameters."""
     config = mc.ModelConfig(name=model_name or spec.name, backend="python", max_batch_size=0)
     for t in spec.inputs:
         config.input.add(name=t.name, data_type=_dtype(t.dtype), dims=t.resolve(dict(sizes)))
     for t in spec.outputs:
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.resolve(dict(sizes)))
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances)
-    runner = RunnerSettings(providers=tuple(providers))
+    runner = runner or RunnerSettings(providers=tuple(providers))
     _set_parameters(config, runner.to_parameters())
     return config
 
@@ -83,6 +86,28 @@ def stream_config(name: str, pipeline: str) -> mc.ModelConfig:
         config.output.add(name=t.name, data_type=_dtype(t.dtype), dims=t.dims)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     _set_parameters(config, {"pipeline_model": pipeline})
+    return config
+
+
+def adapters_config(
+    name: str, pipeline: str, architecture: str, components: Mapping[str, str]
+) -> mc.ModelConfig:
+    """Config of a pipeline's adapter listing model (`sdserve_protocol.adapters`).
+
+    Args:
+        name: Triton model name (`inpaint_adapters`).
+        pipeline: the pipeline whose adapter folder it lists (`inpaint`).
+        architecture: the checkpoint's (`sd15`, `sdxl`).
+        components: component role → Triton model name (parameters `lora_<role>`, not
+            `<role>_model`, which mark a pipeline): where the weight maps adapters are checked
+            against are.
+    """
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=1)
+    config.input.add(name=LIST_QUERY, data_type=_dtype("BYTES"), dims=(1,))
+    config.output.add(name=LIST_OUTPUT, data_type=_dtype("BYTES"), dims=(1,))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    params = {"pipeline_model": pipeline, "architecture": architecture}
+    _set_parameters(config, params | {f"lora_{role}": m for role, m in components.items()})
     return config
 
 

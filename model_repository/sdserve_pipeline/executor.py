@@ -11,7 +11,7 @@ what the plans compute.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -33,10 +33,13 @@ class Call:
     Args:
         component: the component's name (an attribute of the executor's `components`).
         inputs: in the component's spec order, batch first.
+        adapters: the LoRA (adapter, scale) set whose weights the call runs on; empty: the
+            base weights. Calls with different sets are separate component calls.
     """
 
     component: str
     inputs: tuple[torch.Tensor, ...]
+    adapters: tuple[tuple[str, float], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -44,7 +47,7 @@ class Call:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Calls with equal keys can be concatenated along the batch axis."""
-        return (self.component, *(tuple(x.shape[1:]) for x in self.inputs))
+        return (self.component, self.adapters, *(tuple(x.shape[1:]) for x in self.inputs))
 
 
 # One request's work up to a result: yields `Call`s, receives their outputs, returns T.
@@ -121,12 +124,32 @@ class Executor:
     def _call(self, calls: list[Call]) -> list[tuple[torch.Tensor, ...]]:
         """One component call for several `Call`s: inputs concatenated, outputs split."""
         run: Runner = getattr(self.components, calls[0].component)
+        adapters = calls[0].adapters  # one set per batch (`batch_key`)
+        kwargs = {"adapters": adapters} if adapters else {}
         if len(calls) == 1:
-            return [tuple(run(*calls[0].inputs))]
+            return [tuple(run(*calls[0].inputs, **kwargs))]
         inputs = zip(*(c.inputs for c in calls), strict=True)
-        outputs = run(*(torch.cat(parts) for parts in inputs))
+        outputs = run(*(torch.cat(parts) for parts in inputs), **kwargs)
         pieces = [torch.split(output, [c.rows for c in calls]) for output in outputs]
         return [tuple(piece[j] for piece in pieces) for j in range(len(calls))]
+
+
+def with_adapters(
+    plan: Plan[T], by_component: Mapping[str, tuple[tuple[str, float], ...]]
+) -> Plan[T]:
+    """`plan` with its calls of each component in `by_component` run on that adapter set."""
+    if not any(by_component.values()):
+        return (yield from plan)
+    outputs: tuple[torch.Tensor, ...] | None = None
+    while True:
+        try:
+            call = plan.send(outputs)  # type: ignore[arg-type]  # None starts it
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        adapters = by_component.get(call.component, ())
+        if adapters:
+            call = replace(call, adapters=adapters)
+        outputs = yield call
 
 
 def chunks(items: list[T], rows_of: Callable[[T], int], max_rows: int) -> list[list[T]]:

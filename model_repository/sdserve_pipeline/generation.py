@@ -17,8 +17,8 @@ sessions).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -32,7 +32,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sdserve_pipeline.assets import TOKENIZER_LOCK, PipelineAssets
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.crop import paste_back
-from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner
+from sdserve_pipeline.executor import Call, Cancelled, Executor, Plan, Runner, with_adapters
 from sdserve_pipeline.images import (
     Processors,
     blur_mask,
@@ -47,6 +47,9 @@ from sdserve_pipeline.prompts import PromptEncoder
 from sdserve_pipeline.schedulers import make_scheduler
 from sdserve_pipeline.sizing import Sizing
 from sdserve_protocol.contract import GenerationParams
+
+LORA_CALLS = frozenset({"unet", "text_encoder", "text_encoder_2"})  # what LoRA can change
+AdapterSet = tuple[tuple[str, float], ...]  # (adapter, scale) pairs
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Job:
     conditioning: Conditioning
     step_kwargs: dict[str, Any]
     index: int = 0
+    adapter_calls: dict[str, AdapterSet] = field(default_factory=dict)
 
     @property
     def prompt_embeds(self) -> torch.Tensor:
@@ -178,6 +182,8 @@ class GenerationLoop:
             s for s in components_for(assets.facts.architecture) if "input_ids" in s.input_names
         ]
         self.prompts = PromptEncoder(assets, {s.name: s.output_names for s in encoders})
+        # adapter name → the components it changes; set by the service that serves adapters
+        self.adapter_targets: Callable[[str], Collection[str]] | None = None
 
     @property
     def components(self) -> Components:
@@ -220,7 +226,28 @@ class GenerationLoop:
         return (yield from self.finish_plan(job))
 
     def start_plan(self, params: GenerationParams) -> Plan[Job]:
-        """Everything before the denoising loop: prompt, timesteps, latents, conditioning."""
+        """Everything before the denoising loop: prompt, timesteps, latents, conditioning;
+        its text-encoder calls on the request's adapters."""
+        calls = self.adapter_calls(params)
+        job = yield from with_adapters(self._start_plan(params), calls)
+        job.adapter_calls = calls
+        return job
+
+    def adapter_calls(self, params: GenerationParams) -> dict[str, AdapterSet]:
+        """Component → the request's adapters that change it (`adapter_targets`; all of them
+        when unknown): calls of a component no adapter changes run on the base weights, and
+        share their batch with base requests."""
+        if not params.adapters:
+            return {}
+        targets = self.adapter_targets
+        return {
+            component: tuple(
+                a for a in params.adapters if targets is None or component in targets(a[0])
+            )
+            for component in LORA_CALLS
+        }
+
+    def _start_plan(self, params: GenerationParams) -> Plan[Job]:
         n, cfg = params.num_images, params.guidance_scale > 1.0
         generators = [torch.Generator().manual_seed(s) for s in params.seeds]
         height, width = self.sizing.generation_size(params)  # on the grid, or a size bucket
@@ -246,7 +273,11 @@ class GenerationLoop:
 
     def step_plan(self, job: Job) -> Plan[None]:
         """One denoising step of one job: its UNet rows, then its own guidance, scheduler step
-        and blend. Jobs at different steps of different schedules share the UNet call."""
+        and blend. Jobs at different steps of different schedules share the UNet call; jobs
+        on different adapter sets make separate calls."""
+        return (yield from with_adapters(self._step_plan(job), job.adapter_calls))
+
+    def _step_plan(self, job: Job) -> Plan[None]:
         # 4. Denoising loop, one step: [latents, mask, masked latents]
         t = job.timesteps[job.index]
         model_input = torch.cat([job.latents] * 2) if job.cfg else job.latents

@@ -31,7 +31,9 @@ def load_service(repository: str | Path, pipeline: str = "inpaint") -> PipelineS
 
     def make_runner(spec: ComponentSpec, model_name: str) -> OrtRunner:
         settings = RunnerSettings.from_parameters(read_parameters(repository / model_name))
-        return OrtRunner(spec, settings.session(repository / model_name / VERSION))
+        version_dir = repository / model_name / VERSION
+        session = settings.session(version_dir)
+        return OrtRunner(spec, session, settings.variants(version_dir, session))
 
     pipeline_dir = repository / pipeline
     settings = PipelineSettings.from_parameters(read_parameters(pipeline_dir))

@@ -5,10 +5,13 @@ Imports no torch: the runner models' backend stubs load only ONNX Runtime and nu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy.typing as npt
 import onnxruntime as ort
 
 from sdserve_protocol.settings import parse_flag
@@ -22,6 +25,7 @@ def create_session(
     providers: Sequence[str] = DEFAULT_PROVIDERS,
     intra_op_threads: int = 0,
     allow_spinning: bool = True,
+    overrides: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> ort.InferenceSession:
     """An ORT session on the first available of `providers` (CPU always last resort).
 
@@ -32,16 +36,28 @@ def create_session(
         allow_spinning: whether idle intra-op threads busy-wait for the next op (ORT's
             default). Off when several sessions (one per component model process) share
             the cores with the pipeline: a spinning idle pool takes CPU from the others.
+        overrides: initializer name → value to use instead of the file's (a weight variant,
+            `sdserve_pipeline.variants`); the arrays must outlive the session.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if overrides:
+        # Seen with onnxruntime 1.31.1 (CPU): at ORT_ENABLE_ALL the layout transformations
+        # (NCHWc convs) read the file's weights, not the overriding ones: a LoRA variant of
+        # the demo UNet then differed from PyTorch's by 1.69; at EXTENDED, by 5e-5.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.intra_op_num_threads = intra_op_threads
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
     )
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (overrides or {}).values()]
+    for name, value in zip(overrides or {}, values, strict=True):
+        options.add_initializer(name, value)
     available = set(ort.get_available_providers())
     chosen = [p for p in providers if p in available] or list(DEFAULT_PROVIDERS)
-    return ort.InferenceSession(str(onnx_file), sess_options=options, providers=chosen)
+    session = ort.InferenceSession(str(onnx_file), sess_options=options, providers=chosen)
+    session.sdserve_overrides = values  # the OrtValues must outlive the session
+    return session
 
 
 @dataclass(frozen=True)
@@ -56,20 +72,39 @@ class RunnerSettings:
             Off by default: each component is its own process, and the pipeline works between
             their calls (benchmarks/results/ort_tuning.md: +14 % images/s at concurrency 1,
             +23 % at 8 on the demo, 2 cores).
+        adapters_dir (parameter `adapters_dir`): the LoRA adapter folder, relative to this
+            runner's model folder (`../inpaint/adapters`); empty: no adapters.
+        lora_component (parameter `lora_component`): the component's name in LoRA files
+            (`unet`, `text_encoder`, `text_encoder_2`).
+        architecture (parameter `architecture`): the checkpoint's (`sd15`, `sdxl`).
+        adapter_cache_mb (parameter `adapter_cache_mb`): memory budget of this component's
+            weight variants (each about the ONNX file's size).
     """
 
     onnx_file: str = ONNX_FILE
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     intra_op_threads: int = 0
     allow_spinning: bool = False
+    adapters_dir: str = ""
+    lora_component: str = ""
+    architecture: str = ""
+    adapter_cache_mb: int = 4096
 
     def to_parameters(self) -> dict[str, str]:
-        return {
+        params = {
             "onnx_file": self.onnx_file,
             "execution_providers": ",".join(self.providers),
             "intra_op_threads": str(self.intra_op_threads),
             "allow_spinning": str(self.allow_spinning).lower(),
         }
+        if self.adapters_dir:
+            params |= {
+                "adapters_dir": self.adapters_dir,
+                "lora_component": self.lora_component,
+                "architecture": self.architecture,
+                "adapter_cache_mb": str(self.adapter_cache_mb),
+            }
+        return params
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> RunnerSettings:
@@ -91,12 +126,58 @@ class RunnerSettings:
                 allow_spinning=parse_flag(params["allow_spinning"])
                 if "allow_spinning" in params
                 else default.allow_spinning,
+                adapters_dir=params.get("adapters_dir", default.adapters_dir),
+                lora_component=params.get("lora_component", default.lora_component),
+                architecture=params.get("architecture", default.architecture),
+                adapter_cache_mb=int(params.get("adapter_cache_mb", default.adapter_cache_mb)),
             )
         except ValueError as err:
             raise ValueError(f"runner parameters {dict(params)}: {err}") from None
 
-    def session(self, version_dir: Path) -> ort.InferenceSession:
-        """The session of the model in `version_dir`."""
+    def session(
+        self, version_dir: Path, overrides: Mapping[str, npt.NDArray[Any]] | None = None
+    ) -> ort.InferenceSession:
+        """The session of the model in `version_dir` (with initializers overridden)."""
         return create_session(
-            version_dir / self.onnx_file, self.providers, self.intra_op_threads, self.allow_spinning
+            version_dir / self.onnx_file,
+            self.providers,
+            self.intra_op_threads,
+            self.allow_spinning,
+            overrides,
         )
+
+    def variants(self, version_dir: Path, base: ort.InferenceSession) -> Any:
+        """The weight variants of this runner (`variants.VariantSessions`), or None when it
+        serves no adapters (no `adapters_dir`, or an export without a weight map).
+
+        Raises:
+            VariantBudgetError: `adapter_cache_mb` cannot hold one variant.
+        """
+        from sdserve_pipeline.weight_map import load_weight_map
+
+        weight_map = load_weight_map(version_dir)
+        if not self.adapters_dir or weight_map is None:
+            return None
+        from sdserve_pipeline.adapters import AdapterCatalog
+        from sdserve_pipeline.variants import VariantSessions
+
+        folder = (version_dir.parent / self.adapters_dir).resolve()
+        catalog = AdapterCatalog(folder, self.architecture, {self.lora_component: weight_map})
+        return VariantSessions(
+            self.lora_component, base, version_dir / self.onnx_file, weight_map, catalog,
+            lambda overrides: self.session(version_dir, overrides),
+            self.adapter_cache_mb * 2**20,
+        )  # fmt: skip
+
+
+ADAPTERS_PARAMETER = "adapters"
+"""The BLS request parameter that names a component call's adapter set: JSON
+`[[name, scale], ...]`."""
+
+
+def encode_adapter_set(adapters: Sequence[tuple[str, float]]) -> str:
+    return json.dumps([[name, float(scale)] for name, scale in adapters])
+
+
+def decode_adapter_set(text: str) -> tuple[tuple[str, float], ...]:
+    return tuple((str(name), float(scale)) for name, scale in json.loads(text))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -10,16 +13,33 @@ from sdserve_pipeline.components import ComponentSpec
 
 
 class OrtRunner:
-    """A component as a callable: torch tensors in spec order → torch tensors in spec order."""
+    """A component as a callable: torch tensors in spec order → torch tensors in spec order.
 
-    def __init__(self, spec: ComponentSpec, session: ort.InferenceSession) -> None:
+    Args:
+        spec: the component.
+        session: its base session.
+        variants: its weight variants (`variants.VariantSessions`), or None: no adapters.
+    """
+
+    def __init__(
+        self, spec: ComponentSpec, session: ort.InferenceSession, variants: Any = None
+    ) -> None:
         self.spec = spec
         self.session = session
+        self.variants = variants
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(
+        self, *inputs: torch.Tensor, adapters: Sequence[tuple[str, float]] = ()
+    ) -> tuple[torch.Tensor, ...]:
         feeds = {
             t.name: np.ascontiguousarray(x.detach().cpu().numpy())
             for t, x in zip(self.spec.inputs, inputs, strict=True)
         }
-        outputs = self.session.run(self.spec.output_names, feeds)
+        if not adapters:
+            outputs = self.session.run(self.spec.output_names, feeds)
+        elif self.variants is None:
+            raise RuntimeError(f"{self.spec.name}: serves no adapters")
+        else:
+            with self.variants.session(tuple(adapters)) as session:
+                outputs = session.run(self.spec.output_names, feeds)
         return tuple(torch.from_numpy(o) for o in outputs)

@@ -37,13 +37,17 @@ class PipelineService:
         limits: request limits.
         outpaint: outpainting settings (bands of the model's default size).
         schedulers: the scheduler names requests may ask for (all of `SCHEDULER_NAMES`).
+        adapters: the LoRA adapter folder (`adapters.AdapterCatalog`); None: none served.
     """
 
     def __init__(
         self, loop: GenerationLoop, limits: Limits, outpaint: OutpaintSettings | None = None,
-        schedulers: Sequence[str] = SCHEDULER_NAMES,
+        schedulers: Sequence[str] = SCHEDULER_NAMES, adapters: Any = None,
     ) -> None:  # fmt: skip
         self.loop = loop
+        self.adapters = adapters  # an `adapters.AdapterCatalog`, or None: no LoRA served
+        if adapters is not None:
+            loop.adapter_targets = self.adapter_targets
         self.limits = limits
         self.outpaint = outpaint or OutpaintSettings(native=loop.facts.default_size)
         self.schedulers = tuple(schedulers)
@@ -85,7 +89,9 @@ class PipelineService:
         outpaint_settings = settings.outpaint
         if not outpaint_settings.native:
             outpaint_settings = replace(outpaint_settings, native=facts.default_size)
-        return cls(loop, settings.limits, outpaint_settings, settings.schedulers)
+        models = {spec.name: settings.component_model(spec.name) for spec in specs}
+        catalog = adapter_catalog(Path(assets_dir).parent.parent, models, facts.architecture)
+        return cls(loop, settings.limits, outpaint_settings, settings.schedulers, catalog)
 
     @property
     def preview(self) -> PreviewDecoder:
@@ -115,12 +121,35 @@ class PipelineService:
         prompts = self.loop.prompts
         prompts.check(params.prompt, params.negative_prompt, params.prompt_weighting,
                       self.limits.max_prompt_chunks)  # fmt: skip
+        if params.adapters:
+            self.check_adapters([name for name, _ in params.adapters])
         texts = [params.negative_prompt, params.prompt]
         if params.clip_skip and prompts.applies(texts, params.prompt_weighting):
             raise RequestError(
                 "clip_skip", "applies to plain prompts (one text-encoder window, no weighting)"
             )
         return params
+
+    def adapter_targets(self, name: str) -> tuple[str, ...]:
+        """The components adapter `name` changes (all LoRA can change when it is not usable
+        now: the runner then refuses it)."""
+        from sdserve_pipeline.adapters import LORA_COMPONENTS, AdapterError
+
+        try:
+            return tuple(self.adapters.get([name])[0].targets)
+        except AdapterError:
+            return LORA_COMPONENTS[self.loop.facts.architecture]
+
+    def check_adapters(self, names: Sequence[str]) -> None:
+        """Every adapter named is in the folder and usable; raises `RequestError` if not."""
+        from sdserve_pipeline.adapters import AdapterError
+
+        if self.adapters is None:
+            raise RequestError("adapters", "this model serves no LoRA adapters")
+        try:
+            self.adapters.get(names)
+        except AdapterError as err:
+            raise RequestError("adapters", str(err)) from None
 
     def generate(
         self, inputs: Mapping[str, npt.NDArray[Any]], is_cancelled: Callable[[], bool] | None = None
@@ -145,6 +174,33 @@ class PipelineService:
         """An outpainting request, band after band: its wire outputs (`outpaint.outpaint`)."""
         images = outpaint(self.loop, params, self.outpaint, is_cancelled, on_step)
         return wire_outputs(images, params)
+
+
+def adapter_catalog(
+    pipeline_dir: Path, component_models: Mapping[str, str], architecture: str
+) -> Any:
+    """The pipeline's adapter folder (`<pipeline model>/adapters`), checked against the weight
+    maps of its components; None when no component has one (an export before adapters, or
+    the GPU variant's native components, which cannot switch weights).
+
+    Args:
+        pipeline_dir: `<repository>/<pipeline>`.
+        component_models: component role → the Triton model serving it.
+        architecture: the checkpoint's.
+    """
+    from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS, AdapterCatalog
+    from sdserve_pipeline.assets import VERSION
+    from sdserve_pipeline.weight_map import load_weight_map
+
+    maps = {}
+    for component in LORA_COMPONENTS.get(architecture, ()):
+        model = component_models.get(component, component)
+        found = load_weight_map(pipeline_dir.parent / model / VERSION)
+        if found is not None:
+            maps[component] = list(found)
+    if not maps:
+        return None
+    return AdapterCatalog(pipeline_dir / ADAPTERS_DIR, architecture, maps)
 
 
 def wire_outputs(

@@ -6,6 +6,7 @@ passed in; tests use a fake.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from sdserve_pipeline.components import ComponentSpec
+from sdserve_pipeline.onnx_runtime import ADAPTERS_PARAMETER, encode_adapter_set
 
 
 class ComponentError(RuntimeError):
@@ -27,16 +29,22 @@ class BlsRunner:
         self.model_name = model_name
         self.pb_utils = pb_utils
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(
+        self, *inputs: torch.Tensor, adapters: Sequence[tuple[str, float]] = ()
+    ) -> tuple[torch.Tensor, ...]:
         pb = self.pb_utils
         tensors = [
             pb.Tensor(t.name, np.ascontiguousarray(x.detach().cpu().numpy()))
             for t, x in zip(self.spec.inputs, inputs, strict=True)
         ]
+        extra = {}
+        if adapters:  # the runner picks the weight variant
+            extra["parameters"] = {ADAPTERS_PARAMETER: encode_adapter_set(adapters)}
         request = pb.InferenceRequest(
             model_name=self.model_name,
             inputs=tensors,
             requested_output_names=self.spec.output_names,
+            **extra,
         )
         response = check_response(request.exec(), self.model_name)
         return tuple(
