@@ -4,6 +4,7 @@ on the tiny SD 1.5 demo pipeline (fp32)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -336,3 +337,25 @@ def test_sdxl_matches_diffusers_set_adapters(xl_repository, demo_xl_pipeline_dir
     assert max_abs(ours, base) > 4
     described = service.adapters.scan()["xl_all"].describe()
     assert set(described["targets"]) == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_a_component_call_checks_its_adapter_set_itself():
+    """Component models take inference requests from anyone, not only their pipeline's BLS
+    calls: the runner refuses what the rule table would."""
+    from sdserve_pipeline.onnx_runtime import (
+        MAX_ADAPTERS_PER_CALL,
+        decode_adapter_set,
+        encode_adapter_set,
+    )
+
+    good = (("a", 0.5), ("b", -8.0))
+    assert decode_adapter_set(encode_adapter_set(good)) == good
+    for bad in (
+        '[["a", 1.0], ["a", 0.5]]',  # a name twice
+        json.dumps([[f"n{i}", 1.0] for i in range(MAX_ADAPTERS_PER_CALL + 1)]),
+        '[["a", 8.5]]',
+        '[["a", NaN]]',
+        '[["a", Infinity]]',
+    ):
+        with pytest.raises(ValueError, match="adapter"):
+            decode_adapter_set(bad)

@@ -6,6 +6,7 @@ Imports no torch: the runner models' backend stubs load only ONNX Runtime and nu
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy.typing as npt
 import onnxruntime as ort
 
+from sdserve_protocol.rules import MAX_ADAPTER_SCALE
 from sdserve_protocol.settings import parse_flag
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
@@ -179,5 +181,22 @@ def encode_adapter_set(adapters: Sequence[tuple[str, float]]) -> str:
     return json.dumps([[name, float(scale)] for name, scale in adapters])
 
 
+MAX_ADAPTERS_PER_CALL = 16
+"""Most adapters one component call may name (a pipeline allows `limit_max_adapters`)."""
+
+
 def decode_adapter_set(text: str) -> tuple[tuple[str, float], ...]:
-    return tuple((str(name), float(scale)) for name, scale in json.loads(text))
+    """A call's adapter set, checked again here: a component model is reachable by any
+    client's inference request, not only by its pipeline's BLS calls.
+
+    Raises:
+        ValueError: not `[[name, scale], ...]`, a name twice, more than
+            `MAX_ADAPTERS_PER_CALL`, or a scale not finite or beyond `MAX_ADAPTER_SCALE`.
+    """
+    pairs = tuple((str(name), float(scale)) for name, scale in json.loads(text))
+    names = {name for name, _ in pairs}
+    if len(names) != len(pairs) or len(pairs) > MAX_ADAPTERS_PER_CALL:
+        raise ValueError(f"adapters: at most {MAX_ADAPTERS_PER_CALL}, each once")
+    if not all(math.isfinite(s) and abs(s) <= MAX_ADAPTER_SCALE for _, s in pairs):
+        raise ValueError(f"adapter scales: finite, within ±{MAX_ADAPTER_SCALE:g}")
+    return pairs
