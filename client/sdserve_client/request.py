@@ -74,7 +74,7 @@ class GenerationRequest:
             default 0: none; at most the model's `limit_max_clip_skip`, its layer count).
         adapters (`Sequence[str]`, *optional*):
             LoRA adapters to generate with, by name (files in the server's adapter folder;
-            `InpaintClient.adapters()` lists them); absent: the base weights.
+            `InpaintClient.list_adapters()` lists them); absent: the base weights.
         adapter_scales (`Sequence[float]`, *optional*):
             One scale per adapter, as diffusers' `set_adapters(..., adapter_weights=...)`
             (server default 1.0 each).
