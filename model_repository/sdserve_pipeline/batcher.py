@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from sdserve_pipeline.admission import MemoryBudget, MemoryModel, denoising_steps
 from sdserve_pipeline.executor import Cancelled
@@ -319,13 +320,22 @@ class ContinuousBatcher:
             return
         jobs = [self._job(request) for request in due]
         latents = [(job.latents, request.params) for job, request in zip(jobs, due, strict=True)]
-        try:
-            images = previews(self._preview, latents, self.service.loop.facts.vae_scale_factor)
-        except Exception as err:  # noqa: BLE001 (a preview is not worth a request)
-            self._on_callback_error(err)
+        images = self._previews(latents)
+        if images is None:
             return
         for request, job, one in zip(due, jobs, images, strict=True):
             self._tell(request, Preview(job.index, len(job.timesteps), one))
+
+    def _previews(
+        self, due: list[tuple[torch.Tensor, GenerationParams]]
+    ) -> list[npt.NDArray[np.uint8]] | None:
+        """`streaming.previews` with this batcher's decoder; None (reported) if it fails: a
+        preview is not worth a request."""
+        try:
+            return previews(self._preview, due, self.service.loop.facts.vae_scale_factor)
+        except Exception as err:  # noqa: BLE001
+            self._on_callback_error(err)
+            return None
 
     @property
     def pending(self) -> int:
@@ -485,13 +495,10 @@ class ContinuousBatcher:
         """A `Preview` of the whole canvas: the band being generated (its preview, over
         what is known) inside the canvas so far. Outpainting runs alone, so it is decoded
         alone."""
-        try:
-            images = previews(
-                self._preview, [(job.latents, band)], self.service.loop.facts.vae_scale_factor
-            )[0]
-        except Exception as err:  # noqa: BLE001 (a preview is not worth a request)
-            self._on_callback_error(err)
+        decoded = self._previews([(job.latents, band)])
+        if decoded is None:
             return
+        images = decoded[0]
         whole = np.repeat(canvas[np.newaxis], len(images), axis=0)
         whole[(slice(None),) + tuple(window.slices)] = images
         self._tell(request, Preview(done, max(total, done), whole))
