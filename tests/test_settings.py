@@ -32,6 +32,7 @@ CUSTOM = PipelineSettings(
     schedulers=("euler", "ddim"),
     size_buckets=(SizeBucket(896, 1152), SizeBucket(1024, 1024)),
     max_batch={"unet": 4, "vae_decoder": 2},
+    load_on_demand=True,
 )  # fmt: skip
 
 
@@ -41,6 +42,7 @@ def test_every_setting_round_trips_through_the_parameters() -> None:
     assert params["size_buckets"] == "1152x896,1024x1024"  # WIDTHxHEIGHT, by (height, width)
     assert params["queue_timeout_s"] == "2.5" and params["join_wait_ms"] == "0"
     assert params["max_unet_batch"] == "4" and params["unet_model"] == "xl_unet"
+    assert params["load_on_demand"] == "true"
     assert PipelineSettings.from_parameters(params) == CUSTOM
     assert PipelineSettings.from_parameters(params, strict=False) == CUSTOM
 
@@ -65,6 +67,7 @@ def test_absent_parameters_read_as_the_defaults() -> None:
         ("architecture", "sd3", "parameter architecture: 'sd3'"),
         ("schedulers", "ddim,warp_drive", "schedulers: 'ddim,warp_drive' lists unknown warp_drive"),
         ("schedulers", " , ", "lists no name"),
+        ("load_on_demand", "sometimes", "parameter load_on_demand: 'sometimes'"),
     ],
 )
 def test_a_bad_value_fails_the_server_and_keeps_the_default_in_a_client(key, value, message):

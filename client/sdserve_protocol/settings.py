@@ -154,6 +154,11 @@ class PipelineSettings:
             any size on the latent grid.
         max_batch (`dict[str, int]`, parameters `max_<role>_batch`): most rows one call of a
             component may carry (its engine's limit); absent: no limit.
+        load_on_demand (`bool`, parameter `load_on_demand`): the component models are not
+            loaded when the server starts but by the pipeline's first request, and unloaded
+            when another checkpoint needs the room and no request uses them
+            (`sdserve_pipeline.checkpoints`; the server's budget: its environment's
+            `SDSERVE_CHECKPOINT_BUDGET_MB`).
     """
 
     architecture: str = ""
@@ -166,6 +171,7 @@ class PipelineSettings:
     schedulers: tuple[str, ...] = SCHEDULER_NAMES
     size_buckets: tuple[SizeBucket, ...] = ()
     max_batch: dict[str, int] = field(default_factory=dict)
+    load_on_demand: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("architecture", self.architecture, ("", *ARCHITECTURES))
@@ -188,6 +194,7 @@ class PipelineSettings:
         if self.size_buckets:
             params["size_buckets"] = format_buckets(self.size_buckets)
         params |= {_batch_key(role): str(rows) for role, rows in self.max_batch.items()}
+        params["load_on_demand"] = str(self.load_on_demand).lower()
         return params
 
     @classmethod
@@ -222,6 +229,7 @@ class PipelineSettings:
                 for role in COMPONENT_ROLES
                 if _batch_key(role) in params
             },
+            load_on_demand=read("load_on_demand", parse_flag, default.load_on_demand),
         )
 
 

@@ -137,6 +137,12 @@ def _add_repository(sub: argparse._SubParsersAction) -> None:
         help="prefix of the component model names, to serve several checkpoints side by side",
     )  # fmt: skip
     repo.add_argument(
+        "--load-on-demand", action="store_true",
+        help="load this pipeline's component models on its first request, not when the server "
+        "starts, and unload them when another checkpoint needs the room (server budget: "
+        "SDSERVE_CHECKPOINT_BUDGET_MB, or serve --checkpoint-budget-mb)",
+    )  # fmt: skip
+    repo.add_argument(
         "--providers", default="CPUExecutionProvider",
         help="comma-separated ONNX Runtime execution providers, in order of preference",
     )  # fmt: skip
@@ -163,6 +169,7 @@ def repository(args: argparse.Namespace) -> int:
             args.out,
             pipeline_name=args.name,
             component_prefix=args.component_prefix,
+            load_on_demand=args.load_on_demand,
             providers=tuple(args.providers.split(",")),
             allow_pickle=args.allow_pickle,
             embeddings=args.embeddings,

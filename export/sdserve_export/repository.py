@@ -49,6 +49,7 @@ from sdserve_export.parity import ParityReport, check_parity, require_parity
 from sdserve_export.preview_decoder import load_preview_decoder
 from sdserve_export.triton_configs import (
     adapters_config,
+    checkpoints_config,
     component_config,
     pipeline_config,
     stream_config,
@@ -60,6 +61,7 @@ from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, Pipeli
 from sdserve_pipeline.onnx_runtime import ONNX_FILE, RunnerSettings
 from sdserve_pipeline.weight_map import save_weight_map
 from sdserve_protocol.adapters import adapters_model_name
+from sdserve_protocol.checkpoints import CHECKPOINTS_MODEL
 from sdserve_protocol.events import stream_model_name
 from sdserve_protocol.rules import Limits
 from sdserve_protocol.settings import OutpaintSettings, PipelineSettings
@@ -164,6 +166,7 @@ def build_repository(
     log: Callable[[str], None] = print,
     embeddings: Path | None = None,
     preview_decoder: Path | None = None,
+    load_on_demand: bool = False,
 ) -> list[ParityReport]:
     """Export every component with a parity check, then write configs and the pipeline model.
 
@@ -183,6 +186,8 @@ def build_repository(
             exported text encoder(s) and tokenizer(s) gain (`sdserve_export.embeddings`).
         preview_decoder: a diffusers `AutoencoderTiny` folder (TAESD / TAESDXL) exported as
             the `preview_decoder` component, which then decodes streamed previews.
+        load_on_demand: the server loads the components on the pipeline's first request
+            and may unload them for another checkpoint (`sdserve_pipeline.checkpoints`).
 
     Raises:
         EmbeddingError: an embedding file is refused (before anything is exported).
@@ -238,7 +243,7 @@ def build_repository(
     settings = PipelineSettings(
         architecture=facts.architecture, components=names,
         limits=replace(limits, max_clip_skip=facts.max_clip_skip),
-        outpaint=OutpaintSettings(native=facts.default_size),
+        outpaint=OutpaintSettings(native=facts.default_size), load_on_demand=load_on_demand,
     )  # fmt: skip
     config = pipeline_config(pipeline_name, settings)
     _write_config(staging / pipeline_name, to_pbtxt(config))
@@ -251,6 +256,8 @@ def build_repository(
     config = adapters_config(listing, pipeline_name, facts.architecture, names)
     _write_config(staging / listing, to_pbtxt(config))
     _copy_model_py("adapters", staging / listing / VERSION)
+    _write_config(staging / CHECKPOINTS_MODEL, to_pbtxt(checkpoints_config()))
+    _copy_model_py("checkpoints", staging / CHECKPOINTS_MODEL / VERSION)
     copy_embeddings(added, staging / pipeline_name / VERSION / ASSETS_DIR)
     adapters = out / pipeline_name / ADAPTERS_DIR
     if adapters.is_dir():  # the operator's adapters stay across a rebuild

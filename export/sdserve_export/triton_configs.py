@@ -14,6 +14,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from sdserve_pipeline.components import ComponentSpec
 from sdserve_pipeline.onnx_runtime import RunnerSettings
 from sdserve_protocol.adapters import LIST_OUTPUT, LIST_QUERY
+from sdserve_protocol.checkpoints import CHECKPOINTS_MODEL
+from sdserve_protocol.checkpoints import LIST_OUTPUT as CHECKPOINTS_OUTPUT
+from sdserve_protocol.checkpoints import LIST_QUERY as CHECKPOINTS_QUERY
 from sdserve_protocol.contract import INPUTS, OUTPUTS
 from sdserve_protocol.events import CANCELLED, EVENT_OUTPUTS, STREAM_ID, STREAM_OUTPUTS
 from sdserve_protocol.settings import PipelineSettings
@@ -108,6 +111,15 @@ def adapters_config(
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     params = {"pipeline_model": pipeline, "architecture": architecture}
     _set_parameters(config, params | {f"lora_{role}": m for role, m in components.items()})
+    return config
+
+
+def checkpoints_config() -> mc.ModelConfig:
+    """Config of the repository's checkpoint listing model (`sdserve_protocol.checkpoints`)."""
+    config = mc.ModelConfig(name=CHECKPOINTS_MODEL, backend="python", max_batch_size=1)
+    config.input.add(name=CHECKPOINTS_QUERY, data_type=_dtype("BYTES"), dims=(1,))
+    config.output.add(name=CHECKPOINTS_OUTPUT, data_type=_dtype("BYTES"), dims=(1,))
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     return config
 
 

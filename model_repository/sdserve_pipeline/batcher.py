@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -59,6 +59,14 @@ from sdserve_protocol.contract import GenerationParams
 from sdserve_protocol.events import Preview, Progress, Queued
 
 __all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout", "generate_all"]
+
+class Lease(Protocol):
+    """What a request holds while it runs (`checkpoints.CheckpointLease`)."""
+
+    def enter(self) -> None: ...
+
+    def exit(self) -> None: ...
+
 
 # Receives a request's wire outputs, or the exception that ended it. Called exactly once.
 Done = Callable[[dict[str, npt.NDArray[Any]] | Exception], None]
@@ -78,6 +86,7 @@ class _Request:
     listener: Listener | None = None  # told its queue position, progress and previews
     position: int = 0  # its last reported queue position
     started_at: float = 0.0  # time.monotonic() when it started denoising
+    leased: bool = False  # holds the batcher's lease (its checkpoint is loaded for it)
 
 
 class ContinuousBatcher:
@@ -104,6 +113,10 @@ class ContinuousBatcher:
             the service's, `PipelineService.preview`: its preview decoder (a tiny VAE) when
             the repository has one, else the model family's linear projection,
             `streaming.linear_decoder`).
+        lease: entered by each request before it starts and exited when it is answered
+            (`checkpoints.CheckpointLease`: the components of a checkpoint loaded on demand
+            stay loaded while a request runs). A request whose `enter` raises is answered
+            with that error.
     """
 
     def __init__(
@@ -118,6 +131,7 @@ class ContinuousBatcher:
         memory_budget: int = 0,
         join_wait_s: float = 0.0,
         preview: PreviewDecoder | None = None,
+        lease: Lease | None = None,
     ) -> None:
         if max_active < 1 or max_queued < 0 or queue_timeout_s < 0:
             raise ValueError(
@@ -134,6 +148,7 @@ class ContinuousBatcher:
         facts = service.loop.facts
         self.memory = memory or MemoryModel(facts.architecture, facts.vae_scale_factor)
         self._preview = preview or service.preview
+        self._lease = lease
         self._budget = MemoryBudget(memory_budget)
         self._held = 0  # requests taken and not yet answered
         self._pending = 0  # of those, not started yet
@@ -381,6 +396,7 @@ class ContinuousBatcher:
         """Admit, step, answer the finished; returns how many were answered."""
         loop = self.service.loop
         run = loop.executor.run_plans  # merges the calls the plans ask for at the same time
+        arrived = [r for r in arrived if self._enter(r)]  # its checkpoint loaded (on demand)
         # 1. Admit the newcomers: prompt encoding and latents (text-encoder and VAE-encoder
         #    calls batched across them)
         started = run([loop.start_plan(r.params) for r in arrived])
@@ -429,14 +445,29 @@ class ContinuousBatcher:
         self._release(request)
         self._answer(request.done, outcome, request.queued_at)
 
+    def _enter(self, request: _Request) -> bool:
+        """Enter the lease for a request about to start; if that fails, answer it."""
+        if self._lease is not None:
+            try:
+                self._lease.enter()
+            except Exception as err:  # noqa: BLE001 (answered, not raised)
+                self._finish(request, err)
+                return False
+            request.leased = True
+        return True
+
     def _release(self, request: _Request) -> None:
-        """Free the request's slot, its memory reservation and its outstanding steps."""
+        """Free the request's slot, its memory reservation, its outstanding steps and its
+        hold on the lease."""
         with self._wake:
             self._held -= 1
             self._budget.release(request.memory)
             self._steps -= request.steps_left
             request.steps_left = 0
             self._publish_load()
+        if request.leased and self._lease is not None:
+            request.leased = False
+            self._lease.exit()
 
     def _outpaint(self, request: _Request) -> None:
         total = request.steps_left
@@ -467,6 +498,9 @@ class ContinuousBatcher:
             self._dequeued(request, now)
             if now > request.deadline:
                 raise QueueTimeout()
+            if self._lease is not None:
+                self._lease.enter()
+                request.leased = True
             outcome: dict[str, npt.NDArray[Any]] | Exception = self.service.outpaint_request(
                 request.params, check, stepped if request.listener is not None else None
             )

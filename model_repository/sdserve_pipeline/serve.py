@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tls-client-ca", default=None, help="PEM CA: clients must show a cert it signed"
     )
+    parser.add_argument(
+        "--checkpoint-budget-mb", default=None,
+        help="MB the components of checkpoints loaded on demand may hold together ('auto': "
+        "half the memory, the default; 0: no limit); default: $SDSERVE_CHECKPOINT_BUDGET_MB",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -129,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_path=args.log_file,
             tls=tls_config(args),
             on_event=_print,
+            checkpoint_budget_mb=args.checkpoint_budget_mb,
         )
     except SecurityConfigError as exc:
         print(f"[sdserve] error: {exc}", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import final
 
+from sdserve_pipeline.checkpoints import (
+    BUDGET_ENV,
+    STATE_DIR_ENV,
+    on_demand_models,
+    startup_models,
+)
 from sdserve_pipeline.healing import STUB_NAME, StubWatchdog
 from sdserve_pipeline.server_security import AdminKey, TlsConfig, resolve_admin_key
 from sdserve_pipeline.triton_control import ControlClient, ControlError
@@ -304,6 +311,7 @@ def build_command(
     log_verbose: int = 0,
     cache_dir: Path | None = None,
     extra_args: Sequence[str] = (),
+    load_models: Sequence[str] | None = None,
 ) -> list[str]:
     """The `tritonserver` argument list (for `subprocess`, never a shell string).
 
@@ -317,6 +325,8 @@ def build_command(
         log_verbose (`int`, *optional*, defaults to 0): Triton's `--log-verbose` level.
         cache_dir (`Path`, *optional*): Response-cache implementations (`--cache-directory`).
         extra_args (`Sequence[str]`, *optional*): Further `--flag=value` arguments, appended.
+        load_models (`Sequence[str]`, *optional*): The models loaded at start (default: all;
+            `checkpoints.startup_models` leaves out those loaded on demand).
 
     Returns:
         The command, as a list of strings.
@@ -333,10 +343,10 @@ def build_command(
         f"--metrics-port={ports.metrics}",
         f"--exit-timeout-secs={exit_timeout_s}",
         f"--log-verbose={log_verbose}",
-        # Explicit control (all models loaded at start) lets `TritonServer.drain` unload the
-        # pipeline models gracefully before SIGTERM.
+        # Explicit control lets `TritonServer.drain` unload the pipeline models gracefully
+        # before SIGTERM, and pipelines load their checkpoints on demand.
         "--model-control-mode=explicit",
-        "--load-model=*",
+        *(f"--load-model={name}" for name in (["*"] if load_models is None else load_models)),
     ]
     if cache_dir is not None:
         command.append(f"--cache-directory={cache_dir}")
@@ -493,6 +503,9 @@ class TritonServer:
             Once ready, reload any model whose Python backend stub dies (`StubWatchdog`).
         heal_interval_s (`float`, *optional*, defaults to 0.5): Seconds between stub polls.
         on_event (`Callable[[str], None]`, *optional*): Told what the watchdog does.
+        checkpoint_budget_mb (`str`, *optional*): MB the component models of checkpoints
+            loaded on demand may hold together, `auto` or `0` (`checkpoints`); default: the
+            environment's `SDSERVE_CHECKPOINT_BUDGET_MB`, else `auto`.
     """
 
     def __init__(
@@ -514,6 +527,7 @@ class TritonServer:
         heal: bool = True,
         heal_interval_s: float = 0.5,
         on_event: Callable[[str], None] | None = None,
+        checkpoint_budget_mb: str | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.host = host
@@ -536,6 +550,11 @@ class TritonServer:
         self.on_event = on_event or (lambda message: None)
         self.watchdog: StubWatchdog | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        # components of checkpoints loaded on demand are left out (`checkpoints`)
+        self.checkpoint_budget_mb = checkpoint_budget_mb
+        self.state_dir = self.build_dir / f"checkpoints-{self.ports.grpc}"  # pipelines share it
+        self.on_demand = on_demand_models(self.model_repository)
+        self.startup_models = startup_models(self.model_repository) if self.on_demand else None
 
     @property
     def grpc_url(self) -> str:
@@ -579,6 +598,7 @@ class TritonServer:
             log_verbose=self.log_verbose,
             cache_dir=dist.caches_dir if dist.caches_dir.is_dir() else None,
             extra_args=[*self.security_args(), *self.extra_args],
+            load_models=self.startup_models,
         )
 
     def security_args(self) -> list[str]:
@@ -600,6 +620,10 @@ class TritonServer:
         dist = locate_distribution()
         backend_dir = prepare_backend_dir(dist, self.build_dir)
         env = build_env(os.environ, dist.libs_dir, Path(sys.executable).parent, python_lib_dirs())
+        if self.checkpoint_budget_mb is not None:
+            env[BUDGET_ENV] = self.checkpoint_budget_mb
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # a previous server's record
+        env[STATE_DIR_ENV] = str(self.state_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
@@ -660,7 +684,7 @@ class TritonServer:
         try:
             if not (control.is_live() and control.is_ready()):
                 return None, "server up, not ready yet"
-            models = control.index()
+            models = [m for m in control.index() if m.name not in self.on_demand]
             pending = [f"{m.name} ({m.state or 'UNKNOWN'})" for m in models if m.state != "READY"]
         except ControlError:
             loaded = loaded_models(self.log_path)

@@ -28,6 +28,7 @@ import triton_python_backend_utils as pb_utils
 from sdserve_pipeline.admission import MB, budget_bytes, memory_model_for
 from sdserve_pipeline.assets import ASSETS_DIR
 from sdserve_pipeline.batcher import ContinuousBatcher
+from sdserve_pipeline.checkpoints import CheckpointLoadError, pipeline_lease
 from sdserve_pipeline.executor import Cancelled
 from sdserve_pipeline.outcomes import (
     DURATION_BUCKETS_US,
@@ -92,12 +93,26 @@ class TritonPythonModel:
             memory=memory_model_for(self.service, settings.memory),
             memory_budget=budget,
             preview=self.service.preview,  # its preview_decoder model (BLS), or the linear one
+            lease=self._lease(args["model_name"], Path(args["model_repository"]).parent, settings),
         )
         self.stream_model = stream_model_name(args["model_name"])
         self.publisher = EventPublisher(
             self._deliver,
             on_error=lambda err: pb_utils.Logger.log_error(f"stream event not sent: {err}"),
         )
+
+    @staticmethod
+    def _lease(name: str, repository: Path, settings: PipelineSettings) -> Any:
+        """A checkpoint loaded on demand: its lease on the server's registry (Triton's model
+        control, BLS); else None."""
+        if not settings.load_on_demand:
+            return None
+        return pipeline_lease(
+            name, repository, list(settings.components.values()),
+            settings.queue.timeout_s or float("inf"),  # a request waits for room as in the queue
+            load=lambda model: pb_utils.load_model(model_name=model),
+            unload=lambda model: pb_utils.unload_model(model_name=model),
+        )  # fmt: skip
 
     def execute(self, requests: list[Any]) -> None:
         """Queue each request for the running batch (never blocks); answer later."""
@@ -159,7 +174,7 @@ class TritonPythonModel:
             return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE)
         if isinstance(outcome, Cancelled):
             return _error("request cancelled", pb_utils.TritonError.CANCELLED)
-        if isinstance(outcome, ComponentError):
+        if isinstance(outcome, ComponentError | CheckpointLoadError):
             return _error(str(outcome), pb_utils.TritonError.INTERNAL)
         if isinstance(outcome, Exception):  # keep serving; report what broke
             pb_utils.Logger.log_error(f"{type(outcome).__name__}: {outcome}")
