@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -790,6 +791,38 @@ def test_cli_inpaint_defaults(files: tuple[Path, Path], monkeypatch: pytest.Monk
 def test_cli_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["models", "--url", "h:1"], client_factory=Factory(FakeTriton())) == 0
     assert capsys.readouterr().out == "inpaint\ntext_encoder\n"
+
+
+def test_cli_models_lists_checkpoints_with_their_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    listing = {
+        "budget_mb": 512.0,
+        "checkpoints": [
+            {"name": "inpaint", "architecture": "sd15", "on_demand": True, "state": "loaded",
+             "requests": 2, "size_mb": 40.5, "components": [
+                 {"name": "unet", "ready": True, "size_mb": 30.0, "rss_mb": 120.5,
+                  "variants": [{"adapters": [["pixel", 0.8], ["ink", -0.5]], "size_mb": 30.0}]},
+             ]},
+            {"name": "other", "architecture": "sdxl", "on_demand": True, "state": "on disk",
+             "requests": 0, "size_mb": 80.0, "components": [
+                 {"name": "other_unet", "ready": False, "size_mb": 80.0, "rss_mb": None,
+                  "variants": []},
+             ]},
+        ],
+    }  # fmt: skip
+    fake = FakeTriton()
+    fake.outputs = {"checkpoints": np.array([[json.dumps(listing).encode()]], dtype=np.object_)}
+    assert cli.main(["models", "--url", "h:1"], client_factory=Factory(fake)) == 0
+    assert [c[1]["model_name"] for c in fake.calls if c[0] == "infer"] == ["checkpoints"]
+    assert capsys.readouterr().out.splitlines() == [
+        "checkpoint budget: 512 MB",
+        "inpaint\tsd15\tloaded\ton demand\t40.5 MB\trequests=2",
+        "  unet\tready\t30 MB\tresident 120.5 MB",
+        "    lora pixel:0.8,ink:-0.5\t30 MB",
+        "other\tsdxl\ton disk\ton demand\t80 MB\trequests=0",
+        "  other_unet\tnot loaded\t80 MB",
+    ]
 
 
 @pytest.mark.parametrize("call", ["stream", "infer"])

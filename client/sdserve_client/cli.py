@@ -96,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog=PROG, description="Client of the sdserve pipeline.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("models", parents=[connection], help="list the ready models")
+    commands.add_parser(
+        "models", parents=[connection],
+        help="list the checkpoints: loaded or on disk, memory of each and of its LoRA variants",
+    )  # fmt: skip
     adapters = commands.add_parser(
         "adapters", parents=[connection], help="list a pipeline's LoRA adapters"
     )
@@ -230,9 +233,30 @@ def _connection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _models(args: argparse.Namespace, client_factory: ClientFactory) -> int:
+    """One line per checkpoint and per component model (memory on disk and resident, LoRA
+    variants); a server without the checkpoint listing: its ready models (admin key)."""
     with client_factory(**_connection(args)) as client:
-        for name in client.list_models():
-            print(name)
+        try:
+            listing = client.list_checkpoints()
+        except SdserveError:
+            for name in client.list_models():
+                print(name)
+            return 0
+    budget = listing["budget_mb"]
+    print(f"checkpoint budget: {f'{budget:g} MB' if budget else 'none'}")
+    for entry in listing["checkpoints"]:
+        mode = "on demand" if entry["on_demand"] else "always loaded"
+        print(
+            f"{entry['name']}\t{entry['architecture']}\t{entry['state']}\t{mode}\t"
+            f"{entry['size_mb']:g} MB\trequests={entry['requests']}"
+        )
+        for part in entry["components"]:
+            rss = "" if part["rss_mb"] is None else f"\tresident {part['rss_mb']:g} MB"
+            ready = "ready" if part["ready"] else "not loaded"
+            print(f"  {part['name']}\t{ready}\t{part['size_mb']:g} MB{rss}")
+            for variant in part["variants"]:
+                names = ",".join(f"{name}:{scale:g}" for name, scale in variant["adapters"])
+                print(f"    lora {names}\t{variant['size_mb']:g} MB")
     return 0
 
 

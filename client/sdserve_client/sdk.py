@@ -24,6 +24,9 @@ from tritonclient.utils import (  # type: ignore[import-untyped]
 
 from sdserve_protocol.adapters import LIST_OUTPUT, LIST_QUERY, adapters_model_name
 from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
+from sdserve_protocol.checkpoints import CHECKPOINTS_MODEL
+from sdserve_protocol.checkpoints import LIST_OUTPUT as CHECKPOINTS_OUTPUT
+from sdserve_protocol.checkpoints import LIST_QUERY as CHECKPOINTS_QUERY
 from sdserve_protocol.contract import IMAGES, OUTPUTS, SEEDS
 from sdserve_protocol.events import Preview, Progress, Queued, stream_model_name
 from sdserve_protocol.settings import PipelineSettings, config_parameters
@@ -429,6 +432,30 @@ class InpaintClient:
             )
         )  # fmt: skip
         listing: list[dict[str, Any]] = json.loads(result.as_numpy(LIST_OUTPUT).reshape(-1)[0])
+        return listing
+
+    def list_checkpoints(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The server's checkpoints, as its `checkpoints` model lists them
+        (`sdserve_protocol.checkpoints`): `budget_mb`, and per pipeline model `name`,
+        `architecture`, `on_demand`, `state` (`loaded`, `loading`, `unloading`, `on disk`),
+        `requests`, `size_mb` and its `components` (`size_mb`, `rss_mb`, LoRA `variants`).
+        Open without the admin key.
+
+        Raises:
+            SdserveError: the server has no checkpoint listing (a repository exported before
+                it), or the call failed.
+        """
+        query = grpcclient.InferInput(CHECKPOINTS_QUERY, [1, 1], "BYTES")
+        query.set_data_from_numpy(np.array([[b""]], dtype=np.object_))
+        result = self._on_replica(
+            lambda c: c.infer(
+                CHECKPOINTS_MODEL, [query], client_timeout=self._timeout(timeout)
+            )
+        )  # fmt: skip
+        text = result.as_numpy(CHECKPOINTS_OUTPUT)
+        if text is None:
+            raise SdserveError(f"{self.url}: {CHECKPOINTS_MODEL} gave no {CHECKPOINTS_OUTPUT}")
+        listing: dict[str, Any] = json.loads(text.reshape(-1)[0])
         return listing
 
     def list_models(self, *, timeout: float | None = None) -> list[str]:
