@@ -116,3 +116,32 @@ def test_sdk_and_cli_list_the_adapters(server, adapters_dir, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "with_text\tsd15\trank=2\tunet:128,text_encoder:8" in lines
     assert any(line.startswith("old\trefused: ") for line in lines)
+
+
+def test_web_ui_offers_the_adapters_and_generates_what_the_sdk_does(server, adapters_dir):
+    """The web UI's handlers (no browser) on this server: its adapter section offers the usable
+    files, and an image made there with an adapter equals the SDK's with the same adapter."""
+    pytest.importorskip("gradio", reason="the [ui] extra is not installed")
+    from sdserve_client.webui import app
+    from sdserve_client.webui import callbacks as cb
+    from sdserve_client.webui.backend import Backend
+
+    backend = Backend(server.grpc_url)
+    try:
+        handlers = app._Handlers(backend, app.AppConfig(server.grpc_url))
+        handlers.refresh("inpaint", "euler_a", 4, 1)
+        controls, adapters, _, note = handlers.adapters("inpaint", [], [])
+        offered = {value for _, value in adapters["choices"]}
+        assert controls["visible"] and "at most 4 per request" in note
+        assert {"unet_convs", "with_text", "text_only", "kohya"} <= offered
+        values = ("inpaint", PROMPT, "", "euler_a", 4, 7.5, 1.0, "11", 1, True, False, 0)
+        table = cb.adapter_rows(["with_text"], [["with_text", 0.8]])
+        *_, (_, _, images, *_) = handlers.text_to_image(*values, ["with_text"], table, 64, 64, "s")
+    finally:
+        backend.close()
+    with InpaintClient(server.grpc_url) as client:
+        want = client.text_to_image(
+            PROMPT, 64, 64, steps=4, seed=11, scheduler="euler_a", guidance_scale=7.5,
+            adapters=["with_text"], adapter_scales=[0.8],
+        ).arrays  # fmt: skip
+    np.testing.assert_array_equal(images[0], want[0])

@@ -27,11 +27,20 @@ from sdserve_protocol.settings import PIPELINE_ROLES, SCHEDULER_NAMES
 
 
 class FakeGenerator:
-    """Records SDK calls and answers with gray images of the right size."""
+    """Records SDK calls and answers with gray images of the right size; lists `adapters`
+    (the listing model's entries, or the error it raises)."""
 
-    def __init__(self, error: Exception | None = None) -> None:
+    def __init__(
+        self, error: Exception | None = None, adapters: list[dict] | Exception | None = None
+    ) -> None:
         self.calls: list[tuple[str, tuple, dict]] = []
         self.error = error
+        self.adapters = adapters or []
+
+    def list_adapters(self, *, timeout=None):
+        if isinstance(self.adapters, Exception):
+            raise self.adapters
+        return list(self.adapters)
 
     def _answer(self, height: int, width: int, options: dict) -> SimpleNamespace:
         if self.error is not None:
@@ -663,7 +672,8 @@ def test_page_builds_without_a_server(app_module):
     ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     assert {"inpaint-editor", "outpaint-preview", "t2i-generate", "scheduler", "model",
             "seed", "seed-reuse", "results", "seeds", "use-as-input", "busy",
-            "server-status"} <= ids  # fmt: skip
+            "server-status", "adapters-section", "adapters", "adapter-scales", "adapters-note",
+            "adapters-refresh"} <= ids  # fmt: skip
 
 
 def test_handlers_turn_server_errors_into_readable_toasts(app_module):
@@ -673,7 +683,8 @@ def test_handlers_turn_server_errors_into_readable_toasts(app_module):
     backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(error),
                       info_client=FakeTriton([pipeline_config()]))  # fmt: skip
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
-    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True, False, 0)  # weighting, skip
+    # weighting, clip skip, adapters, their scales
+    common = ("inpaint", "x", "", "warp", 2, 7.5, 1.0, "-1", 1, True, False, 0, [], [])
     with pytest.raises(gr.Error) as raised:
         list(handlers.text_to_image(*common, 64, 64, "session"))
     assert raised.value.message == (
@@ -701,6 +712,8 @@ def test_handlers_return_gallery_summary_and_state(app_module):
         True,
         False,
         0,
+        [],
+        [],
         64,
         72,
         "session",
@@ -728,11 +741,11 @@ def test_clip_skip_is_sent_when_set_and_its_slider_follows_the_models_layers(app
     backend = Backend("h:1", client_factory=lambda url, model: generator, info_client=info)
     handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
     common = ("inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 1, True, False)
-    list(handlers.text_to_image(*common, 2.0, 64, 64, "s"))
-    list(handlers.text_to_image(*common, 0, 64, 64, "s"))
+    list(handlers.text_to_image(*common, 2.0, [], [], 64, 64, "s"))
+    list(handlers.text_to_image(*common, 0, [], [], 64, 64, "s"))
     assert [options.get("clip_skip") for *_, options in generator.calls] == [2, None]
     with pytest.raises(gr.Error, match="clip skip"):
-        list(handlers.text_to_image(*common, 1.5, 64, 64, "s"))
+        list(handlers.text_to_image(*common, 1.5, [], [], 64, 64, "s"))
     *_, clip_skip, _ = handlers.refresh("inpaint", "euler", 4, 1, 5)
     assert clip_skip["maximum"] == 2 and clip_skip["value"] == 2 and clip_skip["interactive"]
     bare = FakeTriton([pipeline_config()])  # no limit_max_clip_skip: no layer may be skipped
@@ -804,6 +817,8 @@ def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
         True,
         False,
         0,
+        [],
+        [],
         64,
         64,
         "page",
@@ -815,3 +830,132 @@ def test_cancel_stops_the_running_generation_at_its_next_event(app_module):
     assert last[1] == "Cancelled." and last[-1] == ""
     assert len([c for c in fake.calls if c[0] == "step"]) == 1  # the next event stopped it
     assert backend.in_flight == 0
+
+
+# --- LoRA adapters ------------------------------------------------------------------------------
+
+# What `InpaintClient.list_adapters()` returns: usable files, and one the server refuses.
+LISTING = [
+    {"name": "style", "architecture": "sd15", "rank": 4,
+     "targets": {"unet": 128, "text_encoder": 8}},
+    {"name": "subject", "architecture": "sd15", "rank": 2, "targets": {"unet": 172}},
+    {"name": "old", "error": "only .safetensors adapter files are read (pickle is unsafe)"},
+]  # fmt: skip
+T2I = ("inpaint", "x", "", cb.DEFAULT_SCHEDULER, 2, 7.5, 1.0, "5", 1, True, False, 0)
+SCALE_REFUSED = r"LoRA scale of 'style' must be a number in \[-8.0, 8.0\]"  # the rule table's
+
+
+def adapter_handlers(app_module, generator: FakeGenerator, **params: str):
+    """Page handlers over `generator`, the model's limits read as the page load does."""
+    info = FakeTriton([pipeline_config(**params)])
+    backend = Backend("h:1", client_factory=lambda url, model: generator, info_client=info)
+    handlers = app_module._Handlers(backend, app_module.AppConfig("h:1"))
+    handlers.refresh("inpaint", cb.DEFAULT_SCHEDULER, 2, 1)
+    return handlers
+
+
+def test_adapter_listing_separates_usable_and_refused_files():
+    listing = si.adapter_listing(LISTING)
+    assert listing.names == ["style", "subject"]
+    assert listing.usable[0] == si.AdapterInfo("style", "sd15", 4, {"unet": 128, "text_encoder": 8})
+    assert [a.label for a in listing.usable] == ["style (rank 4; unet, text_encoder)",
+                                                 "subject (rank 2; unet)"]  # fmt: skip
+    assert listing.refused == (("old", LISTING[2]["error"]),) and not listing.unavailable
+    backend = Backend("h:1", client_factory=lambda url, model: FakeGenerator(adapters=LISTING),
+                      info_client=FakeTriton([pipeline_config()]))  # fmt: skip
+    assert backend.adapters("inpaint") == listing
+
+
+def test_chosen_adapters_reach_the_generation_request_unary_and_streamed(app_module):
+    from sdserve_client import GenerationRequest
+    from sdserve_client.request import encode_request
+
+    table = [["style", 0.8], ["subject", "-0.5"], ["not chosen", 3]]
+    settings = cb.make_settings(*T2I[1:], ["style", "subject"], table, Limits())
+    assert settings.adapters == (("style", 0.8), ("subject", -0.5))
+    unary = FakeGenerator()
+    cb.run_text_to_image(unary, settings, 64, 64)  # the SDK call as such
+    generator = FakeGenerator(adapters=LISTING)
+    handlers = adapter_handlers(app_module, generator)
+    list(handlers.text_to_image(*T2I, ["style", "subject"], table, 64, 64, "s"))  # streamed
+    list(handlers.text_to_image(*T2I, [], [], 64, 64, "s"))  # none chosen: none sent
+    (*_, sent), (*_, streamed), (*_, plain) = unary.calls + generator.calls
+    assert "on_event" not in sent and "on_event" in streamed
+    for options in (sent, streamed):
+        options.pop("on_event", None)
+        request = GenerationRequest("x", height=64, width=64, **options)
+        assert (request.adapters, request.adapter_scales) == (["style", "subject"], [0.8, -0.5])
+        tensors = encode_request(request)
+        assert tensors["adapters"].tolist() == [b"style", b"subject"]
+        np.testing.assert_array_equal(tensors["adapter_scales"], np.float32([0.8, -0.5]))
+    assert "adapters" not in plain and "adapter_scales" not in plain
+    just_chosen = cb.make_settings(*T2I[1:], ["style"], [])  # its row not yet in the table
+    assert just_chosen.adapters == (("style", cb.DEFAULT_ADAPTER_SCALE),)
+
+
+@pytest.mark.parametrize("scale", [8.5, -9, float("nan"), float("inf"), "abc", "", None])
+def test_adapter_scale_outside_the_rule_tables_range_is_refused(scale):
+    with pytest.raises(cb.UIError, match=SCALE_REFUSED):
+        cb.parse_adapters(["style"], [["style", scale]])
+    assert cb.parse_adapters(["style"], [["style", -8]]) == (("style", -8.0),)  # bounds included
+
+
+def test_too_many_adapters_are_refused_before_anything_is_sent(app_module):
+    import gradio as gr
+
+    names = ["style", "subject", "third"]
+    with pytest.raises(cb.UIError, match="LoRA adapters: 3 given, at most 2 per request"):
+        cb.parse_adapters(names, [], Limits(max_adapters=2))
+    generator = FakeGenerator(adapters=LISTING)
+    handlers = adapter_handlers(app_module, generator, limit_max_adapters="2")
+    with pytest.raises(gr.Error, match="at most 2 per request"):
+        list(handlers.text_to_image(*T2I, names, [], 64, 64, "s"))
+    with pytest.raises(gr.Error, match=SCALE_REFUSED):
+        list(handlers.text_to_image(*T2I, ["style"], [["style", 12]], 64, 64, "s"))
+    assert generator.calls == []  # refused in the page: nothing reached the SDK
+
+
+def test_adapter_rows_keep_the_scales_of_adapters_still_chosen():
+    table = [["subject", 0.3], ["gone", 2.0]]
+    assert cb.adapter_rows(["style", "subject"], table) == [["style", 1.0], ["subject", 0.3]]
+    assert cb.adapter_rows([], table) == [] and cb.adapter_rows(None, None) == []
+
+
+def test_adapter_section_offers_only_usable_adapters_and_says_why_others_are_refused(app_module):
+    generator = FakeGenerator(adapters=LISTING)
+    handlers = adapter_handlers(app_module, generator, limit_max_adapters="3")
+    chosen, table = ["subject", "old"], [["subject", 0.5], ["old", 2.0]]
+    controls, adapters, rows, note = handlers.adapters("inpaint", chosen, table)
+    assert controls["visible"] is True
+    assert adapters["choices"] == [("style (rank 4; unet, text_encoder)", "style"),
+                                   ("subject (rank 2; unet)", "subject")]  # fmt: skip
+    assert adapters["value"] == ["subject"] and adapters["max_choices"] == 3  # "old": not offered
+    assert rows == [["subject", 0.5]]
+    assert note.startswith("2 adapters available, at most 3 per request; scales in [-8.0, 8.0]")
+    assert "1 refused by the server: `old`: only .safetensors" in note
+    # a file added to the server's folder shows at the next Refresh adapters (no restart)
+    generator.adapters = [*LISTING, {"name": "added", "rank": 1, "targets": {"unet": 4}}]
+    _, adapters, *_ = handlers.adapters("inpaint", ["subject"], [["subject", 0.5]])
+    assert [value for _, value in adapters["choices"]] == ["style", "subject", "added"]
+
+
+@pytest.mark.parametrize(
+    ("listing", "says"),
+    [
+        ([], "No usable LoRA adapters: add `.safetensors` files to "
+             "`<repository>/inpaint/adapters/`, then press Refresh adapters."),
+        (LISTING[2:], "No usable LoRA adapters"),
+        (SdserveError("Request for unknown model: 'inpaint_adapters' is not found",
+                      "StatusCode.NOT_FOUND"),
+         "No LoRA adapters from `inpaint`: Request for unknown model: 'inpaint_adapters' is "
+         "not found"),
+    ],
+)  # fmt: skip
+def test_adapter_section_is_hidden_when_the_model_serves_none(app_module, listing, says):
+    handlers = adapter_handlers(app_module, FakeGenerator(adapters=listing))
+    controls, adapters, rows, note = handlers.adapters("inpaint", ["style"], [["style", 1.0]])
+    assert controls["visible"] is False
+    assert adapters["choices"] == [] and adapters["value"] == [] and rows == []
+    assert note.startswith(says)
+    if listing == LISTING[2:]:  # every file refused: say why
+        assert note.endswith("1 refused by the server: `old`: " + LISTING[2]["error"] + ".")

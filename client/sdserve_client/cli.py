@@ -14,6 +14,7 @@ from PIL import Image
 
 from sdserve_protocol.canvas import Extension, build_canvas
 from sdserve_protocol.events import Preview, Progress, Queued
+from sdserve_protocol.rules import DEFAULT_ADAPTER_SCALE
 
 from .errors import SdserveError
 from .images import to_mask_array, to_rgb_array
@@ -206,10 +207,10 @@ def main(argv: Sequence[str] | None = None, client_factory: ClientFactory = Inpa
 
 
 def lora_argument(text: str) -> tuple[str, float]:
-    """`--lora NAME[:SCALE]` → (name, scale); the scale defaults to 1.0."""
+    """`--lora NAME[:SCALE]` → (name, scale); the scale defaults to `DEFAULT_ADAPTER_SCALE`."""
     name, sep, scale = text.rpartition(":")
     if not sep:
-        return text, 1.0
+        return text, DEFAULT_ADAPTER_SCALE
     try:
         return name, float(scale)
     except ValueError:

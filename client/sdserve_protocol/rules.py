@@ -44,6 +44,9 @@ MAX_PREVIEW_EVERY = 1000  # steps between streamed previews (0: none)
 MAX_ADAPTER_SCALE = 8.0
 """Largest |scale| of a LoRA adapter (`adapter_scales`); 0 turns an adapter off."""
 
+DEFAULT_ADAPTER_SCALE = 1.0
+"""Scale of each LoRA adapter of a request that gives no `adapter_scales`."""
+
 MAX_PADDING_MASK_CROP = 65536
 """Largest `padding_mask_crop` in pixels (a padding must also be no larger than the image)."""
 
@@ -271,7 +274,7 @@ def check_adapters(
     Args:
         names (`Sequence[str]`): the `adapters` given, in order.
         scales (`Sequence[float]`, *optional*): `adapter_scales`, one per adapter; absent:
-            1.0 each.
+            `DEFAULT_ADAPTER_SCALE` each.
         limits (`Limits`, *optional*): the model's limits; `None` skips `max_adapters`.
     """
     if scales is not None and len(scales) != len(names):
@@ -287,7 +290,9 @@ def check_adapters(
             raise RequestError("adapters", "an empty adapter name")
     if len(set(names)) != len(names):
         raise RequestError("adapters", f"{list(names)} names an adapter twice")
-    return tuple(zip(names, scales if scales is not None else [1.0] * len(names), strict=True))
+    if scales is None:
+        scales = [DEFAULT_ADAPTER_SCALE] * len(names)
+    return tuple(zip(names, scales, strict=True))
 
 
 def check_canvas(

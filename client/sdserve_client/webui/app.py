@@ -22,7 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr
 
 from sdserve_protocol.events import Preview, Progress, Queued
-from sdserve_protocol.rules import DEFAULT_IMG2IMG_STRENGTH
+from sdserve_protocol.rules import DEFAULT_IMG2IMG_STRENGTH, Limits
 
 from ..errors import SdserveError
 from . import callbacks as cb
@@ -122,7 +122,7 @@ def launch(demo: gr.Blocks, host: str, port: int, **kwargs: Any) -> Any:
 Components = dict[str, Any]
 _SETTING_NAMES = (
     "scheduler", "steps", "guidance", "strength", "seed", "num_images", "preserve", "weighting",
-    "clip_skip",
+    "clip_skip", "adapters", "adapter_scales",
 )  # fmt: skip
 
 
@@ -288,6 +288,7 @@ def _settings_panel(config: AppConfig) -> Components:
             info="text-encoder layers to skip for the prompt (diffusers' clip_skip)",
             elem_id="clip-skip",
         )  # fmt: skip
+    adapters = _adapters_panel()
     return {
         "model": model,
         "scheduler": scheduler,
@@ -302,7 +303,28 @@ def _settings_panel(config: AppConfig) -> Components:
         "preserve": preserve,
         "weighting": weighting,
         "clip_skip": clip_skip,
+        **adapters,
     }
+
+
+def _adapters_panel() -> Components:
+    """The LoRA adapters to generate with and their scales; the choices come from the server
+    (`_Handlers.adapters`), the controls hidden while it serves none."""
+    with gr.Accordion("Adapters (LoRA)", open=True, elem_id="adapters-section"):
+        note = gr.Markdown("Adapters are read from the server…", elem_id="adapters-note")
+        with gr.Column(visible=False, elem_id="adapters-controls") as controls:
+            adapters = gr.Dropdown(
+                choices=[], value=[], multiselect=True, label="Adapters",
+                info="LoRA files in the server's adapter folder", elem_id="adapters",
+            )  # fmt: skip
+            scales = gr.Dataframe(
+                value=[], headers=["adapter", "scale"], datatype=["str", "number"],
+                type="array", static_columns=[0], label="Scales (diffusers' adapter_weights)",
+                elem_id="adapter-scales",
+            )  # fmt: skip
+        refresh = gr.Button(cb.REFRESH_ADAPTERS, size="sm", elem_id="adapters-refresh")
+    return {"adapters": adapters, "adapter_scales": scales, "adapter_note": note,
+            "adapter_controls": controls, "adapters_refresh": refresh}  # fmt: skip
 
 
 def _results_panel() -> Components:
@@ -425,9 +447,20 @@ def _wire_server(
     inputs = [settings[name] for name in ("model", "scheduler", "steps", "num_images", "clip_skip")]
     names = ("model", "scheduler", "steps", "guidance", "num_images", "clip_skip")
     outputs = [*(settings[name] for name in names), status]
-    demo.load(handlers.refresh, inputs, outputs)
-    settings["refresh"].click(handlers.refresh, inputs, outputs)
-    settings["model"].input(handlers.refresh, inputs, outputs)
+    # the adapters after the limits: `refresh` reads the model's `max_adapters`
+    adapter_inputs = [settings[name] for name in ("model", "adapters", "adapter_scales")]
+    adapter_names = ("adapter_controls", "adapters", "adapter_scales", "adapter_note")
+    adapter_outputs = [settings[name] for name in adapter_names]
+    for refreshed in (
+        demo.load(handlers.refresh, inputs, outputs),
+        settings["refresh"].click(handlers.refresh, inputs, outputs),
+        settings["model"].input(handlers.refresh, inputs, outputs),
+    ):
+        refreshed.then(handlers.adapters, adapter_inputs, adapter_outputs)
+    settings["adapters_refresh"].click(handlers.adapters, adapter_inputs, adapter_outputs)
+    settings["adapters"].change(
+        cb.adapter_rows, adapter_inputs[1:], settings["adapter_scales"], show_progress="hidden"
+    )
     timer = gr.Timer(config.status_interval)
     timer.tick(handlers.status, settings["model"], status, show_progress="hidden")
 
@@ -442,6 +475,7 @@ class _Handlers:
         self.backend = backend
         self.config = config
         self._recent: dict[str, RecentOutcomes] = {}  # per model, for the status line
+        self._limits: dict[str, Limits] = {}  # per model, as `refresh` last read them
         self._stops: dict[str, threading.Event] = {}  # per page session: its Cancel
 
     # Gradio hands each generate button's inputs positionally: the model, the prompts and the
@@ -451,23 +485,23 @@ class _Handlers:
     # (gallery, summary, images, seeds, selected, busy) updates (`_run`).
 
     def inpaint(self, *values: Any) -> Iterator[tuple[Any, ...]]:
-        model, settings, (editor, mask, mask_blur, *crop, session) = _common_values(values)
+        model, settings, (editor, mask, mask_blur, *crop, session) = self._common(values)
         yield from self._run(
             model, session, lambda c: cb.run_inpaint(c, settings, editor, mask, mask_blur, *crop)
         )
 
     def outpaint(self, *values: Any) -> Iterator[tuple[Any, ...]]:
-        model, settings, (image, *sides, session) = _common_values(values)
+        model, settings, (image, *sides, session) = self._common(values)
         yield from self._run(model, session, lambda c: cb.run_outpaint(c, settings, image, *sides))
 
     def img2img(self, *values: Any) -> Iterator[tuple[Any, ...]]:
         """The tab's own strength replaces the shared one (whose default, 1, ignores the image)."""
         image, redraw_strength, session = values[-3:]
-        model, settings, _ = _common_values(values, strength=redraw_strength)
+        model, settings, _ = self._common(values, strength=redraw_strength)
         yield from self._run(model, session, lambda c: cb.run_img2img(c, settings, image))
 
     def text_to_image(self, *values: Any) -> Iterator[tuple[Any, ...]]:
-        model, settings, (height, width, session) = _common_values(values)
+        model, settings, (height, width, session) = self._common(values)
         yield from self._run(
             model, session, lambda c: cb.run_text_to_image(c, settings, height, width)
         )
@@ -508,6 +542,7 @@ class _Handlers:
             if models and model not in models:  # the selected model is gone: take the first
                 model = models[0]
             info = self.backend.model_info(model)
+            self._limits[model] = info.limits
         except SdserveError as exc:
             gr.Warning(html.escape(cb.error_message(exc, self.backend.url), quote=False))
             unchanged = [gr.update() for _ in range(6)]
@@ -522,6 +557,27 @@ class _Handlers:
             self.status(model),
         )
 
+    def adapters(
+        self, model: str, chosen: list[str] | None, table: list[list[Any]] | None
+    ) -> tuple[Any, ...]:
+        """The adapter section from the server: its usable adapters (re-read from its folder;
+        at most the model's `max_adapters` chosen), the chosen ones it still serves with their
+        scales, and the note (what it refuses and why, or why there is nothing to choose)."""
+        model = model or self.config.model
+        listing = self.backend.adapters(model)
+        limits = self._limits.get(model)
+        kept = [name for name in chosen or () if name in listing.names]
+        return (
+            gr.update(visible=bool(listing.usable)),
+            gr.update(
+                choices=[(adapter.label, adapter.name) for adapter in listing.usable],
+                value=kept,
+                max_choices=limits.max_adapters if limits is not None else None,
+            ),
+            cb.adapter_rows(kept, table),
+            cb.adapter_note(model, listing, limits),
+        )
+
     def status(self, model: str) -> str:
         """The status line of `model`: readiness, load, and the problems of the last minutes
         (counted between this page's polls of the server's metrics)."""
@@ -529,6 +585,13 @@ class _Handlers:
         state = self.backend.status(model)
         recent = self._recent.setdefault(model, RecentOutcomes()).update(state.queue.outcomes)
         return state.markdown(recent)
+
+    def _common(
+        self, values: tuple[Any, ...], strength: float | None = None
+    ) -> tuple[str, cb.Settings, tuple[Any, ...]]:
+        """`_common_values` under the limits `refresh` last read for the button's model."""
+        limits = self._limits.get(values[0] or self.config.model)
+        return _common_values(values, strength, limits)
 
     def _run(
         self, model: str, session: str, run: Callable[[Any], cb.Generation]
@@ -618,20 +681,21 @@ def _progress_update(event: Queued | Progress | Preview) -> tuple[Any, ...]:
 
 
 def _common_values(
-    values: tuple[Any, ...], strength: float | None = None
+    values: tuple[Any, ...], strength: float | None = None, limits: Limits | None = None
 ) -> tuple[str, cb.Settings, tuple[Any, ...]]:
     """A generate button's inputs → (model, the shared settings, the tab's own inputs).
 
     Args:
         values: model, prompt, negative prompt, then `_SETTING_NAMES`' values, then the tab's.
         strength: replaces the shared strength (a tab with its own).
+        limits: the model's limits, for the adapter count (`cb.parse_adapters`).
     """
     model, prompt, negative, *rest = values
     shared = dict(zip(_SETTING_NAMES, rest, strict=False))
     if strength is not None:
         shared["strength"] = strength
     settings: cb.Settings = _user_errors(
-        cb.make_settings, prompt, negative, *(shared[name] for name in _SETTING_NAMES)
+        cb.make_settings, prompt, negative, *(shared[name] for name in _SETTING_NAMES), limits
     )
     return model, settings, tuple(rest[len(_SETTING_NAMES) :])
 

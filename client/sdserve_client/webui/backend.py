@@ -1,5 +1,5 @@
 """The UI's connection to a Triton server (or replicas of one): SDK clients per model,
-server info, load."""
+server info, LoRA adapters, load."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from ..replicas import FailoverPolicy, ReplicaPool, split_urls
 from ..sdk import InpaintClient
 from ..tls import SslOption, connect, explain, tls_settings
 from .server_info import (
+    AdapterListing,
     InfoClient,
     ModelInfo,
     QueueState,
+    adapter_listing,
     fetch_model_info,
     fetch_queue_state,
     pipeline_models,
@@ -128,6 +130,16 @@ class Backend:
     def model_info(self, model: str) -> ModelInfo:
         """Schedulers and limits of `model`."""
         return fetch_model_info(self._info_client(), model, timeout=self.info_timeout)
+
+    def adapters(self, model: str) -> AdapterListing:
+        """The LoRA adapters `model` serves, as the SDK lists them (re-read from the server's
+        folder at each call); a model that lists none, or whose listing fails, gives an empty
+        listing that says why."""
+        try:
+            entries = self.client(model).list_adapters(timeout=self.info_timeout)
+        except SdserveError as exc:
+            return AdapterListing(unavailable=exc.message)
+        return adapter_listing(entries)
 
     def status(self, model: str) -> ServerStatus:
         """Readiness and load of `model`; never raises for an unreachable server."""

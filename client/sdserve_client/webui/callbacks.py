@@ -18,10 +18,12 @@ import numpy.typing as npt
 from PIL import Image
 
 from sdserve_protocol.canvas import Extension, build_canvas
+from sdserve_protocol.contract import RANGES
+from sdserve_protocol.rules import DEFAULT_ADAPTER_SCALE, Limits, RequestError, check_adapters
 
 from .. import replicas
 from ..errors import InvalidRequestError, SdserveError
-from .server_info import QueueState
+from .server_info import AdapterListing, QueueState
 
 DEFAULT_SCHEDULER = "model default"
 """Scheduler dropdown entry that sends no `scheduler` (the checkpoint's own)."""
@@ -34,6 +36,9 @@ MASK_ALPHA_THRESHOLD = 0
 
 PREVIEW_TINT = np.array([230, 40, 40], dtype=np.float32)
 """Colour laid over the regenerated area in the outpaint preview."""
+
+REFRESH_ADAPTERS = "Refresh adapters"
+"""The button that re-reads the server's adapter folder (files can be added while it runs)."""
 
 UInt8Array = npt.NDArray[np.uint8]
 
@@ -70,6 +75,8 @@ class Settings:
         prompt_weighting (`bool`): read the prompts in compel's weighting syntax (sent only
             when on).
         clip_skip (`int`): text-encoder layers to skip for the prompt (0: none, not sent).
+        adapters (`tuple[tuple[str, float], ...]`): LoRA adapters and their scales, in order
+            (empty: the base weights, nothing sent).
     """
 
     prompt: str
@@ -83,6 +90,7 @@ class Settings:
     preserve_unmasked: bool = True
     prompt_weighting: bool = False
     clip_skip: int = 0
+    adapters: tuple[tuple[str, float], ...] = ()
 
     def options(self, *, with_image: bool) -> dict[str, Any]:
         """Keyword arguments for the SDK call (`strength` and `preserve_unmasked` need an image)."""
@@ -101,6 +109,9 @@ class Settings:
             options["prompt_weighting"] = True
         if self.clip_skip:
             options["clip_skip"] = self.clip_skip
+        if self.adapters:
+            options["adapters"] = [name for name, _ in self.adapters]
+            options["adapter_scales"] = [scale for _, scale in self.adapters]
         if with_image:
             options["strength"] = self.strength
             options["preserve_unmasked"] = self.preserve_unmasked
@@ -154,8 +165,14 @@ def make_settings(
     preserve_unmasked: bool = True,
     prompt_weighting: bool = False,
     clip_skip: float = 0,
+    adapters: Sequence[str] | None = None,
+    adapter_scales: Sequence[Sequence[Any]] | None = None,
+    limits: Limits | None = None,
 ) -> Settings:
-    """Converts raw control values (sliders give floats) into `Settings`; raises `UIError`."""
+    """Converts raw control values (sliders give floats) into `Settings`; raises `UIError`.
+
+    `adapters`, `adapter_scales` and `limits` are as `parse_adapters` takes them.
+    """
     return Settings(
         prompt=(prompt or "").strip(),
         negative_prompt=(negative_prompt or "").strip(),
@@ -168,7 +185,73 @@ def make_settings(
         preserve_unmasked=bool(preserve_unmasked),
         prompt_weighting=bool(prompt_weighting),
         clip_skip=_whole("clip skip", clip_skip, low=0),
+        adapters=parse_adapters(adapters, adapter_scales, limits),
     )
+
+
+def parse_adapters(
+    names: Sequence[str] | None,
+    table: Sequence[Sequence[Any]] | None,
+    limits: Limits | None = None,
+) -> tuple[tuple[str, float], ...]:
+    """The chosen adapters with their scales, checked by the protocol's rules (each scale in
+    `adapter_scales`' range, at most `max_adapters`, none twice); raises `UIError`.
+
+    Args:
+        names (`Sequence[str]`, *optional*): the adapters chosen, in order.
+        table (`Sequence[Sequence]`, *optional*): (name, scale) rows (`adapter_rows`); a chosen
+            adapter without a row gets `DEFAULT_ADAPTER_SCALE`.
+        limits (`Limits`, *optional*): the model's limits; `None` leaves the count to the SDK,
+            which checks it against the model's own before sending.
+    """
+    chosen = [str(name).strip() for name in names or ()]
+    scales = _scale_table(table)
+    rule = RANGES["adapter_scales"]
+    values = []
+    for name in chosen:
+        scale = _float_or_nan(scales.get(name, DEFAULT_ADAPTER_SCALE))
+        if not rule.allows(scale, limits):
+            raise UIError(
+                f"LoRA scale of {name!r} must be a number in {rule.describe(limits)}, "
+                f"got {scales.get(name)!r}"
+            )
+        values.append(scale)
+    try:
+        return check_adapters(chosen, values, limits)
+    except RequestError as err:
+        raise UIError(f"LoRA adapters: {err.message}") from None
+
+
+def adapter_rows(
+    names: Sequence[str] | None, table: Sequence[Sequence[Any]] | None
+) -> list[list[Any]]:
+    """The scale table's (name, scale) rows for the chosen adapters: one per adapter, in order,
+    each keeping the scale it had (`DEFAULT_ADAPTER_SCALE` when just chosen)."""
+    scales = _scale_table(table)
+    return [[name, scales.get(name, DEFAULT_ADAPTER_SCALE)] for name in names or ()]
+
+
+def _scale_table(table: Sequence[Sequence[Any]] | None) -> dict[str, Any]:
+    """The scale table's rows as name → scale (as entered); rows without both are skipped."""
+    return {str(row[0]).strip(): row[1] for row in table or () if len(row) >= 2}
+
+
+def adapter_note(model: str, listing: AdapterListing, limits: Limits | None = None) -> str:
+    """The adapter section's line: what can be chosen and how, what the server refuses and
+    why, or why there is nothing to choose."""
+    if listing.unavailable:
+        return f"No LoRA adapters from `{model}`: {listing.unavailable}"
+    refused = "; ".join(f"`{name}`: {why}" for name, why in listing.refused)
+    refused = f" {len(listing.refused)} refused by the server: {refused}." if refused else ""
+    if not listing.usable:
+        where = f"`<repository>/{model}/adapters/`"
+        return (f"No usable LoRA adapters: add `.safetensors` files to {where}, then press "
+                f"{REFRESH_ADAPTERS}.{refused}")  # fmt: skip
+    count = len(listing.usable)
+    most = f", at most {limits.max_adapters} per request" if limits is not None else ""
+    scales = RANGES["adapter_scales"].describe(limits)
+    return (f"{count} adapter{'s' if count != 1 else ''} available{most}; scales in {scales} "
+            f"(0 turns one off).{refused}")  # fmt: skip
 
 
 def parse_scheduler(value: str | None) -> str | None:

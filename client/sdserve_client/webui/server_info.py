@@ -1,4 +1,5 @@
-"""What the web UI asks a Triton server: pipeline models, their schedulers and limits, load.
+"""What the web UI asks a Triton server: pipeline models, their schedulers and limits, their
+LoRA adapters, load.
 
 Plain functions over a `tritonclient.grpc.InferenceServerClient` (or a fake with the same
 methods), so the UI works against any deployment and tests need no server. Every tritonclient
@@ -103,6 +104,75 @@ class ModelInfo:
     def max_pixels(self) -> int:
         """Most pixels of an input image or a text-to-image output."""
         return self.limits.max_pixels
+
+    @property
+    def max_adapters(self) -> int:
+        """Most LoRA adapters one request may name (`adapters`)."""
+        return self.limits.max_adapters
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One usable LoRA adapter of a pipeline, as its listing model describes it.
+
+    Args:
+        name (`str`): what a request names it by (its file's stem).
+        architecture (`str`, *optional*): the model family it is for (`sd15`, `sdxl`).
+        rank (`int`, *optional*): its largest rank (0: not said).
+        targets (`dict[str, int]`, *optional*): modules changed per component.
+    """
+
+    name: str
+    architecture: str = ""
+    rank: int = 0
+    targets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The name with what it changes, for a dropdown: `style (rank 4; unet, text_encoder)`."""
+        details = [f"rank {self.rank}"] if self.rank else []
+        if self.targets:
+            details.append(", ".join(self.targets))
+        return f"{self.name} ({'; '.join(details)})" if details else self.name
+
+
+@dataclass(frozen=True)
+class AdapterListing:
+    """The LoRA adapters a pipeline serves (`InpaintClient.list_adapters`), re-read from its
+    folder at each listing.
+
+    Args:
+        usable (`tuple[AdapterInfo, ...]`): the adapters a request may name, as listed.
+        refused (`tuple[tuple[str, str], ...]`): (name, why) of each file the server refuses.
+        unavailable (`str`, *optional*): why the model lists no adapters at all (the listing
+            call's error, e.g. a model without a listing model); `""` when it answered.
+    """
+
+    usable: tuple[AdapterInfo, ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()
+    unavailable: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        """The usable adapters' names."""
+        return [adapter.name for adapter in self.usable]
+
+
+def adapter_listing(entries: list[dict[str, Any]]) -> AdapterListing:
+    """An `AdapterListing` from the listing model's entries (`sdserve_protocol.adapters`): an
+    entry with an `error` is refused, every other one usable."""
+    usable, refused = [], []
+    for entry in entries:
+        name = str(entry.get("name", ""))
+        if "error" in entry:
+            refused.append((name, str(entry["error"])))
+            continue
+        targets = entry.get("targets") or {}
+        usable.append(AdapterInfo(
+            name, str(entry.get("architecture", "")), int(entry.get("rank") or 0),
+            {str(component): int(count) for component, count in targets.items()},
+        ))  # fmt: skip
+    return AdapterListing(tuple(usable), tuple(refused))
 
 
 @dataclass(frozen=True)
