@@ -69,7 +69,7 @@ def test_a_checkpoint_is_loaded_on_first_use_and_only_once(tmp_path):
     a = checkpoint("a")
     registry.acquire(a)
     registry.acquire(a)
-    assert triton.calls == [("load", "a_unet"), ("load", "a_vae")]
+    assert sorted(triton.calls) == [("load", "a_unet"), ("load", "a_vae")]
     state = registry.snapshot()["a"]
     assert state["state"] == "loaded" and state["users"] == {str(os.getpid()): 2}
     registry.release("a")
@@ -109,9 +109,8 @@ def test_a_checkpoint_in_use_is_never_unloaded(tmp_path):
     registry.acquire(b, wait_s=10)  # waits for a's request to finish, then takes its room
     released.join()
     assert triton.loaded == {"b_unet", "b_vae"}
-    assert triton.calls[-4:] == [
-        ("unload", "a_unet"), ("unload", "a_vae"), ("load", "b_unet"), ("load", "b_vae"),
-    ]  # fmt: skip
+    assert sorted(triton.calls[-4:-2]) == [("unload", "a_unet"), ("unload", "a_vae")]
+    assert sorted(triton.calls[-2:]) == [("load", "b_unet"), ("load", "b_vae")]  # after
 
 
 def test_a_model_shared_with_a_loaded_checkpoint_stays_and_counts_once(tmp_path):

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,12 +253,13 @@ class CheckpointRegistry:
         return victims if free >= needed else None
 
     def _switch(self, checkpoint: Checkpoint, victims: list[str], to_unload: list[str]) -> None:
-        """Outside the lock: unload the victims' models, load the checkpoint's; record it."""
-        for model in to_unload:
-            self._unload(model)
-        try:
-            for model in checkpoint.models:
-                self._load(model)
+        """Outside the lock: unload the victims' models, load the checkpoint's (each set at
+        once); record it."""
+        with ThreadPoolExecutor(max(1, len(to_unload)), "sdserve-unload") as pool:
+            list(pool.map(self._unload, to_unload))
+        try:  # in parallel: each Python-backend model starts its own process
+            with ThreadPoolExecutor(len(checkpoint.models), "sdserve-load") as pool:
+                list(pool.map(self._load, checkpoint.models))
         except Exception as err:
             with self._state() as state:
                 for name in [*victims, checkpoint.name]:
