@@ -108,9 +108,7 @@ def test_nothing_is_loaded_at_start_and_a_request_loads_its_checkpoint(server, e
     assert _states(server) == {"inpaint": "loaded", "other": "on disk"}
 
 
-def test_switching_evicts_the_idle_checkpoint_and_reloading_gives_the_same_images(
-    server, expected
-):
+def test_switching_evicts_the_idle_checkpoint_and_reloading_gives_the_same_images(server, expected):
     first = _generate(server, "inpaint")
     np.testing.assert_array_equal(_generate(server, "other"), expected["other"])
     assert _states(server) == {"inpaint": "on disk", "other": "loaded"}

@@ -60,6 +60,7 @@ from sdserve_protocol.events import Preview, Progress, Queued
 
 __all__ = ["ContinuousBatcher", "Done", "Overloaded", "QueueTimeout", "generate_all"]
 
+
 class Lease(Protocol):
     """What a request holds while it runs (`checkpoints.CheckpointLease`)."""
 
