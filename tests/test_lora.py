@@ -156,9 +156,9 @@ def test_requests_with_different_sets_run_together_as_alone(lora_service):
     calls = []
     unet = loop.components.unet
 
-    def counting(*inputs, adapters=()):
+    def counting(*inputs, adapters=(), held=()):
         calls.append(adapters)
-        return unet(*inputs, adapters=adapters)
+        return unet(*inputs, adapters=adapters, held=held)
 
     import dataclasses
 
@@ -183,31 +183,169 @@ def test_requests_with_different_sets_run_together_as_alone(lora_service):
     assert len(calls) == 3 * names.count(()) == 3 * names.count(("unet_convs",))
 
 
-def test_variant_cache_is_bounded_and_never_evicts_a_variant_in_use(repository, adapters_dir):
+def _unet_variants(repository, budget_variants=1.5, fake_sessions=False):
+    """The demo UNet's variant cache with room for `budget_variants` variants; with
+    `fake_sessions`, a SessionMaker that builds nothing (a marker per build)."""
     from sdserve_pipeline.inprocess import read_parameters
     from sdserve_pipeline.onnx_runtime import RunnerSettings
-    from sdserve_pipeline.variants import VariantBudgetError, variant_bytes
+    from sdserve_pipeline.variants import variant_bytes
 
     version = repository / "unet" / "1"
-    size = variant_bytes(version / "model.onnx")
+    settings = RunnerSettings.from_parameters(read_parameters(repository / "unet"))
+    variants = settings.variants(version, "base")
+    variants.budget_bytes = int(budget_variants * variant_bytes(version / "model.onnx"))
+    if fake_sessions:
+        variants.make_session = lambda overrides: f"session {variants.built}"
+    return variants
+
+
+def _names(variants):
+    return [tuple(name for name, _, _ in key) for key in variants.cached]
+
+
+def test_variant_cache_is_bounded_and_never_evicts_a_variant_in_a_call(repository, adapters_dir):
+    from sdserve_pipeline.inprocess import read_parameters
+    from sdserve_pipeline.onnx_runtime import RunnerSettings
+    from sdserve_pipeline.variants import VariantBudgetError
+
     settings = RunnerSettings.from_parameters(read_parameters(repository / "unet"))
     tight = RunnerSettings(**{**settings.__dict__, "adapter_cache_mb": 0})
     with pytest.raises(VariantBudgetError, match="smaller than one weight variant"):
-        tight.variants(version, None)
-    variants = settings.variants(version, "base")
-    variants.budget_bytes = int(1.5 * size)  # room for one variant
+        tight.variants(repository / "unet" / "1", None)
+    variants = _unet_variants(repository)  # room for one variant (+ one over)
     with (
         variants.session((("unet_convs", 1.0),)),
-        pytest.raises(VariantBudgetError, match="in use"),
-        variants.session((("kohya", 1.0),)),
+        variants.session((("kohya", 1.0),)),  # one over the budget
+        pytest.raises(VariantBudgetError, match="every cached one is in a call"),
+        variants.session((("with_text", 1.0),)),
     ):
         pass
-    with variants.session((("kohya", 1.0),)):  # the first is free now: evicted
-        assert len(variants.cached) == 1
+    with variants.session((("with_text", 1.0),)):  # none in a call, none held: back to one
+        assert _names(variants) == [("with_text",)]
     with variants.session((("text_only", 1.0),)) as session:  # targets no UNet weight
         assert session == "base"
     with variants.session((("unet_convs", 0.0),)) as session:  # scale 0: the base weights
         assert session == "base"
+
+
+def test_variant_cache_evicts_held_variants_last(repository, adapters_dir, caplog):
+    """Held sets (running requests') stay while the cache can go one variant over its
+    budget; past that the least recently used held one goes (logged), and no call fails."""
+    variants = _unet_variants(repository, fake_sessions=True)
+    a, b, c = (("unet_convs", 1.0),), (("kohya", 0.5),), (("with_text", 1.0),)
+    with variants.session(a, held=[a]):
+        pass
+    with caplog.at_level("WARNING", logger="sdserve_pipeline.variants"):
+        with variants.session(b, held=[a, b]):  # a is held: one over the budget
+            pass
+        assert _names(variants) == [("unet_convs",), ("kohya",)]
+        assert "one variant over" in caplog.text
+        with variants.session(a, held=[a, b]), variants.session(b, held=[a, b]):
+            pass  # both cached: no build
+        assert variants.built == 2
+        with variants.session(c, held=[a, b, c]):  # past one over: the LRU held one goes
+            pass
+        assert _names(variants) == [("kohya",), ("with_text",)]
+        assert variants.evicted_held == 1 and "which a running request holds" in caplog.text
+    with variants.session(a, held=[(("gone", 1.0),)]):  # unknown held sets hold nothing
+        pass
+    assert _names(variants) == [("unet_convs",)] and variants.built == 4
+
+
+def _with_unet_variants(service, budget_variants):
+    """`service`'s UNet variant cache, with room for `budget_variants` variants."""
+    from sdserve_pipeline.variants import variant_bytes
+
+    variants = service.loop.components.unet.variants
+    variants.budget_bytes = int(budget_variants * variant_bytes(variants.onnx_file))
+    return variants
+
+
+def test_running_requests_keep_their_variants_between_steps(lora_service, repository, adapters_dir):
+    """Budget for one UNet variant, two requests on different sets interleaving their steps
+    (one batcher): each variant is built once, not again at every step; the images (and the
+    base request's beside them) are their single-request ones."""
+    from sdserve_pipeline.batcher import generate_all
+
+    cases = [([], None), (["unet_convs"], [0.8]), (["kohya"], [0.5])]
+    requests = [_request(names, scales, seed=3) for names, scales in cases]
+    alone = [lora_service.generate(r)["images"] for r in requests]
+    service = load_service(repository)  # an empty variant cache
+    variants = _with_unet_variants(service, 1.5)
+    together = generate_all(service, requests)
+    assert variants.built == 2  # once each, the second one over the budget
+    for outcome, expected in zip(together, alone, strict=True):
+        np.testing.assert_array_equal(outcome["images"], expected)
+    assert service.loop.holds.held("unet") == ()  # all released once done
+    # Without the holds, each step rebuilds the variant the other set evicted
+    service = load_service(repository)
+    variants = _with_unet_variants(service, 1.5)
+    service.loop.executor.held = None
+    generate_all(service, requests)
+    assert variants.built >= STEPS
+
+
+def test_removed_adapter_mid_request_is_invalid_arg_for_that_request_only(
+    lora_service, adapters_dir
+):
+    """A file removed (or replaced by a corrupt one) after the request was checked: the
+    component call refuses it and that request fails as at parse time (RequestError on
+    `adapters`), releasing its hold; the others finish with their own images."""
+    loop, racy = lora_service.loop, adapters_dir / "racy.safetensors"
+    other = lora_service.parse(_request(["unet_convs"], [0.8], seed=5))
+    expected = loop(other)
+    for change in (lambda: racy.unlink(), lambda: racy.write_bytes(b"\x00garbage")):
+        shutil.copy(adapters_dir / "unet_convs.safetensors", racy)
+        try:
+            params = lora_service.parse(_request(["racy"], [0.8], seed=5))
+            started = loop.executor.run_plans([loop.start_plan(params)])[0]
+            change()  # between its start and its first denoising step
+            failed, done = loop.executor.run_plans(
+                [_rest(loop, started), loop.plan(other, lambda: False)]
+            )
+        finally:
+            racy.unlink(missing_ok=True)
+        assert isinstance(failed, RequestError) and failed.name == "adapters"
+        assert "'racy' is not an adapter" in str(failed)
+        np.testing.assert_array_equal(done, expected)
+        assert loop.holds.held("unet") == ()
+    assert "not a readable LoRA file" in str(failed)  # the corrupt one says why
+
+
+def _rest(loop, job):
+    """The plan of a started job: its steps, then decoding."""
+    while not job.finished:
+        yield from loop.step_plan(job)
+    return (yield from loop.finish_plan(job))
+
+
+def test_a_runner_refusal_of_the_adapter_set_becomes_a_request_error():
+    from sdserve_pipeline.onnx_runtime import ADAPTER_REFUSED
+    from sdserve_pipeline.triton_bls import ComponentError, check_response
+
+    class Error:
+        def __init__(self, message):
+            self._message = message
+
+        def message(self):
+            return self._message
+
+    class Response:
+        def __init__(self, message):
+            self._error = Error(message)
+
+        def has_error(self):
+            return True
+
+        def error(self):
+            return self._error
+
+    refusal = f"{ADAPTER_REFUSED}'x' is not an adapter of this model; available: none"
+    with pytest.raises(RequestError, match=r"^adapters: 'x' is not an adapter") as err:
+        check_response(Response(refusal), "unet")
+    assert err.value.name == "adapters"
+    with pytest.raises(ComponentError, match="^unet: InvalidArgument: bad shape"):
+        check_response(Response("InvalidArgument: bad shape"), "unet")
 
 
 def test_adapter_added_is_usable_and_removed_is_refused(lora_service, adapters_dir):
@@ -344,8 +482,12 @@ def test_a_component_call_checks_its_adapter_set_itself():
     calls: the runner refuses what the rule table would."""
     from sdserve_pipeline.onnx_runtime import (
         MAX_ADAPTERS_PER_CALL,
+        MAX_HELD_SETS,
+        AdapterError,
         decode_adapter_set,
+        decode_held_sets,
         encode_adapter_set,
+        encode_held_sets,
     )
 
     good = (("a", 0.5), ("b", -8.0))
@@ -357,5 +499,10 @@ def test_a_component_call_checks_its_adapter_set_itself():
         '[["a", NaN]]',
         '[["a", Infinity]]',
     ):
-        with pytest.raises(ValueError, match="adapter"):
+        with pytest.raises(AdapterError, match="adapter"):
             decode_adapter_set(bad)
+    held = (good, (("c", 1.0),))
+    assert decode_held_sets(encode_held_sets(held)) == held
+    for bad in ('{"a": 1}', json.dumps([[["a", 1.0]]] * (MAX_HELD_SETS + 1)), '[[["a", 9.0]]]'):
+        with pytest.raises(AdapterError, match="adapter"):
+            decode_held_sets(bad)

@@ -1,10 +1,12 @@
 """LoRA adapters per request through a real tritonserver (issue 17): concurrent requests on
 different adapter sets each get their single-request result (the in-process one), an adapter
-file added while serving is usable, bad requests are INVALID_ARG and change nothing else."""
+file added while serving is usable, bad requests are INVALID_ARG and change nothing else, and
+so is a request whose adapter file is removed while it runs."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,10 +40,10 @@ def in_process(repository, adapters_dir):
     return load_service(repository)
 
 
-def _request(names, scales, seed):
+def _request(names, scales, seed, steps=4):
     image, mask = make_case(64, 64, seed=5)
     return GenerationRequest(
-        PROMPT, image=image, mask=mask, steps=4, seed=seed, scheduler="euler_a",
+        PROMPT, image=image, mask=mask, steps=steps, seed=seed, scheduler="euler_a",
         adapters=list(names) or None, adapter_scales=None if scales is None else list(scales),
     )  # fmt: skip
 
@@ -94,6 +96,39 @@ def test_adapter_added_while_serving_is_usable_then_removed_is_refused(server, a
         new.unlink()
     with InpaintClient(server.grpc_url) as client, pytest.raises(SdserveError, match="added_live"):
         client.generate(_request(("added_live",), (0.8,), seed=3))
+
+
+def test_adapter_removed_while_its_request_runs_fails_only_that_request(server, adapters_dir):
+    """The file goes after the request was checked, while it runs: the runner refuses the set
+    and that request is INVALID_ARGUMENT naming the adapter, as at parse time; a request on
+    another set running beside it finishes."""
+    racy = adapters_dir / "removed_live.safetensors"
+    shutil.copy(adapters_dir / "unet_convs.safetensors", racy)
+    try:
+        with InpaintClient(server.grpc_url) as client:
+            doomed = client.submit(_request(("removed_live",), (0.8,), seed=3, steps=60))
+            other = client.submit(_request(("kohya",), (0.5,), seed=3, steps=40))
+            deadline = time.monotonic() + 60
+            while not _running(server, more_steps_than=60):  # both checked, none queued
+                assert time.monotonic() < deadline, "the requests never started"
+                time.sleep(0.02)
+            racy.unlink()
+            with pytest.raises(SdserveError, match="'removed_live' is not an adapter") as err:
+                doomed.result(timeout=120)
+            assert err.value.status == "StatusCode.INVALID_ARGUMENT"
+            assert other.result(timeout=120).arrays.shape == (1, 64, 64, 3)
+    finally:
+        racy.unlink(missing_ok=True)
+
+
+def _running(server, more_steps_than: int) -> bool:
+    """The pipeline has no request waiting and more denoising steps outstanding than given."""
+    from sdserve_client.webui.server_info import fetch_metrics, metric_value
+    from sdserve_protocol.metrics import OUTSTANDING_STEPS_METRIC, PENDING_METRIC
+
+    text = fetch_metrics(server.metrics_url) or ""
+    steps = metric_value(text, OUTSTANDING_STEPS_METRIC, "inpaint") or 0
+    return metric_value(text, PENDING_METRIC, "inpaint") == 0 and steps > more_steps_than
 
 
 def test_sdk_and_cli_list_the_adapters(server, adapters_dir, capsys):

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from sdserve_pipeline.onnx_runtime import AdapterError as AdapterError  # declared torch-free
+
 ADAPTERS_DIR = "adapters"  # in the pipeline model's folder, beside its version folders
 ADAPTER_SUFFIX = ".safetensors"
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # pickle: can run code on load
@@ -36,10 +38,6 @@ LORA_COMPONENTS: dict[str, tuple[str, ...]] = {
     "sd15": ("unet", "text_encoder"),
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
 }
-
-
-class AdapterError(ValueError):
-    """An adapter file that cannot be used, with the reason."""
 
 
 @dataclass(frozen=True)
@@ -339,13 +337,15 @@ class AdapterCatalog:
         except AdapterError as err:
             return err
 
-    def get(self, names: Sequence[str]) -> list[Adapter]:
-        """The adapters named, current.
+    def get(
+        self, names: Sequence[str], found: Mapping[str, Adapter | AdapterError] | None = None
+    ) -> list[Adapter]:
+        """The adapters named, current (in `found`, a `scan()` result, when given).
 
         Raises:
             AdapterError: a name that is not a usable adapter, listing those that are.
         """
-        found = self.scan()
+        found = self.scan() if found is None else found
         adapters = []
         for name in names:
             value = found.get(name)

@@ -60,11 +60,20 @@ class Executor:
     Args:
         components: an object whose attributes are the `Runner`s, named as `Call.component`.
         max_rows: component name → most rows of one call (absent or 0: no limit).
+        held: component → the adapter sets its variant cache should keep (those running
+            requests hold, `adapter_holds.AdapterHolds.held`); passed as `held=` with every
+            call on an adapter set. None: not passed.
     """
 
-    def __init__(self, components: object, max_rows: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        components: object,
+        max_rows: Mapping[str, int] | None = None,
+        held: Callable[[str], tuple[tuple[tuple[str, float], ...], ...]] | None = None,
+    ) -> None:
         self.components = components
         self.max_rows = dict(max_rows or {})
+        self.held = held
 
     def run(self, plan: Plan[T]) -> T:
         """Drive one plan: its result, or the exception that ended it raised."""
@@ -125,7 +134,11 @@ class Executor:
         """One component call for several `Call`s: inputs concatenated, outputs split."""
         run: Runner = getattr(self.components, calls[0].component)
         adapters = calls[0].adapters  # one set per batch (`batch_key`)
-        kwargs = {"adapters": adapters} if adapters else {}
+        kwargs: dict[str, Any] = {}
+        if adapters:
+            kwargs["adapters"] = adapters
+            if self.held is not None:
+                kwargs["held"] = self.held(calls[0].component)
         if len(calls) == 1:
             return [tuple(run(*calls[0].inputs, **kwargs))]
         inputs = zip(*(c.inputs for c in calls), strict=True)

@@ -29,6 +29,7 @@ from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
+from sdserve_pipeline.adapter_holds import AdapterHolds, Hold
 from sdserve_pipeline.assets import TOKENIZER_LOCK, PipelineAssets
 from sdserve_pipeline.components import components_for
 from sdserve_pipeline.crop import paste_back
@@ -121,6 +122,7 @@ class Job:
     step_kwargs: dict[str, Any]
     index: int = 0
     adapter_calls: dict[str, AdapterSet] = field(default_factory=dict)
+    hold: Hold | None = None  # its adapter sets, held for the runners until it is decoded
 
     @property
     def prompt_embeds(self) -> torch.Tensor:
@@ -172,7 +174,8 @@ class GenerationLoop:
         max_rows: Mapping[str, int] | None = None,
         size_buckets: Sequence[tuple[int, int]] = (),
     ) -> None:
-        self.executor = Executor(components, max_rows)
+        self.holds = AdapterHolds()  # the adapter sets of the running requests
+        self.executor = Executor(components, max_rows, held=self.holds.held)
         self.assets = assets
         self.facts = assets.facts
         self.processors = Processors.for_vae_scale(assets.facts.vae_scale_factor)
@@ -217,20 +220,30 @@ class GenerationLoop:
         """One request from start to images, checking `is_cancelled` before each step and
         telling `on_step` after it."""
         job = yield from self.start_plan(params)
-        while not job.finished:
-            if is_cancelled():
-                raise Cancelled()
-            yield from self.step_plan(job)
-            if on_step is not None:
-                on_step(job)
+        try:
+            while not job.finished:
+                if is_cancelled():
+                    raise Cancelled()
+                yield from self.step_plan(job)
+                if on_step is not None:
+                    on_step(job)
+        finally:
+            self.holds.release(job.hold)  # decoding runs on base weights
         return (yield from self.finish_plan(job))
 
     def start_plan(self, params: GenerationParams) -> Plan[Job]:
         """Everything before the denoising loop: prompt, timesteps, latents, conditioning;
-        its text-encoder calls on the request's adapters."""
+        its text-encoder calls on the request's adapters, which it holds from now on
+        (`adapter_holds`: until `finish_plan`, a failed step, or the job is dropped)."""
         calls = self.adapter_calls(params)
-        job = yield from with_adapters(self._start_plan(params), calls)
+        hold = self.holds.hold(calls)
+        try:
+            job = yield from with_adapters(self._start_plan(params), calls)
+        except BaseException:  # failed, or closed (GeneratorExit): it holds nothing more
+            self.holds.release(hold)
+            raise
         job.adapter_calls = calls
+        job.hold = hold
         return job
 
     def adapter_calls(self, params: GenerationParams) -> dict[str, AdapterSet]:
@@ -274,8 +287,13 @@ class GenerationLoop:
     def step_plan(self, job: Job) -> Plan[None]:
         """One denoising step of one job: its UNet rows, then its own guidance, scheduler step
         and blend. Jobs at different steps of different schedules share the UNet call; jobs
-        on different adapter sets make separate calls."""
-        return (yield from with_adapters(self._step_plan(job), job.adapter_calls))
+        on different adapter sets make separate calls. A failed step releases the job's
+        adapter sets (the request ends)."""
+        try:
+            return (yield from with_adapters(self._step_plan(job), job.adapter_calls))
+        except BaseException:
+            self.holds.release(job.hold)
+            raise
 
     def _step_plan(self, job: Job) -> Plan[None]:
         # 4. Denoising loop, one step: [latents, mask, masked latents]
@@ -293,6 +311,7 @@ class GenerationLoop:
     def finish_plan(self, job: Job) -> Plan[npt.NDArray[np.uint8]]:
         """Decode, crop to the request's size, paste the kept pixels back (a cropped request:
         the crop back into its image)."""
+        self.holds.release(job.hold)  # the VAE decoder has no adapters
         # 5. Decode and postprocess
         params = job.params
         (decoded,) = yield Call("vae_decoder", (job.latents / self.facts.vae_scaling_factor,))

@@ -172,28 +172,77 @@ class RunnerSettings:
         )  # fmt: skip
 
 
+AdapterSet = tuple[tuple[str, float], ...]  # (adapter name, scale) pairs, as a request names them
+
+
+class AdapterError(ValueError):
+    """An adapter (file, name or set) that cannot be used, with the reason.
+
+    Declared here, free of torch, so that a runner model can tell it from its other errors
+    (`sdserve_pipeline.adapters` raises it when reading files)."""
+
+
 ADAPTERS_PARAMETER = "adapters"
 """The BLS request parameter that names a component call's adapter set: JSON
 `[[name, scale], ...]`."""
+
+HELD_PARAMETER = "held_adapters"
+"""The BLS request parameter that names the adapter sets of this component that the
+pipeline's running requests hold (`adapter_holds.AdapterHolds`), which the runner's variant
+cache keeps: JSON `[[[name, scale], ...], ...]`."""
+
+ADAPTER_REFUSED = "adapter refused: "
+"""How a runner's error message (code INVALID_ARG) starts when it cannot use a call's adapter
+set (a file removed or replaced by a bad one since the request was checked); the pipeline
+answers that request with the rest of the message as a `RequestError` on `adapters`."""
 
 
 def encode_adapter_set(adapters: Sequence[tuple[str, float]]) -> str:
     return json.dumps([[name, float(scale)] for name, scale in adapters])
 
 
+def encode_held_sets(held: Sequence[Sequence[tuple[str, float]]]) -> str:
+    return json.dumps([[[name, float(scale)] for name, scale in s] for s in held])
+
+
 MAX_ADAPTERS_PER_CALL = 16
 """Most adapters one component call may name (a pipeline allows `limit_max_adapters`)."""
 
+MAX_HELD_SETS = 256
+"""Most held sets one call may name (a pipeline holds at most one per running request)."""
 
-def decode_adapter_set(text: str) -> tuple[tuple[str, float], ...]:
+
+def decode_adapter_set(text: str) -> AdapterSet:
     """A call's adapter set, checked again here: a component model is reachable by any
     client's inference request, not only by its pipeline's BLS calls.
 
     Raises:
-        ValueError: not `[[name, scale], ...]`, a name twice, more than
+        AdapterError: not `[[name, scale], ...]`, a name twice, more than
             `MAX_ADAPTERS_PER_CALL`, or a scale not finite or beyond `MAX_ADAPTER_SCALE`.
     """
-    pairs = tuple((str(name), float(scale)) for name, scale in json.loads(text))
+    try:
+        return _adapter_set(json.loads(text))
+    except (TypeError, ValueError) as err:  # JSON, shape and value errors alike
+        raise AdapterError(str(err)) from None
+
+
+def decode_held_sets(text: str) -> tuple[AdapterSet, ...]:
+    """The held sets a call names, each checked as `decode_adapter_set` checks a set.
+
+    Raises:
+        AdapterError: not `[[[name, scale], ...], ...]`, more than `MAX_HELD_SETS`, or a bad set.
+    """
+    try:
+        sets = json.loads(text)
+        if not isinstance(sets, list) or len(sets) > MAX_HELD_SETS:
+            raise ValueError(f"held adapter sets: a list of at most {MAX_HELD_SETS}")
+        return tuple(_adapter_set(s) for s in sets)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(str(err)) from None
+
+
+def _adapter_set(pairs_json: Any) -> AdapterSet:
+    pairs = tuple((str(name), float(scale)) for name, scale in pairs_json)
     names = {name for name, _ in pairs}
     if len(names) != len(pairs) or len(pairs) > MAX_ADAPTERS_PER_CALL:
         raise ValueError(f"adapters: at most {MAX_ADAPTERS_PER_CALL}, each once")

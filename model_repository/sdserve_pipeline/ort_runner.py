@@ -10,6 +10,8 @@ import onnxruntime as ort
 import torch
 
 from sdserve_pipeline.components import ComponentSpec
+from sdserve_pipeline.onnx_runtime import AdapterError, AdapterSet
+from sdserve_protocol.rules import RequestError
 
 
 class OrtRunner:
@@ -29,8 +31,18 @@ class OrtRunner:
         self.variants = variants
 
     def __call__(
-        self, *inputs: torch.Tensor, adapters: Sequence[tuple[str, float]] = ()
+        self,
+        *inputs: torch.Tensor,
+        adapters: Sequence[tuple[str, float]] = (),
+        held: Sequence[AdapterSet] = (),
     ) -> tuple[torch.Tensor, ...]:
+        """Run the component on the variant of `adapters` (the base weights without), its
+        variant cache keeping the `held` sets' (`variants.VariantSessions.session`).
+
+        Raises:
+            RequestError: an adapter of the set is no longer usable (removed, or replaced by
+                a bad file, since the request was checked), as the pipeline model answers it.
+        """
         feeds = {
             t.name: np.ascontiguousarray(x.detach().cpu().numpy())
             for t, x in zip(self.spec.inputs, inputs, strict=True)
@@ -40,6 +52,9 @@ class OrtRunner:
         elif self.variants is None:
             raise RuntimeError(f"{self.spec.name}: serves no adapters")
         else:
-            with self.variants.session(tuple(adapters)) as session:
-                outputs = session.run(self.spec.output_names, feeds)
+            try:
+                with self.variants.session(tuple(adapters), held) as session:
+                    outputs = session.run(self.spec.output_names, feeds)
+            except AdapterError as err:  # raised choosing the variant, never by ORT
+                raise RequestError("adapters", str(err)) from None
         return tuple(torch.from_numpy(o) for o in outputs)

@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from sdserve_pipeline.components import ComponentSpec
-from sdserve_pipeline.onnx_runtime import ADAPTERS_PARAMETER, encode_adapter_set
+from sdserve_pipeline.onnx_runtime import (
+    ADAPTER_REFUSED,
+    ADAPTERS_PARAMETER,
+    HELD_PARAMETER,
+    AdapterSet,
+    encode_adapter_set,
+    encode_held_sets,
+)
+from sdserve_protocol.rules import RequestError
 
 
 class ComponentError(RuntimeError):
@@ -30,16 +38,29 @@ class BlsRunner:
         self.pb_utils = pb_utils
 
     def __call__(
-        self, *inputs: torch.Tensor, adapters: Sequence[tuple[str, float]] = ()
+        self,
+        *inputs: torch.Tensor,
+        adapters: Sequence[tuple[str, float]] = (),
+        held: Sequence[AdapterSet] = (),
     ) -> tuple[torch.Tensor, ...]:
+        """The component's outputs for `inputs`, on the variant of `adapters` (the runner's
+        cache keeping the `held` sets' variants).
+
+        Raises:
+            RequestError: the runner refused the adapter set (`ADAPTER_REFUSED`: an adapter
+                removed or replaced by a bad file since the request was checked).
+            ComponentError: any other failure of the call.
+        """
         pb = self.pb_utils
         tensors = [
             pb.Tensor(t.name, np.ascontiguousarray(x.detach().cpu().numpy()))
             for t, x in zip(self.spec.inputs, inputs, strict=True)
         ]
         extra = {}
-        if adapters:  # the runner picks the weight variant
+        if adapters:  # the runner picks the weight variant, keeping the held ones
             extra["parameters"] = {ADAPTERS_PARAMETER: encode_adapter_set(adapters)}
+            if held:
+                extra["parameters"][HELD_PARAMETER] = encode_held_sets(held)
         request = pb.InferenceRequest(
             model_name=self.model_name,
             inputs=tensors,
@@ -54,7 +75,12 @@ class BlsRunner:
 
 
 def check_response(response: Any, model_name: str) -> Any:  # a pb_utils response
-    """The one check of every BLS response: raise ComponentError naming the model."""
+    """The one check of every BLS response: raise ComponentError naming the model, or the
+    `RequestError` a runner's refusal of the adapter set stands for."""
     if response.has_error():
-        raise ComponentError(f"{model_name}: {response.error().message()}")
+        message = response.error().message()
+        refused = message.find(ADAPTER_REFUSED)
+        if refused >= 0:
+            raise RequestError("adapters", message[refused + len(ADAPTER_REFUSED) :])
+        raise ComponentError(f"{model_name}: {message}")
     return response

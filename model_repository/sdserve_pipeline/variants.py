@@ -3,8 +3,21 @@
 A variant is a new session on the same ONNX file whose patched initializers are overridden
 (`SessionOptions.add_initializer`) with base + the set's fused deltas
 (`adapters.fused_weights`); the base session and the file are never modified, so the base
-and every variant give the same results however often sets are switched. Variants are kept
-in an LRU bounded by a byte budget; one in use by a call is never evicted.
+and every variant give the same results however often sets are switched.
+
+Variants are kept in an LRU bounded by a byte budget. Each call names, besides its own set,
+the sets the pipeline's running requests hold (`adapter_holds`): a running request calls its
+variant again at its next step, so evicting it between steps would cost a rebuild mid-request.
+To make room for a new variant the cache evicts, least recently used first:
+
+1. variants neither in a call nor held;
+2. nothing more while it stays within one variant over the budget (logged): the running
+   requests' variants stay;
+3. past that, held variants not in a call (logged: a request will rebuild its own; the
+   budget is too small for the distinct sets running at once).
+
+So the cache holds at most one variant more than its budget, and a call fails
+(`VariantBudgetError`) only when every cached variant is in a call at that moment.
 
 Each session holds its own copy of the graph's weights, so a variant costs about the ONNX
 file's weight bytes (`variant_bytes`).
@@ -12,6 +25,7 @@ file's weight bytes (`variant_bytes`).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -23,16 +37,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sdserve_pipeline.onnx_runtime import AdapterSet
 from sdserve_pipeline.weight_map import WeightSlot
 
-# (adapter name, scale) pairs, as a request names them
-AdapterSet = tuple[tuple[str, float], ...]
 # Makes a session of the component's ONNX file with these initializers overridden.
 SessionMaker = Callable[[dict[str, npt.NDArray[Any]]], Any]
 
 
+LOG = logging.getLogger(__name__)
+
+
 class VariantBudgetError(RuntimeError):
-    """The variant cache cannot hold a variant (budget too small, or all in use)."""
+    """The variant cache cannot hold a variant (budget too small, or all in calls)."""
 
 
 def variant_bytes(onnx_file: Path) -> int:
@@ -88,6 +104,7 @@ class VariantSessions:
         self._cache: OrderedDict[tuple[Any, ...], _Variant] = OrderedDict()
         self._lock = threading.Lock()
         self.built = 0  # variants built so far (tests, metrics)
+        self.evicted_held = 0  # variants evicted while a running request held them
 
     @property
     def cached(self) -> list[tuple[Any, ...]]:
@@ -95,31 +112,61 @@ class VariantSessions:
             return list(self._cache)
 
     @contextmanager
-    def session(self, adapters: AdapterSet) -> Iterator[Any]:
-        """The session for `adapters`, held (not evictable) while the block runs.
+    def session(self, adapters: AdapterSet, held: Sequence[AdapterSet] = ()) -> Iterator[Any]:
+        """The session for `adapters`, not evictable while the block runs.
+
+        Args:
+            adapters: the call's set.
+            held: the sets the pipeline's running requests hold: their variants are evicted
+                last (see the module's docstring).
 
         Raises:
             AdapterError: an adapter that is not (or no longer) usable.
-            VariantBudgetError: no room for the variant, every cached one being in use.
+            VariantBudgetError: no room for the variant, every cached one being in a call.
         """
-        found = self.catalog.get([name for name, _ in adapters])
-        chosen = [
-            (a, float(scale))
-            for a, (_, scale) in zip(found, adapters, strict=True)
-            if self.component in a.targets and scale != 0.0
-        ]
+        found = self.catalog.scan()
+        chosen = self._chosen(adapters, found)
         if not chosen:
             yield self.base
             return
-        key = tuple((a.name, a.stamp, scale) for a, scale in chosen)
-        variant = self._take(key, chosen)
+        key = self._key(chosen)
+        variant = self._take(key, chosen, self._held_keys(held, found) - {key})
         try:
             yield variant.session
         finally:
             with self._lock:
                 variant.users -= 1
 
-    def _take(self, key: tuple[Any, ...], chosen: Sequence[tuple[Any, float]]) -> _Variant:
+    def _chosen(self, adapters: AdapterSet, found: Any) -> list[tuple[Any, float]]:
+        """The set's adapters (from the catalog's `found` scan) that change this component."""
+        adapters_found = self.catalog.get([name for name, _ in adapters], found)
+        return [
+            (a, float(scale))
+            for a, (_, scale) in zip(adapters_found, adapters, strict=True)
+            if self.component in a.targets and scale != 0.0
+        ]
+
+    @staticmethod
+    def _key(chosen: Sequence[tuple[Any, float]]) -> tuple[Any, ...]:
+        return tuple((a.name, a.stamp, scale) for a, scale in chosen)
+
+    def _held_keys(self, held: Sequence[AdapterSet], found: Any) -> set[tuple[Any, ...]]:
+        """The cache keys of the held sets (a set no longer usable holds nothing)."""
+        from sdserve_pipeline.onnx_runtime import AdapterError
+
+        keys = set()
+        for adapters in held:
+            try:
+                chosen = self._chosen(adapters, found)
+            except AdapterError:
+                continue
+            if chosen:
+                keys.add(self._key(chosen))
+        return keys
+
+    def _take(
+        self, key: tuple[Any, ...], chosen: Sequence[tuple[Any, float]], held: set[tuple[Any, ...]]
+    ) -> _Variant:
         with self._lock:
             variant = self._cache.get(key)
             if variant is not None:
@@ -131,7 +178,7 @@ class VariantSessions:
         with self._lock:
             variant = self._cache.get(key)
             if variant is None:
-                self._make_room(self.size)
+                self._make_room(held)
                 variant = _Variant(session, overrides, self.size)
                 self._cache[key] = variant
                 self.built += 1
@@ -139,19 +186,51 @@ class VariantSessions:
             variant.users += 1
             return variant
 
-    def _make_room(self, size: int) -> None:
-        """Evict least recently used variants not in use until `size` more bytes fit."""
+    def _make_room(self, held: set[tuple[Any, ...]]) -> None:
+        """Evict variants, least recently used first, so that one more fits (module
+        docstring): those neither in a call nor `held` down to the budget; then, past one
+        variant over it, held ones not in a call.
+
+        Raises:
+            VariantBudgetError: every cached variant is in a call.
+        """
         used = sum(v.size for v in self._cache.values())
-        for key in list(self._cache):
-            if used + size <= self.budget_bytes:
-                return
-            if self._cache[key].users == 0:
-                used -= self._cache.pop(key).size
-        if used + size > self.budget_bytes:
+        used = self._evict(used, self.budget_bytes, lambda key, v: not v.users and key not in held)
+        if used + self.size <= self.budget_bytes:
+            return
+        over = self.budget_bytes + self.size  # at most one variant over the budget
+        used = self._evict(used, over, lambda key, v: not v.users, held)
+        if used + self.size > over:
             raise VariantBudgetError(
                 f"{self.component}: no room for another weight variant in "
-                f"{self.budget_bytes / 2**20:.0f} MB, every cached one is in use"
+                f"{self.budget_bytes / 2**20:.0f} MB (+ one over), every cached one is in a call"
             )
+        LOG.warning(
+            "%s: adapter cache one variant over its %.0f MB budget rather than evict one that "
+            "a running request holds or a call uses; raise adapter_cache_mb",
+            self.component, self.budget_bytes / 2**20,
+        )  # fmt: skip
+
+    def _evict(
+        self, used: int, limit: int, evictable: Callable[[Any, _Variant], bool],
+        held: set[tuple[Any, ...]] | None = None,
+    ) -> int:  # fmt: skip
+        """Evict `evictable` variants, least recently used first, until one more fits in
+        `limit` bytes (a `held` one evicted is logged); returns the bytes still used."""
+        for key, variant in list(self._cache.items()):
+            if used + self.size <= limit:
+                break
+            if evictable(key, variant):
+                del self._cache[key]
+                used -= variant.size
+                if held and key in held:
+                    self.evicted_held += 1
+                    LOG.warning(
+                        "%s: evicted the variant of %s, which a running request holds (it "
+                        "will be rebuilt): raise adapter_cache_mb for the %d sets running",
+                        self.component, [name for name, _, _ in key], len(held) + 1,
+                    )  # fmt: skip
+        return used
 
     def _overrides(self, chosen: Sequence[tuple[Any, float]]) -> dict[str, npt.NDArray[Any]]:
         """Initializer name → fused value, in the initializer's layout and dtype."""

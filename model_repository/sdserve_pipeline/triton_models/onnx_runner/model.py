@@ -2,6 +2,11 @@
 
 Generic: tensor names come from this model's config (generated from the component spec);
 the session from its parameters (`sdserve_pipeline.onnx_runtime.RunnerSettings`).
+
+A call's adapter set (`ADAPTERS_PARAMETER`) picks a weight variant, the sets the pipeline's
+running requests hold (`HELD_PARAMETER`) stay cached; a set it cannot use (a bad set, an
+adapter removed or replaced by a bad file) is answered INVALID_ARG with a message that starts
+with `ADAPTER_REFUSED`, which the pipeline answers its request with.
 """
 
 import json
@@ -10,7 +15,15 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from sdserve_pipeline.onnx_runtime import ADAPTERS_PARAMETER, RunnerSettings, decode_adapter_set
+from sdserve_pipeline.onnx_runtime import (
+    ADAPTER_REFUSED,
+    ADAPTERS_PARAMETER,
+    HELD_PARAMETER,
+    AdapterError,
+    RunnerSettings,
+    decode_adapter_set,
+    decode_held_sets,
+)
 from sdserve_protocol.settings import config_parameters
 
 
@@ -33,14 +46,22 @@ class TritonPythonModel:
                 name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                 for name in self.input_names
             }
-            adapters = json.loads(request.parameters() or "{}").get(ADAPTERS_PARAMETER)
+            parameters = json.loads(request.parameters() or "{}")
+            adapters = parameters.get(ADAPTERS_PARAMETER)
             if adapters and self.variants is not None:
-                with self.variants.session(decode_adapter_set(adapters)) as session:
+                held = decode_held_sets(parameters.get(HELD_PARAMETER, "[]"))
+                with self.variants.session(decode_adapter_set(adapters), held) as session:
                     outputs = session.run(self.output_names, feeds)
             elif adapters:
-                raise RuntimeError("this component serves no adapters")
+                raise AdapterError("this component serves no adapters")
             else:
                 outputs = self.session.run(self.output_names, feeds)
+        except AdapterError as err:  # the caller's adapter set (never raised by ORT)
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(
+                    f"{ADAPTER_REFUSED}{err}", pb_utils.TritonError.INVALID_ARG
+                )
+            )
         except Exception as err:  # a bad tensor must not take the instance down
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(f"{type(err).__name__}: {err}")
