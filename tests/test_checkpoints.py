@@ -28,10 +28,9 @@ from sdserve_pipeline.checkpoints import (
     describe_checkpoints,
     on_demand_models,
     pipeline_lease,
-    read_variants,
     startup_models,
-    write_variants,
 )
+from sdserve_pipeline.server_state import read_variants, write_variants
 
 MB = 2**20
 

@@ -180,3 +180,14 @@ def test_web_ui_offers_the_adapters_and_generates_what_the_sdk_does(server, adap
             adapters=["with_text"], adapter_scales=[0.8],
         ).arrays  # fmt: skip
     np.testing.assert_array_equal(images[0], want[0])
+
+
+def test_the_checkpoint_listing_shows_each_cached_variant_and_its_memory(server, adapters_dir):
+    with InpaintClient(server.grpc_url) as client:
+        client.generate(_request(("unet_convs",), (0.8,), seed=2))
+        listing = client.list_checkpoints()
+    (inpaint,) = [c for c in listing["checkpoints"] if c["name"] == "inpaint"]
+    unet = next(c for c in inpaint["components"] if c["name"] == "unet")
+    variants = [v for v in unet["variants"] if [n for n, _ in v["adapters"]] == ["unet_convs"]]
+    assert variants and variants[0]["adapters"][0][1] == pytest.approx(0.8)
+    assert 0 < variants[0]["size_mb"] <= unet["size_mb"]

@@ -31,7 +31,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from sdserve_pipeline.outcomes import Overloaded
+from sdserve_pipeline.server_state import pid_alive, state_dir
 
 BUDGET_ENV = "SDSERVE_CHECKPOINT_BUDGET_MB"
-STATE_DIR_ENV = "SDSERVE_STATE_DIR"
 STATE_FILE = "checkpoints.json"
 LOCK_FILE = "checkpoints.lock"
 
@@ -56,15 +55,6 @@ class CheckpointBusy(Overloaded):
 
 class CheckpointLoadError(RuntimeError):
     """Loading a checkpoint's component models failed."""
-
-
-def state_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """Where the pipelines of one server share their record (`STATE_DIR_ENV`, else a folder
-    named after the server's process, the parent of every backend stub)."""
-    folder = env.get(STATE_DIR_ENV) or os.path.join(
-        tempfile.gettempdir(), f"sdserve-{os.getppid()}"
-    )
-    return Path(folder)
 
 
 def checkpoint_budget_mb(env: Mapping[str, str] = os.environ) -> str:
@@ -97,16 +87,6 @@ class Checkpoint:
         return sum(self.sizes[m] for m in self.models)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class CheckpointRegistry:
     """The server-wide record of loaded checkpoints, shared by the pipeline processes.
 
@@ -130,7 +110,7 @@ class CheckpointRegistry:
         *,
         poll_s: float = 0.05,
         pid: int | None = None,
-        is_alive: Callable[[int], bool] = _pid_alive,
+        is_alive: Callable[[int], bool] = pid_alive,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.folder = Path(folder)
@@ -477,29 +457,3 @@ def registry_snapshot(folder: Path) -> dict[str, dict[str, Any]]:
         raise RuntimeError(f"a snapshot does not load or unload ({model})")
 
     return CheckpointRegistry(folder, 0, refuse, refuse).snapshot()
-
-
-VARIANTS_DIR = "variants"
-
-
-def write_variants(folder: Path, model: str, variants: list[dict[str, Any]]) -> None:
-    """Record component model `model`'s LoRA weight variants (this process's) for the
-    listing: `adapters` ([[name, scale], ...]) and `size_mb` each."""
-    path = folder / VARIANTS_DIR / f"{model}.{os.getpid()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(path.name + ".partial")
-    scratch.write_text(json.dumps({"model": model, "pid": os.getpid(), "variants": variants}))
-    scratch.replace(path)
-
-
-def read_variants(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Model → the LoRA weight variants its live processes recorded (`write_variants`)."""
-    found: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted((folder / VARIANTS_DIR).glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if _pid_alive(int(record["pid"])):
-            found.setdefault(record["model"], []).extend(record["variants"])
-    return found

@@ -40,14 +40,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import final
 
-from sdserve_pipeline.checkpoints import (
-    BUDGET_ENV,
-    STATE_DIR_ENV,
-    on_demand_models,
-    startup_models,
-)
+from sdserve_pipeline.checkpoints import BUDGET_ENV, on_demand_models, startup_models
 from sdserve_pipeline.healing import STUB_NAME, StubWatchdog
 from sdserve_pipeline.server_security import AdminKey, TlsConfig, resolve_admin_key
+from sdserve_pipeline.server_state import STATE_DIR_ENV
 from sdserve_pipeline.triton_control import ControlClient, ControlError
 from sdserve_protocol.settings import config_parameters, is_pipeline
 

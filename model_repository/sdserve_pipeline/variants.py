@@ -111,6 +111,18 @@ class VariantSessions:
         with self._lock:
             return list(self._cache)
 
+    def describe(self) -> list[dict[str, Any]]:
+        """The cached variants, for the checkpoint listing: `adapters` ([[name, scale], ...])
+        and `size_mb` each (`checkpoints.write_variants`)."""
+        with self._lock:
+            return [
+                {
+                    "adapters": [[name, scale] for name, _, scale in key],
+                    "size_mb": round(variant.size / 2**20, 1),
+                }
+                for key, variant in self._cache.items()
+            ]
+
     @contextmanager
     def session(self, adapters: AdapterSet, held: Sequence[AdapterSet] = ()) -> Iterator[Any]:
         """The session for `adapters`, not evictable while the block runs.

@@ -17,11 +17,10 @@ from sdserve_pipeline.admission import budget_bytes
 from sdserve_pipeline.checkpoints import (
     checkpoint_budget_mb,
     describe_checkpoints,
-    read_variants,
     registry_snapshot,
-    state_dir,
     stub_rss_bytes,
 )
+from sdserve_pipeline.server_state import read_variants, state_dir
 from sdserve_protocol.checkpoints import LIST_OUTPUT
 
 

@@ -24,6 +24,7 @@ from sdserve_pipeline.onnx_runtime import (
     decode_adapter_set,
     decode_held_sets,
 )
+from sdserve_pipeline.server_state import state_dir, write_variants
 from sdserve_protocol.settings import config_parameters
 
 
@@ -36,6 +37,8 @@ class TritonPythonModel:
         self.variants = settings.variants(version_dir, self.session)  # LoRA; None: no adapters
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
+        self.model_name = args["model_name"]
+        self.listed: list[Any] = []  # the variants last written for the checkpoint listing
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._run(request) for request in requests]
@@ -52,6 +55,7 @@ class TritonPythonModel:
                 held = decode_held_sets(parameters.get(HELD_PARAMETER, "[]"))
                 with self.variants.session(decode_adapter_set(adapters), held) as session:
                     outputs = session.run(self.output_names, feeds)
+                self._list_variants()
             elif adapters:
                 raise AdapterError("this component serves no adapters")
             else:
@@ -69,3 +73,10 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse(
             [pb_utils.Tensor(n, o) for n, o in zip(self.output_names, outputs, strict=True)]
         )
+
+    def _list_variants(self) -> None:
+        """Record the cached variants for `sdserve-client models` when they changed."""
+        variants = self.variants.describe()
+        if variants != self.listed:
+            write_variants(state_dir(), self.model_name, variants)
+            self.listed = variants
