@@ -285,6 +285,30 @@ def test_running_requests_keep_their_variants_between_steps(lora_service, reposi
     assert variants.built >= STEPS
 
 
+def test_an_outpainting_request_holds_its_variants_between_bands(repository, adapters_dir):
+    """Each band is a run of the loop; the request's sets stay held between them (while a
+    band decodes, before the next starts), so another set cannot evict its variant there."""
+    import dataclasses
+
+    service = load_service(repository)
+    loop = service.loop
+    decoder, held_at_decode = loop.components.vae_decoder, []
+
+    def decoding(*inputs, **kwargs):
+        held_at_decode.append(loop.holds.held("unet"))
+        return decoder(*inputs, **kwargs)
+
+    components = dataclasses.replace(loop.components, vae_decoder=decoding)
+    object.__setattr__(loop.executor, "components", components)
+    request = _request(["unet_convs"], [0.8], seed=5)
+    request["steps"] = np.array([2], np.int32)
+    request["outpaint"] = np.array([96, 0, 96, 0], np.int32)
+    service.generate(request)
+    assert len(held_at_decode) >= 2  # several bands
+    assert all(held and held[0][0][0] == "unet_convs" for held in held_at_decode)
+    assert loop.holds.held("unet") == ()  # released when the request is done
+
+
 def test_removed_adapter_mid_request_is_invalid_arg_for_that_request_only(
     lora_service, adapters_dir
 ):

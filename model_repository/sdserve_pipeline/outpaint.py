@@ -26,6 +26,7 @@ from sdserve_pipeline.generation import GenerationLoop, Job
 from sdserve_pipeline.images import composite
 from sdserve_pipeline.sizing import largest_square_side
 from sdserve_protocol.canvas import (
+    Canvas,
     Extension,
     Window,
     band_mask,
@@ -99,6 +100,26 @@ def outpaint(
         user_mask=params.mask,
     )
     windows = band_windows(canvas.known, settings, loop.sizing.buckets)
+    hold = loop.holds.hold(loop.adapter_calls(params))  # its LoRA variants, across bands
+    try:
+        images = _bands(loop, params, canvas, windows, is_cancelled, on_step)
+    finally:
+        loop.holds.release(hold)
+    out: npt.NDArray[np.uint8] = np.stack(images)  # (N, H', W', 3)
+    if params.preserve_unmasked:
+        out = composite(canvas.image, out, seam_alpha(canvas))
+    return out
+
+
+def _bands(
+    loop: GenerationLoop,
+    params: GenerationParams,
+    canvas: Canvas,
+    windows: list[Window],
+    is_cancelled: Callable[[], bool] | None,
+    on_step: BandStep | None,
+) -> list[npt.NDArray[np.uint8]]:
+    """Each image's canvas, generated band after band."""
     images = []
     for seed in params.seeds:
         one = replace(params, seed=seed, num_images=1, preserve_unmasked=False, outpaint=None)
@@ -118,10 +139,7 @@ def outpaint(
                 state[window.slices][regenerated] = generated[regenerated]
             known[window.slices] = True
         images.append(state)
-    out: npt.NDArray[np.uint8] = np.stack(images)  # (N, H', W', 3)
-    if params.preserve_unmasked:
-        out = composite(canvas.image, out, seam_alpha(canvas))
-    return out
+    return images
 
 
 def _tell(
