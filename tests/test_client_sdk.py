@@ -42,7 +42,13 @@ from sdserve_client.tls import TlsSettings, explain, tls_settings
 from sdserve_client.webui.backend import Backend, PoolInfoClient
 from sdserve_protocol.auth import GRPC_ADMIN_KEY_HEADER
 from sdserve_protocol.contract import INPUTS, OUTPUTS
-from sdserve_protocol.events import Preview, Progress, encode_event
+from sdserve_protocol.events import (
+    Preview,
+    Progress,
+    encode_event,
+    parse_stream_error,
+    stream_error_text,
+)
 from sdserve_protocol.settings import PIPELINE_ROLES
 
 # name -> (numpy dtype, Triton datatype, shape without batch dim) for a 6x4 (W x H) image.
@@ -560,6 +566,19 @@ def test_triton_errors_become_sdserve_errors(method: str, call: Any) -> None:
     assert str(info.value) == "[StatusCode.INVALID_ARGUMENT] mask must be 2-D, got shape [4, 6, 3]"
     assert info.value.__cause__ is None
     assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("INVALID_ARG", "StatusCode.INVALID_ARGUMENT"), ("UNAVAILABLE", "StatusCode.UNAVAILABLE"),
+     ("SOMETHING_NEW", "StatusCode.UNKNOWN")],
+)  # fmt: skip
+def test_a_streamed_error_keeps_its_status(code: str, status: str) -> None:
+    text = stream_error_text(code, "adapters: 'x' is not an adapter: here: no")
+    error = SdserveError.from_triton(InferenceServerException(text))  # a stream's: no status
+    assert error.status == status
+    assert error.message == "adapters: 'x' is not an adapter: here: no"
+    assert parse_stream_error("boom: not a status") == (None, "boom: not a status")
 
 
 def test_error_without_status() -> None:

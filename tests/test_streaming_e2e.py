@@ -131,6 +131,9 @@ def test_bad_preview_every_is_refused_by_the_sdk_and_by_the_server(server):
     raw.close()
     (result, error), *_ = responses
     assert result is None and "preview_every" in error.message()
+    refused = SdserveError.from_triton(error)  # the stream kept the unary call's status
+    assert refused.status == "StatusCode.INVALID_ARGUMENT"
+    assert refused.message.startswith("preview_every")
 
 
 def test_a_unary_call_ignores_preview_every(server):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from tritonclient.utils import InferenceServerException  # type: ignore[import-untyped]
 
+from sdserve_protocol.events import parse_stream_error
+
 
 class SdserveError(Exception):
     """An error reported by the server, the transport, or the client's own input checks.
@@ -26,9 +28,11 @@ class SdserveError(Exception):
     @classmethod
     def from_triton(cls, exc: InferenceServerException) -> SdserveError:
         """Builds an `SdserveError` from a tritonclient `InferenceServerException`."""
-        message = exc.message() or str(exc)
+        message = str(exc.message() or exc)
         status = exc.status()
-        return cls(str(message), str(status) if status is not None else None)
+        if status is None:  # a stream's error: its status leads its message
+            status, message = parse_stream_error(message)
+        return cls(message, str(status) if status is not None else None)
 
 
 class InvalidRequestError(SdserveError, ValueError):

@@ -52,6 +52,36 @@ STREAM_SUFFIX = "_stream"
 RESULT = "result"
 
 
+ERROR_STATUS: dict[str, str] = {
+    "INVALID_ARG": "StatusCode.INVALID_ARGUMENT",
+    "UNAVAILABLE": "StatusCode.UNAVAILABLE",
+    "CANCELLED": "StatusCode.CANCELLED",
+    "INTERNAL": "StatusCode.INTERNAL",
+    "NOT_FOUND": "StatusCode.NOT_FOUND",
+    "UNSUPPORTED": "StatusCode.UNIMPLEMENTED",
+    "ALREADY_EXISTS": "StatusCode.ALREADY_EXISTS",
+    "UNKNOWN": "StatusCode.UNKNOWN",
+}
+"""A stream's error keeps its code: Triton's gRPC stream carries an error as its message only,
+so the stream model writes `stream_error_text` (the gRPC status of the python backend's
+`TritonError` code first) and the SDK reads it back (`parse_stream_error`), giving streamed
+requests the status a unary call gets."""
+
+
+def stream_error_text(code: str, message: str) -> str:
+    """A stream's error message for `TritonError` code name `code` (`ERROR_STATUS`)."""
+    return f"{ERROR_STATUS.get(code, ERROR_STATUS['UNKNOWN'])}: {message}"
+
+
+def parse_stream_error(text: str) -> tuple[str | None, str]:
+    """(gRPC status, message) of a stream's error (`stream_error_text`); (None, text) when it
+    carries no status."""
+    status, _, message = text.partition(": ")
+    if status in ERROR_STATUS.values():
+        return status, message
+    return None, text
+
+
 def stream_model_name(pipeline: str) -> str:
     """The decoupled model that streams `pipeline`'s requests."""
     return pipeline + STREAM_SUFFIX

@@ -43,6 +43,7 @@ from sdserve_protocol.events import (
     CANCELLED,
     STREAM_ID,
     encode_events,
+    stream_error_text,
     stream_model_name,
     text_of,
 )
@@ -117,7 +118,8 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         """Queue each request for the running batch (never blocks); answer later."""
         for request in requests:
-            send = partial(self._send, request.get_response_sender())
+            sender = request.get_response_sender()
+            send = partial(self._send, sender)
             is_cancelled, listener = request.is_cancelled, None
             try:
                 inputs = {t.name(): t.as_numpy() for t in request.inputs()}
@@ -126,7 +128,10 @@ class TritonPythonModel:
                 if stream is not None:  # from the stream model: events, then the answer
                     stream_id = text_of(stream[0])
                     listener = self.publisher.open(stream_id)
-                    send = partial(self._send_after_events, stream_id, send)
+                    send = partial(
+                        self._send_after_events, stream_id,
+                        partial(self._send, sender, streamed=True),
+                    )  # fmt: skip
                     is_cancelled = partial(self._stream_cancelled, stream_id, request)
             except Exception as err:  # noqa: BLE001 (this request fails, not the others)
                 self.batcher.refuse(send, err)  # answered and counted like any other
@@ -164,21 +169,24 @@ class TritonPythonModel:
         self.batcher.close()
         self.publisher.close()
 
-    def _send(self, sender: Any, outcome: Outcome) -> None:
-        sender.send(self._response(outcome), flags=FINAL)
+    def _send(self, sender: Any, outcome: Outcome, streamed: bool = False) -> None:
+        sender.send(self._response(outcome, streamed), flags=FINAL)
 
-    def _response(self, outcome: Outcome) -> Any:
+    def _response(self, outcome: Outcome, streamed: bool = False) -> Any:
+        """The response to `outcome`; a streamed request's error carries its status in its
+        message (BLS hands the stream model every error as INTERNAL)."""
+        error = partial(_error, streamed=streamed)
         if isinstance(outcome, RequestError):
-            return _error(str(outcome), pb_utils.TritonError.INVALID_ARG)
+            return error(str(outcome), "INVALID_ARG")
         if isinstance(outcome, Overloaded | QueueTimeout):
-            return _error(str(outcome), pb_utils.TritonError.UNAVAILABLE)
+            return error(str(outcome), "UNAVAILABLE")
         if isinstance(outcome, Cancelled):
-            return _error("request cancelled", pb_utils.TritonError.CANCELLED)
+            return error("request cancelled", "CANCELLED")
         if isinstance(outcome, ComponentError | CheckpointLoadError):
-            return _error(str(outcome), pb_utils.TritonError.INTERNAL)
+            return error(str(outcome), "INTERNAL")
         if isinstance(outcome, Exception):  # keep serving; report what broke
             pb_utils.Logger.log_error(f"{type(outcome).__name__}: {outcome}")
-            return _error(f"{type(outcome).__name__}: {outcome}", pb_utils.TritonError.INTERNAL)
+            return error(f"{type(outcome).__name__}: {outcome}", "INTERNAL")
         outputs = batch(outcome) if self.batched else outcome
         return pb_utils.InferenceResponse(
             [pb_utils.Tensor(name, outputs[name]) for name in self.output_names]
@@ -272,5 +280,9 @@ _METRICS = {
 }
 
 
-def _error(message: str, code: Any) -> Any:
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+def _error(message: str, code: str, streamed: bool = False) -> Any:
+    """An error response with `TritonError` code `code` (by name)."""
+    text = stream_error_text(code, message) if streamed else message
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(text, getattr(pb_utils.TritonError, code))
+    )

@@ -8,7 +8,7 @@ several streams' events of one kind in one BLS request, each with its `stream_id
 forwarded to its client at once, and the call is answered with `cancelled` per event (that
 client closed the stream or cancelled), which stops its request at its next step. The
 pipeline's answer is the stream's last response: the images with `event` = "result", or its
-error.
+error, whose message starts with its gRPC status (`events.stream_error_text`).
 """
 
 import json
@@ -20,7 +20,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from sdserve_protocol.contract import OUTPUTS
-from sdserve_protocol.events import CANCELLED, RESULT, STREAM_ID, text_of
+from sdserve_protocol.events import (
+    CANCELLED,
+    ERROR_STATUS,
+    RESULT,
+    STREAM_ID,
+    parse_stream_error,
+    stream_error_text,
+    text_of,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -31,6 +39,8 @@ class TritonPythonModel:
         self.pipeline = config["parameters"]["pipeline_model"]["string_value"]
         self.streams: dict[str, tuple[Any, Any]] = {}  # stream_id → (sender, request)
         self.lock = threading.Lock()
+        # TritonError code → its name (pb_utils has TritonError only once initialized)
+        self.code_names = {getattr(pb_utils.TritonError, name): name for name in ERROR_STATUS}
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -84,8 +94,14 @@ class TritonPythonModel:
         finally:
             with self.lock:
                 self.streams.pop(stream_id, None)
-        if response.has_error():
-            sender.send(pb_utils.InferenceResponse(error=response.error()), flags=FINAL)
+        if response.has_error():  # its status leads the message: a stream carries only that
+            error = response.error()
+            if parse_stream_error(error.message())[0] is None:  # not the pipeline's own
+                text = stream_error_text(
+                    self.code_names.get(error.code(), "INTERNAL"), error.message()
+                )
+                error = pb_utils.TritonError(text, error.code())
+            sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
             return
         kind = pb_utils.Tensor("event", np.asarray([[RESULT.encode()]], dtype=np.object_))
         sender.send(pb_utils.InferenceResponse([*response.output_tensors(), kind]), flags=FINAL)
