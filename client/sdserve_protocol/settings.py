@@ -159,6 +159,11 @@ class PipelineSettings:
             when another checkpoint needs the room and no request uses them
             (`sdserve_pipeline.checkpoints`; the server's budget: its environment's
             `SDSERVE_CHECKPOINT_BUDGET_MB`).
+        shared_graph (`bool`, parameter `shared_graph`): this checkpoint has no component
+            models of its own: `components` are another checkpoint's of the same graph, and
+            each call names this pipeline so that they run on this checkpoint's weights (its
+            version folder's `weights/`; `sdserve_pipeline.shared_graph`). LoRA adapters are
+            not served on it.
     """
 
     architecture: str = ""
@@ -172,6 +177,7 @@ class PipelineSettings:
     size_buckets: tuple[SizeBucket, ...] = ()
     max_batch: dict[str, int] = field(default_factory=dict)
     load_on_demand: bool = False
+    shared_graph: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("architecture", self.architecture, ("", *ARCHITECTURES))
@@ -195,6 +201,8 @@ class PipelineSettings:
             params["size_buckets"] = format_buckets(self.size_buckets)
         params |= {_batch_key(role): str(rows) for role, rows in self.max_batch.items()}
         params["load_on_demand"] = str(self.load_on_demand).lower()
+        if self.shared_graph:
+            params["shared_graph"] = "true"
         return params
 
     @classmethod
@@ -230,6 +238,7 @@ class PipelineSettings:
                 if _batch_key(role) in params
             },
             load_on_demand=read("load_on_demand", parse_flag, default.load_on_demand),
+            shared_graph=read("shared_graph", parse_flag, default.shared_graph),
         )
 
 

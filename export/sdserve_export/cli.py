@@ -35,7 +35,7 @@ from sdserve_export.gpu_variant import PLATFORMS, TENSORRT, write_gpu_repository
 from sdserve_export.parity import ParityError
 from sdserve_export.plan_names import normalize_trt_version
 from sdserve_export.preview_decoder import PreviewDecoderError
-from sdserve_export.repository import DEFAULT_REPOSITORY, build_repository
+from sdserve_export.repository import DEFAULT_REPOSITORY, SharedGraphError, build_repository
 from sdserve_export.tensorrt_build import (
     EngineBuildError,
     TensorRTUnavailable,
@@ -143,6 +143,12 @@ def _add_repository(sub: argparse._SubParsersAction) -> None:
         "SDSERVE_CHECKPOINT_BUDGET_MB, or serve --checkpoint-budget-mb)",
     )  # fmt: skip
     repo.add_argument(
+        "--share-graph-with", default="", metavar="PIPELINE",
+        help="a pipeline already in --out of the same graph (architecture and sizes): this "
+        "checkpoint uses its component models, on its own weights (written into its pipeline "
+        "folder); refused when the graphs differ",
+    )  # fmt: skip
+    repo.add_argument(
         "--providers", default="CPUExecutionProvider",
         help="comma-separated ONNX Runtime execution providers, in order of preference",
     )  # fmt: skip
@@ -170,6 +176,7 @@ def repository(args: argparse.Namespace) -> int:
             pipeline_name=args.name,
             component_prefix=args.component_prefix,
             load_on_demand=args.load_on_demand,
+            share_graph_with=args.share_graph_with,
             providers=tuple(args.providers.split(",")),
             allow_pickle=args.allow_pickle,
             embeddings=args.embeddings,
@@ -183,6 +190,9 @@ def repository(args: argparse.Namespace) -> int:
         return 1
     except PreviewDecoderError as err:
         print(f"export refused the preview decoder: {err}", file=sys.stderr)
+        return 1
+    except SharedGraphError as err:
+        print(f"export refused to share a graph: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,11 @@
 An SDXL checkpoint (a `text_encoder_2` folder) adds `text_encoder_2/`; built with a
 component prefix (`xl_`) and its own pipeline name (`inpaint_xl`) into the same folder, it
 is served beside SD 1.5.
+
+A checkpoint of the same graph as one already there can share that one's component models
+(`share_graph_with`): its components are exported and checked as usual but written as its
+pipeline's weights (`<name>/1/weights/<shared model>/model.onnx`), and the shared models run
+them (`sdserve_pipeline.shared_graph`).
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ from sdserve_export.triton_configs import (
 from sdserve_export.weight_slots import build_weight_map
 from sdserve_pipeline.adapters import ADAPTERS_DIR, LORA_COMPONENTS
 from sdserve_pipeline.assets import ASSETS_DIR, VERSION, CheckpointFacts, PipelineAssets
+from sdserve_pipeline.inprocess import read_parameters
 from sdserve_pipeline.onnx_runtime import ONNX_FILE, RunnerSettings
+from sdserve_pipeline.shared_graph import WEIGHTS_DIR, graph_signature
 from sdserve_pipeline.weight_map import save_weight_map
 from sdserve_protocol.adapters import adapters_model_name
 from sdserve_protocol.checkpoints import CHECKPOINTS_MODEL
@@ -67,6 +74,10 @@ from sdserve_protocol.rules import Limits
 from sdserve_protocol.settings import OutpaintSettings, PipelineSettings
 
 DEFAULT_REPOSITORY = Path("build/model_repository")
+
+
+class SharedGraphError(ValueError):
+    """`share_graph_with` names no pipeline of this graph (nothing is written)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,7 @@ def build_repository(
     embeddings: Path | None = None,
     preview_decoder: Path | None = None,
     load_on_demand: bool = False,
+    share_graph_with: str = "",
 ) -> list[ParityReport]:
     """Export every component with a parity check, then write configs and the pipeline model.
 
@@ -188,12 +200,17 @@ def build_repository(
             the `preview_decoder` component, which then decodes streamed previews.
         load_on_demand: the server loads the components on the pipeline's first request
             and may unload them for another checkpoint (`sdserve_pipeline.checkpoints`).
+        share_graph_with: a pipeline already in `out` whose component models this
+            checkpoint's graph is; they serve it on its weights, written into its pipeline
+            folder (`sdserve_pipeline.shared_graph`); `component_prefix` is then unused.
 
     Raises:
         EmbeddingError: an embedding file is refused (before anything is exported).
         PreviewDecoderError: the preview decoder is refused (before anything is exported).
         ParityError: an exported component drifted past its tolerance (nothing is left
             half-written: the models are assembled in a temporary folder first).
+        SharedGraphError: `share_graph_with` is not a pipeline in `out`, or a component's
+            graph differs from its model's there (nothing is written).
     """
     log(f"[load] {source}")
     pipe = load_pipeline(source, allow_pickle)
@@ -214,16 +231,27 @@ def build_repository(
     if tiny_vae is not None:
         targets.append(preview_decoder_target(tiny_vae, pipe.sizes(), facts.vae_scale_factor))
     names = {target.spec.name: component_prefix + target.spec.name for target in targets}
+    shared_files = {}  # component model → its ONNX file, when sharing its graph
+    if share_graph_with:
+        shared_files = _shared_models(out, share_graph_with, facts.architecture, list(names))
+        names = {role: model for role, (model, _) in shared_files.items()}
     shutil.rmtree(staging, ignore_errors=True)
     reports = []
     for i, target in enumerate(targets, 1):
         name = names[target.spec.name]
         started = time.perf_counter()
         log(f"[{i}/{len(targets)}] export {name} ...")
-        onnx_file = export_onnx(target, staging / name / VERSION / ONNX_FILE)
+        if share_graph_with:
+            weights = staging / pipeline_name / VERSION / WEIGHTS_DIR / name / ONNX_FILE
+            onnx_file = export_onnx(target, weights)
+        else:
+            onnx_file = export_onnx(target, staging / name / VERSION / ONNX_FILE)
         report = require_parity(check_parity(target, onnx_file))
         log(f"[{i}/{len(targets)}] {report} ({time.perf_counter() - started:.1f} s)")
         reports.append(report)
+        if share_graph_with:
+            _check_same_graph(onnx_file, shared_files[target.spec.name][1], share_graph_with)
+            continue
         runner = RunnerSettings(providers=tuple(providers))
         inner = lora_module(target.module)
         architecture = pipe.assets.facts.architecture
@@ -244,6 +272,7 @@ def build_repository(
         architecture=facts.architecture, components=names,
         limits=replace(limits, max_clip_skip=facts.max_clip_skip),
         outpaint=OutpaintSettings(native=facts.default_size), load_on_demand=load_on_demand,
+        shared_graph=bool(share_graph_with),
     )  # fmt: skip
     config = pipeline_config(pipeline_name, settings)
     _write_config(staging / pipeline_name, to_pbtxt(config))
@@ -270,6 +299,48 @@ def build_repository(
     staging.rmdir()
     log(f"[done] Triton model repository written to {out}")
     return reports
+
+
+def _shared_models(
+    out: Path, pipeline: str, architecture: str, roles: list[str]
+) -> dict[str, tuple[str, Path]]:
+    """Role → (component model of `pipeline` in `out`, its ONNX file), for `roles`.
+
+    Raises:
+        SharedGraphError: `pipeline` is not a pipeline of `architecture` in `out`, or lacks
+            one of the roles.
+    """
+    flag = f"--share-graph-with {pipeline}"
+    try:
+        settings = PipelineSettings.from_parameters(read_parameters(out / pipeline))
+    except (OSError, ValueError) as err:
+        raise SharedGraphError(f"{flag}: no pipeline model {pipeline!r} in {out}: {err}") from None
+    if settings.architecture and settings.architecture != architecture:
+        raise SharedGraphError(
+            f"{flag}: {pipeline!r} is {settings.architecture!r}, this checkpoint "
+            f"{architecture!r}: the graphs differ"
+        )
+    shared = {}
+    for role in roles:
+        model = settings.component_model(role)
+        try:
+            runner = RunnerSettings.from_parameters(read_parameters(out / model))
+        except (OSError, ValueError) as err:
+            raise SharedGraphError(
+                f"{flag}: {pipeline!r} has no {role} model to share ({model!r}: {err})"
+            ) from None
+        shared[role] = (model, out / model / VERSION / runner.onnx_file)
+    return shared
+
+
+def _check_same_graph(onnx_file: Path, shared_file: Path, pipeline: str) -> None:
+    """Raises `SharedGraphError` unless `onnx_file` is `shared_file`'s graph (other weights)."""
+    if graph_signature(onnx_file) != graph_signature(shared_file):
+        raise SharedGraphError(
+            f"--share-graph-with {pipeline}: this checkpoint's {shared_file.parent.parent.name} "
+            "graph differs from the shared model's (its layers, shapes or dtypes); export it "
+            "with its own component models (--component-prefix) instead"
+        )
 
 
 def lora_module(wrapper: Any) -> Any:

@@ -26,15 +26,17 @@ def read_parameters(model_dir: Path) -> dict[str, str]:
 
 
 def load_service(repository: str | Path, pipeline: str = "inpaint") -> PipelineService:
-    """The pipeline model `pipeline` of a built repository, on in-process ORT sessions."""
+    """The pipeline model `pipeline` of a built repository, on in-process ORT sessions (a
+    shared-graph checkpoint's components on its weights, as its BLS calls ask for)."""
     repository = Path(repository)
-
-    def make_runner(spec: ComponentSpec, model_name: str) -> OrtRunner:
-        settings = RunnerSettings.from_parameters(read_parameters(repository / model_name))
-        version_dir = repository / model_name / VERSION
-        session = settings.session(version_dir)
-        return OrtRunner(spec, session, settings.variants(version_dir, session))
-
     pipeline_dir = repository / pipeline
     settings = PipelineSettings.from_parameters(read_parameters(pipeline_dir))
+    checkpoint = pipeline if settings.shared_graph else ""
+
+    def make_runner(spec: ComponentSpec, model_name: str) -> OrtRunner:
+        runner = RunnerSettings.from_parameters(read_parameters(repository / model_name))
+        version_dir = repository / model_name / VERSION
+        session = runner.session(version_dir)
+        return OrtRunner(spec, session, runner.variants(version_dir, session), checkpoint)
+
     return PipelineService.from_settings(settings, pipeline_dir / VERSION / ASSETS_DIR, make_runner)

@@ -80,7 +80,8 @@ class RunnerSettings:
             (`unet`, `text_encoder`, `text_encoder_2`).
         architecture (parameter `architecture`): the checkpoint's (`sd15`, `sdxl`).
         adapter_cache_mb (parameter `adapter_cache_mb`): memory budget of this component's
-            weight variants (each about the ONNX file's size).
+            weight variants (each about the ONNX file's size): LoRA sets, and the weights of
+            the checkpoints that share its graph (`shared_graph`).
     """
 
     onnx_file: str = ONNX_FILE
@@ -149,26 +150,29 @@ class RunnerSettings:
         )
 
     def variants(self, version_dir: Path, base: ort.InferenceSession) -> Any:
-        """The weight variants of this runner (`variants.VariantSessions`), or None when it
-        serves no adapters (no `adapters_dir`, or an export without a weight map).
+        """The weight variants of this runner (`variants.VariantSessions`): LoRA adapter sets
+        when it serves adapters (`adapters_dir` and a weight map), and the weights of
+        checkpoints that share its graph (`shared_graph`), all under `adapter_cache_mb`.
 
         Raises:
-            VariantBudgetError: `adapter_cache_mb` cannot hold one variant.
+            VariantBudgetError: `adapter_cache_mb` cannot hold one LoRA variant.
         """
+        from sdserve_pipeline.shared_graph import WeightsResolver
+        from sdserve_pipeline.variants import VariantSessions
         from sdserve_pipeline.weight_map import load_weight_map
 
         weight_map = load_weight_map(version_dir)
-        if not self.adapters_dir or weight_map is None:
-            return None
-        from sdserve_pipeline.adapters import AdapterCatalog
-        from sdserve_pipeline.variants import VariantSessions
+        catalog = None
+        if self.adapters_dir and weight_map is not None:
+            from sdserve_pipeline.adapters import AdapterCatalog
 
-        folder = (version_dir.parent / self.adapters_dir).resolve()
-        catalog = AdapterCatalog(folder, self.architecture, {self.lora_component: weight_map})
+            folder = (version_dir.parent / self.adapters_dir).resolve()
+            catalog = AdapterCatalog(folder, self.architecture, {self.lora_component: weight_map})
         return VariantSessions(
-            self.lora_component, base, version_dir / self.onnx_file, weight_map, catalog,
+            self.lora_component or version_dir.parent.name, base, version_dir / self.onnx_file,
+            weight_map if catalog is not None else None, catalog,
             lambda overrides: self.session(version_dir, overrides),
-            self.adapter_cache_mb * 2**20,
+            self.adapter_cache_mb * 2**20, WeightsResolver(version_dir, self.onnx_file),
         )  # fmt: skip
 
 

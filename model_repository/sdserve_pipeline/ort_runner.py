@@ -21,14 +21,18 @@ class OrtRunner:
         spec: the component.
         session: its base session.
         variants: its weight variants (`variants.VariantSessions`), or None: no adapters.
+        checkpoint: the checkpoint sharing this component's graph whose weights every call
+            runs on (`shared_graph`); "": the component's own.
     """
 
     def __init__(
-        self, spec: ComponentSpec, session: ort.InferenceSession, variants: Any = None
-    ) -> None:
+        self, spec: ComponentSpec, session: ort.InferenceSession, variants: Any = None,
+        checkpoint: str = "",
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.session = session
         self.variants = variants
+        self.checkpoint = checkpoint
 
     def __call__(
         self,
@@ -47,13 +51,13 @@ class OrtRunner:
             t.name: np.ascontiguousarray(x.detach().cpu().numpy())
             for t, x in zip(self.spec.inputs, inputs, strict=True)
         }
-        if not adapters:
+        if not adapters and not self.checkpoint:
             outputs = self.session.run(self.spec.output_names, feeds)
         elif self.variants is None:
-            raise RuntimeError(f"{self.spec.name}: serves no adapters")
+            raise RuntimeError(f"{self.spec.name}: serves no weight variants")
         else:
             try:
-                with self.variants.session(tuple(adapters), held) as session:
+                with self.variants.session(tuple(adapters), held, self.checkpoint) as session:
                     outputs = session.run(self.spec.output_names, feeds)
             except AdapterError as err:  # raised choosing the variant, never by ORT
                 raise RequestError("adapters", str(err)) from None

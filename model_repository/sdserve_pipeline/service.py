@@ -90,7 +90,9 @@ class PipelineService:
         if not outpaint_settings.native:
             outpaint_settings = replace(outpaint_settings, native=facts.default_size)
         models = {spec.name: settings.component_model(spec.name) for spec in specs}
-        catalog = adapter_catalog(Path(assets_dir).parent.parent, models, facts.architecture)
+        catalog = None  # a shared-graph checkpoint serves no adapters (`shared_graph`)
+        if not settings.shared_graph:
+            catalog = adapter_catalog(Path(assets_dir).parent.parent, models, facts.architecture)
         return cls(loop, settings.limits, outpaint_settings, settings.schedulers, catalog)
 
     @property

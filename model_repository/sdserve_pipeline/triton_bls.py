@@ -22,6 +22,7 @@ from sdserve_pipeline.onnx_runtime import (
     encode_adapter_set,
     encode_held_sets,
 )
+from sdserve_pipeline.shared_graph import CHECKPOINT_PARAMETER
 from sdserve_protocol.rules import RequestError
 
 
@@ -32,10 +33,13 @@ class ComponentError(RuntimeError):
 class BlsRunner:
     """A component as a callable (torch tensors in spec order) backed by a BLS request."""
 
-    def __init__(self, spec: ComponentSpec, model_name: str, pb_utils: ModuleType) -> None:
+    def __init__(
+        self, spec: ComponentSpec, model_name: str, pb_utils: ModuleType, checkpoint: str = ""
+    ) -> None:
         self.spec = spec
         self.model_name = model_name
         self.pb_utils = pb_utils
+        self.checkpoint = checkpoint  # named in every call: a shared-graph checkpoint's weights
 
     def __call__(
         self,
@@ -56,11 +60,12 @@ class BlsRunner:
             pb.Tensor(t.name, np.ascontiguousarray(x.detach().cpu().numpy()))
             for t, x in zip(self.spec.inputs, inputs, strict=True)
         ]
-        extra = {}
+        parameters = {CHECKPOINT_PARAMETER: self.checkpoint} if self.checkpoint else {}
         if adapters:  # the runner picks the weight variant, keeping the held ones
-            extra["parameters"] = {ADAPTERS_PARAMETER: encode_adapter_set(adapters)}
+            parameters[ADAPTERS_PARAMETER] = encode_adapter_set(adapters)
             if held:
-                extra["parameters"][HELD_PARAMETER] = encode_held_sets(held)
+                parameters[HELD_PARAMETER] = encode_held_sets(held)
+        extra = {"parameters": parameters} if parameters else {}
         request = pb.InferenceRequest(
             model_name=self.model_name,
             inputs=tensors,

@@ -21,6 +21,11 @@ So the cache holds at most one variant more than its budget, and a call fails
 
 Each session holds its own copy of the graph's weights, so a variant costs about the ONNX
 file's weight bytes (`variant_bytes`).
+
+A checkpoint that shares this component's graph (`shared_graph`) is a variant too: the
+session with every initializer overridden by the checkpoint's weights file, keyed by the
+checkpoint and its file's stamp, in the same LRU and budget. LoRA adapters are not fused onto
+such a checkpoint's weights (a call naming both is refused).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sdserve_pipeline.onnx_runtime import AdapterSet
+from sdserve_pipeline.onnx_runtime import AdapterError, AdapterSet
+from sdserve_pipeline.shared_graph import WeightsResolver, read_all_initializers
 from sdserve_pipeline.weight_map import WeightSlot
 
 # Makes a session of the component's ONNX file with these initializers overridden.
@@ -63,6 +69,8 @@ class _Variant:
     overrides: dict[str, npt.NDArray[Any]] = field(repr=False)  # kept alive with the session
     size: int
     users: int = 0
+    adapters: list[list[Any]] = field(default_factory=list)  # [[name, scale], ...]
+    checkpoint: str = ""  # a shared-graph checkpoint's weights ("": this model's own)
 
 
 class VariantSessions:
@@ -72,10 +80,14 @@ class VariantSessions:
         component: `unet`, `text_encoder` or `text_encoder_2` (its LoRA keys' prefix).
         base: the base session (the empty set's).
         onnx_file: the component's ONNX file.
-        weight_map: parameter name → initializer (`weight_map.load_weight_map`).
-        catalog: the adapter folder (`adapters.AdapterCatalog`).
+        weight_map: parameter name → initializer (`weight_map.load_weight_map`); None with
+            `catalog` None: no adapters.
+        catalog: the adapter folder (`adapters.AdapterCatalog`); None: no adapters served
+            (shared-graph checkpoints only).
         make_session: builds a session with overridden initializers.
         budget_bytes: most bytes of cached variants.
+        weights: where shared-graph checkpoints keep this component's weights; None: none
+            served.
     """
 
     def __init__(
@@ -83,10 +95,11 @@ class VariantSessions:
         component: str,
         base: Any,
         onnx_file: Path,
-        weight_map: dict[str, WeightSlot],
+        weight_map: dict[str, WeightSlot] | None,
         catalog: Any,
         make_session: SessionMaker,
         budget_bytes: int,
+        weights: WeightsResolver | None = None,
     ) -> None:
         self.component = component
         self.base = base
@@ -95,8 +108,9 @@ class VariantSessions:
         self.catalog = catalog
         self.make_session = make_session
         self.budget_bytes = budget_bytes
+        self.weights = weights
         self.size = variant_bytes(onnx_file)
-        if budget_bytes < self.size:
+        if catalog is not None and budget_bytes < self.size:
             raise VariantBudgetError(
                 f"{component}: adapter cache budget {budget_bytes / 2**20:.0f} MB is smaller than "
                 f"one weight variant ({self.size / 2**20:.0f} MB); raise adapter_cache_mb"
@@ -107,47 +121,89 @@ class VariantSessions:
         self.evicted_held = 0  # variants evicted while a running request held them
 
     @property
+    def serves_adapters(self) -> bool:
+        return self.catalog is not None
+
+    @property
     def cached(self) -> list[tuple[Any, ...]]:
         with self._lock:
             return list(self._cache)
 
     def describe(self) -> list[dict[str, Any]]:
         """The cached variants, for the checkpoint listing: `adapters` ([[name, scale], ...])
-        and `size_mb` each (`checkpoints.write_variants`)."""
+        and `size_mb` each, and `checkpoint` for a shared-graph checkpoint's weights
+        (`checkpoints.write_variants`)."""
         with self._lock:
             return [
-                {
-                    "adapters": [[name, scale] for name, _, scale in key],
-                    "size_mb": round(variant.size / 2**20, 1),
-                }
-                for key, variant in self._cache.items()
+                {"adapters": variant.adapters, "size_mb": round(variant.size / 2**20, 1)}
+                | ({"checkpoint": variant.checkpoint} if variant.checkpoint else {})
+                for variant in self._cache.values()
             ]
 
     @contextmanager
-    def session(self, adapters: AdapterSet, held: Sequence[AdapterSet] = ()) -> Iterator[Any]:
-        """The session for `adapters`, not evictable while the block runs.
+    def session(
+        self, adapters: AdapterSet, held: Sequence[AdapterSet] = (), checkpoint: str = ""
+    ) -> Iterator[Any]:
+        """The session for `adapters` (on `checkpoint`'s weights), not evictable while the
+        block runs.
 
         Args:
             adapters: the call's set.
             held: the sets the pipeline's running requests hold: their variants are evicted
                 last (see the module's docstring).
+            checkpoint: a checkpoint sharing this graph whose weights to run on
+                (`shared_graph`); "": this model's own.
 
         Raises:
-            AdapterError: an adapter that is not (or no longer) usable.
+            AdapterError: an adapter that is not (or no longer) usable; any adapter with a
+                checkpoint, or without a catalog.
+            CheckpointWeightsError: a checkpoint whose weights cannot be used.
             VariantBudgetError: no room for the variant, every cached one being in a call.
         """
-        found = self.catalog.scan()
-        chosen = self._chosen(adapters, found)
-        if not chosen:
+        if checkpoint:
+            variant = self._checkpoint_variant(checkpoint, adapters)
+        elif self.catalog is None:
+            if adapters:
+                raise AdapterError("this component serves no adapters")
+            variant = None
+        else:
+            found = self.catalog.scan()
+            chosen = self._chosen(adapters, found)
+            if chosen:
+                key = self._key(chosen)
+                held_keys = self._held_keys(held, found) - {key}
+                variant = self._take(
+                    key, lambda: self._overrides(chosen), held_keys, self.size,
+                    adapters=[[a.name, scale] for a, scale in chosen],
+                )  # fmt: skip
+            else:
+                variant = None
+        if variant is None:
             yield self.base
             return
-        key = self._key(chosen)
-        variant = self._take(key, chosen, self._held_keys(held, found) - {key})
         try:
             yield variant.session
         finally:
             with self._lock:
                 variant.users -= 1
+
+    def _checkpoint_variant(self, checkpoint: str, adapters: AdapterSet) -> _Variant:
+        """The variant of a shared-graph checkpoint: every initializer overridden."""
+        from sdserve_pipeline.shared_graph import CheckpointWeightsError
+
+        if self.weights is None:
+            raise CheckpointWeightsError("this component serves no other checkpoint's weights")
+        if adapters:
+            raise AdapterError(
+                f"LoRA adapters are not served on checkpoint {checkpoint!r}, which shares "
+                "another checkpoint's graph"
+            )
+        path, stamp = self.weights.resolve(checkpoint)
+        key = (("checkpoint", checkpoint, stamp),)
+        return self._take(
+            key, lambda: read_all_initializers(path), set(), variant_bytes(path),
+            checkpoint=checkpoint,
+        )  # fmt: skip
 
     def _chosen(self, adapters: AdapterSet, found: Any) -> list[tuple[Any, float]]:
         """The set's adapters (from the catalog's `found` scan) that change this component."""
@@ -164,8 +220,6 @@ class VariantSessions:
 
     def _held_keys(self, held: Sequence[AdapterSet], found: Any) -> set[tuple[Any, ...]]:
         """The cache keys of the held sets (a set no longer usable holds nothing)."""
-        from sdserve_pipeline.onnx_runtime import AdapterError
-
         keys = set()
         for adapters in held:
             try:
@@ -177,28 +231,36 @@ class VariantSessions:
         return keys
 
     def _take(
-        self, key: tuple[Any, ...], chosen: Sequence[tuple[Any, float]], held: set[tuple[Any, ...]]
+        self,
+        key: tuple[Any, ...],
+        make_overrides: Callable[[], dict[str, npt.NDArray[Any]]],
+        held: set[tuple[Any, ...]],
+        size: int,
+        adapters: list[list[Any]] | None = None,
+        checkpoint: str = "",
     ) -> _Variant:
+        """The cached variant `key`, built from `make_overrides` (`size` bytes) if not cached;
+        `held` keys are evicted last."""
         with self._lock:
             variant = self._cache.get(key)
             if variant is not None:
                 self._cache.move_to_end(key)
                 variant.users += 1
                 return variant
-        overrides = self._overrides(chosen)  # outside the lock: seconds for a large model
+        overrides = make_overrides()  # outside the lock: seconds for a large model
         session = self.make_session(overrides)
         with self._lock:
             variant = self._cache.get(key)
             if variant is None:
-                self._make_room(held)
-                variant = _Variant(session, overrides, self.size)
+                self._make_room(held, size)
+                variant = _Variant(session, overrides, size, 0, adapters or [], checkpoint)
                 self._cache[key] = variant
                 self.built += 1
             self._cache.move_to_end(key)
             variant.users += 1
             return variant
 
-    def _make_room(self, held: set[tuple[Any, ...]]) -> None:
+    def _make_room(self, held: set[tuple[Any, ...]], size: int) -> None:
         """Evict variants, least recently used first, so that one more fits (module
         docstring): those neither in a call nor `held` down to the budget; then, past one
         variant over it, held ones not in a call.
@@ -207,12 +269,14 @@ class VariantSessions:
             VariantBudgetError: every cached variant is in a call.
         """
         used = sum(v.size for v in self._cache.values())
-        used = self._evict(used, self.budget_bytes, lambda key, v: not v.users and key not in held)
-        if used + self.size <= self.budget_bytes:
+        used = self._evict(
+            used, size, self.budget_bytes, lambda key, v: not v.users and key not in held
+        )
+        if used + size <= self.budget_bytes:
             return
-        over = self.budget_bytes + self.size  # at most one variant over the budget
-        used = self._evict(used, over, lambda key, v: not v.users, held)
-        if used + self.size > over:
+        over = self.budget_bytes + size  # at most one variant over the budget
+        used = self._evict(used, size, over, lambda key, v: not v.users, held)
+        if used + size > over:
             raise VariantBudgetError(
                 f"{self.component}: no room for another weight variant in "
                 f"{self.budget_bytes / 2**20:.0f} MB (+ one over), every cached one is in a call"
@@ -224,13 +288,13 @@ class VariantSessions:
         )  # fmt: skip
 
     def _evict(
-        self, used: int, limit: int, evictable: Callable[[Any, _Variant], bool],
+        self, used: int, size: int, limit: int, evictable: Callable[[Any, _Variant], bool],
         held: set[tuple[Any, ...]] | None = None,
     ) -> int:  # fmt: skip
-        """Evict `evictable` variants, least recently used first, until one more fits in
-        `limit` bytes (a `held` one evicted is logged); returns the bytes still used."""
+        """Evict `evictable` variants, least recently used first, until one more of `size`
+        bytes fits in `limit` (a `held` one evicted is logged); returns the bytes still used."""
         for key, variant in list(self._cache.items()):
-            if used + self.size <= limit:
+            if used + size <= limit:
                 break
             if evictable(key, variant):
                 del self._cache[key]
@@ -240,7 +304,7 @@ class VariantSessions:
                     LOG.warning(
                         "%s: evicted the variant of %s, which a running request holds (it "
                         "will be rebuilt): raise adapter_cache_mb for the %d sets running",
-                        self.component, [name for name, _, _ in key], len(held) + 1,
+                        self.component, [name for name, _ in variant.adapters], len(held) + 1,
                     )  # fmt: skip
         return used
 
@@ -250,17 +314,18 @@ class VariantSessions:
 
         from sdserve_pipeline.adapters import fused_weights
 
+        weight_map = self.weight_map or {}  # a catalog comes with its weight map
         names = {f"{m}.weight" for adapter, _ in chosen for m in adapter.modules[self.component]}
-        stored = read_initializers(self.onnx_file, [self.weight_map[n].initializer for n in names])
+        stored = read_initializers(self.onnx_file, [weight_map[n].initializer for n in names])
         base = {}
         for name in names:
-            slot = self.weight_map[name]
+            slot = weight_map[name]
             value = torch.from_numpy(np.array(stored[slot.initializer], dtype=np.float32))
             base[name] = value.T if slot.transposed else value
         fused = fused_weights(chosen, self.component, base)
         overrides = {}
         for name, value in fused.items():
-            slot = self.weight_map[name]
+            slot = weight_map[name]
             array = (value.T if slot.transposed else value).contiguous().numpy()
             overrides[slot.initializer] = np.ascontiguousarray(
                 array.astype(stored[slot.initializer].dtype)

@@ -7,6 +7,11 @@ A call's adapter set (`ADAPTERS_PARAMETER`) picks a weight variant, the sets the
 running requests hold (`HELD_PARAMETER`) stay cached; a set it cannot use (a bad set, an
 adapter removed or replaced by a bad file) is answered INVALID_ARG with a message that starts
 with `ADAPTER_REFUSED`, which the pipeline answers its request with.
+
+A call's checkpoint (`CHECKPOINT_PARAMETER`, sent by a pipeline exported with
+`--share-graph-with`) runs this model's graph on that checkpoint's weights
+(`sdserve_pipeline.shared_graph`); one it cannot use (a bad name, no weights file, weights of
+another graph) is answered INVALID_ARG with a message that starts with `WEIGHTS_REFUSED`.
 """
 
 import json
@@ -25,6 +30,11 @@ from sdserve_pipeline.onnx_runtime import (
     decode_held_sets,
 )
 from sdserve_pipeline.server_state import state_dir, write_variants
+from sdserve_pipeline.shared_graph import (
+    CHECKPOINT_PARAMETER,
+    WEIGHTS_REFUSED,
+    CheckpointWeightsError,
+)
 from sdserve_protocol.settings import config_parameters
 
 
@@ -34,7 +44,7 @@ class TritonPythonModel:
         settings = RunnerSettings.from_parameters(config_parameters(config))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.session = settings.session(version_dir)
-        self.variants = settings.variants(version_dir, self.session)  # LoRA; None: no adapters
+        self.variants = settings.variants(version_dir, self.session)  # LoRA, checkpoints
         self.input_names = [t["name"] for t in config["input"]]
         self.output_names = [t["name"] for t in config["output"]]
         self.model_name = args["model_name"]
@@ -51,21 +61,19 @@ class TritonPythonModel:
             }
             parameters = json.loads(request.parameters() or "{}")
             adapters = parameters.get(ADAPTERS_PARAMETER)
-            if adapters and self.variants is not None:
+            checkpoint = str(parameters.get(CHECKPOINT_PARAMETER, ""))
+            if adapters or checkpoint:
                 held = decode_held_sets(parameters.get(HELD_PARAMETER, "[]"))
-                with self.variants.session(decode_adapter_set(adapters), held) as session:
+                adapter_set = decode_adapter_set(adapters) if adapters else ()
+                with self.variants.session(adapter_set, held, checkpoint) as session:
                     outputs = session.run(self.output_names, feeds)
                 self._list_variants()
-            elif adapters:
-                raise AdapterError("this component serves no adapters")
             else:
                 outputs = self.session.run(self.output_names, feeds)
         except AdapterError as err:  # the caller's adapter set (never raised by ORT)
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(
-                    f"{ADAPTER_REFUSED}{err}", pb_utils.TritonError.INVALID_ARG
-                )
-            )
+            return _refused(f"{ADAPTER_REFUSED}{err}")
+        except CheckpointWeightsError as err:  # the caller's checkpoint (never raised by ORT)
+            return _refused(f"{WEIGHTS_REFUSED}{err}")
         except Exception as err:  # a bad tensor must not take the instance down
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(f"{type(err).__name__}: {err}")
@@ -80,3 +88,9 @@ class TritonPythonModel:
         if variants != self.listed:
             write_variants(state_dir(), self.model_name, variants)
             self.listed = variants
+
+
+def _refused(message: str) -> Any:
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )

@@ -70,10 +70,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         settings = PipelineSettings.from_parameters(config_parameters(config))
         folder = Path(args["model_repository"]) / args["model_version"]
+        checkpoint = args["model_name"] if settings.shared_graph else ""  # its weights by name
         self.service = PipelineService.from_settings(
             settings,
             folder / ASSETS_DIR,
-            lambda spec, model_name: BlsRunner(spec, model_name, pb_utils),
+            lambda spec, model_name: BlsRunner(spec, model_name, pb_utils, checkpoint),
         )
         self.output_names = [t["name"] for t in config["output"]]
         self.batched = config.get("max_batch_size", 0) > 0
