@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cases import make_case, served
+from cases import make_case, max_abs, served
 from helpers import PROMPT, wire
 
 from sdserve_client import GenerationRequest, InpaintClient
@@ -24,6 +24,7 @@ from sdserve_protocol.settings import PipelineSettings, config_parameters
 pytestmark = [pytest.mark.e2e]
 
 CHECKPOINTS = ("inpaint", "other")
+SHARED = "other_on_inpaint_graph"  # other's weights on inpaint's component models
 
 
 def _load_on_demand(model_dir: Path) -> None:
@@ -35,7 +36,8 @@ def _load_on_demand(model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def two_checkpoints(repository, tmp_path_factory) -> Path:
     """The demo checkpoint (`inpaint`) and another with other weights (`other`, components
-    `other_*`), both loaded on demand."""
+    `other_*`), both loaded on demand; and `other` again as `SHARED`, its weights on
+    `inpaint`'s component models (graph reuse)."""
     from sdserve_export.demo_pipeline import save_demo_pipeline
     from sdserve_export.repository import build_repository
 
@@ -45,6 +47,10 @@ def two_checkpoints(repository, tmp_path_factory) -> Path:
     source = save_demo_pipeline(root / "other-pipeline", seed=1)
     build_repository(
         source, out, pipeline_name="other", component_prefix="other_", load_on_demand=True,
+        log=lambda _msg: None,
+    )  # fmt: skip
+    build_repository(
+        source, out, pipeline_name=SHARED, share_graph_with="inpaint", load_on_demand=True,
         log=lambda _msg: None,
     )  # fmt: skip
     _load_on_demand(out / "inpaint")
@@ -72,7 +78,8 @@ def server(two_checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(two_checkpoints):
-    return {name: _in_process(load_service(two_checkpoints, name), seed=7) for name in CHECKPOINTS}
+    names = (*CHECKPOINTS, SHARED)
+    return {name: _in_process(load_service(two_checkpoints, name), seed=7) for name in names}
 
 
 def _request(seed: int) -> GenerationRequest:
@@ -95,7 +102,7 @@ def _generate(server, model: str, seed: int = 7):
 def _states(server) -> dict[str, str]:
     with InpaintClient(server.grpc_url) as client:
         listing = client.list_checkpoints()
-    return {c["name"]: c["state"] for c in listing["checkpoints"]}
+    return {c["name"]: c["state"] for c in listing["checkpoints"] if c["name"] in CHECKPOINTS}
 
 
 def test_nothing_is_loaded_at_start_and_a_request_loads_its_checkpoint(server, expected):
@@ -137,3 +144,12 @@ def test_the_listing_reports_memory_per_checkpoint_and_component(server, two_che
     on_disk = model_bytes(two_checkpoints, "other_unet") / 2**20
     assert unet["ready"] and unet["size_mb"] == round(on_disk, 1)
     assert unet["rss_mb"] > unet["size_mb"]  # a live process holding the weights
+
+
+def test_a_checkpoint_on_a_loaded_graph_runs_on_its_models_with_its_own_weights(server, expected):
+    np.testing.assert_array_equal(_generate(server, "inpaint"), expected["inpaint"])
+    np.testing.assert_array_equal(_generate(server, SHARED), expected[SHARED])
+    assert max_abs(expected[SHARED], expected["other"]) <= 1  # other's weights, own export
+    np.testing.assert_array_equal(_generate(server, "inpaint"), expected["inpaint"])
+    ready = {m.name for m in server.control.index() if m.state == "READY"}
+    assert "unet" in ready and "other_unet" not in ready  # no models of its own loaded

@@ -230,27 +230,3 @@ def test_weights_resolver_checks_names_before_paths(shared_repository):
     for name in ("", "..", "a/b", "a\\b", "x\x00"):
         with pytest.raises(CheckpointWeightsError, match="not a model name"):
             resolver.resolve(name)
-
-
-@pytest.mark.e2e
-def test_through_tritonserver_the_shared_graph_gives_the_in_process_images(
-    shared_repository, tmp_path_factory
-):
-    from cases import served
-
-    from sdserve_client import GenerationRequest, InpaintClient
-
-    image, mask = make_case(64, 64)
-    tensors = wire(image, mask, steps=3, seed=7, scheduler="ddim")
-    tensors.pop("preserve_unmasked")  # the SDK request leaves it at the server default
-    expected = {n: load_service(shared_repository, n).generate(tensors)["images"] for n in
-                ("inpaint", SHARED)}  # fmt: skip
-    request = GenerationRequest("a red bicycle", image=image, mask=mask, steps=3, seed=7,
-                                scheduler="ddim")  # fmt: skip
-    with served(shared_repository, tmp_path_factory.mktemp("shared-graph-build")) as server:
-        for name in ("inpaint", SHARED, "inpaint"):
-            with InpaintClient(server.grpc_url, model=name) as client:
-                got = client.generate(request).arrays
-            np.testing.assert_array_equal(got, expected[name], err_msg=name)
-        ready = {m.name for m in server.control.index() if m.state == "READY"}
-        assert "unet" in ready and f"{SHARED}_unet" not in ready  # A's models serve B
