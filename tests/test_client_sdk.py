@@ -821,7 +821,8 @@ def test_cli_models_lists_checkpoints_with_their_memory(
             {"name": "inpaint", "architecture": "sd15", "on_demand": True, "state": "loaded",
              "requests": 2, "size_mb": 40.5, "components": [
                  {"name": "unet", "ready": True, "size_mb": 30.0, "rss_mb": 120.5,
-                  "variants": [{"adapters": [["pixel", 0.8], ["ink", -0.5]], "size_mb": 30.0}]},
+                  "variants": [{"adapters": [["pixel", 0.8], ["ink", -0.5]], "size_mb": 30.0},
+                               {"adapters": [], "checkpoint": "ds", "size_mb": 30.0}]},
              ]},
             {"name": "other", "architecture": "sdxl", "on_demand": True, "state": "on disk",
              "requests": 0, "size_mb": 80.0, "components": [
@@ -839,6 +840,7 @@ def test_cli_models_lists_checkpoints_with_their_memory(
         "inpaint\tsd15\tloaded\ton demand\t40.5 MB\trequests=2",
         "  unet\tready\t30 MB\tresident 120.5 MB",
         "    lora pixel:0.8,ink:-0.5\t30 MB",
+        "    weights of ds\t30 MB",
         "other\tsdxl\ton disk\ton demand\t80 MB\trequests=0",
         "  other_unet\tnot loaded\t80 MB",
     ]

@@ -257,7 +257,9 @@ def _models(args: argparse.Namespace, client_factory: ClientFactory) -> int:
             print(f"  {part['name']}\t{ready}\t{part['size_mb']:g} MB{rss}")
             for variant in part["variants"]:
                 names = ",".join(f"{name}:{scale:g}" for name, scale in variant["adapters"])
-                print(f"    lora {names}\t{variant['size_mb']:g} MB")
+                what = f"weights of {variant['checkpoint']}" if "checkpoint" in variant else ""
+                what = " ".join(w for w in (what, f"lora {names}" if names else "") if w)
+                print(f"    {what}\t{variant['size_mb']:g} MB")
     return 0
 
 

@@ -7,7 +7,8 @@ object: `budget_mb` (the server's budget for checkpoints loaded on demand; 0: no
 now, on-demand checkpoints only), `size_mb` (its component models' weights on disk) and
 `components`, one object per component model: `name`, `ready`, `size_mb`, `rss_mb` (the
 resident memory of the process serving it, when the server can see it) and `variants` (its
-LoRA weight variants: `adapters` [[name, scale], ...] and `size_mb` each).
+weight variants: `adapters` [[name, scale], ...] of a LoRA set, `checkpoint` when they are
+the weights of a checkpoint sharing its graph, and `size_mb` each).
 """
 
 from __future__ import annotations
