@@ -41,6 +41,7 @@ def test_every_served_config_parses_and_all_models_are_ready(server):
         for m in client.get_model_repository_index(headers=server.admin_key.grpc_headers).models
     )
     assert names == [
+        "checkpoints",
         "inpaint",
         "inpaint_adapters",
         "inpaint_stream",

@@ -69,7 +69,7 @@ def test_repository_holds_both_pipelines_apart(combined_repository):
         "inpaint", "inpaint_stream", "inpaint_adapters", "text_encoder", "unet", "vae_encoder",
         "vae_decoder", "sd15_base", "sd15_base_stream", "sd15_base_adapters",
         "base_text_encoder", "base_unet", "base_vae_encoder",
-        "base_vae_decoder",
+        "base_vae_decoder", "checkpoints",
     ])  # fmt: skip
     config = (combined_repository / "base_unet/config.pbtxt").read_text()
     assert 'name: "base_unet"' in config and "dims: 4\n" in config

@@ -43,7 +43,7 @@ def test_repository_holds_both_pipelines_with_their_own_components(xl_repository
             "vae_encoder", "vae_decoder"}  # fmt: skip
     xl = {"inpaint_xl", "inpaint_xl_stream", "inpaint_xl_adapters", "xl_text_encoder",
           "xl_text_encoder_2", "xl_unet", "xl_vae_encoder", "xl_vae_decoder"}  # fmt: skip
-    assert names == sd15 | xl
+    assert names == sd15 | xl | {"checkpoints"}  # the repository's checkpoint listing
     pipeline = parse_pbtxt((xl_repository / "inpaint_xl/config.pbtxt").read_text())
     params = {k: v.string_value for k, v in pipeline.parameters.items()}
     assert params["text_encoder_2_model"] == "xl_text_encoder_2"
