@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -608,3 +608,27 @@ def ensure_full_size(
         build_repository(folder, repository, log=log)
         log(f"[full-size] exported ({time.perf_counter() - started:.0f} s)")
     return folder, repository
+
+
+def repository_with_adapters(
+    pipeline: Path | None, repository: Path | None, names: Sequence[str], prefix: str
+) -> tuple[Path, Path, Path]:
+    """(pipeline folder, built repository, adapter folder): the given ones, else the tiny
+    demo pipeline and its repository built in a temporary folder; with one LoRA adapter per
+    name (UNet with convs, and text encoder) in the adapter folder."""
+    import tempfile
+
+    from sdserve_export.demo_adapters import TEXT_ATTENTION, UNET_WITH_CONV, make_adapter
+    from sdserve_export.demo_pipeline import save_demo_pipeline
+    from sdserve_export.repository import build_repository
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    pipeline = pipeline or save_demo_pipeline(tmp / "demo")
+    if repository is None:
+        repository = tmp / "repository"
+        build_repository(pipeline, repository, log=lambda _m: None)
+    folder = repository / "inpaint" / "adapters"
+    for i, name in enumerate(names):
+        make_adapter(pipeline, folder / f"{name}.safetensors", unet=UNET_WITH_CONV,
+                     text=TEXT_ATTENTION, seed=i)  # fmt: skip
+    return pipeline, repository, folder

@@ -25,17 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, environment, make_inputs
+from common import ROOT, environment, make_inputs, repository_with_adapters
 
-from sdserve_export.demo_adapters import TEXT_ATTENTION, UNET_WITH_CONV, make_adapter
-from sdserve_export.demo_pipeline import save_demo_pipeline
-from sdserve_export.repository import build_repository
 from sdserve_pipeline.inprocess import load_service
 
 ADAPTERS = ("a0", "a1", "a2", "a3")
@@ -65,15 +61,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="lora-bench-"))
-    pipeline = args.pipeline or save_demo_pipeline(tmp / "demo")
-    repository = args.repository or tmp / "repository"
-    if args.repository is None:
-        build_repository(pipeline, repository, log=lambda _m: None)
-    folder = repository / "inpaint" / "adapters"
-    for i, name in enumerate(ADAPTERS):
-        make_adapter(pipeline, folder / f"{name}.safetensors", unet=UNET_WITH_CONV,
-                     text=TEXT_ATTENTION, seed=i)  # fmt: skip
+    pipeline, repository, folder = repository_with_adapters(
+        args.pipeline, args.repository, ADAPTERS, "lora-bench-"
+    )
     service = load_service(repository)
     service.generate(_wire(args.steps, ()))  # warm
     new_set = [_time(lambda n=n: service.generate(_wire(args.steps, (n,)))) for n in ADAPTERS]
