@@ -12,6 +12,12 @@ A request that carries a `stream_id` comes from the stream model (`<name>_stream
 events go back there through an `EventPublisher` (one BLS call each), then its answer.
 Its previews are decoded by the repository's preview decoder model (a tiny VAE, BLS) when
 it was exported with one, else by the linear projection (`PipelineService.preview`).
+
+A pipeline exported with `load_on_demand` loads its component models with a request's start
+and may have them unloaded when idle (`sdserve_pipeline.checkpoints`: the batcher's lease); one
+with `shared_graph` names itself in each component call, whose runner then swaps in its
+weights (`sdserve_pipeline.shared_graph`). A streamed request's error starts with its gRPC
+status (`events.stream_error_text`): the stream model gets every BLS error as INTERNAL.
 """
 
 import json
