@@ -173,15 +173,23 @@ def test_cli_over_tls(tls_server, certs, tmp_path, capsys):
     assert "may require TLS" in capsys.readouterr().err
 
 
-def test_listing_models_needs_the_operators_key(tls_server, certs, tmp_path, capsys):
+def test_the_model_index_needs_the_operators_key_and_the_checkpoint_listing_does_not(
+    tls_server, certs, capsys
+):
     tls = ["--server", tls_server.grpc_url, "--root-certs", str(certs.ca.cert)]
-    assert cli.main(["models", *tls]) == 1
-    err = capsys.readouterr().err
-    assert "keeps its model-repository API closed" in err and "This protocol is restricted" in err
-    key_file = tmp_path / "admin-key"
-    key_file.write_text(tls_server.admin_key.value + "\n")
-    assert cli.main(["models", *tls, "--admin-key-file", str(key_file)]) == 0
-    assert "inpaint" in capsys.readouterr().out.split()
+    assert cli.main(["models", *tls]) == 0  # the checkpoint listing model is open
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("checkpoint budget:")
+    assert any(line.startswith("inpaint\t") for line in lines)
+    settings = TlsSettings(certs.ca.cert)
+    with (
+        InpaintClient(tls_server.grpc_url, ssl=settings) as client,
+        pytest.raises(SdserveError, match="keeps its model-repository API closed"),
+    ):
+        client.list_models()  # Triton's repository index: a control API
+    key = tls_server.admin_key.value
+    with InpaintClient(tls_server.grpc_url, ssl=settings, admin_key=key) as client:
+        assert "inpaint" in client.list_models()
 
 
 def test_web_ui_backend_over_tls(tls_server, certs):
