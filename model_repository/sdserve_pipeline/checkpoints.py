@@ -213,10 +213,12 @@ class CheckpointRegistry:
         sizes: dict[str, int] = {}
         for entry in state.values():
             sizes |= entry["sizes"]
-        resident = set(m for e in state.values() for m in e["models"])
-        need = set(checkpoint.models) - resident
-        free = self.budget - sum(sizes[m] for m in resident)
-        needed = sum(checkpoint.sizes[m] for m in need)
+
+        def fits(victims: list[str]) -> bool:  # with the victims' models unloaded
+            still = {m for n, e in state.items() if n not in victims for m in e["models"]}
+            needed = sum(checkpoint.sizes[m] for m in set(checkpoint.models) - still)
+            return sum(sizes[m] for m in still) + needed <= self.budget
+
         idle = sorted(
             (e["last_used"], name)
             for name, e in state.items()
@@ -224,13 +226,10 @@ class CheckpointRegistry:
         )
         victims: list[str] = []
         for _, name in idle:
-            if free >= needed:
+            if fits(victims):
                 break
             victims.append(name)
-            still = {m for n, e in state.items() if n not in victims for m in e["models"]}
-            free = self.budget - sum(sizes[m] for m in still)
-            needed = sum(checkpoint.sizes[m] for m in set(checkpoint.models) - still)
-        return victims if free >= needed else None
+        return victims if fits(victims) else None
 
     def _switch(self, checkpoint: Checkpoint, victims: list[str], to_unload: list[str]) -> None:
         """Outside the lock: unload the victims' models, load the checkpoint's (each set at

@@ -21,9 +21,6 @@ import hashlib
 import re
 import threading
 from pathlib import Path
-from typing import Any
-
-import numpy.typing as npt
 
 from sdserve_pipeline.assets import VERSION
 
@@ -71,15 +68,6 @@ def graph_signature(onnx_file: str | Path) -> str:
     digest = hashlib.sha256(graph.SerializeToString(deterministic=True))
     digest.update(repr(initializers).encode())
     return digest.hexdigest()
-
-
-def read_all_initializers(onnx_file: Path) -> dict[str, npt.NDArray[Any]]:
-    """Every initializer of an ONNX file, by name (external data read)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(onnx_file), load_external_data=True)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
 def file_stamp(onnx_file: Path) -> tuple[int, ...]:

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sdserve_pipeline.onnx_runtime import AdapterError, AdapterSet
-from sdserve_pipeline.shared_graph import WeightsResolver, read_all_initializers
+from sdserve_pipeline.shared_graph import WeightsResolver
 from sdserve_pipeline.weight_map import WeightSlot
 
 # Makes a session of the component's ONNX file with these initializers overridden.
@@ -201,7 +201,7 @@ class VariantSessions:
         path, stamp = self.weights.resolve(checkpoint)
         key = (("checkpoint", checkpoint, stamp),)
         return self._take(
-            key, lambda: read_all_initializers(path), set(), variant_bytes(path),
+            key, lambda: read_initializers(path), set(), variant_bytes(path),
             checkpoint=checkpoint,
         )  # fmt: skip
 
@@ -333,11 +333,17 @@ class VariantSessions:
         return overrides
 
 
-def read_initializers(onnx_file: Path, names: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
-    """The values of some initializers of an ONNX file (external data read)."""
+def read_initializers(
+    onnx_file: Path, names: Sequence[str] | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """The values of some initializers of an ONNX file (None: all), external data read."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(onnx_file), load_external_data=True)
-    wanted = set(names)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in wanted}
+    wanted = None if names is None else set(names)
+    return {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if wanted is None or t.name in wanted
+    }
